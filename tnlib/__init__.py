@@ -1,0 +1,6 @@
+"""tnlib: a step-by-step, tested reproduction of TransNormerLLM. Start at notebooks/01_linear_attention."""
+__version__ = "0.1.0"
+
+from . import nn, ops, testing  # noqa: E402
+
+__all__ = ["nn", "ops", "testing", "__version__"]

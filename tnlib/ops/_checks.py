@@ -1,0 +1,82 @@
+"""Input validation shared by every attention implementation (references and Triton kernels).
+
+One layout at every boundary: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``slope: [H]``,
+``initial_state: [B, H, K, V]``.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any given tensor is float64, else float32 (the accumulation dtype)."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def check_attention_inputs(q, k, v, slope=None, initial_state=None, *, name="attention"):
+    """Validate the ``[B, T, H, D]`` layout, dtypes and devices; return ``(B, T, H, K, V)``."""
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name}: {arg} must have 4 dims in layout [B, T, H, D], got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name}: {arg} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"{name}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{name}: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"{name}: k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"{name}: v must share [B, T, H] = {tuple(q.shape[:3])} with q, got {tuple(v.shape)} "
+            "(layout is [B, T, H, D])"
+        )
+    if T < 1:
+        raise ValueError(f"{name}: sequence length must be at least 1, got T={T}")
+    V = v.shape[3]
+    if slope is not None:
+        if not isinstance(slope, torch.Tensor):
+            raise TypeError(f"{name}: slope must be a tensor of shape [H], got {type(slope).__name__}")
+        if slope.dim() != 1 or slope.shape[0] != H:
+            hint = ""
+            if slope.dim() == 1 and slope.shape[0] == T:
+                hint = " (slope length equals dim 1: did you pass [B, H, T, D] instead of [B, T, H, D]?)"
+            raise ValueError(
+                f"{name}: slope must have shape [H] = [{H}] for layout [B, T, H, D], "
+                f"got {tuple(slope.shape)}{hint}"
+            )
+        if not slope.dtype.is_floating_point:
+            raise TypeError(f"{name}: slope must be floating point (fp32 recommended), got {slope.dtype}")
+        if slope.device != q.device:
+            raise ValueError(f"{name}: slope is on {slope.device} but q is on {q.device}")
+        if not torch.isfinite(slope).all() or (slope < 0).any():
+            raise ValueError(
+                f"{name}: slope = -ln(lambda) must be finite and >= 0 (0 means no decay), got {slope.tolist()}"
+            )
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor):
+            raise TypeError(f"{name}: initial_state must be a tensor [B, H, K, V]")
+        if tuple(initial_state.shape) != (B, H, K, V):
+            raise ValueError(
+                f"{name}: initial_state must have shape [B, H, K, V] = {(B, H, K, V)}, "
+                f"got {tuple(initial_state.shape)}"
+            )
+        if not initial_state.dtype.is_floating_point:
+            raise TypeError(f"{name}: initial_state must be floating point (fp32), got {initial_state.dtype}")
+        if initial_state.device != q.device:
+            raise ValueError(f"{name}: initial_state is on {initial_state.device} but q is on {q.device}")
+    return B, T, H, K, V

@@ -1,0 +1,38 @@
+"""One relative-error helper with per-dtype tolerances, used by every test and notebook."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["rel_err", "TOLERANCE", "assert_close"]
+
+#: Relative-error budget ||a - b|| / ||b|| for a result computed in a given input dtype.
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,  # covers tf32 tensor-core dots in kernels (~3e-4 worst seen is for raw dots)
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in float64; ``inf`` if anything is NaN/inf or shapes differ."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape mismatch: {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    a, e = actual.detach().to(torch.float64).cpu(), expected.detach().to(torch.float64).cpu()
+    if not torch.isfinite(a).all() or not torch.isfinite(e).all():
+        return float("inf")
+    denom = e.norm().item()
+    num = (a - e).norm().item()
+    if denom == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / denom
+
+
+def assert_close(actual, expected, dtype=None, tol=None, name="tensor"):
+    """Raise ``AssertionError`` unless ``rel_err(actual, expected) <= tol`` (default from the dtype)."""
+    dtype = dtype or actual.dtype
+    tol = TOLERANCE[dtype] if tol is None else tol
+    err = rel_err(actual, expected)
+    if not err <= tol:  # also catches nan
+        raise AssertionError(f"{name}: relative error {err:.3e} exceeds {tol:.1e} ({dtype})")
+    return err
