@@ -1,0 +1,64 @@
+# tnlib: every target that needs the virtual environment creates it first (make setup is idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tnlib-installed
+# A GPU is present when nvidia-smi lists one; otherwise we install a CPU build of torch and run
+# Triton kernels under its interpreter.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+ifeq ($(HAS_GPU),1)
+  RUN_ENV :=
+else
+  RUN_ENV := TRITON_INTERPRET=1
+endif
+
+.PHONY: setup test test-unit test-notebooks lab notebooks bench-kernels clean help
+
+help:
+	@echo "make setup      create $(VENV) and install tnlib with its tools (idempotent)"
+	@echo "make test       unit tests, then nbval over every notebook"
+	@echo "make lab        JupyterLab on notebooks/ (widgets enabled)"
+	@echo "make notebooks  re-execute every notebook in place (fresh committed outputs)"
+	@echo "make walkthrough  set up and execute the whole notebook walk-through"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+ifeq ($(HAS_GPU),1)
+	$(BIN)/python -m pip install -q "torch>=2.6" triton
+else
+	@# CPU machine: a CPU build of torch (local wheel or the CPU index), never the multi-GB CUDA build.
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX) \
+	  --timeout 15 --retries 1 || $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q triton
+endif
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+test: test-unit test-notebooks
+
+test-unit: setup
+	$(RUN_ENV) $(BIN)/python -m pytest tests
+
+test-notebooks: setup
+	$(RUN_ENV) $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider notebooks
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+notebooks: setup
+	@for nb in notebooks/[0-9]*.ipynb; do \
+	  echo "executing $$nb"; \
+	  $(RUN_ENV) $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=600 "$$nb" || exit 1; \
+	done
+
+walkthrough: notebooks
+
+clean:
+	rm -rf $(VENV) .pytest_cache **/__pycache__
