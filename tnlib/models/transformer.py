@@ -1,0 +1,102 @@
+"""The LLaMA-style Transformer baseline: RMSNorm (with gain), RoPE, SwiGLU, causal SDPA, no biases.
+
+Sized to match TransNormerLLM's parameter count (preset ``transformer-385m``); see ``notebooks/07_model``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..nn.norm import build_norm
+from .config import ModelConfig
+from .transnormer import check_input_ids, init_weights
+
+__all__ = ["Transformer", "rope"]
+
+
+def rope(x: torch.Tensor, theta: float = 10000.0, offset=0) -> torch.Tensor:
+    """Rotary embedding of ``x: [B, T, H, D]`` (rotate-half convention), positions ``offset + t``."""
+    B, T, H, D = x.shape
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # [D/2]
+    pos = torch.arange(T, device=x.device, dtype=torch.float32)
+    if isinstance(offset, torch.Tensor):
+        pos = offset.to(x.device, torch.float32)[:, None] + pos[None]
+    else:
+        pos = (pos + offset)[None]
+    ang = pos[..., None] * inv  # [B|1, T, D/2]
+    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]  # [B|1, T, 1, D/2]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.theta = cfg.n_heads, cfg.head_dim, cfg.rope_theta
+        self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x, cache=None, offset=0):
+        B, T, d = x.shape
+        q, k, v = (p.reshape(B, T, self.n_heads, self.head_dim) for p in self.qkv_proj(x).chunk(3, dim=-1))
+        q, k = rope(q, self.theta, offset), rope(k, self.theta, offset)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [B, H, T, D]
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, d))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.glu_dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """LLaMA-style decoder with a tied LM head (like TransNormerLLM, for a like-for-like count)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.arch != "transformer":
+            raise ValueError(f"Transformer needs arch='transformer', got {cfg.arch!r}")
+        if cfg.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim, got {cfg.head_dim}")
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.init_std)
+
+    def num_parameters(self, exclude_lrpe_theta: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids):
+        check_input_ids(input_ids, self.config.vocab_size)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            if self.config.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        h = self.final_norm(x)
+        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)

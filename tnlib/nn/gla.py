@@ -1,0 +1,107 @@
+"""Gated Linear Attention (the token mixer) and SGLU (the channel mixer). See ``notebooks/05_gating``.
+
+GLA (spec section 3)::
+
+    q, k, v, u = split(x W_qkvu)                  one fused projection, no biases
+    q, k = phi(q), phi(k)                          SiLU by default ("1+elu" / "none" as ablations)
+    q, k = LRPE(q), LRPE(k)                        layer 0 only in the default "mix" scheme
+    o = DecayLinearAttention(q, k, v; slope)       no 1/sqrt(d) scaling, no softmax, no denominator
+    out = (SRMSNorm(o over the full width) * u) W_o
+
+SGLU (spec section 8): ``((x W_v) * (x W_u)) W_o`` with no activation (``glu_act="silu"`` is the ablation).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .decay import decay_slopes
+from .lrpe import LRPE
+from .norm import build_norm
+
+__all__ = ["GatedLinearAttention", "SGLU", "attention_backend"]
+
+
+def _qk_activation(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "1+elu":
+        return lambda x: 1 + F.elu(x)
+    if name == "none":
+        return lambda x: x
+    raise ValueError(f"unknown q/k activation {name!r}")
+
+
+def attention_backend():
+    """The decayed linear attention used by the model: the Triton kernel when available, else chunked."""
+    from .. import ops
+
+    fn = getattr(ops, "lightning_attention", None)
+    if fn is not None:
+        return fn
+
+    def chunked(q, k, v, slope, initial_state=None, output_final_state=False):
+        return ops.linear_attention_chunked(q, k, v, slope, initial_state, output_final_state, block_size=64)
+
+    return chunked
+
+
+class GatedLinearAttention(nn.Module):
+    """TransNormerLLM's token mixer for one layer (``layer_idx`` sets LRPE and the decay)."""
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        d, H = cfg.d_model, cfg.n_heads
+        self.n_heads, self.head_dim, self.layer_idx = H, cfg.head_dim, layer_idx
+        self.gate = cfg.gate
+        self.qkvu_proj = nn.Linear(d, (4 if cfg.gate else 3) * d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=False)
+        self.act = _qk_activation(cfg.qk_act)
+        self.lrpe = LRPE(H, cfg.head_dim, learnable=cfg.lrpe_learnable) if cfg.lrpe_on(layer_idx) else None
+        if cfg.uses_decay:
+            slope = decay_slopes(H, layer_idx, cfg.n_layers, cfg.decay_formula, cfg.layer_temperature)
+        else:
+            slope = torch.zeros(H)
+        self.register_buffer("slope", slope, persistent=False)  # fixed, recomputed from the config
+        self.norm = build_norm(cfg.norm, d, cfg.norm_eps)
+
+    def forward(self, x, state=None, offset=0, return_state=False):
+        """``x: [B, T, d]``. ``state``/``offset``: the recurrent state and LRPE position for decoding."""
+        B, T, d = x.shape
+        H, D = self.n_heads, self.head_dim
+        parts = self.qkvu_proj(x).chunk(4 if self.gate else 3, dim=-1)
+        q, k, v = (p.reshape(B, T, H, D) for p in parts[:3])
+        q, k = self.act(q), self.act(k)
+        if self.lrpe is not None:
+            q, k = self.lrpe(q, offset), self.lrpe(k, offset)
+        attn = attention_backend()
+        slope = self.slope.float()  # stays fp32 even after model.to(bfloat16)
+        if state is not None or return_state:
+            o, state = attn(q, k, v, slope, initial_state=state, output_final_state=True)
+        else:
+            o, state = attn(q, k, v, slope), None
+        o = self.norm(o.reshape(B, T, d))
+        if self.gate:
+            o = o * parts[3]
+        out = self.out_proj(o)
+        return (out, state) if return_state else out
+
+
+class SGLU(nn.Module):
+    """``l3(act(l1(x)) * l2(x))``; ``act`` is the identity for SGLU (the paper's choice)."""
+
+    def __init__(self, d_model: int, glu_dim: int, act: str = "none"):
+        super().__init__()
+        self.l1 = nn.Linear(d_model, glu_dim, bias=False)
+        self.l2 = nn.Linear(d_model, glu_dim, bias=False)
+        self.l3 = nn.Linear(glu_dim, d_model, bias=False)
+        if act not in ("none", "silu"):
+            raise ValueError(f"unknown GLU activation {act!r}; choose 'none' or 'silu'")
+        self.act = act
+
+    def forward(self, x):
+        a = self.l1(x)
+        if self.act == "silu":
+            a = F.silu(a)
+        return self.l3(a * self.l2(x))
