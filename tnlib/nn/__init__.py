@@ -1,5 +1,12 @@
-"""Building blocks of TransNormerLLM: decay slopes, LRPE-d (more modules arrive with the model)."""
+"""Building blocks of TransNormerLLM: decay slopes, LRPE-d, norms, GLA and SGLU."""
 from .decay import DECAY_FORMULAS, alibi_slopes, decay_slopes, decay_table, half_life
+from .gla import SGLU, GatedLinearAttention, attention_backend
 from .lrpe import LRPE, lrpe, lrpe_theta_init
+from .norm import NORMS, RMSNorm, SRMSNorm, build_norm
 
-__all__ = ["DECAY_FORMULAS", "alibi_slopes", "decay_slopes", "decay_table", "half_life", "LRPE", "lrpe", "lrpe_theta_init"]
+__all__ = [
+    "DECAY_FORMULAS", "alibi_slopes", "decay_slopes", "decay_table", "half_life",
+    "LRPE", "lrpe", "lrpe_theta_init",
+    "NORMS", "SRMSNorm", "RMSNorm", "build_norm",
+    "GatedLinearAttention", "SGLU", "attention_backend",
+]

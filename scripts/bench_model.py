@@ -1,0 +1,106 @@
+"""Training throughput and peak memory of tnl-385m vs transformer-385m (make bench-model).
+
+bf16 autocast, AdamW, a fixed number of tokens per step (32,768 by default) at each sequence length;
+eager and torch.compile'd. Writes results/bench/model-<gpu>.json with provenance.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import tnlib  # noqa: E402
+from tnlib.provenance import gpu_slug, provenance  # noqa: E402
+
+
+def compile_model(model):
+    """Compile each block and the embedding/head path; identical blocks share compiled code."""
+    for layer in model.layers:
+        layer.compile()
+    return model
+
+
+def run(preset, T, tokens, mode, steps, warmup, vocab):
+    torch.manual_seed(0)
+    model = tnlib.create_model(preset, vocab_size=vocab).cuda()
+    if mode == "compiled":
+        compile_model(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    B = max(1, tokens // T)
+    batches = [torch.randint(0, vocab, (B, T + 1), device="cuda") for _ in range(2)]
+
+    def step(i):
+        ids = batches[i % 2]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.time()
+    for i in range(warmup):
+        loss = step(i)
+    torch.cuda.synchronize()
+    warm_s = time.time() - t0
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(steps):
+        loss = step(i)
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps
+    row = dict(model=preset, T=T, B=B, mode=mode, tokens_per_step=B * T, step_ms=ms,
+               tokens_per_s=B * T / (ms / 1e3), peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+               loss=float(loss), warmup_s=warm_s, params=model.num_parameters())
+    del model, opt, batches
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", default="tnl-385m,transformer-385m")
+    ap.add_argument("--lens", default="2048,8192,32768")
+    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--vocab", type=int, default=50272)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_model needs a CUDA GPU")
+    out = a.out or f"results/bench/model-{gpu_slug()}.json"
+    rows = []
+    for mode in a.modes.split(","):
+        for preset in a.models.split(","):
+            for T in map(int, a.lens.split(",")):
+                try:
+                    r = run(preset, T, a.tokens, mode, a.steps, a.warmup, a.vocab)
+                except Exception as e:  # record failures instead of losing the whole run
+                    r = dict(model=preset, T=T, mode=mode, error=repr(e)[:300])
+                    torch.cuda.empty_cache()
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+                with open(out, "w") as f:
+                    json.dump({"header": provenance({"tokens_per_step": a.tokens}), "rows": rows}, f, indent=1)
+    print(f"{'model':18s} {'mode':9s} {'T':>6s} {'tok/s':>10s} {'peak GB':>8s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:18s} {r['mode']:9s} {r['T']:6d} ERROR {r['error'][:60]}")
+        else:
+            print(f"{r['model']:18s} {r['mode']:9s} {r['T']:6d} {r['tokens_per_s']:10.0f} {r['peak_gb']:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

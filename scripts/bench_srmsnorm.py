@@ -1,0 +1,55 @@
+"""SRMSNorm forward and forward+backward: Triton kernel vs eager PyTorch vs torch.compile (GPU).
+
+Checks the kernel against a float64 reference first. Writes results/bench/srmsnorm-<gpu>.json.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from tnlib.ops.srmsnorm import srms_norm_reference, srms_norm_triton  # noqa: E402
+from tnlib.provenance import gpu_slug, provenance  # noqa: E402
+from tnlib.testing import rel_err  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", type=int, default=65536)
+    ap.add_argument("--dims", default="512,1024,2048,4096,8192")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    from triton.testing import do_bench
+
+    out = a.out or f"results/bench/srmsnorm-{gpu_slug()}.json"
+    compiled = torch.compile(srms_norm_reference)
+    impls = {"triton": srms_norm_triton, "eager": srms_norm_reference, "compiled": compiled}
+    rows = []
+    for N in map(int, a.dims.split(",")):
+        x = torch.randn(a.rows, N, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+        dy = torch.randn_like(x)
+        ref = srms_norm_reference(x.detach().double())
+        for name, fn in impls.items():
+            y = fn(x)
+            (dx,) = torch.autograd.grad(y, x, dy)
+            xr = x.detach().double().requires_grad_(True)
+            (dxr,) = torch.autograd.grad(srms_norm_reference(xr), xr, dy.double())
+            err, gerr = rel_err(y, ref), rel_err(dx, dxr)
+            ok = err < 2e-2 and gerr < 4e-2
+            fwd = do_bench(lambda: fn(x), warmup=25, rep=100, return_mode="median")
+            fb = do_bench(lambda: torch.autograd.grad(fn(x), x, dy), warmup=25, rep=100, return_mode="median")
+            bytes_fwd = 2 * x.numel() * 2  # read x, write y (bf16)
+            rows.append(dict(impl=name, rows=a.rows, dim=N, fwd_ms=fwd, fwdbwd_ms=fb, rel_err=err, grad_rel_err=gerr,
+                             correct=ok, fwd_floor_ms=bytes_fwd / 4.3e12 * 1e3, fwdbwd_floor_ms=5 * x.numel() * 2 / 4.3e12 * 1e3))
+            print(json.dumps(rows[-1]), flush=True)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"header": provenance(), "rows": rows}, f, indent=1)
+    for r in rows:
+        print(f"{r['impl']:9s} dim {r['dim']:5d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwdbwd_ms']:.3f} ms  ok={r['correct']}")
+
+
+if __name__ == "__main__":
+    main()

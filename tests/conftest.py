@@ -1,0 +1,33 @@
+"""Test configuration.
+
+Tests marked ``triton`` exercise Triton kernels. On a CUDA machine they run on the GPU. On a CPU
+they need the Triton interpreter, which must be switched on before ``triton`` is imported, so
+``make test`` runs them in a second pytest process with ``TRITON_INTERPRET=1``; the other tests run
+without it (the model then uses the PyTorch fallbacks, which is much faster on a CPU).
+"""
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ON_GPU = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton: runs Triton kernels (GPU, or CPU with TRITON_INTERPRET=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU or INTERPRET:
+        return
+    skip = pytest.mark.skip(reason="Triton kernel test: needs a GPU or TRITON_INTERPRET=1 (make test sets it)")
+    for item in items:
+        if "triton" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """Where kernel tests put their tensors: the GPU if present, else the CPU (interpreter)."""
+    return "cuda" if ON_GPU else "cpu"

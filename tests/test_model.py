@@ -1,0 +1,164 @@
+"""TransNormerLLM and the Transformer baseline: counts, switches, precision, learning, save/load."""
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+import tnlib
+from tnlib.models import CHOICES, ModelConfig, build_model, create_model, get_config, glu_dim_for, load_model, save_model
+from tnlib.nn import decay_slopes
+from tnlib.testing import rel_err
+
+
+def meta_model(preset, **kw):
+    with torch.device("meta"):
+        return create_model(preset, **kw)
+
+
+def test_paper_parameter_counts():
+    # spec 11.2: the paper's sizes count layers + one tied 50,272-row embedding (not LRPE's theta)
+    tnl = meta_model("tnl-385m", vocab_size=50272)
+    assert tnl.num_parameters(exclude_lrpe_theta=True) == 384_925_696
+    assert tnl.num_parameters() == 384_925_696 + 1024  # + theta of layer 0 (H * d_h)
+    assert meta_model("tnl-1b", vocab_size=50272).num_parameters(exclude_lrpe_theta=True) == 992_149_504
+    assert meta_model("tnl-7b", vocab_size=50272).num_parameters(exclude_lrpe_theta=True) == 6_780_485_632
+    tf = meta_model("transformer-385m", vocab_size=50272)
+    assert abs(tf.num_parameters() / tnl.num_parameters() - 1) < 0.02
+    assert glu_dim_for(1024) == 2816 and glu_dim_for(2048) == 5632 and glu_dim_for(4096) == 11008
+
+
+def test_385m_shape_and_decay_per_layer():
+    m = meta_model("tnl-385m")
+    assert len(m.layers) == 24 and m.config.head_dim == 128 and m.config.n_heads == 8
+    for i, layer in enumerate(m.layers):
+        gla = layer.token_mixer
+        assert torch.equal(gla.slope.cpu(), decay_slopes(8, i, 24)) if gla.slope.device.type != "meta" else True
+        assert (gla.lrpe is not None) == (i == 0)
+    small = create_model("tnl-tiny")
+    for i, layer in enumerate(small.layers):
+        assert torch.equal(layer.token_mixer.slope, decay_slopes(4, i, 4))
+    assert small.embed_scale == pytest.approx(128**0.5)
+
+
+def test_bad_presets_and_overrides():
+    with pytest.raises(ValueError, match="unknown preset"):
+        create_model("tnl-3b")
+    with pytest.raises(ValueError, match="unknown config overrides"):
+        create_model("tnl-tiny", hidden=3)
+    with pytest.raises(ValueError, match="positional"):
+        create_model("tnl-tiny", positional="rope")
+    with pytest.raises(ValueError, match="divisible"):
+        create_model("tnl-tiny", n_heads=3)
+
+
+SWITCHES = [
+    dict(positional=p) for p in CHOICES["positional"]
+] + [
+    dict(decay_formula="paper"), dict(layer_temperature=False), dict(gate=False), dict(qk_act="1+elu"),
+    dict(qk_act="none"), dict(glu_act="silu"), dict(norm="rms"), dict(norm="layer"), dict(checkpointing=True),
+    dict(scale_embedding=False), dict(tie_embeddings=False), dict(lrpe_learnable=False),
+]
+
+
+@pytest.mark.parametrize("overrides", SWITCHES, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_every_ablation_switch_runs_forward_and_backward(overrides):
+    torch.manual_seed(0)
+    m = create_model("tnl-tiny", vocab_size=97, n_layers=2, **overrides).train()
+    ids = torch.randint(0, 97, (2, 19))
+    logits = m(ids)
+    assert logits.shape == (2, 19, 97) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    if overrides.get("gate") is False:
+        assert m.layers[0].token_mixer.qkvu_proj.out_features == 3 * 128
+
+
+@pytest.mark.parametrize("preset", ["tnl-tiny", "transformer-tiny"])
+def test_causality(preset):
+    m = create_model(preset, vocab_size=50).eval()
+    ids = torch.randint(0, 50, (1, 24))
+    ids2 = ids.clone()
+    ids2[0, 15:] = (ids2[0, 15:] + 7) % 50
+    with torch.no_grad():
+        a, b = m(ids), m(ids2)
+    assert torch.allclose(a[:, :15], b[:, :15], atol=1e-5)
+    assert not torch.allclose(a[:, 15:], b[:, 15:], atol=1e-3)
+
+
+@pytest.mark.parametrize("preset", ["tnl-tiny", "transformer-tiny"])
+def test_bf16_autocast_agrees_with_fp32(preset):
+    torch.manual_seed(1)
+    m = create_model(preset, vocab_size=300).eval()
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        ref = m(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m(ids)
+    assert low.dtype == torch.bfloat16
+    assert rel_err(low, ref) < 3e-2
+
+
+@pytest.mark.parametrize("preset", ["tnl-tiny", "transformer-tiny"])
+def test_tiny_model_learns_a_repeated_batch(preset):
+    torch.manual_seed(2)
+    m = create_model(preset, vocab_size=64, n_layers=1, d_model=64, n_heads=2, glu_dim=128)
+    ids = torch.randint(0, 64, (4, 24))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(50):
+        logits = m(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 3.5  # about ln(64) = 4.16 at init
+    assert losses[-1] < 0.5, losses[-1]
+
+
+def test_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(3)
+    a = create_model("tnl-tiny", vocab_size=50, n_layers=2)
+    b = create_model("tnl-tiny", vocab_size=50, n_layers=2, checkpointing=True)
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 50, (2, 17))
+    for m in (a, b):
+        m(ids).float().pow(2).mean().backward()
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert rel_err(q.grad, p.grad) < 1e-5, n
+
+
+@pytest.mark.parametrize("preset", ["tnl-tiny", "transformer-tiny"])
+def test_save_load_roundtrip(preset, tmp_path):
+    m = create_model(preset, vocab_size=77, n_layers=2, gate=False) if preset.startswith("tnl") else create_model(preset, vocab_size=77)
+    save_model(m, tmp_path / "ckpt")
+    m2 = load_model(tmp_path / "ckpt")
+    assert m2.config == m.config
+    ids = torch.randint(0, 77, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(m(ids), m2(ids))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_input_id_errors():
+    m = create_model("tnl-tiny", vocab_size=10)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        m(torch.tensor([[1, 10]]))
+    with pytest.raises(TypeError, match="integer"):
+        m(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        m(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        m(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_model_compiles():
+    torch.manual_seed(4)
+    m = create_model("tnl-tiny", vocab_size=50, n_layers=1)
+    ids = torch.randint(0, 50, (1, 16))
+    compiled = torch.compile(m, backend="eager", fullgraph=False)
+    with torch.no_grad():
+        assert rel_err(compiled(ids), m(ids)) < 1e-5
