@@ -138,7 +138,7 @@ def linear_attention_chunked(
         if initial_state is not None
         else torch.zeros(B, H, K, V, dtype=cd, device=q.device)
     )
-    mask_full = decay_mask(s, block_size, cd)  # [H, Bk, Bk]
+    mask_full = decay_mask(s, min(block_size, T), cd)  # [H, Bk, Bk]
     outs = []
     for start in range(0, T, block_size):
         m = min(block_size, T - start)
