@@ -8,12 +8,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from dataclasses import dataclass
 
 from ..nn.norm import build_norm
 from .config import ModelConfig
-from .transnormer import check_input_ids, init_weights
+from .transnormer import check_input_ids, init_weights, left_pad_positions
 
-__all__ = ["Transformer", "rope"]
+__all__ = ["Transformer", "KVCache", "rope"]
+
+
+@dataclass
+class KVCache:
+    """Decoding state of the Transformer: keys and values of every past token (grows with context)."""
+
+    keys: list  # per layer [B, H, L, D]
+    values: list
+    valid: torch.Tensor  # [B, L] bool: False at left padding
+    positions: torch.Tensor  # [B] position of the next token
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
 def rope(x: torch.Tensor, theta: float = 10000.0, offset=0) -> torch.Tensor:
@@ -38,13 +52,26 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x, cache=None, offset=0):
+    def forward(self, x, offset=0, past=None, key_valid=None):
+        """Causal attention; with ``past=(k, v)`` and/or ``key_valid`` it also returns the new ``(k, v)``."""
         B, T, d = x.shape
         q, k, v = (p.reshape(B, T, self.n_heads, self.head_dim) for p in self.qkv_proj(x).chunk(3, dim=-1))
         q, k = rope(q, self.theta, offset), rope(k, self.theta, offset)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [B, H, T, D]
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(o.transpose(1, 2).reshape(B, T, d))
+        if past is None and key_valid is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out_proj(o.transpose(1, 2).reshape(B, T, d))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        L = k.shape[2]
+        qpos = torch.arange(L - T, L, device=x.device)
+        kpos = torch.arange(L, device=x.device)
+        mask = kpos[None, :] <= qpos[:, None]  # causal [T, L]
+        if key_valid is not None:
+            mask = mask & key_valid[:, None, None, :]  # [B, 1, T, L]
+            mask = mask | (kpos[None, :] == qpos[:, None])  # a padding query sees itself: no empty rows
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, d)), (k, v)
 
 
 class SwiGLU(nn.Module):
@@ -66,9 +93,13 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.glu_dim)
 
-    def forward(self, x):
-        x = x + self.attn(self.attn_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, offset=0, past=None, key_valid=None):
+        if past is None and key_valid is None:
+            x = x + self.attn(self.attn_norm(x))
+            return x + self.mlp(self.mlp_norm(x))
+        h, kv = self.attn(self.attn_norm(x), offset, past, key_valid)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), kv
 
 
 class Transformer(nn.Module):
@@ -89,6 +120,28 @@ class Transformer(nn.Module):
 
     def num_parameters(self, exclude_lrpe_theta: bool = False) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def step(self, input_ids, cache: KVCache | None = None, pad_mask=None):
+        """Prefill (``cache=None``, optionally left-padded) or continue with a KV cache: ``(logits, cache)``."""
+        check_input_ids(input_ids, self.config.vocab_size)
+        B, T = input_ids.shape
+        new_valid = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        if cache is None:
+            start, pasts, valid = left_pad_positions(input_ids, pad_mask), [None] * len(self.layers), new_valid
+        else:
+            if pad_mask is not None:
+                raise ValueError("pad_mask is only for the prefill (left padding)")
+            start, valid = cache.positions, torch.cat([cache.valid, new_valid], dim=1)
+            pasts = list(zip(cache.keys, cache.values))
+        x = self.embed(input_ids)
+        keys, values = [], []
+        for layer, past in zip(self.layers, pasts):
+            x, (k, v) = layer(x, start, past, valid)
+            keys.append(k)
+            values.append(v)
+        logits = F.linear(self.final_norm(x), self.embed.weight) if self.lm_head is None else self.lm_head(self.final_norm(x))
+        return logits, KVCache(keys, values, valid, start + T)
 
     def forward(self, input_ids):
         check_input_ids(input_ids, self.config.vocab_size)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,29 @@ from ..nn.gla import SGLU, GatedLinearAttention
 from ..nn.norm import build_norm
 from .config import ModelConfig
 
-__all__ = ["TransNormerLLM", "TNLBlock", "init_weights", "check_input_ids"]
+__all__ = ["TransNormerLLM", "TNLBlock", "RecurrentCache", "init_weights", "check_input_ids", "left_pad_positions"]
+
+
+@dataclass
+class RecurrentCache:
+    """Decoding state of TransNormerLLM: one ``[B, H, K, V]`` fp32 matrix per layer and, per sequence,
+    the LRPE position of the next token. Its size does not depend on the context length."""
+
+    states: list
+    positions: torch.Tensor  # [B] long
+
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.states)
+
+
+def left_pad_positions(input_ids, pad_mask):
+    """Per-sequence position of token 0 for a left-padded batch: ``-(number of pads)`` (``[B]`` long)."""
+    B, T = input_ids.shape
+    if pad_mask is None:
+        return torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    if pad_mask.shape != input_ids.shape or pad_mask.dtype != torch.bool:
+        raise ValueError(f"pad_mask must be a bool tensor of shape {tuple(input_ids.shape)}")
+    return pad_mask.sum(1) - T
 
 
 def init_weights(model: nn.Module, std: float) -> None:
@@ -50,8 +73,8 @@ class TNLBlock(nn.Module):
         self.channel_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.channel_mixer = SGLU(cfg.d_model, cfg.glu_dim, cfg.glu_act)
 
-    def forward(self, x, state=None, offset=0, return_state=False):
-        h = self.token_mixer(self.token_norm(x), state=state, offset=offset, return_state=return_state)
+    def forward(self, x, state=None, offset=0, return_state=False, pad_mask=None):
+        h = self.token_mixer(self.token_norm(x), state=state, offset=offset, return_state=return_state, pad_mask=pad_mask)
         if return_state:
             h, state = h
         x = x + h
@@ -82,19 +105,47 @@ class TransNormerLLM(nn.Module):
             n -= sum(p.numel() for name, p in self.named_parameters() if name.endswith("lrpe.theta"))
         return n
 
-    def embed_tokens(self, input_ids, offset=0):
+    def embed_tokens(self, input_ids, start=None):
+        """Scaled token embeddings (+ absolute positions when configured); ``start``: ``[B]`` positions."""
         check_input_ids(input_ids, self.config.vocab_size)
         x = self.embed(input_ids) * self.embed_scale
         if self.pos_embed is not None:
-            T = input_ids.shape[1]
-            if offset + T > self.config.max_seq_len:
-                raise ValueError(f"absolute position embeddings cover {self.config.max_seq_len} positions, got {offset + T}")
-            x = x + self.pos_embed(torch.arange(offset, offset + T, device=input_ids.device))
+            B, T = input_ids.shape
+            pos = torch.arange(T, device=input_ids.device)[None]
+            if start is not None:
+                pos = (start[:, None] + pos).clamp(min=0)
+            if int(pos.max()) >= self.config.max_seq_len:
+                raise ValueError(f"absolute position embeddings cover {self.config.max_seq_len} positions, got {int(pos.max()) + 1}")
+            x = x + self.pos_embed(pos)
         return x
 
     def logits(self, h):
         h = self.final_norm(h)
         return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
+
+    @torch.no_grad()
+    def step(self, input_ids, cache: RecurrentCache | None = None, pad_mask=None):
+        """Prefill (``cache=None``) or continue a batch of sequences; returns ``(logits, cache)``.
+
+        Prefill runs the parallel (Lightning Attention) form and keeps each layer's final state; a
+        one-token step runs the robust recurrence. ``pad_mask`` marks real tokens of a *left-padded*
+        prefill; positions restart at 0 for every new prompt (spec section 7.4).
+        """
+        if cache is None:
+            start = left_pad_positions(input_ids, pad_mask)
+            states = [None] * len(self.layers)
+        else:
+            if pad_mask is not None:
+                raise ValueError("pad_mask is only for the prefill (left padding)")
+            start, states = cache.positions, cache.states
+            if start.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"cache holds {start.shape[0]} sequences, got a batch of {input_ids.shape[0]}")
+        x = self.embed_tokens(input_ids, start)
+        new_states = []
+        for layer, st in zip(self.layers, states):
+            x, st = layer(x, state=st, offset=start, return_state=True, pad_mask=pad_mask)
+            new_states.append(st)
+        return self.logits(x), RecurrentCache(new_states, start + input_ids.shape[1])
 
     def forward(self, input_ids):
         """``input_ids: [B, T]`` -> logits ``[B, T, vocab]``."""

@@ -66,26 +66,48 @@ class GatedLinearAttention(nn.Module):
         self.register_buffer("slope", slope, persistent=False)  # fixed, recomputed from the config
         self.norm = build_norm(cfg.norm, d, cfg.norm_eps)
 
-    def forward(self, x, state=None, offset=0, return_state=False):
-        """``x: [B, T, d]``. ``state``/``offset``: the recurrent state and LRPE position for decoding."""
+    def forward(self, x, state=None, offset=0, return_state=False, pad_mask=None):
+        """``x: [B, T, d]`` -> ``[B, T, d]`` (and the final recurrent state if ``return_state``).
+
+        ``state`` (``[B, H, K, V]`` fp32) continues a sequence; ``offset`` (int or ``[B]``) is the LRPE
+        position of token 0; ``pad_mask`` (``[B, T]`` bool, True = real token) zeroes the values of
+        padding so it contributes nothing to the state (spec section 3.3).
+        """
         B, T, d = x.shape
         H, D = self.n_heads, self.head_dim
         parts = self.qkvu_proj(x).chunk(4 if self.gate else 3, dim=-1)
         q, k, v = (p.reshape(B, T, H, D) for p in parts[:3])
         q, k = self.act(q), self.act(k)
+        if pad_mask is not None:
+            v = v * pad_mask[:, :, None, None].to(v.dtype)
         if self.lrpe is not None:
             q, k = self.lrpe(q, offset), self.lrpe(k, offset)
-        attn = attention_backend()
         slope = self.slope.float()  # stays fp32 even after model.to(bfloat16)
-        if state is not None or return_state:
-            o, state = attn(q, k, v, slope, initial_state=state, output_final_state=True)
+        if T == 1 and state is not None:
+            o, state = self.recurrent_step(q[:, 0], k[:, 0], v[:, 0], slope, state)
+            o = o[:, None]
+        elif state is not None or return_state:
+            o, state = attention_backend()(q, k, v, slope, initial_state=state, output_final_state=True)
         else:
-            o, state = attn(q, k, v, slope), None
+            o, state = attention_backend()(q, k, v, slope), None
         o = self.norm(o.reshape(B, T, d))
         if self.gate:
             o = o * parts[3]
         out = self.out_proj(o)
         return (out, state) if return_state else out
+
+    @staticmethod
+    def recurrent_step(q, k, v, slope, state):
+        """The robust recurrence for one token (spec section 7.2): ``S <- lambda S + k^T v``, ``o = q S``.
+
+        ``q, k: [B, H, K]``, ``v: [B, H, V]``, ``state: [B, H, K, V]`` (fp32, or fp64 for fp64 inputs).
+        Only ``lambda <= 1`` is ever applied, so nothing overflows however long the context.
+        """
+        cd = state.dtype
+        lam = torch.exp(-slope.to(cd))[None, :, None, None]
+        state = lam * state + k.to(cd)[..., :, None] * v.to(cd)[..., None, :]
+        o = torch.einsum("bhk,bhkv->bhv", q.to(cd), state)
+        return o.to(v.dtype), state
 
 
 class SGLU(nn.Module):

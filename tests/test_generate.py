@@ -1,0 +1,111 @@
+"""Generation: greedy == argmax of the parallel forward, mixed-length batches, constant-size state."""
+import pytest
+import torch
+
+from tnlib import create_model
+from tnlib.generate import generate, sample_next, stream_generate
+
+PRESETS = ["tnl-tiny", "transformer-tiny"]
+
+
+def tiny(preset, **kw):
+    torch.manual_seed(0)
+    m = create_model(preset, vocab_size=101, n_layers=2, **kw).double().eval()
+    return m
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("prompt_len", [1, 37, 70])
+def test_greedy_equals_argmax_of_parallel_forward(preset, prompt_len):
+    m = tiny(preset)
+    prompt = torch.randint(0, 101, (1, prompt_len))
+    out = generate(m, prompt, max_new_tokens=12)
+    assert out.shape == (1, prompt_len + 12) and torch.equal(out[:, :prompt_len], prompt)
+    with torch.no_grad():
+        logits = m(out)
+    # every generated token is the argmax of the full parallel forward at the step before it
+    assert torch.equal(logits[0, prompt_len - 1 : -1].argmax(-1), out[0, prompt_len:])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_recurrent_step_logits_match_parallel(preset):
+    m = tiny(preset)
+    ids = torch.randint(0, 101, (2, 30))
+    with torch.no_grad():
+        full = m(ids)
+        logits, cache = m.step(ids[:, :20])
+        steps = [logits]
+        for t in range(20, 30):
+            lg, cache = m.step(ids[:, t : t + 1], cache)
+            steps.append(lg)
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_mixed_length_batch_equals_separate_runs(preset):
+    m = tiny(preset)
+    prompts = [torch.randint(0, 101, (n,)) for n in (5, 17, 1, 9)]
+    batch = generate(m, prompts, max_new_tokens=8)
+    for p, b in zip(prompts, batch):
+        alone = generate(m, [p], max_new_tokens=8)[0]
+        assert torch.equal(b, alone)
+
+
+def test_new_prompt_resets_positions():
+    """Spec 7.4: the LRPE offset must restart at 0 for every new prompt."""
+    m = tiny("tnl-tiny")
+    p = torch.randint(0, 101, (1, 11))
+    first = generate(m, p, max_new_tokens=6)
+    generate(m, torch.randint(0, 101, (1, 23)), max_new_tokens=6)
+    assert torch.equal(generate(m, p, max_new_tokens=6), first)
+
+
+def test_state_size_does_not_depend_on_context():
+    m = tiny("tnl-tiny")
+    sizes = []
+    for T in (1, 50, 400):
+        _, cache = m.step(torch.randint(0, 101, (2, T)))
+        sizes.append(cache.nbytes())
+    assert len(set(sizes)) == 1
+    tf = tiny("transformer-tiny")
+    kv = [tf.step(torch.randint(0, 101, (2, T)))[1].nbytes() for T in (10, 20)]
+    assert kv[1] == 2 * kv[0]  # the KV cache grows linearly
+
+
+def test_eos_and_streaming():
+    m = tiny("tnl-tiny")
+    prompt = torch.randint(0, 101, (1, 8))
+    greedy = generate(m, prompt, max_new_tokens=10)
+    eos = int(greedy[0, 8 + 3])  # force a stop at the 4th new token
+    stopped = generate(m, [prompt[0]], max_new_tokens=10, eos_token_id=eos)[0]
+    first = (greedy[0, 8:] == eos).nonzero()[0, 0].item()
+    assert torch.equal(stopped, greedy[0, : 8 + first + 1])
+    streamed = [t.item() for t in stream_generate(m, prompt, max_new_tokens=5)]
+    assert streamed == greedy[0, 8:13].tolist()
+
+
+def test_sampling_is_seeded_and_filters():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {1, 2}
+    draws = {sample_next(logits, 1.0, top_p=0.1, generator=g).item() for _ in range(50)}
+    assert draws == {1}
+    m = tiny("tnl-tiny")
+    a = generate(m, torch.ones(1, 4, dtype=torch.long), 6, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = generate(m, torch.ones(1, 4, dtype=torch.long), 6, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_clear_errors():
+    m = tiny("tnl-tiny")
+    with pytest.raises(ValueError, match="empty"):
+        generate(m, [torch.tensor([], dtype=torch.long)], 3)
+    with pytest.raises(ValueError, match="outside"):
+        generate(m, torch.tensor([[1, 101]]), 3)
+    with pytest.raises(TypeError, match="integers"):
+        generate(m, torch.tensor([[1.0, 2.0]]), 3)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(m, torch.tensor([[1, 2]]), 3, temperature=-1.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(m, torch.tensor([[1, 2]]), -1)

@@ -1,0 +1,140 @@
+"""Text generation for TransNormerLLM (recurrent state) and the Transformer baseline (KV cache).
+
+Taught in ``notebooks/08_recurrent_inference.ipynb``. One function serves both architectures through
+their ``model.step(input_ids, cache, pad_mask)`` method, so the two compare like for like:
+
+* prefill: the whole (left-padded) prompt batch in one parallel pass, keeping the cache;
+* decode: one token per step; TransNormerLLM updates a constant-size state, the Transformer
+  appends to its KV cache.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+__all__ = ["generate", "stream_generate", "sample_next"]
+
+
+def _prepare_prompts(model, input_ids, pad_token_id):
+    """Accept ``[B, T]`` tensors or a list of 1-D prompts of different lengths (left-padded here)."""
+    vocab = model.config.vocab_size
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        prompts = list(input_ids)
+    elif isinstance(input_ids, Sequence) and len(input_ids) > 0:
+        prompts = [torch.as_tensor(p) for p in input_ids]
+    else:
+        raise TypeError("input_ids must be a [B, T] tensor or a non-empty list of 1-D token sequences")
+    device = next(model.parameters()).device
+    for i, p in enumerate(prompts):
+        if p.dim() != 1:
+            raise ValueError(f"prompt {i} must be 1-D, got shape {tuple(p.shape)}")
+        if p.numel() == 0:
+            raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
+        if p.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"prompt {i} has dtype {p.dtype}; token ids must be integers (torch.long)")
+        lo, hi = int(p.min()), int(p.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): min {lo}, max {hi}")
+    lengths = torch.tensor([p.numel() for p in prompts], device=device)
+    T = int(lengths.max())
+    ids = torch.full((len(prompts), T), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, T - p.numel():] = p.to(device=device, dtype=torch.long)
+        mask[i, T - p.numel():] = True
+    return prompts, ids, (None if bool(mask.all()) else mask)
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Pick next tokens from ``logits: [B, V]``: greedy when ``temperature == 0``, else sampled with
+    optional top-k and nucleus (top-p) filtering."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def stream_generate(
+    model,
+    input_ids,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence (``[B]`` long) as it is produced.
+
+    Sequences that have emitted an end token keep yielding ``pad_token_id``; the stream stops when
+    all are done or after ``max_new_tokens`` steps.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    _, ids, mask = _prepare_prompts(model, input_ids, pad_token_id)
+    eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, device=ids.device).flatten()
+    was_training = model.training
+    model.eval()
+    try:
+        if max_new_tokens == 0:
+            return
+        logits, cache = model.step(ids, None, mask)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            yield nxt
+            done = done | torch.isin(nxt, eos)
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            logits, cache = model.step(nxt[:, None], cache)
+    finally:
+        model.train(was_training)
+
+
+def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
+             eos_token_id=None, pad_token_id: int = 0, generator=None):
+    """Prompt followed by up to ``max_new_tokens`` new tokens (greedy when ``temperature == 0``).
+
+    ``input_ids``: a ``[B, T]`` tensor (returns ``[B, T + n]``, finished rows filled with
+    ``pad_token_id``) or a list of 1-D prompts of any lengths (returns a list of 1-D tensors, each
+    ending at its end token if one was produced).
+    """
+    prompts, ids, _ = _prepare_prompts(model, input_ids, pad_token_id)
+    steps = list(stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                                 pad_token_id, generator))
+    new = torch.stack(steps, dim=1) if steps else ids.new_zeros(ids.shape[0], 0)
+    if isinstance(input_ids, torch.Tensor):
+        base = input_ids if input_ids.dim() == 2 else input_ids[None]
+        return torch.cat([base.to(new.device, torch.long), new], dim=1)
+    eos = set([] if eos_token_id is None else torch.as_tensor(eos_token_id).flatten().tolist())
+    out = []
+    for p, row in zip(prompts, new):
+        toks = row.tolist()
+        for j, t in enumerate(toks):
+            if t in eos:
+                toks = toks[: j + 1]
+                break
+        out.append(torch.cat([p.to(row.device, torch.long), torch.tensor(toks, dtype=torch.long, device=row.device)]))
+    return out
