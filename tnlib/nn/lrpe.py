@@ -6,6 +6,8 @@ The decay ("-d") is applied by the attention kernel, not here.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -36,14 +38,17 @@ def lrpe(x: torch.Tensor, theta: torch.Tensor, offset=0) -> torch.Tensor:
     if tuple(theta.shape) != (H, D):
         raise ValueError(f"lrpe: theta must have shape [H, D] = {(H, D)}, got {tuple(theta.shape)}")
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    pos = torch.arange(T, device=x.device, dtype=cd)
+    # Angles are formed in float64 and reduced mod 2*pi before the cos/sin in `cd`: a float32 angle
+    # near 1e6 would carry ~0.06 rad of error and break the shift invariance at long positions.
+    pos = torch.arange(T, device=x.device, dtype=torch.float64)
     if isinstance(offset, torch.Tensor):
         if offset.dim() != 1 or offset.shape[0] != B:
             raise ValueError(f"lrpe: a tensor offset must have shape [B] = [{B}], got {tuple(offset.shape)}")
-        pos = offset.to(device=x.device, dtype=cd)[:, None] + pos[None, :]  # [B, T]
+        pos = offset.to(device=x.device, dtype=torch.float64)[:, None] + pos[None, :]  # [B, T]
     else:
         pos = (pos + int(offset))[None, :]  # [1, T]
-    angle = pos[:, :, None, None] * theta.to(cd)[None, None]  # [B|1, T, H, D]
+    angle = pos[:, :, None, None] * theta.to(torch.float64)[None, None]  # [B|1, T, H, D]
+    angle = torch.remainder(angle, 2 * math.pi).to(cd)
     xc = x.to(cd)
     out = torch.cat([xc * torch.cos(angle), xc * torch.sin(angle)], dim=-1)
     return out.to(x.dtype)
