@@ -10,7 +10,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-unit test-notebooks lab notebooks bench-kernels clean help
+.PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate bench-kernels bench-model bench-srmsnorm clean help
 
 help:
 	@echo "make setup      create $(VENV) and install tnlib with its tools (idempotent)"
@@ -62,6 +62,39 @@ notebooks: setup
 	done
 
 walkthrough: notebooks
+
+# tiny TNL vs tiny Transformer on the shipped sample: CPU, a few minutes -> results/quickstart/
+quickstart: setup
+	$(BIN)/python -m tnlib quickstart
+
+# the full open corpus (../shared/data by default) -> $(DATA_DIR) with a 50,272-token BPE
+CORPUS ?= ../shared/data/corpus-gutenberg-*.txt.xz
+DATA_DIR ?= data/full
+data: setup
+	@if [ -f $(DATA_DIR)/meta.json ]; then echo "$(DATA_DIR) is prepared (delete it or use FORCE=--force to redo)"; \
+	else $(BIN)/python -m tnlib prepare --corpus $(CORPUS) --out $(DATA_DIR) --vocab-size 50272 $(FORCE) \
+	  --eval heldout=../shared/data/gutenberg-heldout.txt.xz wikitext-valid=../shared/data/wikitext103-valid.txt \
+	         wikitext-test=../shared/data/wikitext103-test.txt; fi
+
+# sample from a saved model: make generate CKPT=runs/quickstart/tnl-tiny/final PROMPT="It was"
+CKPT ?= runs/quickstart/tnl-tiny/final
+TOKENIZER ?= data/sample/tokenizer.json
+PROMPT ?= It was a dark and stormy night
+generate: setup
+	$(BIN)/python -m tnlib generate --checkpoint $(CKPT) --tokenizer $(TOKENIZER) --prompt "$(PROMPT)"
+
+# GPU benchmarks: write results/bench/*-<gpu>.json with provenance (command, commit, versions, date)
+bench-model: setup
+	$(BIN)/python scripts/bench_model.py
+
+bench-srmsnorm: setup
+	$(BIN)/python scripts/bench_srmsnorm.py
+
+# Lightning Attention kernels vs fla, lightning-attn, SDPA, naive (needs a GPU; no setup step, so it
+# also runs on a GPU box without internet using its own python3 and carried wheels)
+bench-kernels:
+	@PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3); \
+	  $$PY scripts/bench_kernels.py --out results/bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache **/__pycache__

@@ -1,0 +1,144 @@
+"""Data pipeline and training: clear errors, exact resume, a 2-process (gloo) run."""
+import json
+import lzma
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tnlib.data import DataError, TokenFile, load_tokenizer, prepare_data, read_documents
+from tnlib.train import TrainConfig, lr_at, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "data/sample/gutenberg-sample.txt.xz")
+TOKENIZER = os.path.join(ROOT, "data/sample/tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "data"
+    meta = prepare_data(SAMPLE, str(out), tokenizer=TOKENIZER,
+                        eval_sets={"wiki": os.path.join(ROOT, "data/sample/wikitext103-valid-sample.txt")})
+    return str(out), meta
+
+
+def test_prepare_writes_consistent_token_files(prepared):
+    out, meta = prepared
+    assert meta["vocab_size"] == 4096 and meta["eot_id"] == 0
+    assert meta["documents"]["train"] >= 10 and meta["documents"]["val"] >= 1
+    tr = TokenFile.open(out, "train")
+    assert tr.tokens.dtype == np.uint16 and len(tr.tokens) == meta["splits"]["train"]["tokens"]
+    assert int(tr.tokens.max()) < 4096 and (tr.tokens == 0).sum() == meta["documents"]["train"]
+    tok = load_tokenizer(out)
+    text = tok.decode(tr.tokens[:200].tolist())
+    assert len(text) > 300  # real English text round-trips
+    assert TokenFile.open(out, "eval-wiki").bytes == 200264
+
+
+def test_prepare_errors(tmp_path, prepared):
+    with pytest.raises(DataError, match="does not exist"):
+        read_documents(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        read_documents(str(tmp_path / "empty.txt"))
+    (tmp_path / "bad.txt").write_bytes(b"hello \xff\xfe world\n")
+    with pytest.raises(DataError, match="UTF-8"):
+        read_documents(str(tmp_path / "bad.txt"))
+    out, meta = prepared
+    with pytest.raises(DataError, match="--force"):
+        prepare_data(SAMPLE, out, tokenizer=TOKENIZER)
+    with pytest.raises(DataError, match="tokenized with tokenizer"):
+        TokenFile.open(out, "train", expect_tokenizer="0000")
+    with pytest.raises(DataError, match="no meta.json"):
+        TokenFile.open(str(tmp_path), "train")
+
+
+def test_documents_split_on_separator(tmp_path):
+    p = tmp_path / "c.txt.xz"
+    with lzma.open(p, "wt", encoding="utf-8") as f:
+        f.write("first doc\nline two\n<|endoftext|>\nsecond doc\n<|endoftext|>\n")
+    assert read_documents(str(p)) == ["first doc\nline two", "second doc"]
+    j = tmp_path / "c.jsonl"
+    j.write_text('{"text": "a b"}\n{"text": "c"}\n')
+    assert read_documents(str(j)) == ["a b", "c"]
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def small_cfg(data, out, **kw):
+    base = dict(preset="tnl-tiny", data=data, out=out, seq_len=32, batch_size=2, max_steps=6, warmup_steps=2,
+                eval_every=3, eval_tokens=256, ckpt_every=100, progress=False,
+                model_overrides={"n_layers": 1, "d_model": 64, "n_heads": 2, "glu_dim": 128})
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def steps_of(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r and "event" not in r}
+
+
+def test_resume_continues_the_same_trajectory(prepared, tmp_path):
+    data, _ = prepared
+    full = train(small_cfg(data, str(tmp_path / "full")))
+    part = small_cfg(data, str(tmp_path / "part"), max_tokens=3 * 64)  # stops after 3 steps, checkpoints
+    train(part)
+    assert sorted(steps_of(part.out)) == [1, 2, 3]
+    resumed = train(small_cfg(data, str(tmp_path / "part")), resume=True)
+    a, b = steps_of(str(tmp_path / "full")), steps_of(part.out)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-6), s
+    assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
+    assert os.path.isfile(os.path.join(part.out, "final", "model.safetensors"))
+
+
+def test_sigint_checkpoints_and_resume_finishes(prepared, tmp_path):
+    data, _ = prepared
+    out = str(tmp_path / "sig")
+    args = [sys.executable, "-m", "tnlib", "train", "--preset", "tnl-tiny", "--data", data, "--out", out,
+            "--set", "seq_len=32", "batch_size=2", "max_steps=400", "eval_every=1000", "eval_tokens=256",
+            "ckpt_every=1000", "progress=false",
+            "--model", "n_layers=1", "d_model=64", "n_heads=2", "glu_dim=128"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 4:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    lines = [json.loads(l) for l in open(metrics)]
+    assert lines[-1].get("event") == "interrupted"
+    done = lines[-1]["step"]
+    assert 0 < done < 400 and os.path.isdir(os.path.join(out, "checkpoint"))
+    r = subprocess.run(args[:-5] + ["max_steps=%d" % (done + 2)] + args[-5:] + ["--resume"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert max(steps_of(out)) == done + 2
+
+
+def test_two_process_gloo_run(prepared, tmp_path):
+    data, _ = prepared
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "tnlib", "train", "--preset", "tnl-tiny", "--data", data, "--out", out,
+           "--set", "seq_len=32", "batch_size=2", "max_steps=3", "eval_every=3", "eval_tokens=256", "progress=false",
+           "--model", "n_layers=1", "d_model=64", "n_heads=2", "glu_dim=128"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [x for x in recs if "loss" in x and "event" not in x]
+    assert [x["step"] for x in steps] == [1, 2, 3]
+    assert steps[-1]["tokens"] == 3 * 2 * 2 * 32  # both processes' tokens are counted
+    assert np.isfinite(steps[-1]["val_loss"])

@@ -1,0 +1,246 @@
+"""Open-corpus data pipeline: read documents, train a byte-level BPE, write flat uint16 token files.
+
+Taught in ``notebooks/09_train_385m.ipynb``. ``prepare_data`` turns a corpus (local ``.txt``,
+``.txt.xz``, ``.jsonl``, ``.parquet`` files, a directory of them, or a hub dataset id when online)
+into ``out_dir/``::
+
+    tokenizer.json      byte-level BPE (``<|endoftext|>`` is token 0 and ends every document)
+    train.bin, val.bin  flat uint16 tokens (nanoGPT style, read with np.memmap)
+    eval-<name>.bin     optional extra held-out sets (same tokenizer)
+    meta.json           token and byte counts, tokenizer hash, source file hashes, split rule
+
+Documents inside a text file are separated by a line holding only ``<|endoftext|>`` (the corpus in
+``../shared/data``); a text file without that line is one document. The train/val split is by
+document, decided by a hash of the document's text, so it does not depend on file order.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["EOT", "read_documents", "train_tokenizer", "load_tokenizer", "tokenizer_hash", "prepare_data",
+           "TokenFile", "DataError"]
+
+EOT = "<|endoftext|>"
+SEPARATOR = "\n" + EOT + "\n"
+TEXT_EXTS = (".txt", ".txt.xz", ".txt.gz", ".txt.bz2")
+TABLE_EXTS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Bad input to the data pipeline (missing/empty/invalid files, mismatched tokenizer, ...)."""
+
+
+def _expand(paths) -> list[str]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for p in map(str, paths):
+        if os.path.isdir(p):
+            found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
+                           if f.endswith(TEXT_EXTS) or f.endswith(tuple(TABLE_EXTS)))
+            if not found:
+                raise DataError(f"directory {p} holds no .txt/.txt.xz/.jsonl/.parquet files")
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        elif any(ch in p for ch in "*?["):
+            matched = sorted(glob.glob(p))
+            if not matched:
+                raise DataError(f"no files match {p}")
+            files += matched
+        else:
+            raise DataError(f"corpus file {p} does not exist")
+    return files
+
+
+def _file_kind(path: str) -> str:
+    for ext, kind in TABLE_EXTS.items():
+        if path.endswith(ext):
+            return kind
+    if path.endswith(TEXT_EXTS):
+        return "text"
+    raise DataError(f"{path}: unsupported file type (use .txt, .txt.xz, .jsonl or .parquet)")
+
+
+def read_documents(paths, text_column: str = "text") -> list[str]:
+    """All documents of a corpus, in file order, read through ``datasets.load_dataset``.
+
+    ``paths``: files, directories, globs, or ``"hub:<dataset id>"`` (needs internet).
+    """
+    from datasets import load_dataset
+
+    if isinstance(paths, str) and paths.startswith("hub:"):
+        ds = load_dataset(paths[4:], split="train")
+        return [t for t in ds[text_column] if t and t.strip()]
+    docs: list[str] = []
+    for f in _expand(paths):
+        if os.path.getsize(f) == 0:
+            raise DataError(f"{f} is empty")
+        kind = _file_kind(f)
+        try:
+            if kind == "text":
+                ds = load_dataset("text", data_files=f, split="train", sample_by="document")
+                texts = [t for row in ds["text"] for t in row.split(SEPARATOR)]
+            else:
+                ds = load_dataset(kind, data_files=f, split="train")
+                if text_column not in ds.column_names:
+                    raise DataError(f"{f} has no column {text_column!r} (columns: {ds.column_names})")
+                texts = list(ds[text_column])
+        except UnicodeDecodeError as e:
+            raise DataError(f"{f} is not valid UTF-8 ({e}); re-encode it as UTF-8") from e
+        except DataError:
+            raise
+        except Exception as e:  # datasets wraps decoding errors in its own exception types
+            if "utf-8" in str(e).lower() or "decode" in str(e).lower() or isinstance(e.__cause__, UnicodeDecodeError):
+                raise DataError(f"{f} is not valid UTF-8: re-encode it as UTF-8 ({e})") from e
+            raise
+        texts = [t.strip("\n") for t in texts]
+        texts = [t for t in texts if t.strip() and t.strip() != EOT]
+        if not texts:
+            raise DataError(f"{f} holds no documents")
+        docs += texts
+    return docs
+
+
+def train_tokenizer(docs, vocab_size: int, min_frequency: int = 2):
+    """Byte-level BPE (GPT-2 style) with ``<|endoftext|>`` as token 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size > 65535:
+        raise DataError(f"vocab_size {vocab_size} does not fit uint16 token files (max 65535)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
+    return tok
+
+
+def load_tokenizer(path: str):
+    from tokenizers import Tokenizer
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise DataError(f"no tokenizer at {path}")
+    return Tokenizer.from_file(path)
+
+
+def tokenizer_hash(tok) -> str:
+    return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_val(doc: str, val_permille: int) -> bool:
+    return int(hashlib.sha1(doc.encode("utf-8")).hexdigest()[:8], 16) % 1000 < val_permille
+
+
+def _encode_to_file(tok, docs, path: str, desc: str, batch: int = 64) -> tuple[int, int]:
+    """Tokenize documents (multi-threaded in batches, tqdm bar) and append ``EOT`` after each."""
+    from tqdm.auto import tqdm
+
+    eot = tok.token_to_id(EOT)
+    n_tokens = n_bytes = 0
+    with open(path, "wb") as f:
+        for i in tqdm(range(0, len(docs), batch), desc=desc, unit="batch", leave=False):
+            chunk = docs[i : i + batch]
+            for enc, d in zip(tok.encode_batch(chunk), chunk):
+                ids = np.asarray(enc.ids + [eot], dtype=np.uint16)
+                f.write(ids.tobytes())
+                n_tokens += len(ids)
+                n_bytes += len(d.encode("utf-8"))
+    return n_tokens, n_bytes
+
+
+def prepare_data(corpus, out_dir: str, vocab_size: int = 50272, val_permille: int = 5, eval_sets: dict | None = None,
+                 tokenizer: str | None = None, tokenizer_docs: int | None = None, force: bool = False) -> dict:
+    """Read ``corpus``, split by document, train (or reuse) a tokenizer, write token files + meta.json.
+
+    ``eval_sets``: ``{"name": path}`` of extra held-out text to tokenize with the same tokenizer.
+    ``tokenizer``: an existing ``tokenizer.json`` to reuse instead of training one.
+    Refuses to overwrite an existing ``out_dir`` unless ``force``.
+    """
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        if not force:
+            raise DataError(f"{out_dir} exists and is not empty; pass force=True (--force) to overwrite it")
+        shutil.rmtree(out_dir)
+    files = _expand(corpus) if not (isinstance(corpus, str) and corpus.startswith("hub:")) else []
+    docs = read_documents(corpus)
+    train_docs = [d for d in docs if not _is_val(d, val_permille)]
+    val_docs = [d for d in docs if _is_val(d, val_permille)]
+    if not val_docs:  # tiny corpora: still hold out one document, deterministically
+        val_docs, train_docs = train_docs[-1:], train_docs[:-1]
+    if not train_docs:
+        raise DataError("the corpus is too small: no training documents left after the split")
+    tmp = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+    else:
+        tok = train_tokenizer(train_docs[:tokenizer_docs] if tokenizer_docs else train_docs, vocab_size)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    meta = {
+        "vocab_size": tok.get_vocab_size(),
+        "eot_id": tok.token_to_id(EOT),
+        "tokenizer_sha256": tokenizer_hash(tok),
+        "dtype": "uint16",
+        "split": f"by document: sha1(text) % 1000 < {val_permille} -> val",
+        "sources": {f: _sha256(f) for f in files} if files else {"hub": corpus},
+        "documents": {"train": len(train_docs), "val": len(val_docs)},
+        "splits": {},
+    }
+    for name, split_docs in (("train", train_docs), ("val", val_docs)):
+        n_tok, n_bytes = _encode_to_file(tok, split_docs, os.path.join(tmp, f"{name}.bin"), f"tokenize {name}")
+        meta["splits"][name] = {"file": f"{name}.bin", "tokens": n_tok, "bytes": n_bytes}
+    for name, path in (eval_sets or {}).items():
+        ed = read_documents(path)
+        n_tok, n_bytes = _encode_to_file(tok, ed, os.path.join(tmp, f"eval-{name}.bin"), f"tokenize {name}")
+        meta["splits"][f"eval-{name}"] = {"file": f"eval-{name}.bin", "tokens": n_tok, "bytes": n_bytes,
+                                          "source": str(path), "source_sha256": _sha256(str(path))}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, out_dir)  # all or nothing: an interrupted run leaves no half-written out_dir
+    return meta
+
+
+@dataclass
+class TokenFile:
+    """A flat uint16 token file with its byte count (for bits per byte)."""
+
+    tokens: np.ndarray
+    bytes: int
+
+    @classmethod
+    def open(cls, data_dir: str, split: str, expect_tokenizer: str | None = None) -> "TokenFile":
+        meta_path = os.path.join(data_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise DataError(f"{data_dir} has no meta.json: run `python -m tnlib prepare` (make data) first")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if expect_tokenizer and meta["tokenizer_sha256"] != expect_tokenizer:
+            raise DataError(f"{data_dir} was tokenized with tokenizer {meta['tokenizer_sha256']}, "
+                            f"expected {expect_tokenizer}: re-run prepare with the same tokenizer")
+        if split not in meta["splits"]:
+            raise DataError(f"{data_dir} has no split {split!r}; available: {sorted(meta['splits'])}")
+        info = meta["splits"][split]
+        path = os.path.join(data_dir, info["file"])
+        tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        if len(tokens) != info["tokens"]:
+            raise DataError(f"{path} holds {len(tokens)} tokens but meta.json says {info['tokens']}: corrupt file")
+        return cls(tokens, info["bytes"])

@@ -1,0 +1,311 @@
+"""Training loop: AdamW + warmup/cosine, bf16 autocast, accumulation, checkpoints, resume, DDP.
+
+Taught in ``notebooks/09_train_385m.ipynb``; run as ``python -m tnlib train --preset tnl-tiny --data DIR``
+(or under ``torchrun --nproc_per_node N`` for data parallelism). Everything a run needs to continue
+exactly (weights, optimizer, RNG, step, the data position and the config) is checkpointed every
+``ckpt_every`` steps and on SIGINT/SIGTERM; ``--resume`` picks it up and continues the same loss curve.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import DataError, TokenFile
+from .models import build_model, get_config
+from .provenance import provenance
+
+__all__ = ["TrainConfig", "train", "evaluate", "lr_at", "batch_at"]
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tnl-tiny"
+    model_overrides: dict = field(default_factory=dict)
+    data: str = "data/sample/prepared"
+    out: str = "runs/tnl-tiny"
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    max_steps: int = 200  # also the length of the cosine schedule
+    max_tokens: int | None = None  # stop earlier at this many training tokens (all processes)
+    max_minutes: float | None = None  # stop earlier after this wall-clock time
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_tokens: int = 65536  # per held-out set
+    eval_sets: tuple = ("val",)
+    ckpt_every: int = 100
+    seed: int = 1234
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    checkpointing: bool = False
+    peak_tflops: float | None = None  # for MFU; None: measured once on CUDA, not reported on CPU
+    device: str = "auto"
+    progress: bool = True
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum * _world()[1]
+
+
+def _world():
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def batch_at(tokens: np.ndarray, step: int, micro: int, cfg: TrainConfig, rank: int, world: int):
+    """The training windows for (step, micro-batch, rank): a pure function of the seed, so resuming
+    at a step replays exactly the data the interrupted run would have seen."""
+    rng = np.random.default_rng([cfg.seed, step, micro, rank, world])
+    starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
+    x = np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts]).astype(np.int64)
+    return torch.from_numpy(x)
+
+
+@torch.no_grad()
+def evaluate(model, tf: TokenFile, seq_len: int, max_tokens: int, batch_size: int, device, autocast_dtype):
+    """Loss (nats/token), perplexity and bits per byte over the first ``max_tokens`` of a held-out set,
+    in non-overlapping windows."""
+    model.eval()
+    n = min(len(tf.tokens) - 1, max_tokens)
+    n_win = max(1, n // seq_len)
+    total, count = 0.0, 0
+    for i in range(0, n_win, batch_size):
+        rows = [tf.tokens[j * seq_len : j * seq_len + seq_len + 1] for j in range(i, min(n_win, i + batch_size))]
+        rows = [r for r in rows if len(r) == seq_len + 1] or [tf.tokens[: min(len(tf.tokens), seq_len + 1)]]
+        x = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(x[:, :-1])
+        total += F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+        count += x[:, 1:].numel()
+    model.train()
+    loss = total / count
+    # bits per byte: the set's bytes scaled to the evaluated share of its tokens
+    bytes_eval = tf.bytes * count / max(1, len(tf.tokens))
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": total / math.log(2) / bytes_eval, "tokens": count}
+
+
+def _param_groups(model, weight_decay):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos):
+    from safetensors.torch import save_model
+
+    tmp = path + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    save_model(model, os.path.join(tmp, "model.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "step": step, "tokens_seen": tokens_seen,
+                "torch_rng": torch.get_rng_state(), "metrics_pos": metrics_pos,
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump({"train": dataclasses.asdict(cfg), "model": model.config.to_dict()}, f, indent=2)
+    if os.path.exists(path):
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def _measure_peak_tflops(device) -> float:
+    """bf16 matmul rate measured on this GPU (no hard-coded hardware peaks)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - t) / 1e12
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train (or resume) one model; returns the final metrics dict. Writes ``cfg.out``/metrics.jsonl,
+    ``checkpoint/`` and ``final/`` (safetensors + config)."""
+    rank, world = _world()
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
+                      "fp32": None}[cfg.dtype]
+
+    train_tf = TokenFile.open(cfg.data, "train")
+    with open(os.path.join(cfg.data, "meta.json")) as f:
+        meta = json.load(f)
+    eval_tfs = {name: TokenFile.open(cfg.data, name) for name in cfg.eval_sets}
+    if len(train_tf.tokens) <= cfg.seq_len + 1:
+        raise DataError(f"training split has {len(train_tf.tokens)} tokens, fewer than seq_len={cfg.seq_len}")
+
+    mcfg = get_config(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model_overrides,
+                                     "checkpointing": cfg.checkpointing})
+    if mcfg.vocab_size < meta["vocab_size"]:
+        raise DataError(f"model vocab {mcfg.vocab_size} < tokenizer vocab {meta['vocab_size']}")
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg).to(device)
+    opt_kw = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **opt_kw)
+
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_dir = os.path.join(cfg.out, "checkpoint")
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    step, tokens_seen = 0, 0
+    if resume:
+        if not os.path.isdir(ckpt_dir):
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
+        from safetensors.torch import load_model
+
+        with open(os.path.join(ckpt_dir, "config.json")) as f:
+            saved = json.load(f)
+        if saved["model"] != mcfg.to_dict():
+            raise ValueError("--resume: the checkpoint's model config differs from this run's")
+        load_model(model, os.path.join(ckpt_dir, "model.safetensors"), device=str(device))
+        state = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location=device, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if os.path.exists(metrics_path):  # drop log lines written after the checkpoint
+            with open(metrics_path, "rb+") as f:
+                f.truncate(state["metrics_pos"])
+    elif rank == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    raw_model = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(model) if cfg.compile else model
+    n_params = raw_model.num_parameters()
+    peak = cfg.peak_tflops or (_measure_peak_tflops(device) if device.type == "cuda" else None)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    log = open(metrics_path, "a") if rank == 0 else None
+
+    def write(rec):
+        if log:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+
+    if rank == 0 and step == 0:
+        write({"event": "start", "config": dataclasses.asdict(cfg), "model": mcfg.to_dict(), "params": n_params,
+               "provenance": provenance(), "data_meta": {k: meta[k] for k in ("vocab_size", "tokenizer_sha256", "splits")}})
+
+    def run_eval():
+        res = {}
+        for name, tf in eval_tfs.items():
+            r = evaluate(raw_model, tf, cfg.seq_len, cfg.eval_tokens, cfg.batch_size, device, autocast_dtype)
+            res.update({f"{name}_loss": r["loss"], f"{name}_ppl": r["ppl"], f"{name}_bpb": r["bpb"]})
+        return res
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.preset}", disable=not (cfg.progress and rank == 0),
+               dynamic_ncols=True)
+    t_start = time.time()
+    model.train()
+    last = {}
+    try:
+        while step < cfg.max_steps:
+            if cfg.max_tokens is not None and tokens_seen >= cfg.max_tokens:
+                break
+            if cfg.max_minutes is not None and (time.time() - t_start) / 60 >= cfg.max_minutes:
+                break
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.time()
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x = batch_at(train_tf.tokens, step, micro, cfg, rank, world).to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    logits = fwd(x[:, :-1])
+                loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            step += 1
+            tokens_seen += cfg.tokens_per_step
+            if world > 1:
+                t = torch.tensor([loss_sum], device=device)
+                torch.distributed.all_reduce(t)
+                loss_sum = t.item() / world
+            tps = cfg.tokens_per_step / dt
+            rec = {"step": step, "tokens": tokens_seen, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
+                   "tokens_per_s": tps, "step_s": dt, "elapsed_s": time.time() - t_start}
+            if peak:
+                rec["mfu"] = 6 * n_params * tps / (peak * 1e12)
+            if device.type == "cuda":
+                rec["mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                rec.update(run_eval())
+            write(rec)
+            last = rec
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
+            if rank == 0 and (step % cfg.ckpt_every == 0 or stop["signal"]):
+                _save_checkpoint(ckpt_dir, raw_model, opt, step, tokens_seen, cfg,
+                                 log.tell() if log else 0)
+            if stop["signal"]:
+                write({"event": "interrupted", "signal": stop["signal"], "step": step})
+                break
+        if not stop["signal"]:
+            if "val_loss" not in last and eval_tfs:
+                last = {**last, "step": step, "tokens": tokens_seen, **run_eval()}
+                write({**last, "event": "final_eval"})
+            if rank == 0:
+                from .models import save_model
+
+                _save_checkpoint(ckpt_dir, raw_model, opt, step, tokens_seen, cfg, log.tell() if log else 0)
+                save_model(raw_model, os.path.join(cfg.out, "final"))
+    finally:
+        bar.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+        if log:
+            log.close()
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    return {**last, "interrupted": stop["signal"], "params": n_params}
