@@ -13,7 +13,53 @@ from typing import Iterator, Sequence
 
 import torch
 
-__all__ = ["generate", "stream_generate", "sample_next"]
+__all__ = ["generate", "stream_generate", "sample_next", "GraphDecoder"]
+
+
+class GraphDecoder:
+    """One TransNormerLLM decode step captured as a CUDA graph and replayed per token.
+
+    The recurrent state has a fixed size, so the step has static shapes: the state lives in static
+    buffers that the captured step updates in place. This removes the ~hundreds of kernel launches
+    per token that dominate eager batch-1 decoding. ``decode(tokens)`` returns ``[B, 1, vocab]`` logits
+    (a static buffer: copy it if you keep it).
+    """
+
+    def __init__(self, model, cache):
+        if not torch.cuda.is_available() or cache.states[0].device.type != "cuda":
+            raise RuntimeError("GraphDecoder needs the model and cache on a CUDA device")
+        if getattr(model.config, "positional", None) == "ape":
+            raise RuntimeError("GraphDecoder does not support absolute position embeddings")
+        self.model = model
+        B = cache.positions.shape[0]
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=cache.positions.device)
+        self.cache = type(cache)([st.clone() for st in cache.states], cache.positions.clone())
+        saved = [st.clone() for st in self.cache.states], self.cache.positions.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm up (compiles/autotunes kernels outside the capture)
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._body()
+        for st, sv in zip(self.cache.states, saved[0]):  # undo the warm-up steps
+            st.copy_(sv)
+        self.cache.positions.copy_(saved[1])
+
+    @torch.no_grad()
+    def _body(self):
+        logits, new = self.model.step(self.tokens, self.cache, validate=False)
+        for st, nw in zip(self.cache.states, new.states):
+            st.copy_(nw)
+        self.cache.positions.copy_(new.positions)
+        return logits
+
+    def decode(self, tokens):
+        self.tokens.copy_(tokens.view_as(self.tokens))
+        self.graph.replay()
+        return self.logits
 
 
 def _prepare_prompts(model, input_ids, pad_token_id):
@@ -84,11 +130,13 @@ def stream_generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     generator: torch.Generator | None = None,
+    cuda_graph: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence (``[B]`` long) as it is produced.
 
     Sequences that have emitted an end token keep yielding ``pad_token_id``; the stream stops when
-    all are done or after ``max_new_tokens`` steps.
+    all are done or after ``max_new_tokens`` steps. ``cuda_graph`` (default: on for TransNormerLLM on
+    a GPU) replays decode steps from a captured CUDA graph; ``False`` keeps the readable eager path.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
@@ -99,7 +147,10 @@ def stream_generate(
     try:
         if max_new_tokens == 0:
             return
-        logits, cache = model.step(ids, None, mask)
+        logits, cache = model.step(ids, None, mask, last_only=True)
+        if cuda_graph is None:
+            cuda_graph = ids.is_cuda and hasattr(cache, "states") and getattr(model.config, "positional", "") != "ape"
+        graph = GraphDecoder(model, cache) if cuda_graph and max_new_tokens > 1 else None
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for i in range(max_new_tokens):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
@@ -108,13 +159,16 @@ def stream_generate(
             done = done | torch.isin(nxt, eos)
             if bool(done.all()) or i == max_new_tokens - 1:
                 break
-            logits, cache = model.step(nxt[:, None], cache)
+            if graph is not None:
+                logits = graph.decode(nxt[:, None])
+            else:
+                logits, cache = model.step(nxt[:, None], cache)
     finally:
         model.train(was_training)
 
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
-             eos_token_id=None, pad_token_id: int = 0, generator=None):
+             eos_token_id=None, pad_token_id: int = 0, generator=None, cuda_graph: bool | None = None):
     """Prompt followed by up to ``max_new_tokens`` new tokens (greedy when ``temperature == 0``).
 
     ``input_ids``: a ``[B, T]`` tensor (returns ``[B, T + n]``, finished rows filled with
@@ -123,7 +177,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     """
     prompts, ids, _ = _prepare_prompts(model, input_ids, pad_token_id)
     steps = list(stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                 pad_token_id, generator))
+                                 pad_token_id, generator, cuda_graph))
     new = torch.stack(steps, dim=1) if steps else ids.new_zeros(ids.shape[0], 0)
     if isinstance(input_ids, torch.Tensor):
         base = input_ids if input_ids.dim() == 2 else input_ids[None]

@@ -23,7 +23,7 @@ class KVCache:
 
     keys: list  # per layer [B, H, L, D]
     values: list
-    valid: torch.Tensor  # [B, L] bool: False at left padding
+    valid: torch.Tensor | None  # [B, L] bool: False at left padding (None: no padding)
     positions: torch.Tensor  # [B] position of the next token
 
     def nbytes(self) -> int:
@@ -52,26 +52,29 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x, offset=0, past=None, key_valid=None):
-        """Causal attention; with ``past=(k, v)`` and/or ``key_valid`` it also returns the new ``(k, v)``."""
+    def forward(self, x, offset=0, past=None, key_valid=None, want_kv=False):
+        """Causal attention. ``past=(k, v)`` continues a sequence; ``key_valid`` ([B, L] bool) masks
+        left padding; with ``want_kv`` it also returns the keys and values so far."""
         B, T, d = x.shape
         q, k, v = (p.reshape(B, T, self.n_heads, self.head_dim) for p in self.qkv_proj(x).chunk(3, dim=-1))
         q, k = rope(q, self.theta, offset), rope(k, self.theta, offset)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [B, H, T, D]
-        if past is None and key_valid is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return self.out_proj(o.transpose(1, 2).reshape(B, T, d))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         L = k.shape[2]
-        qpos = torch.arange(L - T, L, device=x.device)
-        kpos = torch.arange(L, device=x.device)
-        mask = kpos[None, :] <= qpos[:, None]  # causal [T, L]
-        if key_valid is not None:
-            mask = mask & key_valid[:, None, None, :]  # [B, 1, T, L]
-            mask = mask | (kpos[None, :] == qpos[:, None])  # a padding query sees itself: no empty rows
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(o.transpose(1, 2).reshape(B, T, d)), (k, v)
+        if key_valid is None and (past is None or T == 1):
+            # no padding: plain causal attention (a single new token may see every cached key)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=past is None and T > 1)
+        else:
+            qpos = torch.arange(L - T, L, device=x.device)
+            kpos = torch.arange(L, device=x.device)
+            mask = kpos[None, :] <= qpos[:, None]  # causal [T, L]
+            if key_valid is not None:
+                mask = mask & key_valid[:, None, None, :]  # [B, 1, T, L]
+                mask = mask | (kpos[None, :] == qpos[:, None])  # a padding query sees itself: no empty rows
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.out_proj(o.transpose(1, 2).reshape(B, T, d))
+        return (out, (k, v)) if want_kv else out
 
 
 class SwiGLU(nn.Module):
@@ -93,13 +96,13 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.glu_dim)
 
-    def forward(self, x, offset=0, past=None, key_valid=None):
-        if past is None and key_valid is None:
-            x = x + self.attn(self.attn_norm(x))
-            return x + self.mlp(self.mlp_norm(x))
-        h, kv = self.attn(self.attn_norm(x), offset, past, key_valid)
+    def forward(self, x, offset=0, past=None, key_valid=None, want_kv=False):
+        h = self.attn(self.attn_norm(x), offset, past, key_valid, want_kv)
+        if want_kv:
+            h, kv = h
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), kv
+        x = x + self.mlp(self.mlp_norm(x))
+        return (x, kv) if want_kv else x
 
 
 class Transformer(nn.Module):
@@ -122,25 +125,32 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
-    def step(self, input_ids, cache: KVCache | None = None, pad_mask=None):
-        """Prefill (``cache=None``, optionally left-padded) or continue with a KV cache: ``(logits, cache)``."""
+    def step(self, input_ids, cache: KVCache | None = None, pad_mask=None, last_only=False):
+        """Prefill (``cache=None``, optionally left-padded) or continue with a KV cache: ``(logits, cache)``.
+
+        ``last_only`` returns logits for the last position only (what generation needs)."""
         check_input_ids(input_ids, self.config.vocab_size)
         B, T = input_ids.shape
-        new_valid = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        if pad_mask is not None and bool(pad_mask.all()):
+            pad_mask = None
         if cache is None:
-            start, pasts, valid = left_pad_positions(input_ids, pad_mask), [None] * len(self.layers), new_valid
+            start, pasts, valid = left_pad_positions(input_ids, pad_mask), [None] * len(self.layers), pad_mask
         else:
             if pad_mask is not None:
                 raise ValueError("pad_mask is only for the prefill (left padding)")
-            start, valid = cache.positions, torch.cat([cache.valid, new_valid], dim=1)
-            pasts = list(zip(cache.keys, cache.values))
+            start, pasts = cache.positions, list(zip(cache.keys, cache.values))
+            valid = None if cache.valid is None else torch.cat(
+                [cache.valid, torch.ones(B, T, dtype=torch.bool, device=input_ids.device)], dim=1)
         x = self.embed(input_ids)
         keys, values = [], []
         for layer, past in zip(self.layers, pasts):
-            x, (k, v) = layer(x, start, past, valid)
+            x, (k, v) = layer(x, start, past, valid, want_kv=True)
             keys.append(k)
             values.append(v)
-        logits = F.linear(self.final_norm(x), self.embed.weight) if self.lm_head is None else self.lm_head(self.final_norm(x))
+        if last_only:
+            x = x[:, -1:]
+        h = self.final_norm(x)
+        logits = F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
         return logits, KVCache(keys, values, valid, start + T)
 
     def forward(self, input_ids):

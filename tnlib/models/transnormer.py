@@ -105,9 +105,10 @@ class TransNormerLLM(nn.Module):
             n -= sum(p.numel() for name, p in self.named_parameters() if name.endswith("lrpe.theta"))
         return n
 
-    def embed_tokens(self, input_ids, start=None):
+    def embed_tokens(self, input_ids, start=None, validate=True):
         """Scaled token embeddings (+ absolute positions when configured); ``start``: ``[B]`` positions."""
-        check_input_ids(input_ids, self.config.vocab_size)
+        if validate:
+            check_input_ids(input_ids, self.config.vocab_size)
         x = self.embed(input_ids) * self.embed_scale
         if self.pos_embed is not None:
             B, T = input_ids.shape
@@ -124,12 +125,14 @@ class TransNormerLLM(nn.Module):
         return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
 
     @torch.no_grad()
-    def step(self, input_ids, cache: RecurrentCache | None = None, pad_mask=None):
+    def step(self, input_ids, cache: RecurrentCache | None = None, pad_mask=None, last_only=False,
+             validate=True):
         """Prefill (``cache=None``) or continue a batch of sequences; returns ``(logits, cache)``.
 
         Prefill runs the parallel (Lightning Attention) form and keeps each layer's final state; a
         one-token step runs the robust recurrence. ``pad_mask`` marks real tokens of a *left-padded*
-        prefill; positions restart at 0 for every new prompt (spec section 7.4).
+        prefill; positions restart at 0 for every new prompt (spec section 7.4). ``last_only`` returns
+        logits for the last position only; ``validate=False`` skips the host-side id check (CUDA graphs).
         """
         if cache is None:
             start = left_pad_positions(input_ids, pad_mask)
@@ -140,11 +143,13 @@ class TransNormerLLM(nn.Module):
             start, states = cache.positions, cache.states
             if start.shape[0] != input_ids.shape[0]:
                 raise ValueError(f"cache holds {start.shape[0]} sequences, got a batch of {input_ids.shape[0]}")
-        x = self.embed_tokens(input_ids, start)
+        x = self.embed_tokens(input_ids, start, validate)
         new_states = []
         for layer, st in zip(self.layers, states):
             x, st = layer(x, state=st, offset=start, return_state=True, pad_mask=pad_mask)
             new_states.append(st)
+        if last_only:
+            x = x[:, -1:]
         return self.logits(x), RecurrentCache(new_states, start + input_ids.shape[1])
 
     def forward(self, input_ids):
