@@ -10,7 +10,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate bench-kernels bench-model bench-srmsnorm clean help
+.PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate bench-kernels bench-model bench-srmsnorm bench-inference clean help
 
 help:
 	@echo "make setup      create $(VENV) and install tnlib with its tools (idempotent)"
@@ -89,6 +89,9 @@ bench-model: setup
 
 bench-srmsnorm: setup
 	$(BIN)/python scripts/bench_srmsnorm.py
+
+bench-inference: setup
+	$(BIN)/python scripts/bench_inference.py
 
 # Lightning Attention kernels vs fla, lightning-attn, SDPA, naive (needs a GPU; no setup step, so it
 # also runs on a GPU box without internet using its own python3 and carried wheels)

@@ -1,0 +1,126 @@
+"""Inference: prefill time vs length, per-token decode latency and memory (make bench-inference).
+
+tnl-385m (recurrent state; decode replayed from a CUDA graph, and eager for reference) vs
+transformer-385m (KV cache, eager), random bf16 weights, batch 1 and 16, contexts 1K..64K.
+Checks first that the graph decode reproduces the eager decode. Writes
+results/bench/inference-<gpu>.json with provenance.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import tnlib  # noqa: E402
+from tnlib.generate import GraphDecoder  # noqa: E402
+from tnlib.provenance import gpu_slug, provenance  # noqa: E402
+from tnlib.testing import rel_err  # noqa: E402
+
+
+def cuda_ms(fn, reps):
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def bench(model, name, B, ctx, vocab, decode_steps, mode):
+    torch.manual_seed(0)
+    ids = torch.randint(0, vocab, (B, ctx), device="cuda")
+    model.step(ids[:, : min(ctx, 256)], last_only=True)  # warm-up: kernel compilation stays out of the timing
+    weights = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    logits, cache = model.step(ids, last_only=True)
+    torch.cuda.synchronize()
+    prefill_ms = (time.perf_counter() - t) * 1e3
+    prefill_peak = (torch.cuda.max_memory_allocated() - weights) / 1e9
+    tok = logits[:, -1].argmax(-1)[:, None]
+    cache_gb = cache.nbytes() / 1e9
+    torch.cuda.reset_peak_memory_stats()
+    if mode == "graph":
+        dec = GraphDecoder(model, cache)
+        step = lambda: dec.decode(tok)  # noqa: E731
+    else:
+        state = {"cache": cache}
+
+        def step():
+            lg, state["cache"] = model.step(tok, state["cache"], validate=False) if name.startswith("tnl") else model.step(tok, state["cache"])
+            return lg
+    for _ in range(3):
+        step()
+    ms = cuda_ms(step, decode_steps)
+    decode_peak = (torch.cuda.max_memory_allocated() - weights) / 1e9
+    return dict(model=name, mode=mode, B=B, context=ctx, prefill_ms=prefill_ms, prefill_tokens_per_s=B * ctx / prefill_ms * 1e3,
+                decode_ms_per_token=ms, decode_tokens_per_s=B / ms * 1e3, cache_gb=cache_gb,
+                decode_peak_extra_gb=decode_peak, prefill_peak_extra_gb=prefill_peak)
+
+
+def check_graph(model, vocab):
+    """Graph decode == eager decode for a few steps (same prefill)."""
+    ids = torch.randint(0, vocab, (2, 300), device="cuda")
+    _, cache = model.step(ids, last_only=True)
+    dec = GraphDecoder(model, cache)
+    toks = torch.randint(0, vocab, (6, 2, 1), device="cuda")
+    errs = []
+    for t in toks:
+        g = dec.decode(t).clone()
+        e, cache = model.step(t, cache)
+        errs.append(rel_err(g, e))
+    return max(errs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--contexts", default="1024,4096,16384,65536")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--vocab", type=int, default=50272)
+    ap.add_argument("--decode-steps", type=int, default=50)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    out = a.out or f"results/bench/inference-{gpu_slug()}.json"
+    rows = []
+    checks = {}
+    for name in ("tnl-385m", "transformer-385m"):
+        model = tnlib.create_model(name, vocab_size=a.vocab).to("cuda", torch.bfloat16).eval()
+        if name.startswith("tnl"):
+            checks["graph_vs_eager_rel_err"] = check_graph(model, a.vocab)
+            print("graph vs eager decode rel err", checks["graph_vs_eager_rel_err"], flush=True)
+        modes = ("graph", "eager") if name.startswith("tnl") else ("eager",)
+        for B in map(int, a.batches.split(",")):
+            for ctx in map(int, a.contexts.split(",")):
+                for mode in modes:
+                    try:
+                        r = bench(model, name, B, ctx, a.vocab, a.decode_steps, mode)
+                    except torch.cuda.OutOfMemoryError as e:
+                        r = dict(model=name, mode=mode, B=B, context=ctx, error="out of memory: " + str(e)[:120])
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+                    torch.cuda.empty_cache()
+                    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+                    with open(out, "w") as f:
+                        json.dump({"header": provenance(checks), "rows": rows}, f, indent=1)
+        del model
+        torch.cuda.empty_cache()
+    print(f"{'model':18s} {'mode':6s} {'B':>3s} {'ctx':>6s} {'prefill ms':>10s} {'ms/token':>9s} {'tok/s':>8s} {'cache GB':>8s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:18s} {r['mode']:6s} {r['B']:3d} {r['context']:6d} {r['error'][:50]}")
+        else:
+            print(f"{r['model']:18s} {r['mode']:6s} {r['B']:3d} {r['context']:6d} {r['prefill_ms']:10.1f} "
+                  f"{r['decode_ms_per_token']:9.3f} {r['decode_tokens_per_s']:8.0f} {r['cache_gb']:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
