@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops as _ops
 from .decay import decay_slopes
 from .lrpe import LRPE
 from .norm import build_norm
@@ -35,14 +36,12 @@ def _qk_activation(name: str):
 
 def attention_backend():
     """The decayed linear attention used by the model: the Triton kernel when available, else chunked."""
-    from .. import ops
-
-    fn = getattr(ops, "lightning_attention", None)
+    fn = getattr(_ops, "lightning_attention", None)
     if fn is not None:
         return fn
 
     def chunked(q, k, v, slope, initial_state=None, output_final_state=False):
-        return ops.linear_attention_chunked(q, k, v, slope, initial_state, output_final_state, block_size=64)
+        return _ops.linear_attention_chunked(q, k, v, slope, initial_state, output_final_state, block_size=64)
 
     return chunked
 
