@@ -10,7 +10,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate bench-kernels bench-model bench-srmsnorm bench-inference clean help
+.PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate train-385m bench-kernels bench-model bench-srmsnorm bench-inference clean help
 
 help:
 	@echo "make setup      create $(VENV) and install tnlib with its tools (idempotent)"
@@ -75,6 +75,31 @@ data: setup
 	else $(BIN)/python -m tnlib prepare --corpus $(CORPUS) --out $(DATA_DIR) --vocab-size 50272 $(FORCE) \
 	  --eval heldout=../shared/data/gutenberg-heldout.txt.xz wikitext-valid=../shared/data/wikitext103-valid.txt \
 	         wikitext-test=../shared/data/wikitext103-test.txt; fi
+
+# TNL-385M vs Transformer-385M on the same tokens (GPUs). Defaults: 400M tokens per model (about 4
+# epochs of the 95M-token corpus; ~45 min per model on one H200 at ~150K tokens/s). NGPU>1 uses torchrun.
+TOKENS ?= 400000000
+SEQ ?= 2048
+BATCH ?= 16
+ACCUM ?= 8
+NGPU ?= 1
+LR ?= 6e-4
+RUNS ?= runs/385m
+EVALS := val,eval-heldout,eval-wikitext-valid,eval-wikitext-test
+STEPS = $(shell echo $$(( $(TOKENS) / ($(SEQ) * $(BATCH) * $(ACCUM) * $(NGPU)) )))
+LAUNCH = $(if $(filter 1,$(NGPU)),$(BIN)/python,$(BIN)/torchrun --nproc_per_node $(NGPU))
+train-385m: setup data
+	@echo "training each model for $(STEPS) steps of $$(( $(SEQ) * $(BATCH) * $(ACCUM) * $(NGPU) )) tokens"
+	@for m in tnl-385m transformer-385m; do \
+	  resume=$$( [ -d $(RUNS)/$$m/checkpoint ] && echo --resume ); \
+	  $(LAUNCH) -m tnlib train --preset $$m --data $(DATA_DIR) --out $(RUNS)/$$m $$resume --set \
+	    seq_len=$(SEQ) batch_size=$(BATCH) grad_accum=$(ACCUM) lr=$(LR) max_steps=$(STEPS) \
+	    warmup_steps=$$(( $(STEPS) / 50 + 1 )) eval_every=$$(( $(STEPS) / 20 + 1 )) eval_tokens=1048576 \
+	    ckpt_every=500 eval_sets=$(EVALS) compile=true || exit 1; \
+	done
+	$(BIN)/python -m tnlib compare --runs tnl=$(RUNS)/tnl-385m transformer=$(RUNS)/transformer-385m \
+	  --out results/385m --title "TNL-385M vs Transformer-385M, same tokens" \
+	  --evals val eval-heldout eval-wikitext-valid eval-wikitext-test --extra tokens_budget=$(TOKENS)
 
 # sample from a saved model: make generate CKPT=runs/quickstart/tnl-tiny/final PROMPT="It was"
 CKPT ?= runs/quickstart/tnl-tiny/final

@@ -91,6 +91,15 @@ def cmd_generate(a):
     print()
 
 
+def cmd_compare(a):
+    from .report import compare_runs
+
+    runs = dict(r.split("=", 1) for r in a.runs)
+    runs = {k: (os.path.join(v, "metrics.jsonl") if os.path.isdir(v) else v) for k, v in runs.items()}
+    doc = compare_runs(runs, a.out, a.title, tuple(a.evals), _kv(a.extra))
+    print(open(os.path.join(a.out, "summary.md")).read())
+
+
 def cmd_quickstart(a):
     from .quickstart import quickstart
 
@@ -131,6 +140,14 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("compare", help="summary.json + curves.png of several runs")
+    p.add_argument("--runs", nargs="+", required=True, help="name=RUN_DIR (or name=metrics.jsonl)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--title", default="")
+    p.add_argument("--evals", nargs="*", default=["val"])
+    p.add_argument("--extra", nargs="*", default=[], help="key=value added to summary.json")
+    p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("quickstart", help="tiny TNL vs Transformer on the shipped sample (CPU, minutes)")
     p.add_argument("--out", default="results/quickstart")

@@ -1,0 +1,90 @@
+"""Summaries and plots of training runs (metrics.jsonl), for the quickstart and the 385M comparison."""
+from __future__ import annotations
+
+import json
+import os
+
+__all__ = ["read_metrics", "summarize_run", "plot_runs", "compare_runs"]
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize_run(path: str) -> dict:
+    """Final held-out metrics, tokens seen and median throughput of one run's metrics.jsonl."""
+    recs = read_metrics(path)
+    start = next((r for r in recs if r.get("event") == "start"), {})
+    steps = [r for r in recs if "tokens_per_s" in r]
+    evals = [r for r in recs if "val_loss" in r]
+    if not steps:
+        raise ValueError(f"{path} holds no training steps")
+    tps = sorted(r["tokens_per_s"] for r in steps[min(5, len(steps) - 1):])  # skip warm-up/compile steps
+    out = {"tokens": steps[-1]["tokens"], "steps": steps[-1]["step"], "params": start.get("params"),
+           "tokens_per_s": tps[len(tps) // 2], "train_loss": steps[-1]["loss"]}
+    if "mfu" in steps[-1]:
+        out["mfu"] = sorted(r["mfu"] for r in steps)[len(steps) // 2]
+    if "mem_gb" in steps[-1]:
+        out["peak_mem_gb"] = max(r.get("mem_gb", 0) for r in steps)
+    if evals:
+        out.update({k: v for k, v in evals[-1].items() if k.endswith(("_loss", "_ppl", "_bpb"))})
+    if start:
+        out["preset"] = start["config"]["preset"]
+        out["provenance"] = start.get("provenance")
+    return out
+
+
+def plot_runs(runs: dict, path: str, title: str = "", evals=("val",)):
+    """``runs = {label: metrics.jsonl}`` -> training loss, held-out perplexity and throughput vs tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
+    for label, mpath in runs.items():
+        recs = read_metrics(mpath)
+        steps = [r for r in recs if "tokens_per_s" in r]
+        ax[0].plot([r["tokens"] / 1e6 for r in steps], [r["loss"] for r in steps], label=label, alpha=0.8)
+        for name, ls in zip(evals, ("o-", "s--", "^:", "d-.")):
+            ev = [r for r in recs if f"{name}_ppl" in r]
+            ax[1].plot([r["tokens"] / 1e6 for r in ev], [r[f"{name}_ppl"] for r in ev], ls, label=f"{label} {name}")
+        ax[2].plot([r["tokens"] / 1e6 for r in steps], [r["tokens_per_s"] for r in steps], label=label, alpha=0.8)
+    ax[1].set_yscale("log")
+    for a, t, y in zip(ax, ("training loss", "held-out perplexity", "throughput"),
+                       ("nats/token", "perplexity (our tokenizer)", "tokens/s")):
+        a.set_xlabel("training tokens (M)")
+        a.set_ylabel(y)
+        a.set_title(t)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_runs(runs: dict, out: str, title: str = "", evals=("val",), extra: dict | None = None) -> dict:
+    """Write ``out/summary.json`` (per-run summaries + provenance), ``out/summary.md`` and ``out/curves.png``."""
+    from .provenance import provenance
+
+    os.makedirs(out, exist_ok=True)
+    summary = {name: summarize_run(p) for name, p in runs.items()}
+    plot_runs(runs, os.path.join(out, "curves.png"), title, evals)
+    doc = {**summary, **provenance(extra or {})}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    names = list(summary)
+    keys = ["params", "tokens", "tokens_per_s", "train_loss"] + sorted(
+        k for k in summary[names[0]] if k.endswith(("_ppl", "_bpb")))
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key in keys:
+        vals = [summary[n].get(key) for n in names]
+        lines.append(f"| {key} | " + " | ".join(
+            "-" if v is None else f"{v:,.3f}" if isinstance(v, float) else f"{v:,}" for v in vals) + " |")
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(f"# {title or 'comparison'}\n\n{doc['date']}, commit {doc['commit'][:10]}, "
+                f"{doc['gpu'] or 'CPU'}\n\n" + "\n".join(lines) + "\n")
+    return doc
