@@ -6,11 +6,13 @@ from .reference import (
     linear_attention_recurrent,
     softmax_attention,
 )
+from .lightning import lightning_attention
 
 __all__ = [
     "decay_mask",
     "linear_attention_chunked",
     "linear_attention_quadratic",
     "linear_attention_recurrent",
+    "lightning_attention",
     "softmax_attention",
 ]

@@ -1,0 +1,202 @@
+"""Lightning Attention Triton kernels (tnlib.ops.lightning) against the float64 references.
+
+Kernel tests carry the ``triton`` marker: on a CPU they run under ``TRITON_INTERPRET=1`` (``make
+test`` runs them in a second process with it set), at tiny sizes. Outputs are poisoned with NaN
+before every launch (``tnlib.ops.lightning._POISON``), so an unwritten element fails.
+"""
+import pytest
+import torch
+
+from tnlib.ops import lightning as L
+from tnlib.ops import lightning_attention, linear_attention_chunked, linear_attention_quadratic
+from tnlib.testing import TOLERANCE, assert_close
+
+triton_test = pytest.mark.triton
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_reset(monkeypatch):
+    monkeypatch.setattr(L, "_POISON", True)
+    monkeypatch.setattr(L, "_SEG_LEN", None)
+    yield
+
+
+def _inputs(B, T, H, K, V, dtype, device, init=True, fused=False, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else (B * 1000 + T * 10 + K + V))
+    if fused:  # q, k, v as views of one projection output, like the model's qkv split
+        x = torch.randn(B, T, H, 2 * K + V, generator=g)
+        q, k, v = x[..., :K] / K**0.5, x[..., K : 2 * K] / K**0.5, x[..., 2 * K :]
+        big = torch.cat([q, k, v], dim=-1).to(device=device, dtype=dtype)
+        q, k, v = big[..., :K], big[..., K : 2 * K], big[..., 2 * K :]
+    else:
+        q = (torch.randn(B, T, H, K, generator=g) / K**0.5).to(device=device, dtype=dtype)
+        k = (torch.randn(B, T, H, K, generator=g) / K**0.5).to(device=device, dtype=dtype)
+        v = torch.randn(B, T, H, V, generator=g).to(device=device, dtype=dtype)
+    slope = (torch.rand(H, generator=g) * 0.6 + 0.005).to(device)
+    S0 = torch.randn(B, H, K, V, generator=g).to(device) if init else None
+    do = torch.randn(B, T, H, V, generator=g).to(device)
+    G = torch.randn(B, H, K, V, generator=g).to(device)
+    return q, k, v, slope, S0, do, G
+
+
+def _run_and_compare(B, T, H, K, V, dtype, device, init=True, use_final=True, fused=False, tol=None):
+    q, k, v, slope, S0, do, G = _inputs(B, T, H, K, V, dtype, device, init, fused)
+    tol = TOLERANCE[dtype] if tol is None else tol
+    # kernel
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    s0 = S0.clone().requires_grad_() if init else None
+    o, S = lightning_attention(*xs, slope, s0, output_final_state=True)
+    assert o.dtype == dtype and o.shape == (B, T, H, V)
+    assert S.dtype == torch.float32 and S.shape == (B, H, K, V)
+    loss = (o.float() * do).sum() + ((S * G).sum() if use_final else 0)
+    loss.backward()
+    # float64 reference (quadratic: closed forms for o and the final state)
+    xr = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    s0r = S0.double().requires_grad_() if init else None
+    orf, Sr = linear_attention_quadratic(*xr, slope.double(), s0r, output_final_state=True)
+    loss_r = (orf * do.double()).sum() + ((Sr * G.double()).sum() if use_final else 0)
+    loss_r.backward()
+    assert_close(o, orf, dtype, tol, "o")
+    assert_close(S, Sr, dtype, tol, "final state")
+    for name, a, b in zip(("dq", "dk", "dv"), xs, xr):
+        assert a.grad.dtype == dtype
+        assert_close(a.grad, b.grad, dtype, tol, name)
+    if init:
+        assert s0.grad.dtype == S0.dtype
+        assert_close(s0.grad, s0r.grad, dtype, tol, "dS0")
+
+
+CASES = [
+    # B, T, H, K, V, dtype, seg_len, init, use_final, fused
+    (1, 1, 1, 16, 16, torch.float32, None, True, True, False),
+    (1, 63, 2, 16, 32, torch.float32, None, True, True, False),
+    (2, 64, 1, 32, 16, torch.bfloat16, None, True, True, False),
+    (1, 65, 3, 16, 16, torch.float16, None, False, True, False),
+    (2, 200, 3, 32, 16, torch.float32, 128, True, True, False),  # 2 parallel segments, partial last
+    (1, 201, 1, 16, 64, torch.bfloat16, 128, True, False, True),  # segments + strided views
+    (1, 5, 1, 256, 128, torch.float32, None, True, True, False),  # the LRPE layer's dims
+    (1, 70, 1, 256, 128, torch.bfloat16, None, False, True, False),
+]
+
+
+@triton_test
+@pytest.mark.parametrize("B,T,H,K,V,dtype,seg,init,use_final,fused", CASES)
+def test_kernel_matches_float64_reference(device, monkeypatch, B, T, H, K, V, dtype, seg, init, use_final, fused):
+    monkeypatch.setattr(L, "_SEG_LEN", seg)
+    _run_and_compare(B, T, H, K, V, dtype, device, init, use_final, fused)
+
+
+@triton_test
+def test_segmented_equals_single_pass(device, monkeypatch):
+    q, k, v, slope, S0, _, _ = _inputs(1, 300, 2, 16, 16, torch.float32, device)
+    o1, s1 = lightning_attention(q, k, v, slope, S0, output_final_state=True)
+    monkeypatch.setattr(L, "_SEG_LEN", 128)
+    assert L._seg_plan(1, 2, 300) == (128, 3)
+    o2, s2 = lightning_attention(q, k, v, slope, S0, output_final_state=True)
+    assert_close(o2, o1, tol=1e-5, name="o (3 segments vs 1)")
+    assert_close(s2, s1, tol=1e-5, name="state (3 segments vs 1)")
+
+
+@triton_test
+def test_return_forms_and_final_state_only_loss(device):
+    q, k, v, slope, S0, _, G = _inputs(2, 40, 2, 16, 16, torch.float32, device, init=False)
+    o = lightning_attention(q, k, v, slope)
+    assert isinstance(o, torch.Tensor) and o.shape == (2, 40, 2, 16)
+    # a loss on the final state alone: dS flows into dk and dv (dq must be exactly zero)
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    _, S = lightning_attention(*xs, slope, output_final_state=True)
+    (S * G).sum().backward()
+    xr = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    _, Sr = linear_attention_quadratic(*xr, slope.double(), output_final_state=True)
+    (Sr * G.double()).sum().backward()
+    assert torch.count_nonzero(xs[0].grad) == 0
+    assert_close(xs[1].grad, xr[1].grad, name="dk")
+    assert_close(xs[2].grad, xr[2].grad, name="dv")
+
+
+@triton_test
+def test_no_decay_and_strong_decay(device):
+    q, k, v, _, S0, _, _ = _inputs(1, 90, 2, 16, 16, torch.float32, device)
+    slope = torch.tensor([0.0, 30.0], device=device)  # lambda = 1 and lambda ~ 1e-13
+    o, S = lightning_attention(q, k, v, slope, S0, output_final_state=True)
+    orf, Sr = linear_attention_quadratic(*(x.double() for x in (q, k, v)), slope.double(), S0.double(), True)
+    assert_close(o, orf, name="o")
+    assert_close(S, Sr, name="state")
+
+
+@triton_test
+def test_torch_compile_kernel_path(device):
+    q, k, v, slope, S0, do, _ = _inputs(1, 33, 2, 16, 16, torch.float32, device)
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    f = torch.compile(lambda a, b, c: lightning_attention(a, b, c, slope, S0), backend="aot_eager")
+    (f(*xs).float() * do).sum().backward()
+    xr = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    (linear_attention_quadratic(*xr, slope.double(), S0.double()) * do.double()).sum().backward()
+    for name, a, b in zip(("dq", "dk", "dv"), xs, xr):
+        assert_close(a.grad, b.grad, name=name)
+
+
+def test_cpu_fallback_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, slope, S0, do, _ = _inputs(2, 70, 2, 16, 32, torch.float32, "cpu")
+    assert not L._use_kernel(q)
+    o, S = lightning_attention(q, k, v, slope, S0, output_final_state=True)
+    o2, S2 = L._fallback(q, k, v, slope, S0, True)
+    orf, Sr = linear_attention_quadratic(q.double(), k.double(), v.double(), slope.double(), S0.double(), True)
+    assert_close(o, orf, name="o")
+    assert_close(S, Sr, name="state")
+    assert torch.equal(o, o2) and torch.equal(S, S2)
+    # float64 inputs always take the (exact) fallback
+    assert not L._use_kernel(q.double())
+
+
+def test_torch_compile_cpu_fallback(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, slope, _, _, _ = _inputs(1, 40, 2, 16, 16, torch.float32, "cpu", init=False)
+    f = torch.compile(lambda a, b, c: lightning_attention(a, b, c, slope), backend="aot_eager")
+    assert_close(f(q, k, v), linear_attention_chunked(q, k, v, slope), tol=1e-6, name="compiled fallback")
+
+
+@pytest.mark.parametrize(
+    "change, err, match",
+    [
+        (dict(q=lambda x: x[0]), ValueError, "4 dims"),
+        (dict(K=48), ValueError, "unsupported head dims"),
+        (dict(V=256), ValueError, "unsupported head dims"),
+        (dict(K=8), ValueError, "unsupported head dims"),
+        (dict(q=lambda x: x.to(torch.int32)), TypeError, "dtype"),
+        (dict(v=lambda x: x.half()), TypeError, "share one dtype"),
+        (dict(slope=lambda s: s[:1]), ValueError, r"shape \[H\]"),
+        (dict(slope=lambda s: -s), ValueError, ">= 0"),
+        (dict(slope=lambda s: None), ValueError, "slope"),
+        (dict(S0=lambda s: s[:, :, :8]), ValueError, "initial_state"),
+        (dict(k=lambda x: x[:, :5]), ValueError, "shape"),
+    ],
+)
+def test_clear_errors(change, err, match):
+    K, V = change.get("K", 16), change.get("V", 16)
+    q, k, v, slope, S0, _, _ = _inputs(1, 10, 2, K, V, torch.float32, "cpu")
+    q = change.get("q", lambda x: x)(q)
+    k = change.get("k", lambda x: x)(k)
+    v = change.get("v", lambda x: x)(v)
+    slope = change.get("slope", lambda x: x)(slope)
+    S0 = change.get("S0", lambda x: x)(S0)
+    with pytest.raises(err, match=match):
+        lightning_attention(q, k, v, slope, S0)
+
+
+def test_slope_values_checked_again_after_in_place_change():
+    q, k, v, slope, _, _, _ = _inputs(1, 10, 2, 16, 16, torch.float32, "cpu", init=False)
+    lightning_attention(q, k, v, slope)  # validated and remembered
+    slope.mul_(-1)  # bumps the version counter: must be checked again
+    with pytest.raises(ValueError, match=">= 0"):
+        lightning_attention(q, k, v, slope)
+
+
+@triton_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_dkdv_backward(device, monkeypatch, dtype):
+    """The unfused backward (dv and dk as two passes of the generic kernel) is right too."""
+    monkeypatch.setattr(L, "_FUSED_DKDV", False)
+    monkeypatch.setattr(L, "_SEG_LEN", 128)
+    _run_and_compare(2, 150, 2, 16, 32, dtype, device)

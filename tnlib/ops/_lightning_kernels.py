@@ -1,0 +1,284 @@
+"""Triton kernels for Lightning Attention (spec section 6.3), forward and hand-derived backward.
+
+Notebook: ``notebooks/04_lightning_attention`` teaches the block algorithm these kernels implement.
+
+One generic kernel serves the forward pass and all three gradient passes. It computes, for a
+"query" ``a``, "key" ``b`` and "value" ``c`` (all ``[B, T, H, *]``) and a per-head decay
+``lambda = exp(-slope)``::
+
+    o_t = a_t ( lambda^(t+1-z) X + sum_{s <= t} lambda^(t-s) b_s^T c_s )
+
+with ``X`` an optional start state and ``z = 0`` (``INIT_DECAY``) or ``z = 1``. With ``REVERSE``
+time runs backwards (``t -> T-1-t``), which turns the causal sum into an anti-causal one. Then
+
+    forward    o  = attn(q,  k,  v,  S0,   decay)           final state S_{T-1}
+    dq         dq = attn(dO, v,  k,  S0^T, decay)
+    dv         dv = attn(k,  q,  dO, G,    no decay, reverse)  final D_0, dS0 = lambda D_0
+    dk         dk = attn(v,  dO, q,  G^T,  no decay, reverse)
+
+where ``G`` is the gradient flowing into the returned final state. The derivation is in the
+docstring of :mod:`tnlib.ops.lightning`.
+
+Inside a kernel the sequence is cut into chunks of ``C`` tokens. The running state is kept in the
+"shifted" convention ``P = lambda * S_{start-1}`` (fp32, ``[DK, BV]``, in registers) so that a start
+state that should not decay on the first token (``G`` above) needs no ``1/lambda``. Per chunk
+(0-based in-chunk index ``r``, chunk length ``m``)::
+
+    o_r  = [(A B^T) * M] C  +  lambda^r a_r P          M[r, c] = lambda^(r-c) for r >= c
+    U    = lambda^(m-1) P + (diag(lambda^(m-1-c)) B)^T C   (inclusive state at the chunk end)
+    P    = lambda U
+
+Only powers ``lambda^j`` with ``0 <= j <= C`` are ever formed inside a chunk. For long sequences
+with few (batch, head) pairs the sequence is also cut into *segments* that run in parallel: a
+first kernel computes each segment's local end state from a zero start, and each CTA of the main
+kernel folds the local states of the segments before its own into its start state.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation; UPCAST feeds fp32 copies (the CPU interpreter's bf16 dot is broken)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _segment_state_kernel(
+    Bp, Cp, slope_ptr, LOCAL,
+    T, H, seg_len,
+    sb_b, sb_t, sb_h,
+    sc_b, sc_t, sc_h,
+    sl_b, sl_h, sl_s, sl_k, sl_v,
+    DK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
+    REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """LOCAL[b, h, seg, :, vblk] = sum_{s in seg} lambda^(end-1-s) b_s^T c_s (zero start state)."""
+    pid_v = tl.program_id(0)
+    seg = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    i_b = pid_bh // H
+    i_h = pid_bh % H
+    slope = tl.load(slope_ptr + i_h).to(tl.float32)
+
+    rows = tl.arange(0, CH)
+    offs_k = tl.arange(0, DK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    b_base = Bp + i_b.to(tl.int64) * sb_b + i_h.to(tl.int64) * sb_h
+    c_base = Cp + i_b.to(tl.int64) * sc_b + i_h.to(tl.int64) * sc_h
+
+    seg_start = seg * seg_len
+    seg_end = tl.minimum(seg_start + seg_len, T)
+    acc = tl.zeros([DK, BV], dtype=tl.float32)
+    for start in range(seg_start, seg_end, CH):
+        t_log = start + rows
+        valid = t_log < seg_end
+        if REVERSE:
+            t_phys = T - 1 - t_log
+        else:
+            t_phys = t_log
+        t_phys = tl.where(valid, t_phys, 0).to(tl.int64)
+        m = tl.minimum(seg_end - start, CH)
+        bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
+        ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+        kdec = tl.where(valid, tl.exp(-slope * tl.maximum(m - 1 - rows, 0).to(tl.float32)), 0.0)
+        bt_s = (bt.to(tl.float32) * kdec[:, None]).to(bt.dtype)
+        acc = acc * tl.exp(-slope * m.to(tl.float32))
+        acc += _dot(tl.trans(bt_s), ct, DOT_PREC, UPCAST)
+    l_ptr = (LOCAL + i_b.to(tl.int64) * sl_b + i_h.to(tl.int64) * sl_h + seg.to(tl.int64) * sl_s
+             + offs_k[:, None] * sl_k + offs_v[None, :] * sl_v)
+    tl.store(l_ptr, acc)
+
+
+@triton.jit
+def _lightning_kernel(
+    A, Bp, Cp, O, INIT, LOCAL, FINAL, slope_ptr,
+    T, H, seg_len,
+    sa_b, sa_t, sa_h,
+    sb_b, sb_t, sb_h,
+    sc_b, sc_t, sc_h,
+    so_b, so_t, so_h,
+    si_b, si_h, si_k, si_v,
+    sl_b, sl_h, sl_s, sl_k, sl_v,
+    sf_b, sf_h, sf_k, sf_v,
+    DK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
+    HAS_INIT: tl.constexpr, INIT_DECAY: tl.constexpr, HAS_LOCAL: tl.constexpr,
+    STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    seg = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    n_seg = tl.num_programs(1)
+    i_b = pid_bh // H
+    i_h = pid_bh % H
+    slope = tl.load(slope_ptr + i_h).to(tl.float32)
+    lam = tl.exp(-slope)
+
+    rows = tl.arange(0, CH)
+    offs_k = tl.arange(0, DK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+
+    # start state P = lambda * S_{seg_start - 1}
+    if HAS_INIT:
+        i_ptr = (INIT + i_b.to(tl.int64) * si_b + i_h.to(tl.int64) * si_h
+                 + offs_k[:, None] * si_k + offs_v[None, :] * si_v)
+        P = tl.load(i_ptr).to(tl.float32)
+        if INIT_DECAY:
+            P = P * lam
+    else:
+        P = tl.zeros([DK, BV], dtype=tl.float32)
+    if HAS_LOCAL:
+        l_base = (LOCAL + i_b.to(tl.int64) * sl_b + i_h.to(tl.int64) * sl_h
+                  + offs_k[:, None] * sl_k + offs_v[None, :] * sl_v)
+        seg_decay = tl.exp(-slope * seg_len.to(tl.float32))  # underflows to 0 for long segments: exact enough
+        for j in range(0, seg):
+            loc = tl.load(l_base + j * sl_s)
+            P = P * seg_decay + lam * loc
+
+    # constant per-chunk factors (full chunks): decay mask and query decay lambda^r
+    diff = rows[:, None] - rows[None, :]
+    mask_dec = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.0)
+    qdec = tl.exp(-slope * rows.to(tl.float32))
+
+    a_base = A + i_b.to(tl.int64) * sa_b + i_h.to(tl.int64) * sa_h
+    b_base = Bp + i_b.to(tl.int64) * sb_b + i_h.to(tl.int64) * sb_h
+    c_base = Cp + i_b.to(tl.int64) * sc_b + i_h.to(tl.int64) * sc_h
+    o_base = O + i_b.to(tl.int64) * so_b + i_h.to(tl.int64) * so_h
+
+    seg_start = seg * seg_len
+    seg_end = tl.minimum(seg_start + seg_len, T)
+    U = P
+    for start in range(seg_start, seg_end, CH):
+        t_log = start + rows
+        valid = t_log < seg_end
+        if REVERSE:
+            t_phys = T - 1 - t_log
+        else:
+            t_phys = t_log
+        t_phys = tl.where(valid, t_phys, 0).to(tl.int64)
+        m = tl.minimum(seg_end - start, CH)
+        at = tl.load(a_base + t_phys[:, None] * sa_t + offs_k[None, :], mask=valid[:, None], other=0.0)
+        bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
+        ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+        # inter-chunk part: lambda^r a_r P
+        o = _dot(at, P.to(at.dtype), DOT_PREC, UPCAST) * qdec[:, None]
+        # intra-chunk part: [(A B^T) * M] C
+        s = _dot(at, tl.trans(bt), DOT_PREC, UPCAST) * mask_dec
+        o += _dot(s.to(ct.dtype), ct, DOT_PREC, UPCAST)
+        tl.store(o_base + t_phys[:, None] * so_t + offs_v[None, :], o.to(O.dtype.element_ty), mask=valid[:, None])
+        # state update
+        kdec = tl.where(valid, tl.exp(-slope * tl.maximum(m - 1 - rows, 0).to(tl.float32)), 0.0)
+        bt_s = (bt.to(tl.float32) * kdec[:, None]).to(bt.dtype)
+        U = P * tl.exp(-slope * (m - 1).to(tl.float32))
+        U += _dot(tl.trans(bt_s), ct, DOT_PREC, UPCAST)
+        P = U * lam
+
+    if STORE_FINAL:
+        if seg == n_seg - 1:
+            f_ptr = (FINAL + i_b.to(tl.int64) * sf_b + i_h.to(tl.int64) * sf_h
+                     + offs_k[:, None] * sf_k + offs_v[None, :] * sf_v)
+            tl.store(f_ptr, U)
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, DK_out, DV_out, INIT, LOCAL, FINAL, slope_ptr,
+    T, H, seg_len,
+    sq_b, sq_t, sq_h,
+    sk_b, sk_t, sk_h,
+    sv_b, sv_t, sv_h,
+    sd_b, sd_t, sd_h,
+    sgk_b, sgk_t, sgk_h,
+    sgv_b, sgv_t, sgv_h,
+    si_b, si_h, si_k, si_v,
+    sl_b, sl_h, sl_s, sl_k, sl_v,
+    sf_b, sf_h, sf_k, sf_v,
+    DK: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_LOCAL: tl.constexpr, STORE_FINAL: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """dk and dv in one reverse-time sweep sharing the state D (full [DK, DV] per CTA).
+
+    In reverse time, with P = lambda * D_prev (shifted convention, as in _lightning_kernel)::
+
+        dv = [(K Q^T) * M] dO + lambda^r K P          dk = [(V dO^T) * M] Q + lambda^r V P^T
+        U  = lambda^(m-1) P + (diag(lambda^(m-1-c)) Q)^T dO,   P = lambda U
+    """
+    seg = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    n_seg = tl.num_programs(1)
+    i_b = pid_bh // H
+    i_h = pid_bh % H
+    slope = tl.load(slope_ptr + i_h).to(tl.float32)
+    lam = tl.exp(-slope)
+
+    rows = tl.arange(0, CH)
+    offs_k = tl.arange(0, DK)
+    offs_v = tl.arange(0, DV)
+
+    if HAS_INIT:
+        P = tl.load(INIT + i_b.to(tl.int64) * si_b + i_h.to(tl.int64) * si_h
+                    + offs_k[:, None] * si_k + offs_v[None, :] * si_v).to(tl.float32)
+    else:
+        P = tl.zeros([DK, DV], dtype=tl.float32)
+    if HAS_LOCAL:
+        l_base = (LOCAL + i_b.to(tl.int64) * sl_b + i_h.to(tl.int64) * sl_h
+                  + offs_k[:, None] * sl_k + offs_v[None, :] * sl_v)
+        seg_decay = tl.exp(-slope * seg_len.to(tl.float32))
+        for j in range(0, seg):
+            loc = tl.load(l_base + j * sl_s)
+            P = P * seg_decay + lam * loc
+
+    diff = rows[:, None] - rows[None, :]
+    mask_dec = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.0)
+    qdec = tl.exp(-slope * rows.to(tl.float32))
+
+    q_base = Q + i_b.to(tl.int64) * sq_b + i_h.to(tl.int64) * sq_h
+    k_base = K + i_b.to(tl.int64) * sk_b + i_h.to(tl.int64) * sk_h
+    v_base = V + i_b.to(tl.int64) * sv_b + i_h.to(tl.int64) * sv_h
+    d_base = DO + i_b.to(tl.int64) * sd_b + i_h.to(tl.int64) * sd_h
+    gk_base = DK_out + i_b.to(tl.int64) * sgk_b + i_h.to(tl.int64) * sgk_h
+    gv_base = DV_out + i_b.to(tl.int64) * sgv_b + i_h.to(tl.int64) * sgv_h
+
+    seg_start = seg * seg_len
+    seg_end = tl.minimum(seg_start + seg_len, T)
+    U = P
+    for start in range(seg_start, seg_end, CH):
+        t_log = start + rows
+        valid = t_log < seg_end
+        t_phys = tl.where(valid, T - 1 - t_log, 0).to(tl.int64)
+        m = tl.minimum(seg_end - start, CH)
+        qt = tl.load(q_base + t_phys[:, None] * sq_t + offs_k[None, :], mask=valid[:, None], other=0.0)
+        kt = tl.load(k_base + t_phys[:, None] * sk_t + offs_k[None, :], mask=valid[:, None], other=0.0)
+        vt = tl.load(v_base + t_phys[:, None] * sv_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+        dot_ = tl.load(d_base + t_phys[:, None] * sd_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+        Pc = P.to(kt.dtype)
+        # dv
+        dv = _dot(kt, Pc, DOT_PREC, UPCAST) * qdec[:, None]
+        s1 = _dot(kt, tl.trans(qt), DOT_PREC, UPCAST) * mask_dec
+        dv += _dot(s1.to(dot_.dtype), dot_, DOT_PREC, UPCAST)
+        tl.store(gv_base + t_phys[:, None] * sgv_t + offs_v[None, :], dv.to(DV_out.dtype.element_ty),
+                 mask=valid[:, None])
+        # dk
+        dk = _dot(vt, tl.trans(Pc), DOT_PREC, UPCAST) * qdec[:, None]
+        s2 = _dot(vt, tl.trans(dot_), DOT_PREC, UPCAST) * mask_dec
+        dk += _dot(s2.to(qt.dtype), qt, DOT_PREC, UPCAST)
+        tl.store(gk_base + t_phys[:, None] * sgk_t + offs_k[None, :], dk.to(DK_out.dtype.element_ty),
+                 mask=valid[:, None])
+        # state
+        kdec = tl.where(valid, tl.exp(-slope * tl.maximum(m - 1 - rows, 0).to(tl.float32)), 0.0)
+        qt_s = (qt.to(tl.float32) * kdec[:, None]).to(qt.dtype)
+        U = P * tl.exp(-slope * (m - 1).to(tl.float32))
+        U += _dot(tl.trans(qt_s), dot_, DOT_PREC, UPCAST)
+        P = U * lam
+
+    if STORE_FINAL:
+        if seg == n_seg - 1:
+            f_ptr = (FINAL + i_b.to(tl.int64) * sf_b + i_h.to(tl.int64) * sf_h
+                     + offs_k[:, None] * sf_k + offs_v[None, :] * sf_v)
+            tl.store(f_ptr, U)

@@ -1,0 +1,376 @@
+"""Lightning Attention: our Triton forward and hand-derived backward (spec section 6.3).
+
+Notebook: ``notebooks/04_lightning_attention`` derives the block algorithm and benchmarks it.
+
+Contract (layout ``[B, T, H, D]`` everywhere)::
+
+    S_t = lambda_h S_{t-1} + k_t^T v_t        S_{-1} = initial_state or 0   ([B, H, K, V], fp32)
+    o_t = q_t S_t                             lambda_h = exp(-slope_h)
+
+Backward, derived by hand. With ``dO`` the output gradient and ``G`` the gradient flowing into
+the returned final state ``S_{T-1}`` (zero when unused)::
+
+    S_t   = lambda^(t+1) S_{-1} + sum_{s<=t} lambda^(t-s) k_s^T v_s
+    D_t   = lambda^(T-1-t) G + sum_{s>=t} lambda^(s-t) q_s^T dO_s          (the dKV of the spec)
+    dq_t  = dO_t S_t^T        dk_t = v_t D_t^T        dv_t = k_t D_t       dS_{-1} = lambda D_0
+
+Each of the three gradient lines is itself a decayed linear attention: ``dq`` runs forward in
+time with query ``dO``, key ``v``, value ``k`` and start state ``S_{-1}^T``; ``dv`` runs backward
+in time with query ``k``, key ``q``, value ``dO`` and start state ``G``, entering undecayed;
+``dk`` runs backward with query ``v``, key ``dO``, value ``q`` and start state ``G^T``. So one
+Triton kernel (:mod:`tnlib.ops._lightning_kernels`) serves all four passes.
+
+Dispatch: CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` is set, run the Triton
+kernels through a ``torch.library`` custom op (opaque to ``torch.compile``, with a fake
+implementation and a registered autograd formula). float64 inputs and CPU tensors without the
+interpreter take :func:`tnlib.ops.linear_attention_chunked` (pure PyTorch, differentiable).
+``slope`` receives no gradient from the kernel path (it is a fixed buffer in TransNormerLLM).
+"""
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from typing import Optional
+
+import torch
+
+from ._checks import check_attention_inputs
+from .reference import linear_attention_chunked
+
+__all__ = ["lightning_attention", "SUPPORTED_K", "SUPPORTED_V"]
+
+SUPPORTED_K = (16, 32, 64, 128, 256)
+SUPPORTED_V = (16, 32, 64, 128)
+
+#: Test hook: fill every kernel output with NaN before launch, so unwritten elements fail tests.
+_POISON = False
+#: Test/tuning hook: force the segment length (tokens per parallel segment); None = automatic.
+_SEG_LEN: Optional[int] = None
+#: Tuning hook: {(DK, DV, is_fp32): (chunk, BV, num_warps, num_stages)} overrides _config().
+_CONFIG_OVERRIDE: dict = {}
+#: Aim for about this many CTAs per launch before splitting sequences into parallel segments.
+_TARGET_CTAS = 512
+#: Backward: dk and dv from one fused reverse sweep (True) or two passes of the generic kernel.
+_FUSED_DKDV = True
+_MIN_SEG = 512
+
+
+def _kernels():
+    # imported lazily: triton reads TRITON_INTERPRET when the kernels are decorated
+    from . import _lightning_kernels
+
+    return _lightning_kernels
+
+
+def _config(DK: int, DV: int, fp32: bool):
+    """(chunk, BV, num_warps, num_stages) for a pass with state ``[DK, DV]``."""
+    key = (DK, DV, fp32)
+    if key in _CONFIG_OVERRIDE:
+        return _CONFIG_OVERRIDE[key]
+    if fp32:
+        ch = 32 if DK >= 128 else 64
+        bv = min(DV, 32)
+        return ch, bv, 4, 1
+    # winners of scripts/tune_lightning.py on one H200 (bf16, B*T = 65536, T = 4096)
+    if DK >= 256:
+        return 64, min(DV, 32), 4, 1
+    return 64, min(DV, 64), 4, 2
+
+
+def _seg_plan(B: int, H: int, T: int, n_vblocks: int = 2) -> tuple[int, int]:
+    """(segment length, number of segments): split long sequences when B*H alone gives few CTAs.
+
+    ``n_vblocks`` is the forward kernel's number of value blocks (CTAs per (batch, head) and
+    segment); it is counted as at least 2, the value the plan was first tuned with on the H200.
+    """
+    if _SEG_LEN is not None:
+        seg = int(_SEG_LEN)
+    else:
+        want = -(-_TARGET_CTAS // (max(2, n_vblocks) * B * H))
+        seg = T if want <= 1 else max(_MIN_SEG, -(-T // want))
+        seg = -(-seg // 128) * 128
+    seg = max(seg, 1)
+    return seg, -(-T // seg)
+
+
+def _plan_for(q, v):
+    """The segment plan of one call, from the forward kernel's value blocks (shared by all passes)."""
+    B, T, H, DK = q.shape
+    DV = v.shape[3]
+    bv = _config(DK, DV, q.dtype == torch.float32)[1]
+    return _seg_plan(B, H, T, DV // bv)
+
+
+def _upcast(x):
+    # Triton's CPU interpreter (3.9) computes garbage for bf16 tl.dot: feed it fp32 copies of the
+    # bf16-rounded operands instead (same values, exact products).
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
+def _alloc(shape, dtype, device):
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _strides3(x):
+    s = x.stride()
+    return s[0], s[1], s[2]
+
+
+def _last_contig(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _local_config(DK: int, DV: int, fp32: bool):
+    """(chunk, BV, num_warps, num_stages) of the segment-state kernel (one dot per chunk)."""
+    if fp32:
+        return _config(DK, DV, fp32)
+    return 64, min(DV, 128 if DK <= 128 else 64), 8, 2
+
+
+def _local_states(b, c, slope, seg_len, nseg, reverse):
+    """Per-segment end states from a zero start: ``[B, H, nseg, DK, DV]`` fp32."""
+    K = _kernels()
+    B, T, H, DK = b.shape
+    DV = c.shape[3]
+    fp32 = b.dtype == torch.float32
+    ch, bv, nw, ns = _local_config(DK, DV, fp32)
+    loc = _alloc((B, H, nseg, DK, DV), torch.float32, b.device)
+    grid = (DV // bv, nseg, B * H)
+    K._segment_state_kernel[grid](
+        b, c, slope, loc, T, H, seg_len,
+        *_strides3(b), *_strides3(c), *loc.stride(),
+        DK=DK, BV=bv, CH=ch, REVERSE=reverse, DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(b),
+        num_warps=nw, num_stages=ns,
+    )
+    return loc
+
+
+def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype):
+    """One pass of the generic kernel (see the module docstring of ``_lightning_kernels``)."""
+    K = _kernels()
+    B, T, H, DK = a.shape
+    DV = c.shape[3]
+    fp32 = a.dtype == torch.float32
+    ch, bv, nw, ns = _config(DK, DV, fp32)
+    o = _alloc((B, T, H, DV), out_dtype, a.device)
+    final = _alloc((B, H, DK, DV), torch.float32, a.device) if want_final else o
+    init_t = init if init is not None else o
+    si = init.stride() if init is not None else (0, 0, 0, 0)
+    loc_t = local if local is not None else o
+    sl = local.stride() if local is not None else (0, 0, 0, 0, 0)
+    sf = final.stride() if want_final else (0, 0, 0, 0)
+    grid = (DV // bv, nseg, B * H)
+    K._lightning_kernel[grid](
+        a, b, c, o, init_t, loc_t, final, slope, T, H, seg_len,
+        *_strides3(a), *_strides3(b), *_strides3(c), *_strides3(o),
+        *si, *sl, *sf,
+        DK=DK, BV=bv, CH=ch, HAS_INIT=init is not None, INIT_DECAY=init_decay,
+        HAS_LOCAL=local is not None, STORE_FINAL=want_final, REVERSE=reverse,
+        DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a), num_warps=nw, num_stages=ns,
+    )
+    return o, (final if want_final else None)
+
+
+def _use_fused_dkdv(DK: int, DV: int, fp32: bool) -> bool:
+    """dk and dv in one sweep needs the whole state [DK, DV] in one CTA's registers."""
+    if not _FUSED_DKDV or DK > 128 or DV > 128:
+        return False
+    return not fp32 or DK * DV <= 64 * 64
+
+
+def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg):
+    """dk and dv from one reverse-time kernel sharing the state D (see ``_dkdv_kernel``)."""
+    K = _kernels()
+    B, T, H, DK = q.shape
+    DV = v.shape[3]
+    fp32 = q.dtype == torch.float32
+    nw = 8 if DK * DV >= 128 * 128 else 4
+    ch, ns = (32 if fp32 else 64), (1 if fp32 else 2)
+    dk = _alloc((B, T, H, DK), k.dtype, q.device)
+    dv = _alloc((B, T, H, DV), v.dtype, q.device)
+    final = _alloc((B, H, DK, DV), torch.float32, q.device) if need_ds0 else dk
+    init_t = dfinal if dfinal is not None else dk
+    si = dfinal.stride() if dfinal is not None else (0, 0, 0, 0)
+    loc_t = local if local is not None else dk
+    sl = local.stride() if local is not None else (0, 0, 0, 0, 0)
+    sf = final.stride() if need_ds0 else (0, 0, 0, 0)
+    K._dkdv_kernel[(1, nseg, B * H)](
+        q, k, v, do, dk, dv, init_t, loc_t, final, slope, T, H, seg_len,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
+        *si, *sl, *sf,
+        DK=DK, DV=DV, CH=ch, HAS_INIT=dfinal is not None, HAS_LOCAL=local is not None,
+        STORE_FINAL=need_ds0, DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(q),
+        num_warps=nw, num_stages=ns,
+    )
+    return dk, dv, (final if need_ds0 else None)
+
+
+def _forward_impl(q, k, v, slope, initial_state, output_final_state):
+    q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    slope = slope.contiguous()
+    B, T, H, _ = q.shape
+    seg_len, nseg = _plan_for(q, v)
+    local = _local_states(k, v, slope, seg_len, nseg, False) if nseg > 1 else None
+    return _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype)
+
+
+def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0):
+    do = _last_contig(do.to(v.dtype))
+    q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    slope = slope.contiguous()
+    B, T, H, _ = q.shape
+    seg_len, nseg = _plan_for(q, v)
+    multi = nseg > 1
+    # dq_t = dO_t S_t^T: forward in time, query dO, key v, value k, start S_{-1}^T
+    loc_kv = _local_states(k, v, slope, seg_len, nseg, False) if multi else None
+    s0t = initial_state.transpose(-1, -2) if initial_state is not None else None
+    dq, _ = _attn(do, v, k, slope, s0t, True, False, False,
+                  loc_kv.transpose(-1, -2) if multi else None, seg_len, nseg, q.dtype)
+    del loc_kv
+    # D_t (reverse in time) from q^T dO, start G entering undecayed
+    loc_qdo = _local_states(q, do, slope, seg_len, nseg, True) if multi else None
+    if _use_fused_dkdv(q.shape[3], v.shape[3], q.dtype == torch.float32):
+        dk, dv, d0 = _dkdv(q, k, v, do, slope, dfinal, need_ds0, loc_qdo, seg_len, nseg)
+    else:
+        dv, d0 = _attn(k, q, do, slope, dfinal, False, True, need_ds0, loc_qdo, seg_len, nseg, v.dtype)
+        gt = dfinal.transpose(-1, -2) if dfinal is not None else None
+        dk, _ = _attn(v, do, q, slope, gt, False, True, False,
+                      loc_qdo.transpose(-1, -2) if multi else None, seg_len, nseg, k.dtype)
+    ds0 = None
+    if need_ds0:
+        ds0 = d0 * torch.exp(-slope.float())[None, :, None, None]
+    return dq, dk, dv, ds0
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile, with fake (meta) implementations
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tnlib::lightning_fwd", mutates_args=())
+def _lightning_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor,
+    initial_state: Optional[torch.Tensor], output_final_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    o, final = _forward_impl(q, k, v, slope, initial_state, output_final_state)
+    if final is None:
+        final = q.new_empty((0,), dtype=torch.float32)
+    return o, final
+
+
+@_lightning_fwd_op.register_fake
+def _(q, k, v, slope, initial_state, output_final_state):
+    B, T, H, K = q.shape
+    V = v.shape[3]
+    o = v.new_empty((B, T, H, V))
+    final = q.new_empty((B, H, K, V) if output_final_state else (0,), dtype=torch.float32)
+    return o, final
+
+
+@torch.library.custom_op("tnlib::lightning_bwd", mutates_args=())
+def _lightning_bwd_op(
+    do: torch.Tensor, dfinal: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, slope: torch.Tensor, initial_state: Optional[torch.Tensor], need_ds0: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, ds0 = _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0)
+    if ds0 is None:
+        ds0 = q.new_empty((0,), dtype=torch.float32)
+    elif initial_state is not None:
+        ds0 = ds0.to(initial_state.dtype)
+    return dq, dk, dv, ds0
+
+
+@_lightning_bwd_op.register_fake
+def _(do, dfinal, q, k, v, slope, initial_state, need_ds0):
+    if need_ds0:
+        ds0 = initial_state.new_empty(initial_state.shape)
+    else:
+        ds0 = q.new_empty((0,), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds0
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, slope, initial_state, output_final_state = inputs
+    ctx.has_init = initial_state is not None
+    ctx.output_final_state = output_final_state
+    ctx.save_for_backward(q, k, v, slope, initial_state if initial_state is not None else None)
+
+
+def _backward(ctx, do, dfinal):
+    q, k, v, slope, initial_state = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(v)
+    if not ctx.output_final_state or dfinal is None or dfinal.numel() == 0:
+        dfinal = None
+    need_ds0 = ctx.has_init and ctx.needs_input_grad[4]
+    dq, dk, dv, ds0 = _lightning_bwd_op(
+        do, dfinal, q, k, v, slope, initial_state if ctx.has_init else None, need_ds0
+    )
+    return dq, dk, dv, None, (ds0 if need_ds0 else None), None
+
+
+_lightning_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+_VALIDATED: dict = {}
+
+
+def _slope_validated(slope) -> bool:
+    """True if this very tensor, unmodified since, already passed the value check."""
+    hit = _VALIDATED.get(id(slope))
+    return hit is not None and hit[0]() is slope and hit[1] == slope._version
+
+
+def _remember_slope(slope) -> None:
+    if len(_VALIDATED) > 256:
+        _VALIDATED.clear()
+    try:
+        _VALIDATED[id(slope)] = (weakref.ref(slope), slope._version)
+    except TypeError:  # not weak-referenceable: just check every time
+        pass
+
+
+def _use_kernel(q: torch.Tensor) -> bool:
+    if q.dtype == torch.float64:
+        return False
+    if q.is_cuda:
+        return True
+    return q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fallback(q, k, v, slope, initial_state=None, output_final_state=False):
+    """The CPU path: Lightning Attention-2's block algorithm in PyTorch (differentiable)."""
+    return linear_attention_chunked(q, k, v, slope, initial_state, output_final_state, block_size=64)
+
+
+def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=False):
+    """Causal linear attention with per-head decay ``exp(-slope)``, Triton Lightning Attention-2.
+
+    ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``slope: [H]`` (fp32), ``initial_state:
+    [B, H, K, V]`` (fp32). Returns ``o`` ``[B, T, H, V]`` in ``v``'s dtype, or ``(o, S_{T-1})``
+    with the fp32 final state when ``output_final_state``. Supported head dims: K in
+    {16, 32, 64, 128, 256}, V in {16, 32, 64, 128}. Notebook: ``04_lightning_attention``.
+    """
+    if slope is None:
+        raise ValueError("lightning_attention: slope [H] is required (use zeros for no decay)")
+    if _slope_validated(slope):
+        # values already checked: validate shapes only (the value check costs a device sync)
+        B, T, H, K, V = check_attention_inputs(q, k, v, None, initial_state, name="lightning_attention")
+        if not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (H,) or slope.device != q.device:
+            B, T, H, K, V = check_attention_inputs(q, k, v, slope, initial_state, name="lightning_attention")
+    else:
+        B, T, H, K, V = check_attention_inputs(q, k, v, slope, initial_state, name="lightning_attention")
+        _remember_slope(slope)
+    if K not in SUPPORTED_K or V not in SUPPORTED_V:
+        raise ValueError(
+            f"lightning_attention: unsupported head dims K={K}, V={V}; supported K in {SUPPORTED_K}, "
+            f"V in {SUPPORTED_V} (pad the head dim or use tnlib.ops.linear_attention_chunked)"
+        )
+    if not _use_kernel(q):
+        return _fallback(q, k, v, slope, initial_state, output_final_state)
+    slope32 = slope.to(torch.float32)
+    o, final = _lightning_fwd_op(q, k, v, slope32, initial_state, bool(output_final_state))
+    return (o, final) if output_final_state else o
