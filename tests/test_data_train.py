@@ -142,3 +142,14 @@ def test_two_process_gloo_run(prepared, tmp_path):
     assert [x["step"] for x in steps] == [1, 2, 3]
     assert steps[-1]["tokens"] == 3 * 2 * 2 * 32  # both processes' tokens are counted
     assert np.isfinite(steps[-1]["val_loss"])
+
+
+def test_text_files_read_without_datasets(monkeypatch, tmp_path):
+    """The GPU machine has no `datasets`: text corpora must still load, identically."""
+    with_ds = read_documents(SAMPLE)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    assert read_documents(SAMPLE) == with_ds
+    j = tmp_path / "c.jsonl"
+    j.write_text('{"text": "a"}\n')
+    with pytest.raises(DataError, match="needs the `datasets` package"):
+        read_documents(str(j))

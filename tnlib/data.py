@@ -69,14 +69,34 @@ def _file_kind(path: str) -> str:
     raise DataError(f"{path}: unsupported file type (use .txt, .txt.xz, .jsonl or .parquet)")
 
 
+def _read_text_file(f: str) -> str:
+    """Plain or compressed text without ``datasets`` (for machines that lack it, e.g. a GPU box)."""
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(f)[1], open)
+    try:
+        with opener(f, "rt", encoding="utf-8") as fh:
+            return fh.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f} is not valid UTF-8 ({e}); re-encode it as UTF-8") from e
+
+
 def read_documents(paths, text_column: str = "text") -> list[str]:
     """All documents of a corpus, in file order, read through ``datasets.load_dataset``.
 
-    ``paths``: files, directories, globs, or ``"hub:<dataset id>"`` (needs internet).
+    ``paths``: files, directories, globs, or ``"hub:<dataset id>"`` (needs internet). Without the
+    ``datasets`` package, text files are still read directly (tables and hub ids need it).
     """
-    from datasets import load_dataset
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        load_dataset = None
 
     if isinstance(paths, str) and paths.startswith("hub:"):
+        if load_dataset is None:
+            raise DataError("reading a hub dataset needs the `datasets` package")
         ds = load_dataset(paths[4:], split="train")
         return [t for t in ds[text_column] if t and t.strip()]
     docs: list[str] = []
@@ -85,9 +105,13 @@ def read_documents(paths, text_column: str = "text") -> list[str]:
             raise DataError(f"{f} is empty")
         kind = _file_kind(f)
         try:
-            if kind == "text":
+            if kind == "text" and load_dataset is None:
+                texts = _read_text_file(f).split(SEPARATOR)
+            elif kind == "text":
                 ds = load_dataset("text", data_files=f, split="train", sample_by="document")
                 texts = [t for row in ds["text"] for t in row.split(SEPARATOR)]
+            elif load_dataset is None:
+                raise DataError(f"{f}: reading {kind} files needs the `datasets` package")
             else:
                 ds = load_dataset(kind, data_files=f, split="train")
                 if text_column not in ds.column_names:
