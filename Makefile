@@ -67,12 +67,15 @@ walkthrough: notebooks
 quickstart: setup
 	$(BIN)/python -m tnlib quickstart
 
-# the full open corpus (../shared/data by default) -> $(DATA_DIR) with a 50,272-token BPE
+# the full open corpus (../shared/data by default) -> $(DATA_DIR) with a 50,272-token BPE. The BPE is
+# trained on the first 300 training books unless $(BPE_50K) exists (the committed one, for identical data).
 CORPUS ?= ../shared/data/corpus-gutenberg-*.txt.xz
 DATA_DIR ?= data/full
+BPE_50K ?= data/tokenizer-gutenberg-50272.json
 data: setup
-	@if [ -f $(DATA_DIR)/meta.json ]; then echo "$(DATA_DIR) is prepared (delete it or use FORCE=--force to redo)"; \
-	else $(BIN)/python -m tnlib prepare --corpus $(CORPUS) --out $(DATA_DIR) --vocab-size 50272 $(FORCE) \
+	@if [ -f $(DATA_DIR)/meta.json ] && [ -z "$(FORCE)" ]; then echo "$(DATA_DIR) is prepared (FORCE=--force to redo)"; \
+	else $(BIN)/python -m tnlib prepare --corpus "$(CORPUS)" --out $(DATA_DIR) --vocab-size 50272 --val-permille 10 \
+	  $$( [ -f $(BPE_50K) ] && echo --tokenizer $(BPE_50K) || echo --tokenizer-docs 300 ) $(FORCE) \
 	  --eval heldout=../shared/data/gutenberg-heldout.txt.xz wikitext-valid=../shared/data/wikitext103-valid.txt \
 	         wikitext-test=../shared/data/wikitext103-test.txt; fi
 
