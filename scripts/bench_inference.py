@@ -49,8 +49,8 @@ def bench(model, name, B, ctx, vocab, decode_steps, mode):
     tok = logits[:, -1].argmax(-1)[:, None]
     cache_gb = cache.nbytes() / 1e9
     torch.cuda.reset_peak_memory_stats()
-    if mode == "graph":
-        dec = GraphDecoder(model, cache)
+    if mode in ("graph", "graph-fused"):
+        dec = GraphDecoder(model, cache, fuse=mode == "graph-fused")
         step = lambda: dec.decode(tok)  # noqa: E731
     else:
         state = {"cache": cache}
@@ -67,11 +67,11 @@ def bench(model, name, B, ctx, vocab, decode_steps, mode):
                 decode_peak_extra_gb=decode_peak, prefill_peak_extra_gb=prefill_peak)
 
 
-def check_graph(model, vocab):
+def check_graph(model, vocab, fuse=False):
     """Graph decode == eager decode for a few steps (same prefill)."""
     ids = torch.randint(0, vocab, (2, 300), device="cuda")
     _, cache = model.step(ids, last_only=True)
-    dec = GraphDecoder(model, cache)
+    dec = GraphDecoder(model, cache, fuse=fuse)
     toks = torch.randint(0, vocab, (6, 2, 1), device="cuda")
     errs = []
     for t in toks:
@@ -87,17 +87,21 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--vocab", type=int, default=50272)
     ap.add_argument("--decode-steps", type=int, default=50)
+    ap.add_argument("--tnl-modes", default="graph,eager", help="graph, graph-fused (compiled step), eager")
+    ap.add_argument("--models", default="tnl-385m,transformer-385m")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     out = a.out or f"results/bench/inference-{gpu_slug()}.json"
     rows = []
     checks = {}
-    for name in ("tnl-385m", "transformer-385m"):
+    for name in a.models.split(","):
         model = tnlib.create_model(name, vocab_size=a.vocab).to("cuda", torch.bfloat16).eval()
+        modes = tuple(a.tnl_modes.split(",")) if name.startswith("tnl") else ("eager",)
         if name.startswith("tnl"):
             checks["graph_vs_eager_rel_err"] = check_graph(model, a.vocab)
-            print("graph vs eager decode rel err", checks["graph_vs_eager_rel_err"], flush=True)
-        modes = ("graph", "eager") if name.startswith("tnl") else ("eager",)
+            if "graph-fused" in modes:
+                checks["graph_fused_vs_eager_rel_err"] = check_graph(model, a.vocab, fuse=True)
+            print("graph vs eager decode rel err", checks, flush=True)
         for B in map(int, a.batches.split(",")):
             for ctx in map(int, a.contexts.split(",")):
                 for mode in modes:

@@ -109,3 +109,19 @@ def test_clear_errors():
         generate(m, torch.tensor([[1, 2]]), 3, temperature=-1.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(m, torch.tensor([[1, 2]]), -1)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_static_decode_step_matches_eager(fuse):
+    """The buffers-in-place step that CUDA graphs capture (optionally torch.compile'd) == model.step."""
+    from tnlib.generate import StaticDecodeStep
+
+    torch.manual_seed(5)
+    m = create_model("tnl-tiny", vocab_size=101, n_layers=2).eval()
+    _, cache = m.step(torch.randint(0, 101, (2, 20)))
+    static = StaticDecodeStep(m, cache, fuse=fuse)
+    for t in torch.randint(0, 101, (3, 2, 1)):
+        got = static(t).clone()
+        want, cache = m.step(t, cache)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(static.cache.positions, cache.positions)
