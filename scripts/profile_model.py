@@ -1,0 +1,64 @@
+"""Where a training step's time goes: torch.profiler over a few steps of a preset (GPU).
+
+Prints the top CUDA kernels by total time and writes the table (and a Chrome trace) under --out.
+Use it before optimizing (METHOD: predict, change, measure): e.g.
+    python3 scripts/profile_model.py --preset tnl-385m --T 2048 --compile --out $OUT
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import tnlib  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", default="tnl-385m")
+    ap.add_argument("--T", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--vocab", type=int, default=50272)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--out", default="results/profile")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model = tnlib.create_model(a.preset, vocab_size=a.vocab).cuda()
+    if a.compile:
+        for layer in model.layers:
+            layer.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    B = max(1, a.tokens // a.T)
+    ids = torch.randint(0, a.vocab, (B, a.T + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=70)
+    print(table)
+    os.makedirs(a.out, exist_ok=True)
+    tag = f"{a.preset}-T{a.T}-{'compiled' if a.compile else 'eager'}"
+    with open(os.path.join(a.out, f"profile-{tag}.txt"), "w") as f:
+        f.write(table)
+    prof.export_chrome_trace(os.path.join(a.out, f"trace-{tag}.json"))
+
+
+if __name__ == "__main__":
+    main()
