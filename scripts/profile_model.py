@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--out", default="results/profile")
+    ap.add_argument("--out", default="runs/profile")
     a = ap.parse_args()
     torch.manual_seed(0)
     model = tnlib.create_model(a.preset, vocab_size=a.vocab).cuda()
