@@ -17,18 +17,11 @@ import tnlib  # noqa: E402
 from tnlib.provenance import gpu_slug, provenance  # noqa: E402
 
 
-def compile_model(model):
-    """Compile each block and the embedding/head path; identical blocks share compiled code."""
-    for layer in model.layers:
-        layer.compile()
-    return model
-
-
 def run(preset, T, tokens, mode, steps, warmup, vocab):
     torch.manual_seed(0)
     model = tnlib.create_model(preset, vocab_size=vocab).cuda()
     if mode == "compiled":
-        compile_model(model)
+        model.compile_blocks()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     B = max(1, tokens // T)
     batches = [torch.randint(0, vocab, (B, T + 1), device="cuda") for _ in range(2)]

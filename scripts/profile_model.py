@@ -29,8 +29,7 @@ def main():
     torch.manual_seed(0)
     model = tnlib.create_model(a.preset, vocab_size=a.vocab).cuda()
     if a.compile:
-        for layer in model.layers:
-            layer.compile()
+        model.compile_blocks()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     B = max(1, a.tokens // a.T)
     ids = torch.randint(0, a.vocab, (B, a.T + 1), device="cuda")

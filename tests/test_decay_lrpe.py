@@ -106,3 +106,11 @@ def test_lrpe_module_and_errors():
         lrpe(torch.randn(3, 2, 4), m.theta)
     with pytest.raises(ValueError, match="offset"):
         lrpe(torch.randn(2, 3, 2, 4), m.theta, torch.tensor([1, 2, 3]))
+
+
+def test_lrpe_pair_equals_two_calls():
+    m = LRPE(3, 4)
+    q, k = torch.randn(2, 7, 3, 4), torch.randn(2, 7, 3, 4)
+    for off in (0, 11, torch.tensor([2, 40])):
+        pq, pk = m.pair(q, k, off)
+        assert torch.equal(pq, m(q, off)) and torch.equal(pk, m(k, off))

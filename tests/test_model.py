@@ -1,12 +1,8 @@
 """TransNormerLLM and the Transformer baseline: counts, switches, precision, learning, save/load."""
-import dataclasses
-import itertools
-
 import pytest
 import torch
 
-import tnlib
-from tnlib.models import CHOICES, ModelConfig, build_model, create_model, get_config, glu_dim_for, load_model, save_model
+from tnlib.models import CHOICES, create_model, glu_dim_for, load_model, save_model
 from tnlib.nn import decay_slopes
 from tnlib.testing import rel_err
 

@@ -96,7 +96,7 @@ def cmd_compare(a):
 
     runs = dict(r.split("=", 1) for r in a.runs)
     runs = {k: (os.path.join(v, "metrics.jsonl") if os.path.isdir(v) else v) for k, v in runs.items()}
-    doc = compare_runs(runs, a.out, a.title, tuple(a.evals), _kv(a.extra))
+    compare_runs(runs, a.out, a.title, tuple(a.evals), _kv(a.extra))
     print(open(os.path.join(a.out, "summary.md")).read())
 
 

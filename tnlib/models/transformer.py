@@ -4,15 +4,15 @@ Sized to match TransNormerLLM's parameter count (preset ``transformer-385m``); s
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-from dataclasses import dataclass
 
 from ..nn.norm import build_norm
+from .common import CausalLM, check_input_ids, init_weights, left_pad_positions
 from .config import ModelConfig
-from .transnormer import check_input_ids, init_weights, left_pad_positions
 
 __all__ = ["Transformer", "KVCache", "rope"]
 
@@ -105,7 +105,7 @@ class TransformerBlock(nn.Module):
         return (x, kv) if want_kv else x
 
 
-class Transformer(nn.Module):
+class Transformer(CausalLM):
     """LLaMA-style decoder with a tied LM head (like TransNormerLLM, for a like-for-like count)."""
 
     def __init__(self, cfg: ModelConfig):
@@ -120,9 +120,6 @@ class Transformer(nn.Module):
         self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         init_weights(self, cfg.init_std)
-
-    def num_parameters(self, exclude_lrpe_theta: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
     def step(self, input_ids, cache: KVCache | None = None, pad_mask=None, last_only=False):
@@ -149,17 +146,8 @@ class Transformer(nn.Module):
             values.append(v)
         if last_only:
             x = x[:, -1:]
-        h = self.final_norm(x)
-        logits = F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
-        return logits, KVCache(keys, values, valid, start + T)
+        return self.logits(x), KVCache(keys, values, valid, start + T)
 
     def forward(self, input_ids):
         check_input_ids(input_ids, self.config.vocab_size)
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            if self.config.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
-        h = self.final_norm(x)
-        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
+        return self.logits(self.run_blocks(self.embed(input_ids)))

@@ -5,12 +5,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..nn.gla import SGLU, GatedLinearAttention
 from ..nn.norm import build_norm
+from .common import CausalLM, check_input_ids, init_weights, left_pad_positions
 from .config import ModelConfig
 
 __all__ = ["TransNormerLLM", "TNLBlock", "RecurrentCache", "init_weights", "check_input_ids", "left_pad_positions"]
@@ -26,41 +25,6 @@ class RecurrentCache:
 
     def nbytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self.states)
-
-
-def left_pad_positions(input_ids, pad_mask):
-    """Per-sequence position of token 0 for a left-padded batch: ``-(number of pads)`` (``[B]`` long)."""
-    B, T = input_ids.shape
-    if pad_mask is None:
-        return torch.zeros(B, dtype=torch.long, device=input_ids.device)
-    if pad_mask.shape != input_ids.shape or pad_mask.dtype != torch.bool:
-        raise ValueError(f"pad_mask must be a bool tensor of shape {tuple(input_ids.shape)}")
-    return pad_mask.sum(1) - T
-
-
-def init_weights(model: nn.Module, std: float) -> None:
-    """Every Linear and Embedding weight ~ N(0, std^2); biases (if any) zero; other params untouched."""
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-
-
-def check_input_ids(input_ids, vocab_size: int) -> None:
-    """Clear errors for the token-id tensor every model takes: ``[B, T]`` integers in ``[0, vocab)``."""
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"input_ids must be an integer tensor (torch.long), got {input_ids.dtype}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids is empty: sequences need at least one token")
-    if not torch.compiler.is_compiling():
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"token ids must lie in [0, {vocab_size}); got min {lo}, max {hi}")
 
 
 class TNLBlock(nn.Module):
@@ -82,7 +46,7 @@ class TNLBlock(nn.Module):
         return (x, state) if return_state else x
 
 
-class TransNormerLLM(nn.Module):
+class TransNormerLLM(CausalLM):
     """Embedding (x sqrt(d) if configured), blocks, final norm, LM head tied to the embedding."""
 
     def __init__(self, cfg: ModelConfig):
@@ -98,13 +62,6 @@ class TransNormerLLM(nn.Module):
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         init_weights(self, cfg.init_std)
 
-    def num_parameters(self, exclude_lrpe_theta: bool = False) -> int:
-        """All parameters (tied weights once). ``exclude_lrpe_theta`` gives the paper's size convention."""
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_lrpe_theta:
-            n -= sum(p.numel() for name, p in self.named_parameters() if name.endswith("lrpe.theta"))
-        return n
-
     def embed_tokens(self, input_ids, start=None, validate=True):
         """Scaled token embeddings (+ absolute positions when configured); ``start``: ``[B]`` positions."""
         if validate:
@@ -119,10 +76,6 @@ class TransNormerLLM(nn.Module):
                 raise ValueError(f"absolute position embeddings cover {self.config.max_seq_len} positions, got {int(pos.max()) + 1}")
             x = x + self.pos_embed(pos)
         return x
-
-    def logits(self, h):
-        h = self.final_norm(h)
-        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
 
     @torch.no_grad()
     def step(self, input_ids, cache: RecurrentCache | None = None, pad_mask=None, last_only=False,
@@ -154,10 +107,4 @@ class TransNormerLLM(nn.Module):
 
     def forward(self, input_ids):
         """``input_ids: [B, T]`` -> logits ``[B, T, vocab]``."""
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            if self.config.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
-        return self.logits(x)
+        return self.logits(self.run_blocks(self.embed_tokens(input_ids)))

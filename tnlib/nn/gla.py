@@ -80,7 +80,7 @@ class GatedLinearAttention(nn.Module):
         if pad_mask is not None:
             v = v * pad_mask[:, :, None, None].to(v.dtype)
         if self.lrpe is not None:
-            q, k = self.lrpe(q, offset), self.lrpe(k, offset)
+            q, k = self.lrpe.pair(q, k, offset)
         slope = self.slope.float()  # stays fp32 even after model.to(bfloat16)
         if T == 1 and state is not None:
             o, state = self.recurrent_step(q[:, 0], k[:, 0], v[:, 0], slope, state)

@@ -26,32 +26,47 @@ def lrpe_theta_init(num_heads: int, head_dim: int) -> torch.Tensor:
     return (10000.0 ** (-2.0 * idx / d)).to(torch.float32)
 
 
+def _check(x, theta, offset):
+    if x.dim() != 4:
+        raise ValueError(f"lrpe: x must be [B, T, H, D], got shape {tuple(x.shape)}")
+    B, T, H, D = x.shape
+    if tuple(theta.shape) != (H, D):
+        raise ValueError(f"lrpe: theta must have shape [H, D] = {(H, D)}, got {tuple(theta.shape)}")
+    if isinstance(offset, torch.Tensor) and (offset.dim() != 1 or offset.shape[0] != B):
+        raise ValueError(f"lrpe: a tensor offset must have shape [B] = [{B}], got {tuple(offset.shape)}")
+
+
+def _cos_sin(x, theta, offset):
+    """``cos(theta t), sin(theta t)`` for the positions of ``x``'s tokens, ``[B|1, T, H, D]``.
+
+    Angles are formed in float64 and reduced mod 2*pi before the cos/sin in the working precision:
+    a float32 angle near 1e6 would carry ~0.06 rad of error and break the shift invariance.
+    """
+    B, T = x.shape[:2]
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pos = torch.arange(T, device=x.device, dtype=torch.float64)
+    if isinstance(offset, torch.Tensor):
+        pos = offset.to(device=x.device, dtype=torch.float64)[:, None] + pos[None, :]  # [B, T]
+    else:
+        pos = (pos + int(offset))[None, :]  # [1, T]
+    angle = pos[:, :, None, None] * theta.to(torch.float64)[None, None]  # [B|1, T, H, D]
+    angle = torch.remainder(angle, 2 * math.pi).to(cd)
+    return torch.cos(angle), torch.sin(angle)
+
+
+def _apply(x, cos, sin):
+    xc = x.to(cos.dtype)
+    return torch.cat([xc * cos, xc * sin], dim=-1).to(x.dtype)
+
+
 def lrpe(x: torch.Tensor, theta: torch.Tensor, offset=0) -> torch.Tensor:
     """Apply LRPE to ``x: [B, T, H, D]`` with ``theta: [H, D]``; returns ``[B, T, H, 2D]``.
 
     ``offset`` (an int, or a tensor ``[B]`` of per-sequence offsets) is the absolute position of
     token 0: decoding passes the number of tokens already in the state.
     """
-    if x.dim() != 4:
-        raise ValueError(f"lrpe: x must be [B, T, H, D], got shape {tuple(x.shape)}")
-    B, T, H, D = x.shape
-    if tuple(theta.shape) != (H, D):
-        raise ValueError(f"lrpe: theta must have shape [H, D] = {(H, D)}, got {tuple(theta.shape)}")
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    # Angles are formed in float64 and reduced mod 2*pi before the cos/sin in `cd`: a float32 angle
-    # near 1e6 would carry ~0.06 rad of error and break the shift invariance at long positions.
-    pos = torch.arange(T, device=x.device, dtype=torch.float64)
-    if isinstance(offset, torch.Tensor):
-        if offset.dim() != 1 or offset.shape[0] != B:
-            raise ValueError(f"lrpe: a tensor offset must have shape [B] = [{B}], got {tuple(offset.shape)}")
-        pos = offset.to(device=x.device, dtype=torch.float64)[:, None] + pos[None, :]  # [B, T]
-    else:
-        pos = (pos + int(offset))[None, :]  # [1, T]
-    angle = pos[:, :, None, None] * theta.to(torch.float64)[None, None]  # [B|1, T, H, D]
-    angle = torch.remainder(angle, 2 * math.pi).to(cd)
-    xc = x.to(cd)
-    out = torch.cat([xc * torch.cos(angle), xc * torch.sin(angle)], dim=-1)
-    return out.to(x.dtype)
+    _check(x, theta, offset)
+    return _apply(x, *_cos_sin(x, theta, offset))
 
 
 class LRPE(nn.Module):
@@ -67,3 +82,11 @@ class LRPE(nn.Module):
 
     def forward(self, x: torch.Tensor, offset=0) -> torch.Tensor:
         return lrpe(x, self.theta, offset)
+
+    def pair(self, q: torch.Tensor, k: torch.Tensor, offset=0):
+        """``(lrpe(q), lrpe(k))`` with the angles computed once (q and k share positions)."""
+        if q.shape != k.shape:
+            raise ValueError(f"LRPE.pair: q and k must share a shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+        _check(q, self.theta, offset)
+        cos, sin = _cos_sin(q, self.theta, offset)
+        return _apply(q, cos, sin), _apply(k, cos, sin)

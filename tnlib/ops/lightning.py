@@ -28,7 +28,6 @@ interpreter take :func:`tnlib.ops.linear_attention_chunked` (pure PyTorch, diffe
 """
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from typing import Optional
@@ -148,6 +147,11 @@ def _local_states(b, c, slope, seg_len, nseg, reverse):
     return loc
 
 
+def _optional(t, stand_in, ndim):
+    """A kernel argument that may be absent: ``(tensor, strides)``, or a stand-in pointer and zeros."""
+    return (t, t.stride()) if t is not None else (stand_in, (0,) * ndim)
+
+
 def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype):
     """One pass of the generic kernel (see the module docstring of ``_lightning_kernels``)."""
     K = _kernels()
@@ -156,22 +160,19 @@ def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len,
     fp32 = a.dtype == torch.float32
     ch, bv, nw, ns = _config(DK, DV, fp32)
     o = _alloc((B, T, H, DV), out_dtype, a.device)
-    final = _alloc((B, H, DK, DV), torch.float32, a.device) if want_final else o
-    init_t = init if init is not None else o
-    si = init.stride() if init is not None else (0, 0, 0, 0)
-    loc_t = local if local is not None else o
-    sl = local.stride() if local is not None else (0, 0, 0, 0, 0)
-    sf = final.stride() if want_final else (0, 0, 0, 0)
+    final_t, sf = _optional(_alloc((B, H, DK, DV), torch.float32, a.device) if want_final else None, o, 4)
+    init_t, si = _optional(init, o, 4)
+    loc_t, sl = _optional(local, o, 5)
     grid = (DV // bv, nseg, B * H)
     K._lightning_kernel[grid](
-        a, b, c, o, init_t, loc_t, final, slope, T, H, seg_len,
+        a, b, c, o, init_t, loc_t, final_t, slope, T, H, seg_len,
         *_strides3(a), *_strides3(b), *_strides3(c), *_strides3(o),
         *si, *sl, *sf,
         DK=DK, BV=bv, CH=ch, HAS_INIT=init is not None, INIT_DECAY=init_decay,
         HAS_LOCAL=local is not None, STORE_FINAL=want_final, REVERSE=reverse,
         DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a), num_warps=nw, num_stages=ns,
     )
-    return o, (final if want_final else None)
+    return o, (final_t if want_final else None)
 
 
 def _use_fused_dkdv(DK: int, DV: int, fp32: bool) -> bool:
@@ -191,12 +192,9 @@ def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg):
     ch, ns = (32 if fp32 else 64), (1 if fp32 else 2)
     dk = _alloc((B, T, H, DK), k.dtype, q.device)
     dv = _alloc((B, T, H, DV), v.dtype, q.device)
-    final = _alloc((B, H, DK, DV), torch.float32, q.device) if need_ds0 else dk
-    init_t = dfinal if dfinal is not None else dk
-    si = dfinal.stride() if dfinal is not None else (0, 0, 0, 0)
-    loc_t = local if local is not None else dk
-    sl = local.stride() if local is not None else (0, 0, 0, 0, 0)
-    sf = final.stride() if need_ds0 else (0, 0, 0, 0)
+    final, sf = _optional(_alloc((B, H, DK, DV), torch.float32, q.device) if need_ds0 else None, dk, 4)
+    init_t, si = _optional(dfinal, dk, 4)
+    loc_t, sl = _optional(local, dk, 5)
     K._dkdv_kernel[(1, nseg, B * H)](
         q, k, v, do, dk, dv, init_t, loc_t, final, slope, T, H, seg_len,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
