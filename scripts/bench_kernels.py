@@ -229,43 +229,53 @@ def run_shape(impls, checks, H, K, V, lens, tokens, dtype, rows):
                   f"fwdbwd={row['fwdbwd_ms']} peak={row['peak_gb']} {row.get('note', '')}", flush=True)
 
 
-def variants(tokens, dtype):
-    """tnlib's alternatives (segment plan, fused or two-pass dk/dv) and a per-kernel breakdown."""
+def variants(tokens, dtype, shapes=((16, 128, 128),), lens=(1024, 32768), targets=(256, 512, 1024)):
+    """tnlib's segment-plan alternatives (``_TARGET_CTAS``) per shape and T, each checked against
+    the default plan's output, plus a per-kernel breakdown of the default plan."""
     from triton.testing import do_bench
 
     from tnlib.ops import lightning as L
 
     out = []
-    H, K, V = 16, 128, 128
-    s = slopes(H).to(DEV)
     fn = lambda q, k, v, s_: L.lightning_attention(q, k, v, s_)
-    for T in (1024, 32768):
-        B = tokens // T
-        q, k, v, do = inputs(B, T, H, K, V, "bthd", dtype, seed=3)
-        for fused in (True, False):
-            for tgt in ((512,) if T == 1024 else (256, 512, 1024)):
-                L._TARGET_CTAS, L._FUSED_DKDV = tgt, fused
-                f, fb, pk = time_one(fn, q, k, v, s, do)
-                out.append(dict(T=T, fused_dkdv=fused, target_ctas=tgt, seg=L._plan_for(q, v),
-                                fwd_ms=round(f, 4), fwdbwd_ms=round(fb, 4), peak_gb=round(pk, 3)))
-                print("variant", out[-1], flush=True)
-        L._TARGET_CTAS, L._FUSED_DKDV = 512, True
-        # breakdown of the forward: segment-state kernel and main kernel alone
-        seg_len, nseg = L._plan_for(q, v)
-        qd, kd, vd = (x.detach() for x in (q, k, v))
-        loc = L._local_states(kd, vd, s, seg_len, nseg, False) if nseg > 1 else None
-        t_main = do_bench(lambda: L._attn(qd, kd, vd, s, None, True, False, False, loc, seg_len, nseg, dtype),
-                          warmup=25, rep=100, return_mode="median")
-        t_loc = (do_bench(lambda: L._local_states(kd, vd, s, seg_len, nseg, False), warmup=25, rep=100,
-                          return_mode="median") if nseg > 1 else 0.0)
-        dod = do.detach()
-        t_bwd = do_bench(lambda: L._backward_impl(dod, None, qd, kd, vd, s, None, False), warmup=25, rep=100,
-                         return_mode="median")
-        out.append(dict(T=T, breakdown=dict(main_fwd_kernel_ms=round(t_main, 4), segment_state_kernel_ms=round(t_loc, 4),
-                                            backward_kernels_ms=round(t_bwd, 4), seg=(seg_len, nseg))))
-        print("breakdown", out[-1], flush=True)
-        del q, k, v, do, qd, kd, vd, dod, loc
-        torch.cuda.empty_cache()
+    default = L._TARGET_CTAS
+    for H, K, V in shapes:
+        s = slopes(H).to(DEV)
+        for T in lens:
+            B = tokens // T
+            q, k, v, do = inputs(B, T, H, K, V, "bthd", dtype, seed=3)
+            with torch.no_grad():
+                ref = fn(q, k, v, s).float()
+            for tgt in targets:
+                L._TARGET_CTAS = tgt
+                try:
+                    with torch.no_grad():
+                        err = ((fn(q, k, v, s).float() - ref).abs().max() / ref.abs().max()).item()
+                    f, fb, pk = time_one(fn, q, k, v, s, do)
+                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, seg=L._plan_for(q, v), rel_err_vs_default=err,
+                               fwd_ms=round(f, 4), fwdbwd_ms=round(fb, 4), peak_gb=round(pk, 3))
+                except Exception as e:  # noqa: BLE001
+                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, error=repr(e)[:200])
+                finally:
+                    L._TARGET_CTAS = default
+                out.append(row)
+                print("variant", row, flush=True)
+            # breakdown of the default plan: segment-state kernel, main forward kernel, backward
+            seg_len, nseg = L._plan_for(q, v)
+            qd, kd, vd, dod = (x.detach() for x in (q, k, v, do))
+            loc = L._local_states(kd, vd, s, seg_len, nseg, False) if nseg > 1 else None
+            t_main = do_bench(lambda: L._attn(qd, kd, vd, s, None, True, False, False, loc, seg_len, nseg, dtype),
+                              warmup=25, rep=100, return_mode="median")
+            t_loc = (do_bench(lambda: L._local_states(kd, vd, s, seg_len, nseg, False), warmup=25, rep=100,
+                              return_mode="median") if nseg > 1 else 0.0)
+            t_bwd = do_bench(lambda: L._backward_impl(dod, None, qd, kd, vd, s, None, False, loc), warmup=25,
+                             rep=100, return_mode="median")
+            out.append(dict(H=H, K=K, V=V, T=T, breakdown=dict(
+                main_fwd_kernel_ms=round(t_main, 4), segment_state_kernel_ms=round(t_loc, 4),
+                backward_kernels_ms=round(t_bwd, 4), seg=(seg_len, nseg))))
+            print("breakdown", out[-1], flush=True)
+            del q, k, v, do, qd, kd, vd, dod, loc, ref
+            torch.cuda.empty_cache()
     return out
 
 
@@ -313,6 +323,8 @@ def main():
     ap.add_argument("--long-heads", type=int, default=4)
     ap.add_argument("--impls", default=None, help="comma list of contenders to run (default: all)")
     ap.add_argument("--variants", action="store_true", help="also time tnlib's segment-plan variants")
+    ap.add_argument("--variants-only", action="store_true", help="only the variants (written to variants-<gpu>.json)")
+    ap.add_argument("--targets", default="256,512,1024", help="_TARGET_CTAS values for the variants")
     ap.add_argument("--replot", default=None, help="only redraw the PNG from this JSON file (no GPU needed)")
     a = ap.parse_args()
     if a.replot:
@@ -334,7 +346,10 @@ def main():
     lens = [int(x) for x in a.lens.split(",")]
     slug = gpu_slug()
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"kernels-{slug}.json")
+    path = os.path.join(a.out, f"{'variants' if a.variants_only else 'kernels'}-{slug}.json")
+    shapes = [tuple(int(x) for x in shp.split(":")) for shp in a.shapes.split(",")]
+    if a.variants_only:
+        a.variants, a.no_long_check, shapes = True, True, shapes
 
     def dump(partial):
         head = provenance({"fla": versions.get("fla"), "lightning-attn": versions.get("lightning-attn"),
@@ -369,17 +384,17 @@ def main():
     if a.long_first and not a.no_long_check:
         long.extend(long_check(a.long_heads))
         dump(True)
-    for shp in a.shapes.split(","):
-        H, K, V = (int(x) for x in shp.split(":"))
+    for H, K, V in ([] if a.variants_only else shapes):
         run_shape(impls, checks, H, K, V, lens, a.tokens, dtype, rows)
         dump(True)
-    plot(rows, os.path.join(a.out, f"kernels-{slug}.png"))
+    if rows:
+        plot(rows, os.path.join(a.out, f"kernels-{slug}.png"))
     if not a.no_long_check and not a.long_first:
         long.extend(long_check(a.long_heads))
         dump(True)
     if a.variants:
         try:
-            var.extend(variants(a.tokens, dtype))
+            var.extend(variants(a.tokens, dtype, shapes, lens, [int(x) for x in a.targets.split(",")]))
         except Exception as e:  # noqa: BLE001
             var.append({"error": repr(e)[:300]})
     dump(False)

@@ -130,14 +130,17 @@ def _local_config(DK: int, DV: int, fp32: bool):
 
 
 def _local_states(b, c, slope, seg_len, nseg, reverse):
-    """Per-segment end states from a zero start: ``[B, H, nseg, DK, DV]`` fp32."""
+    """End states of segments ``0 .. nseg-2`` from a zero start: ``[B, H, nseg-1, DK, DV]`` fp32.
+
+    The last segment's state is never needed (a segment folds in only the ones before it), so its
+    ``b`` and ``c`` are not read a second time."""
     K = _kernels()
     B, T, H, DK = b.shape
     DV = c.shape[3]
     fp32 = b.dtype == torch.float32
     ch, bv, nw, ns = _local_config(DK, DV, fp32)
-    loc = _alloc((B, H, nseg, DK, DV), torch.float32, b.device)
-    grid = (DV // bv, nseg, B * H)
+    loc = _alloc((B, H, nseg - 1, DK, DV), torch.float32, b.device)
+    grid = (DV // bv, nseg - 1, B * H)
     K._segment_state_kernel[grid](
         b, c, slope, loc, T, H, seg_len,
         *_strides3(b), *_strides3(c), *loc.stride(),
@@ -212,10 +215,11 @@ def _forward_impl(q, k, v, slope, initial_state, output_final_state):
     B, T, H, _ = q.shape
     seg_len, nseg = _plan_for(q, v)
     local = _local_states(k, v, slope, seg_len, nseg, False) if nseg > 1 else None
-    return _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype)
+    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype)
+    return o, final, local
 
 
-def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0):
+def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc_kv=None):
     do = _last_contig(do.to(v.dtype))
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
@@ -223,7 +227,10 @@ def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0):
     seg_len, nseg = _plan_for(q, v)
     multi = nseg > 1
     # dq_t = dO_t S_t^T: forward in time, query dO, key v, value k, start S_{-1}^T
-    loc_kv = _local_states(k, v, slope, seg_len, nseg, False) if multi else None
+    if not multi:
+        loc_kv = None
+    elif loc_kv is None or loc_kv.shape[2] != nseg - 1:  # not saved by the forward (or another plan)
+        loc_kv = _local_states(k, v, slope, seg_len, nseg, False)
     s0t = initial_state.transpose(-1, -2) if initial_state is not None else None
     dq, _ = _attn(do, v, k, slope, s0t, True, False, False,
                   loc_kv.transpose(-1, -2) if multi else None, seg_len, nseg, q.dtype)
@@ -252,11 +259,14 @@ def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0):
 def _lightning_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor,
     initial_state: Optional[torch.Tensor], output_final_state: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    o, final = _forward_impl(q, k, v, slope, initial_state, output_final_state)
-    if final is None:
-        final = q.new_empty((0,), dtype=torch.float32)
-    return o, final
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(o, final state or empty, segment states or empty)``; the segment states of k, v
+    are kept for the backward's dq pass, which needs exactly them."""
+    o, final, local = _forward_impl(q, k, v, slope, initial_state, output_final_state)
+    def empty():  # distinct tensors: custom-op outputs may not alias each other
+        return q.new_empty((0,), dtype=torch.float32)
+
+    return o, (empty() if final is None else final), (empty() if local is None else local)
 
 
 @_lightning_fwd_op.register_fake
@@ -265,15 +275,19 @@ def _(q, k, v, slope, initial_state, output_final_state):
     V = v.shape[3]
     o = v.new_empty((B, T, H, V))
     final = q.new_empty((B, H, K, V) if output_final_state else (0,), dtype=torch.float32)
-    return o, final
+    nseg = _plan_for(q, v)[1]
+    local = q.new_empty((B, H, nseg - 1, K, V) if nseg > 1 else (0,), dtype=torch.float32)
+    return o, final, local
 
 
 @torch.library.custom_op("tnlib::lightning_bwd", mutates_args=())
 def _lightning_bwd_op(
     do: torch.Tensor, dfinal: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, slope: torch.Tensor, initial_state: Optional[torch.Tensor], need_ds0: bool,
+    local_kv: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, ds0 = _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0)
+    loc = local_kv if local_kv is not None and local_kv.dim() == 5 else None
+    dq, dk, dv, ds0 = _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc)
     if ds0 is None:
         ds0 = q.new_empty((0,), dtype=torch.float32)
     elif initial_state is not None:
@@ -282,7 +296,7 @@ def _lightning_bwd_op(
 
 
 @_lightning_bwd_op.register_fake
-def _(do, dfinal, q, k, v, slope, initial_state, need_ds0):
+def _(do, dfinal, q, k, v, slope, initial_state, need_ds0, local_kv=None):
     if need_ds0:
         ds0 = initial_state.new_empty(initial_state.shape)
     else:
@@ -294,18 +308,18 @@ def _setup_context(ctx, inputs, output):
     q, k, v, slope, initial_state, output_final_state = inputs
     ctx.has_init = initial_state is not None
     ctx.output_final_state = output_final_state
-    ctx.save_for_backward(q, k, v, slope, initial_state if initial_state is not None else None)
+    ctx.save_for_backward(q, k, v, slope, initial_state if initial_state is not None else None, output[2])
 
 
-def _backward(ctx, do, dfinal):
-    q, k, v, slope, initial_state = ctx.saved_tensors
+def _backward(ctx, do, dfinal, _dlocal):
+    q, k, v, slope, initial_state, local_kv = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(v)
     if not ctx.output_final_state or dfinal is None or dfinal.numel() == 0:
         dfinal = None
     need_ds0 = ctx.has_init and ctx.needs_input_grad[4]
     dq, dk, dv, ds0 = _lightning_bwd_op(
-        do, dfinal, q, k, v, slope, initial_state if ctx.has_init else None, need_ds0
+        do, dfinal, q, k, v, slope, initial_state if ctx.has_init else None, need_ds0, local_kv
     )
     return dq, dk, dv, None, (ds0 if need_ds0 else None), None
 
@@ -370,5 +384,5 @@ def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=F
     if not _use_kernel(q):
         return _fallback(q, k, v, slope, initial_state, output_final_state)
     slope32 = slope.to(torch.float32)
-    o, final = _lightning_fwd_op(q, k, v, slope32, initial_state, bool(output_final_state))
+    o, final, _ = _lightning_fwd_op(q, k, v, slope32, initial_state, bool(output_final_state))
     return (o, final) if output_final_state else o
