@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Data-parallel scaling of training (issue 6): the same per-GPU batch on 1 GPU and, through
 # torchrun + DDP, on N GPUs; tokens/s = median over the steps after the compile warm-up.
-# Usage (GPU machine with >= 2 GPUs):  bash scripts/bench_scaling.sh OUT_DIR [preset] [steps]
+# Usage (GPU machine with >= 2 GPUs):  bash scripts/bench_scaling.sh OUT_DIR [preset] [steps] [phases]
+# phases: any of 1 (one-GPU run), N (all-GPU run), report; default "1 N report".
 # Writes OUT_DIR/scaling-<gpu>x<N>.json with provenance and both runs' medians.
 set -uo pipefail
 OUT=${1:?out dir}
 PRESET=${2:-tnl-385m}
 STEPS=${3:-50}
+PHASES=${4:-1 N report}
 DATA=${DATA:-/tmp/tnl-data}
 NGPU=${NGPU:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
 export PYTHONUNBUFFERED=1 SEQ BATCH
@@ -17,8 +19,14 @@ if [ ! -f $DATA/meta.json ]; then
 fi
 SEQ=${SEQ:-2048}; BATCH=${BATCH:-16}
 SET="seq_len=$SEQ batch_size=$BATCH lr=6e-4 max_steps=$STEPS warmup_steps=5 eval_every=100000 eval_sets=val eval_tokens=65536 ckpt_every=100000 compile=${COMPILE:-true} progress=false"
-CUDA_VISIBLE_DEVICES=0 python3 -m tnlib train --preset $PRESET --data $DATA --out /tmp/scale-1 --set $SET || exit 1
-torchrun --standalone --nproc_per_node=$NGPU -m tnlib train --preset $PRESET --data $DATA --out /tmp/scale-$NGPU --set $SET || exit 1
+if [[ " $PHASES " == *" 1 "* ]]; then
+  CUDA_VISIBLE_DEVICES=0 python3 -m tnlib train --preset $PRESET --data $DATA --out /tmp/scale-1 --set $SET || exit 1
+fi
+if [[ " $PHASES " == *" N "* ]]; then
+  python3 -m torch.distributed.run --standalone --nproc_per_node=$NGPU -m tnlib train --preset $PRESET --data $DATA \
+    --out /tmp/scale-$NGPU --set $SET || exit 1
+fi
+[[ " $PHASES " == *" report "* ]] || exit 0
 python3 - "$OUT" "$PRESET" "$NGPU" "$STEPS" <<'PY'
 import json, os, statistics, sys
 from tnlib.provenance import gpu_slug, provenance

@@ -136,6 +136,25 @@ def test_torch_compile_kernel_path(device):
         assert_close(a.grad, b.grad, name=name)
 
 
+@triton_test
+def test_torch_compile_dynamic_shapes_multi_segment(device, monkeypatch):
+    """Under dynamic shapes (as in a model whose layers have different head dims) the op's fake
+    implementation must plan segments from symbolic sizes; the segment states the forward keeps
+    for the backward must give the reference gradients."""
+    monkeypatch.setattr(L, "_MIN_SEG", 128)
+    monkeypatch.setattr(L, "_TARGET_CTAS", 16)
+    f = torch.compile(lambda a, b, c, s: lightning_attention(a, b, c, s), backend="aot_eager", dynamic=True)
+    for K, T in ((16, 300), (32, 390)):
+        q, k, v, slope, _, do, _ = _inputs(1, T, 2, K, 16, torch.float32, device, init=False)
+        assert L._plan_for(q, v)[1] > 1
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        (f(*xs, slope).float() * do).sum().backward()
+        xr = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        (linear_attention_quadratic(*xr, slope.double()) * do.double()).sum().backward()
+        for name, a, b in zip(("dq", "dk", "dv"), xs, xr):
+            assert_close(a.grad, b.grad, name=f"{name} K={K}")
+
+
 def test_cpu_fallback_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v, slope, S0, do, _ = _inputs(2, 70, 2, 16, 32, torch.float32, "cpu")

@@ -48,7 +48,10 @@ _POISON = False
 _SEG_LEN: Optional[int] = None
 #: Tuning hook: {(DK, DV, is_fp32): (chunk, BV, num_warps, num_stages)} overrides _config().
 _CONFIG_OVERRIDE: dict = {}
-#: Aim for about this many CTAs per launch before splitting sequences into parallel segments.
+#: Split sequences into parallel segments only when the forward has fewer CTAs than this, and then
+#: aim for about ``_TARGET_CTAS``. Measured on the H200 (results/bench/variants-h200.json): with 256
+#: CTAs an unsplit T=8K runs as fast as T=1K, while at 128 CTAs splitting into 4-8 segments wins.
+_SPLIT_BELOW = 256
 _TARGET_CTAS = 512
 #: Backward: dk and dv from one fused reverse sweep (True) or two passes of the generic kernel.
 _FUSED_DKDV = True
@@ -64,9 +67,10 @@ def _kernels():
 
 def _config(DK: int, DV: int, fp32: bool):
     """(chunk, BV, num_warps, num_stages) for a pass with state ``[DK, DV]``."""
-    key = (DK, DV, fp32)
-    if key in _CONFIG_OVERRIDE:
-        return _CONFIG_OVERRIDE[key]
+    if _CONFIG_OVERRIDE:  # (not looked up otherwise: under torch.compile DK, DV may be SymInts)
+        key = (int(DK), int(DV), fp32)
+        if key in _CONFIG_OVERRIDE:
+            return _CONFIG_OVERRIDE[key]
     if fp32:
         ch = 32 if DK >= 128 else 64
         bv = min(DV, 32)
@@ -85,6 +89,8 @@ def _seg_plan(B: int, H: int, T: int, n_vblocks: int = 2) -> tuple[int, int]:
     """
     if _SEG_LEN is not None:
         seg = int(_SEG_LEN)
+    elif n_vblocks * B * H >= _SPLIT_BELOW:
+        seg = T
     else:
         want = -(-_TARGET_CTAS // (max(2, n_vblocks) * B * H))
         seg = T if want <= 1 else max(_MIN_SEG, -(-T // want))
