@@ -43,14 +43,17 @@ def plot_runs(runs: dict, path: str, title: str = "", evals=("val",)):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
-    for label, mpath in runs.items():
+    for i, (label, mpath) in enumerate(runs.items()):
+        color = f"C{i}"  # one colour per run, one line style per held-out set
         recs = read_metrics(mpath)
         steps = [r for r in recs if "tokens_per_s" in r]
-        ax[0].plot([r["tokens"] / 1e6 for r in steps], [r["loss"] for r in steps], label=label, alpha=0.8)
+        ax[0].plot([r["tokens"] / 1e6 for r in steps], [r["loss"] for r in steps], color=color, label=label, alpha=0.8)
         for name, ls in zip(evals, ("o-", "s--", "^:", "d-.")):
             ev = [r for r in recs if f"{name}_ppl" in r]
-            ax[1].plot([r["tokens"] / 1e6 for r in ev], [r[f"{name}_ppl"] for r in ev], ls, label=f"{label} {name}")
-        ax[2].plot([r["tokens"] / 1e6 for r in steps], [r["tokens_per_s"] for r in steps], label=label, alpha=0.8)
+            ax[1].plot([r["tokens"] / 1e6 for r in ev], [r[f"{name}_ppl"] for r in ev], ls, color=color,
+                       label=f"{label} {name}")
+        ax[2].plot([r["tokens"] / 1e6 for r in steps], [r["tokens_per_s"] for r in steps], color=color, label=label,
+                   alpha=0.8)
     ax[1].set_yscale("log")
     for a, t, y in zip(ax, ("training loss", "held-out perplexity", "throughput"),
                        ("nats/token", "perplexity (our tokenizer)", "tokens/s")):
@@ -73,7 +76,25 @@ def compare_runs(runs: dict, out: str, title: str = "", evals=("val",), extra: d
     os.makedirs(out, exist_ok=True)
     summary = {name: summarize_run(p) for name, p in runs.items()}
     plot_runs(runs, os.path.join(out, "curves.png"), title, evals)
-    doc = {**summary, **provenance(extra or {})}
+    here = provenance()
+    doc = {**summary, **here}
+    # the figures come from the training runs: report their machine, commit and date at the top level
+    # (the runs may have been made elsewhere, e.g. on a GPU machine, and compared here)
+    provs = [s.get("provenance") for s in summary.values()]
+    if all(provs):
+        first = provs[0]
+        for key in ("commit", "gpu", "cpu", "torch", "triton", "cuda", "python", "date"):
+            if key in first:
+                doc[key] = first[key]
+        doc["command"] = "; ".join(dict.fromkeys(p["command"] for p in provs))
+        doc["compare_command"] = here["command"]
+        doc["compare_date"] = here["date"]
+    names = list(summary)
+    if len(names) == 2:  # e.g. tnl / transformer: perplexity ratios, the paper's way of comparing
+        a, b = (summary[n] for n in names)
+        doc["ppl_ratios"] = {k: a[k] / b[k] for k in a if k.endswith("_ppl") and b.get(k)}
+        doc["ppl_ratios_note"] = f"{names[0]} / {names[1]} at equal tokens"
+    doc.update(extra or {})
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(doc, f, indent=1)
     names = list(summary)
