@@ -82,7 +82,7 @@ def cmd_generate(a):
     print(a.prompt, end="", flush=True)
     out = []
     for t in stream_generate(model, torch.tensor([ids]), a.max_new_tokens, a.temperature, a.top_k, a.top_p,
-                             eos_token_id=eot, generator=g):
+                             eos_token_id=eot, generator=g, fuse_step=a.fused):
         if int(t[0]) == eot:
             break
         out.append(int(t[0]))
@@ -139,6 +139,7 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fused", action="store_true", help="GPU: compile the CUDA-graph decode step (faster per token)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("compare", help="summary.json + curves.png of several runs")
