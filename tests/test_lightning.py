@@ -219,3 +219,20 @@ def test_two_pass_dkdv_backward(device, monkeypatch, dtype):
     monkeypatch.setattr(L, "_FUSED_DKDV", False)
     monkeypatch.setattr(L, "_SEG_LEN", 128)
     _run_and_compare(2, 150, 2, 16, 32, dtype, device)
+
+
+@triton_test
+def test_model_block_compiles_without_graph_breaks(device):
+    """Under torch.compile the input checks must not break the graph (the slope value check needs
+    the host): one graph per block, whatever the layer's slope tensor."""
+    import torch._dynamo
+
+    import tnlib
+
+    torch.manual_seed(0)
+    model = tnlib.create_model("tnl-tiny", vocab_size=64, n_layers=2).to(device)
+    for layer in model.layers:
+        h = torch.randn(1, 40, model.config.d_model, device=device)
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(layer)(h)
+        assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons]

@@ -374,7 +374,13 @@ def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=F
     """
     if slope is None:
         raise ValueError("lightning_attention: slope [H] is required (use zeros for no decay)")
-    if _slope_validated(slope):
+    if torch.compiler.is_compiling():
+        # inside a traced graph: shapes only. The value check (finite, >= 0) needs the values on the
+        # host: a device sync and a graph break per layer (and a recompile per slope tensor).
+        B, T, H, K, V = check_attention_inputs(q, k, v, None, initial_state, name="lightning_attention")
+        if not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (H,) or slope.device != q.device:
+            B, T, H, K, V = check_attention_inputs(q, k, v, slope, initial_state, name="lightning_attention")
+    elif _slope_validated(slope):
         # values already checked: validate shapes only (the value check costs a device sync)
         B, T, H, K, V = check_attention_inputs(q, k, v, None, initial_state, name="lightning_attention")
         if not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (H,) or slope.device != q.device:
