@@ -132,7 +132,8 @@ def test_two_process_gloo_run(prepared, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "tnlib", "train", "--preset", "tnl-tiny", "--data", data, "--out", out,
-           "--set", "seq_len=32", "batch_size=2", "max_steps=3", "eval_every=3", "eval_tokens=256", "progress=false",
+           "--set", "seq_len=32", "batch_size=2", "grad_accum=2", "max_steps=3", "eval_every=3", "eval_tokens=256",
+           "progress=false",
            "--model", "n_layers=1", "d_model=64", "n_heads=2", "glu_dim=128"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -140,7 +141,9 @@ def test_two_process_gloo_run(prepared, tmp_path):
     recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     steps = [x for x in recs if "loss" in x and "event" not in x]
     assert [x["step"] for x in steps] == [1, 2, 3]
-    assert steps[-1]["tokens"] == 3 * 2 * 2 * 32  # both processes' tokens are counted
+    assert steps[-1]["tokens"] == 3 * 2 * 2 * 2 * 32  # both processes' tokens (and both micro-batches) count
+    # the run ends with a check that both replicas hold the same weights (gradients synced on the last
+    # micro-batch of every step, skipped on the others): it would have failed the run
     assert np.isfinite(steps[-1]["val_loss"])
 
 

@@ -7,6 +7,7 @@ exactly (weights, optimizer, RNG, step, the data position and the config) is che
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -146,6 +147,16 @@ def _measure_peak_tflops(device) -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - t) / 1e12
 
 
+def _check_replicas_in_sync(model) -> None:
+    """DDP sanity check (once, at the end): every process must hold the same weights."""
+    with torch.no_grad():
+        mine = torch.stack([p.detach().float().sum() for p in model.parameters()])
+        everyone = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(everyone, mine)
+    if not all(torch.equal(mine, other) for other in everyone):
+        raise RuntimeError("DDP replicas diverged: the processes hold different weights")
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train (or resume) one model; returns the final metrics dict. Writes ``cfg.out``/metrics.jsonl,
     ``checkpoint/`` and ``final/`` (safetensors + config)."""
@@ -255,10 +266,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 x = batch_at(train_tf.tokens, step, micro, cfg, rank, world).to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = fwd(x[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-                (loss / cfg.grad_accum).backward()
+                # DDP: all-reduce the gradients once per step, on the last micro-batch only
+                last_micro = micro == cfg.grad_accum - 1
+                with (model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()):
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        logits = fwd(x[:, :-1])
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+                    (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
             opt.step()
@@ -291,6 +305,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             if stop["signal"]:
                 write({"event": "interrupted", "signal": stop["signal"], "step": step})
                 break
+        if world > 1:
+            _check_replicas_in_sync(raw_model)
         if not stop["signal"]:
             if "val_loss" not in last and eval_tfs:
                 last = {**last, "step": step, "tokens": tokens_seen, **run_eval()}
