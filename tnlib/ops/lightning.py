@@ -52,6 +52,8 @@ _CONFIG_OVERRIDE: dict = {}
 #: aim for about ``_TARGET_CTAS``. Measured on the H200 (results/bench/variants-h200.json): with 256
 #: CTAs an unsplit T=8K runs as fast as T=1K, while at 128 CTAs splitting into 4-8 segments wins.
 _SPLIT_BELOW = 256
+#: Forward: prefer narrower value blocks to segments when that fills the GPU (see ``_fwd_plan``).
+_NARROW_BV = False
 _TARGET_CTAS = 512
 #: Backward: dk and dv from one fused reverse sweep (True) or two passes of the generic kernel.
 _FUSED_DKDV = True
@@ -105,6 +107,24 @@ def _plan_for(q, v):
     DV = v.shape[3]
     bv = _config(DK, DV, q.dtype == torch.float32)[1]
     return _seg_plan(B, H, T, DV // bv)
+
+
+def _fwd_plan(q, v):
+    """(BV, segment length, segments) of the forward. With ``_NARROW_BV``, a sequence that would be
+    split is instead covered by narrower value blocks (down to 16 wide) when that alone gives
+    ``_SPLIT_BELOW`` CTAs: q and k are then re-read per value block (mostly from L2) instead of k and
+    v by a segment-state pass. Experimental until measured: off by default."""
+    B, T, H, DK = q.shape
+    DV = v.shape[3]
+    bv = _config(DK, DV, q.dtype == torch.float32)[1]
+    seg_len, nseg = _seg_plan(B, H, T, DV // bv)
+    if _NARROW_BV and nseg > 1 and _SEG_LEN is None:
+        nb = bv
+        while nb > 16 and (DV // nb) * B * H < _SPLIT_BELOW:
+            nb //= 2
+        if (DV // nb) * B * H >= _SPLIT_BELOW:
+            return nb, T, 1
+    return bv, seg_len, nseg
 
 
 def _upcast(x):
@@ -161,13 +181,14 @@ def _optional(t, stand_in, ndim):
     return (t, t.stride()) if t is not None else (stand_in, (0,) * ndim)
 
 
-def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype):
+def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype, bv=None):
     """One pass of the generic kernel (see the module docstring of ``_lightning_kernels``)."""
     K = _kernels()
     B, T, H, DK = a.shape
     DV = c.shape[3]
     fp32 = a.dtype == torch.float32
-    ch, bv, nw, ns = _config(DK, DV, fp32)
+    ch, bv0, nw, ns = _config(DK, DV, fp32)
+    bv = bv or bv0
     o = _alloc((B, T, H, DV), out_dtype, a.device)
     final_t, sf = _optional(_alloc((B, H, DK, DV), torch.float32, a.device) if want_final else None, o, 4)
     init_t, si = _optional(init, o, 4)
@@ -219,9 +240,10 @@ def _forward_impl(q, k, v, slope, initial_state, output_final_state):
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
     B, T, H, _ = q.shape
-    seg_len, nseg = _plan_for(q, v)
+    bv, seg_len, nseg = _fwd_plan(q, v)
     local = _local_states(k, v, slope, seg_len, nseg, False) if nseg > 1 else None
-    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype)
+    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype,
+                     bv=bv)
     return o, final, local
 
 
@@ -281,7 +303,7 @@ def _(q, k, v, slope, initial_state, output_final_state):
     V = v.shape[3]
     o = v.new_empty((B, T, H, V))
     final = q.new_empty((B, H, K, V) if output_final_state else (0,), dtype=torch.float32)
-    nseg = _plan_for(q, v)[1]
+    nseg = _fwd_plan(q, v)[2]
     local = q.new_empty((B, H, nseg - 1, K, V) if nseg > 1 else (0,), dtype=torch.float32)
     return o, final, local
 
