@@ -17,7 +17,7 @@ import tnlib  # noqa: E402
 from tnlib.provenance import gpu_slug, provenance  # noqa: E402
 
 
-def run(preset, T, tokens, mode, steps, warmup, vocab):
+def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False):
     torch.manual_seed(0)
     model = tnlib.create_model(preset, vocab_size=vocab).cuda()
     if mode == "compiled":
@@ -29,8 +29,12 @@ def run(preset, T, tokens, mode, steps, warmup, vocab):
     def step(i):
         ids = batches[i % 2]
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+            if fused_loss:  # LM head + cross-entropy in row chunks (tnlib.ops.loss)
+                loss = model(ids[:, :-1], ids[:, 1:])
+            else:
+                logits = model(ids[:, :-1])
+        if not fused_loss:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -50,7 +54,7 @@ def run(preset, T, tokens, mode, steps, warmup, vocab):
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
-    row = dict(model=preset, T=T, B=B, mode=mode, tokens_per_step=B * T, step_ms=ms,
+    row = dict(model=preset, T=T, B=B, mode=mode, fused_loss=fused_loss, tokens_per_step=B * T, step_ms=ms,
                tokens_per_s=B * T / (ms / 1e3), peak_gb=torch.cuda.max_memory_allocated() / 1e9,
                loss=float(loss), warmup_s=warm_s, params=model.num_parameters())
     del model, opt, batches
@@ -69,6 +73,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=50272)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--loss", default="logits", help="comma list of: logits (F.cross_entropy on fp32 logits), fused")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_model needs a CUDA GPU")
@@ -76,11 +81,11 @@ def main():
     rows = []
     for mode in a.modes.split(","):
         for preset in a.models.split(","):
-            for T in map(int, a.lens.split(",")):
+            for T, loss_kind in ((T, k) for T in map(int, a.lens.split(",")) for k in a.loss.split(",")):
                 try:
-                    r = run(preset, T, a.tokens, mode, a.steps, a.warmup, a.vocab)
+                    r = run(preset, T, a.tokens, mode, a.steps, a.warmup, a.vocab, fused_loss=loss_kind == "fused")
                 except Exception as e:  # record failures instead of losing the whole run
-                    r = dict(model=preset, T=T, mode=mode, error=repr(e)[:300])
+                    r = dict(model=preset, T=T, mode=mode, fused_loss=loss_kind == "fused", error=repr(e)[:300])
                     torch.cuda.empty_cache()
                 rows.append(r)
                 print(json.dumps(r), flush=True)
@@ -92,7 +97,8 @@ def main():
         if "error" in r:
             print(f"{r['model']:18s} {r['mode']:9s} {r['T']:6d} ERROR {r['error'][:60]}")
         else:
-            print(f"{r['model']:18s} {r['mode']:9s} {r['T']:6d} {r['tokens_per_s']:10.0f} {r['peak_gb']:8.1f}")
+            print(f"{r['model']:18s} {r['mode']:9s} {r['T']:6d} {r['tokens_per_s']:10.0f} {r['peak_gb']:8.1f}"
+                  f"{'  fused loss' if r.get('fused_loss') else ''}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 # torchrun + DDP, on N GPUs; tokens/s = median over the steps after the compile warm-up.
 # Usage (GPU machine with >= 2 GPUs):  bash scripts/bench_scaling.sh OUT_DIR [preset] [steps] [phases]
 # phases: any of 1 (one-GPU run), N (all-GPU run), report; default "1 N report".
+# EXTRA="grad_accum=2 ddp_bucket_mb=100 fused_loss=true" adds TrainConfig settings to both runs.
 # Writes OUT_DIR/scaling-<gpu>x<N>.json with provenance and both runs' medians.
 set -uo pipefail
 OUT=${1:?out dir}
@@ -11,14 +12,14 @@ STEPS=${3:-50}
 PHASES=${4:-1 N report}
 DATA=${DATA:-/tmp/tnl-data}
 NGPU=${NGPU:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
-export PYTHONUNBUFFERED=1 SEQ BATCH
+export PYTHONUNBUFFERED=1 SEQ BATCH EXTRA
 mkdir -p "$OUT"
 if [ ! -f $DATA/meta.json ]; then
   python3 -m tnlib prepare --corpus .carry/corpus-gutenberg-00.txt.xz --out $DATA --val-permille 10 \
     --tokenizer data/tokenizer-gutenberg-50272.json || exit 1
 fi
 SEQ=${SEQ:-2048}; BATCH=${BATCH:-16}
-SET="seq_len=$SEQ batch_size=$BATCH lr=6e-4 max_steps=$STEPS warmup_steps=5 eval_every=100000 eval_sets=val eval_tokens=65536 ckpt_every=100000 compile=${COMPILE:-true} progress=false"
+SET="seq_len=$SEQ batch_size=$BATCH lr=6e-4 max_steps=$STEPS warmup_steps=5 eval_every=100000 eval_sets=val eval_tokens=65536 ckpt_every=100000 compile=${COMPILE:-true} progress=false ${EXTRA:-}"
 if [[ " $PHASES " == *" 1 "* ]]; then
   CUDA_VISIBLE_DEVICES=0 python3 -m tnlib train --preset $PRESET --data $DATA --out /tmp/scale-1 --set $SET || exit 1
 fi
@@ -37,7 +38,7 @@ def med(path):
     return statistics.median(tps), len(tps)
 one, k1 = med("/tmp/scale-1/metrics.jsonl")
 many, kn = med(f"/tmp/scale-{n}/metrics.jsonl")
-doc = {"header": provenance({"preset": preset, "seq_len": int(os.environ.get("SEQ", 2048)), "batch_per_gpu": int(os.environ.get("BATCH", 16)), "steps": steps, "command": f"bash scripts/bench_scaling.sh {out} {preset} {steps}",
+doc = {"header": provenance({"preset": preset, "seq_len": int(os.environ.get("SEQ", 2048)), "batch_per_gpu": int(os.environ.get("BATCH", 16)), "steps": steps, "command": f"bash scripts/bench_scaling.sh {out} {preset} {steps}", "extra": os.environ.get("EXTRA", ""),
                              "method": "median tokens/s over steps 11..max (after the compile warm-up); "
                                        "same per-GPU batch, DDP through torchrun, torch.compile"}),
        "gpus_1": {"tokens_per_s": one, "steps_counted": k1},

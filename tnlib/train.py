@@ -54,6 +54,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
     checkpointing: bool = False
+    ddp_bucket_mb: float = 25.0  # DDP gradient bucket size (torch's default); larger = fewer, bigger all-reduces
+    fused_loss: bool = False  # LM head + cross-entropy in row chunks, no [tokens, vocab] logits (tnlib.ops.loss)
     peak_tflops: float | None = None  # for MFU; None: measured once on CUDA, not reported on CPU
     device: str = "auto"
     progress: bool = True
@@ -215,7 +217,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     raw_model = model
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cfg.ddp_bucket_mb,
+            gradient_as_bucket_view=True)
     fwd = torch.compile(model) if cfg.compile else model
     n_params = raw_model.num_parameters()
     peak = cfg.peak_tflops or (_measure_peak_tflops(device) if device.type == "cuda" else None)
@@ -270,8 +274,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 last_micro = micro == cfg.grad_accum - 1
                 with (model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()):
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        logits = fwd(x[:, :-1])
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+                        if cfg.fused_loss:
+                            loss = fwd(x[:, :-1], x[:, 1:])
+                        else:
+                            logits = fwd(x[:, :-1])
+                    if not cfg.fused_loss:
+                        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()

@@ -68,6 +68,21 @@ class CausalLM(nn.Module):
         h = self.final_norm(h)
         return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
 
+    def lm_loss(self, h, targets, chunk: int = 8192):
+        """Mean next-token cross-entropy from the last hidden states ``h`` (``[B, T, d]``) against
+        ``targets`` (``[B, T]``), through ``tnlib.ops.loss.linear_cross_entropy``: same value and
+        gradients as ``F.cross_entropy(self.logits(h).float(), targets)`` without materializing the
+        ``[B*T, vocab]`` logits."""
+        from ..ops.loss import linear_cross_entropy
+
+        if targets.shape != h.shape[:2]:
+            raise ValueError(f"targets must have shape {tuple(h.shape[:2])} (like input_ids), got {tuple(targets.shape)}")
+        h = self.final_norm(h)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is not None and getattr(self.lm_head, "bias", None) is not None:
+            raise NotImplementedError("lm_loss: an LM head with a bias is not supported")
+        return linear_cross_entropy(h.flatten(0, 1), weight, targets.flatten().long(), chunk)
+
     def num_parameters(self, exclude_lrpe_theta: bool = False) -> int:
         """All parameters (tied weights once). ``exclude_lrpe_theta`` gives the paper's size convention."""
         n = sum(p.numel() for p in self.parameters())

@@ -148,6 +148,8 @@ class Transformer(CausalLM):
             x = x[:, -1:]
         return self.logits(x), KVCache(keys, values, valid, start + T)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, targets=None):
+        """``input_ids: [B, T]`` -> logits ``[B, T, vocab]``, or with ``targets`` the mean cross-entropy."""
         check_input_ids(input_ids, self.config.vocab_size)
-        return self.logits(self.run_blocks(self.embed(input_ids)))
+        h = self.run_blocks(self.embed(input_ids))
+        return self.logits(h) if targets is None else self.lm_loss(h, targets)

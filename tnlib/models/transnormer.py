@@ -105,6 +105,8 @@ class TransNormerLLM(CausalLM):
             x = x[:, -1:]
         return self.logits(x), RecurrentCache(new_states, start + input_ids.shape[1])
 
-    def forward(self, input_ids):
-        """``input_ids: [B, T]`` -> logits ``[B, T, vocab]``."""
-        return self.logits(self.run_blocks(self.embed_tokens(input_ids)))
+    def forward(self, input_ids, targets=None):
+        """``input_ids: [B, T]`` -> logits ``[B, T, vocab]``; with ``targets`` (``[B, T]``) the mean
+        cross-entropy instead, computed without the logits (``CausalLM.lm_loss``)."""
+        h = self.run_blocks(self.embed_tokens(input_ids))
+        return self.logits(h) if targets is None else self.lm_loss(h, targets)

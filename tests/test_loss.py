@@ -1,0 +1,73 @@
+"""LM head + cross-entropy in row chunks (tnlib.ops.loss) against F.cross_entropy on the logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tnlib
+from tnlib.ops.loss import linear_cross_entropy
+from tnlib.testing import assert_close
+
+
+@pytest.mark.parametrize("N,chunk", [(1, 4), (37, 10), (64, 64), (65, 8192)])
+def test_matches_cross_entropy_float64(N, chunk):
+    g = torch.Generator().manual_seed(N)
+    h = torch.randn(N, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (N,), generator=g)
+    loss = linear_cross_entropy(h, W, y, chunk=chunk)
+    loss.backward()
+    h2, W2 = (t.detach().clone().requires_grad_() for t in (h, W))
+    ref = F.cross_entropy(F.linear(h2, W2), y)
+    ref.backward()
+    assert_close(loss, ref, name="loss")
+    assert_close(h.grad, h2.grad, name="dh")
+    assert_close(W.grad, W2.grad, name="dW")
+    with torch.no_grad():  # the evaluation path (no gradients computed)
+        assert_close(linear_cross_entropy(h, W, y, chunk=chunk), ref, name="loss, no_grad")
+
+
+def test_bf16_autocast_rounds_logits_like_f_linear():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 32, generator=g, requires_grad=True)
+    W = torch.randn(80, 32, generator=g, requires_grad=True)
+    y = torch.randint(0, 80, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, W, y, chunk=24)
+        h2, W2 = (t.detach().clone().requires_grad_() for t in (h, W))
+        logits = F.linear(h2, W2)
+    ref = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+    assert_close(h.grad, h2.grad, dtype=torch.bfloat16, name="dh")
+    assert_close(W.grad, W2.grad, dtype=torch.bfloat16, name="dW")
+    assert h.grad.dtype == h.dtype and W.grad.dtype == W.dtype
+
+
+def test_bad_inputs():
+    h, W = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match="h \\[N, d\\] and weight"):
+        linear_cross_entropy(h, torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets must be a long tensor"):
+        linear_cross_entropy(h, W, torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        linear_cross_entropy(h, W, torch.zeros(4, dtype=torch.long), chunk=0)
+
+
+@pytest.mark.parametrize("preset", ["tnl-tiny", "transformer-tiny"])
+def test_model_forward_with_targets(preset):
+    torch.manual_seed(0)
+    model = tnlib.create_model(preset, vocab_size=300).double()
+    ids = torch.randint(0, 300, (2, 33))
+    loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ref = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    ref.backward()
+    assert_close(loss, ref, name="loss")
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close(fused[n], p.grad, name=n)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        model(ids[:, :-1], ids[:, 1:-1])
