@@ -34,6 +34,10 @@ def cuda_ms(fn, reps):
     return times[len(times) // 2]
 
 
+#: decode modes beyond graph / graph-fused / eager: the fused step compiled with another Inductor mode
+_COMPILE_MODES = {"graph-fused-max": "max-autotune-no-cudagraphs"}
+
+
 def bench(model, name, B, ctx, vocab, decode_steps, mode):
     torch.manual_seed(0)
     ids = torch.randint(0, vocab, (B, ctx), device="cuda")
@@ -49,8 +53,8 @@ def bench(model, name, B, ctx, vocab, decode_steps, mode):
     tok = logits[:, -1].argmax(-1)[:, None]
     cache_gb = cache.nbytes() / 1e9
     torch.cuda.reset_peak_memory_stats()
-    if mode in ("graph", "graph-fused"):
-        dec = GraphDecoder(model, cache, fuse=mode == "graph-fused")
+    if mode.startswith("graph"):
+        dec = GraphDecoder(model, cache, fuse=mode != "graph", compile_mode=_COMPILE_MODES.get(mode))
         step = lambda: dec.decode(tok)  # noqa: E731
     else:
         state = {"cache": cache}
@@ -67,11 +71,11 @@ def bench(model, name, B, ctx, vocab, decode_steps, mode):
                 decode_peak_extra_gb=decode_peak, prefill_peak_extra_gb=prefill_peak)
 
 
-def check_graph(model, vocab, fuse=False):
+def check_graph(model, vocab, fuse=False, compile_mode=None):
     """Graph decode == eager decode for a few steps (same prefill)."""
     ids = torch.randint(0, vocab, (2, 300), device="cuda")
     _, cache = model.step(ids, last_only=True)
-    dec = GraphDecoder(model, cache, fuse=fuse)
+    dec = GraphDecoder(model, cache, fuse=fuse, compile_mode=compile_mode)
     toks = torch.randint(0, vocab, (6, 2, 1), device="cuda")
     errs = []
     for t in toks:
@@ -87,7 +91,8 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--vocab", type=int, default=50272)
     ap.add_argument("--decode-steps", type=int, default=50)
-    ap.add_argument("--tnl-modes", default="graph,eager", help="graph, graph-fused (compiled step), eager")
+    ap.add_argument("--tnl-modes", default="graph-fused,graph,eager",
+                    help="graph, graph-fused (compiled step), graph-fused-max (max-autotune), eager")
     ap.add_argument("--models", default="tnl-385m,transformer-385m")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -101,6 +106,9 @@ def main():
             checks["graph_vs_eager_rel_err"] = check_graph(model, a.vocab)
             if "graph-fused" in modes:
                 checks["graph_fused_vs_eager_rel_err"] = check_graph(model, a.vocab, fuse=True)
+            if "graph-fused-max" in modes:
+                checks["graph_fused_max_vs_eager_rel_err"] = check_graph(model, a.vocab, fuse=True,
+                                                                         compile_mode=_COMPILE_MODES["graph-fused-max"])
             print("graph vs eager decode rel err", checks, flush=True)
         for B in map(int, a.batches.split(",")):
             for ctx in map(int, a.contexts.split(",")):

@@ -23,14 +23,14 @@ class StaticDecodeStep:
     elementwise work: norms, activations, LRPE, the recurrence), which cuts the kernel count per token.
     """
 
-    def __init__(self, model, cache, fuse: bool = False):
+    def __init__(self, model, cache, fuse: bool = False, compile_mode: str | None = None):
         if getattr(model.config, "positional", None) == "ape":
             raise RuntimeError("static decoding does not support absolute position embeddings")
         self.model = model
         B = cache.positions.shape[0]
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=cache.positions.device)
         self.cache = type(cache)([st.clone() for st in cache.states], cache.positions.clone())
-        self._fn = torch.compile(self._body, dynamic=False) if fuse else self._body
+        self._fn = torch.compile(self._body, dynamic=False, mode=compile_mode) if fuse else self._body
 
     @torch.no_grad()
     def _body(self):
@@ -60,14 +60,15 @@ class GraphDecoder:
     The recurrent state has a fixed size, so the step has static shapes: the state lives in static
     buffers that the captured step updates in place. This removes the ~hundreds of kernel launches
     per token that dominate eager batch-1 decoding. ``fuse=True`` also compiles the step first
-    (fewer, fused kernels inside the graph). ``decode(tokens)`` returns ``[B, 1, vocab]`` logits
+    (fewer, fused kernels inside the graph; ``compile_mode``, e.g. ``"max-autotune-no-cudagraphs"``,
+    is passed to ``torch.compile``). ``decode(tokens)`` returns ``[B, 1, vocab]`` logits
     (a static buffer: copy it if you keep it).
     """
 
-    def __init__(self, model, cache, fuse: bool = False):
+    def __init__(self, model, cache, fuse: bool = False, compile_mode: str | None = None):
         if not torch.cuda.is_available() or cache.states[0].device.type != "cuda":
             raise RuntimeError("GraphDecoder needs the model and cache on a CUDA device")
-        self.step = StaticDecodeStep(model, cache, fuse)
+        self.step = StaticDecodeStep(model, cache, fuse, compile_mode)
         saved = self.step.snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
