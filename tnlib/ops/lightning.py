@@ -109,6 +109,14 @@ def _plan_for(q, v):
     return _seg_plan(B, H, T, DV // bv)
 
 
+def _narrow_bv(B: int, H: int, bv: int, DV: int):
+    """The widest value block (halving ``bv``, down to 16) that alone gives ``_SPLIT_BELOW`` CTAs, or None."""
+    nb = bv
+    while nb > 16 and (DV // nb) * B * H < _SPLIT_BELOW:
+        nb //= 2
+    return nb if (DV // nb) * B * H >= _SPLIT_BELOW else None
+
+
 def _fwd_plan(q, v):
     """(BV, segment length, segments) of the forward. With ``_NARROW_BV``, a sequence that would be
     split is instead covered by narrower value blocks (down to 16 wide) when that alone gives
@@ -119,10 +127,8 @@ def _fwd_plan(q, v):
     bv = _config(DK, DV, q.dtype == torch.float32)[1]
     seg_len, nseg = _seg_plan(B, H, T, DV // bv)
     if _NARROW_BV and nseg > 1 and _SEG_LEN is None:
-        nb = bv
-        while nb > 16 and (DV // nb) * B * H < _SPLIT_BELOW:
-            nb //= 2
-        if (DV // nb) * B * H >= _SPLIT_BELOW:
+        nb = _narrow_bv(B, H, bv, DV)
+        if nb is not None:
             return nb, T, 1
     return bv, seg_len, nseg
 
@@ -252,16 +258,23 @@ def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc_kv=N
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
     B, T, H, _ = q.shape
-    seg_len, nseg = _plan_for(q, v)
+    seg_len, nseg = _plan_for(q, v)  # the dk/dv passes' plan
     multi = nseg > 1
-    # dq_t = dO_t S_t^T: forward in time, query dO, key v, value k, start S_{-1}^T
-    if not multi:
+    # dq_t = dO_t S_t^T: forward in time, query dO, key v, value k, start S_{-1}^T. Its plan is the
+    # forward's (so the forward's k/v segment states serve), or narrow value blocks (``_NARROW_BV``).
+    q_bv, q_seg, q_nseg = None, seg_len, nseg
+    if _NARROW_BV and multi and _SEG_LEN is None:
+        nb = _narrow_bv(B, H, _config(v.shape[3], q.shape[3], q.dtype == torch.float32)[1], q.shape[3])
+        if nb is not None:
+            q_bv, q_seg, q_nseg = nb, T, 1
+    if q_nseg == 1:
         loc_kv = None
-    elif loc_kv is None or loc_kv.shape[2] != nseg - 1:  # not saved by the forward (or another plan)
-        loc_kv = _local_states(k, v, slope, seg_len, nseg, False)
+    elif (loc_kv is None or loc_kv.shape[2] != q_nseg - 1
+          or _fwd_plan(q, v)[1:] != (q_seg, q_nseg)):  # not saved by the forward (or another plan)
+        loc_kv = _local_states(k, v, slope, q_seg, q_nseg, False)
     s0t = initial_state.transpose(-1, -2) if initial_state is not None else None
     dq, _ = _attn(do, v, k, slope, s0t, True, False, False,
-                  loc_kv.transpose(-1, -2) if multi else None, seg_len, nseg, q.dtype)
+                  loc_kv.transpose(-1, -2) if loc_kv is not None else None, q_seg, q_nseg, q.dtype, bv=q_bv)
     del loc_kv
     # D_t (reverse in time) from q^T dO, start G entering undecayed
     loc_qdo = _local_states(q, do, slope, seg_len, nseg, True) if multi else None
