@@ -36,6 +36,8 @@ def cuda_ms(fn, reps):
 
 #: decode modes beyond graph / graph-fused / eager: the fused step compiled with another Inductor mode
 _COMPILE_MODES = {"graph-fused-max": "max-autotune-no-cudagraphs"}
+#: ... or with o = q S formed as multiply + sum (tnlib.nn.gla.STEP_MATVEC = "sum") instead of einsum
+_SUM_MODES = {"graph-fused-sum"}
 
 
 def bench(model, name, B, ctx, vocab, decode_steps, mode):
@@ -54,7 +56,15 @@ def bench(model, name, B, ctx, vocab, decode_steps, mode):
     cache_gb = cache.nbytes() / 1e9
     torch.cuda.reset_peak_memory_stats()
     if mode.startswith("graph"):
-        dec = GraphDecoder(model, cache, fuse=mode != "graph", compile_mode=_COMPILE_MODES.get(mode))
+        import tnlib.nn.gla as gla
+
+        gla.STEP_MATVEC = "sum" if mode in _SUM_MODES else "einsum"
+        if mode != "graph":
+            torch._dynamo.reset()  # a fresh compile per decoder: no silent fallback at the recompile limit
+        try:  # the choice is traced into the compiled, captured step
+            dec = GraphDecoder(model, cache, fuse=mode != "graph", compile_mode=_COMPILE_MODES.get(mode))
+        finally:
+            gla.STEP_MATVEC = "einsum"
         step = lambda: dec.decode(tok)  # noqa: E731
     else:
         state = {"cache": cache}
@@ -92,7 +102,8 @@ def main():
     ap.add_argument("--vocab", type=int, default=50272)
     ap.add_argument("--decode-steps", type=int, default=50)
     ap.add_argument("--tnl-modes", default="graph-fused,graph,eager",
-                    help="graph, graph-fused (compiled step), graph-fused-max (max-autotune), eager")
+                    help="graph, graph-fused (compiled step), graph-fused-max (max-autotune), "
+                         "graph-fused-sum (o = q S as multiply + sum), eager")
     ap.add_argument("--models", default="tnl-385m,transformer-385m")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()

@@ -125,3 +125,23 @@ def test_static_decode_step_matches_eager(fuse):
         want, cache = m.step(t, cache)
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(static.cache.positions, cache.positions)
+
+
+def test_step_matvec_variants_agree(monkeypatch):
+    """The decode step's o = q S as einsum (default) or multiply + sum: the same logits (float64)."""
+    import tnlib.nn.gla as gla
+
+    torch.manual_seed(0)
+    model = create_model("tnl-tiny", vocab_size=300).double().eval()
+    ids = torch.randint(0, 300, (2, 30))
+    outs = []
+    for mode in ("einsum", "sum"):
+        monkeypatch.setattr(gla, "STEP_MATVEC", mode)
+        with torch.no_grad():
+            _, cache = model.step(ids[:, :20])
+            steps = []
+            for t in range(20, 30):
+                lg, cache = model.step(ids[:, t : t + 1], cache)
+                steps.append(lg)
+        outs.append(torch.cat(steps, 1))
+    assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-12)

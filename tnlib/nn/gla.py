@@ -23,6 +23,11 @@ from .norm import build_norm
 
 __all__ = ["GatedLinearAttention", "SGLU", "attention_backend"]
 
+#: How the one-token decode step forms ``o = q S``: ``"einsum"`` (a batched matrix-vector product,
+#: the measured default) or ``"sum"`` (multiply and reduce over K: under ``torch.compile`` it can fuse
+#: with the state update into one kernel instead of a separate cuBLAS call per layer; to be timed).
+STEP_MATVEC = "einsum"
+
 
 def _qk_activation(name: str):
     if name == "silu":
@@ -105,7 +110,10 @@ class GatedLinearAttention(nn.Module):
         cd = state.dtype
         lam = torch.exp(-slope.to(cd))[None, :, None, None]
         state = lam * state + k.to(cd)[..., :, None] * v.to(cd)[..., None, :]
-        o = torch.einsum("bhk,bhkv->bhv", q.to(cd), state)
+        if STEP_MATVEC == "sum":
+            o = (q.to(cd)[..., :, None] * state).sum(-2)
+        else:
+            o = torch.einsum("bhk,bhkv->bhv", q.to(cd), state)
         return o.to(v.dtype), state
 
 
