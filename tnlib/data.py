@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .provenance import provenance
+
 __all__ = ["EOT", "read_documents", "train_tokenizer", "load_tokenizer", "tokenizer_hash", "prepare_data",
            "TokenFile", "DataError"]
 
@@ -228,6 +230,7 @@ def prepare_data(corpus, out_dir: str, vocab_size: int = 50272, val_permille: in
         "sources": {f: _sha256(f) for f in files} if files else {"hub": corpus},
         "documents": {"train": len(train_docs), "val": len(val_docs)},
         "splits": {},
+        "provenance": provenance(),  # command, commit, machine, versions, date of this preparation
     }
     for name, split_docs in (("train", train_docs), ("val", val_docs)):
         n_tok, n_bytes = _encode_to_file(tok, split_docs, os.path.join(tmp, f"{name}.bin"), f"tokenize {name}")
