@@ -49,6 +49,41 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
+                           sl_b, sl_h, sl_s, sl_k, sl_v):
+    """Start state of segment ``seg`` (shifted convention): fold in the local end states of segments
+    ``0 .. seg-1``, each decayed over the segments after it."""
+    l_base = (LOCAL + i_b.to(tl.int64) * sl_b + i_h.to(tl.int64) * sl_h
+              + offs_k[:, None] * sl_k + offs_v[None, :] * sl_v)
+    seg_decay = tl.exp(-slope * seg_len.to(tl.float32))  # underflows to 0 for long segments: exact enough
+    for j in range(0, seg):
+        loc = tl.load(l_base + j * sl_s)
+        P = P * seg_decay + lam * loc
+    return P
+
+
+@triton.jit
+def _chunk_decays(rows, slope):
+    """Constants of a full chunk: the decay mask ``M[r, c] = lambda^(r-c)`` (``r >= c``, else 0) and
+    the query decay ``lambda^r``."""
+    diff = rows[:, None] - rows[None, :]
+    mask_dec = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.0)
+    qdec = tl.exp(-slope * rows.to(tl.float32))
+    return mask_dec, qdec
+
+
+@triton.jit
+def _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """End of a chunk of length ``m``: the inclusive state ``U = lambda^(m-1) P + (diag(lambda^(m-1-c)) B)^T C``
+    and the next start state ``P = lambda U``."""
+    kdec = tl.where(valid, tl.exp(-slope * tl.maximum(m - 1 - rows, 0).to(tl.float32)), 0.0)
+    bt_s = (bt.to(tl.float32) * kdec[:, None]).to(bt.dtype)
+    U = P * tl.exp(-slope * (m - 1).to(tl.float32))
+    U += _dot(tl.trans(bt_s), ct, DOT_PREC, UPCAST)
+    return U, U * lam
+
+
+@triton.jit
 def _segment_state_kernel(
     Bp, Cp, slope_ptr, LOCAL,
     T, H, seg_len,
@@ -133,17 +168,9 @@ def _lightning_kernel(
     else:
         P = tl.zeros([DK, BV], dtype=tl.float32)
     if HAS_LOCAL:
-        l_base = (LOCAL + i_b.to(tl.int64) * sl_b + i_h.to(tl.int64) * sl_h
-                  + offs_k[:, None] * sl_k + offs_v[None, :] * sl_v)
-        seg_decay = tl.exp(-slope * seg_len.to(tl.float32))  # underflows to 0 for long segments: exact enough
-        for j in range(0, seg):
-            loc = tl.load(l_base + j * sl_s)
-            P = P * seg_decay + lam * loc
-
-    # constant per-chunk factors (full chunks): decay mask and query decay lambda^r
-    diff = rows[:, None] - rows[None, :]
-    mask_dec = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.0)
-    qdec = tl.exp(-slope * rows.to(tl.float32))
+        P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
+                                   sl_b, sl_h, sl_s, sl_k, sl_v)
+    mask_dec, qdec = _chunk_decays(rows, slope)
 
     a_base = A + i_b.to(tl.int64) * sa_b + i_h.to(tl.int64) * sa_h
     b_base = Bp + i_b.to(tl.int64) * sb_b + i_h.to(tl.int64) * sb_h
@@ -171,12 +198,7 @@ def _lightning_kernel(
         s = _dot(at, tl.trans(bt), DOT_PREC, UPCAST) * mask_dec
         o += _dot(s.to(ct.dtype), ct, DOT_PREC, UPCAST)
         tl.store(o_base + t_phys[:, None] * so_t + offs_v[None, :], o.to(O.dtype.element_ty), mask=valid[:, None])
-        # state update
-        kdec = tl.where(valid, tl.exp(-slope * tl.maximum(m - 1 - rows, 0).to(tl.float32)), 0.0)
-        bt_s = (bt.to(tl.float32) * kdec[:, None]).to(bt.dtype)
-        U = P * tl.exp(-slope * (m - 1).to(tl.float32))
-        U += _dot(tl.trans(bt_s), ct, DOT_PREC, UPCAST)
-        P = U * lam
+        U, P = _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC, UPCAST)
 
     if STORE_FINAL:
         if seg == n_seg - 1:
@@ -227,16 +249,9 @@ def _dkdv_kernel(
     else:
         P = tl.zeros([DK, DV], dtype=tl.float32)
     if HAS_LOCAL:
-        l_base = (LOCAL + i_b.to(tl.int64) * sl_b + i_h.to(tl.int64) * sl_h
-                  + offs_k[:, None] * sl_k + offs_v[None, :] * sl_v)
-        seg_decay = tl.exp(-slope * seg_len.to(tl.float32))
-        for j in range(0, seg):
-            loc = tl.load(l_base + j * sl_s)
-            P = P * seg_decay + lam * loc
-
-    diff = rows[:, None] - rows[None, :]
-    mask_dec = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0).to(tl.float32)), 0.0)
-    qdec = tl.exp(-slope * rows.to(tl.float32))
+        P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
+                                   sl_b, sl_h, sl_s, sl_k, sl_v)
+    mask_dec, qdec = _chunk_decays(rows, slope)
 
     q_base = Q + i_b.to(tl.int64) * sq_b + i_h.to(tl.int64) * sq_h
     k_base = K + i_b.to(tl.int64) * sk_b + i_h.to(tl.int64) * sk_h
@@ -270,12 +285,8 @@ def _dkdv_kernel(
         dk += _dot(s2.to(qt.dtype), qt, DOT_PREC, UPCAST)
         tl.store(gk_base + t_phys[:, None] * sgk_t + offs_k[None, :], dk.to(DK_out.dtype.element_ty),
                  mask=valid[:, None])
-        # state
-        kdec = tl.where(valid, tl.exp(-slope * tl.maximum(m - 1 - rows, 0).to(tl.float32)), 0.0)
-        qt_s = (qt.to(tl.float32) * kdec[:, None]).to(qt.dtype)
-        U = P * tl.exp(-slope * (m - 1).to(tl.float32))
-        U += _dot(tl.trans(qt_s), dot_, DOT_PREC, UPCAST)
-        P = U * lam
+        # state D (reverse time) from q^T dO
+        U, P = _advance_state(P, qt, dot_, valid, m, rows, slope, lam, DOT_PREC, UPCAST)
 
     if STORE_FINAL:
         if seg == n_seg - 1:
