@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tnlib  # noqa: E402
 from tnlib.generate import GraphDecoder  # noqa: E402
-from tnlib.provenance import gpu_slug, provenance  # noqa: E402
+from tnlib.provenance import gpu_slug, write_results  # noqa: E402
 from tnlib.testing import rel_err  # noqa: E402
 
 
@@ -131,9 +131,7 @@ def main():
                     rows.append(r)
                     print(json.dumps(r), flush=True)
                     torch.cuda.empty_cache()
-                    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-                    with open(out, "w") as f:
-                        json.dump({"header": provenance(checks), "rows": rows}, f, indent=1)
+                    write_results(out, rows, checks)
         del model
         torch.cuda.empty_cache()
     print(f"{'model':18s} {'mode':6s} {'B':>3s} {'ctx':>6s} {'prefill ms':>10s} {'ms/token':>9s} {'tok/s':>8s} {'cache GB':>8s}")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tnlib  # noqa: E402
-from tnlib.provenance import gpu_slug, provenance  # noqa: E402
+from tnlib.provenance import gpu_slug, write_results  # noqa: E402
 
 
 def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False):
@@ -28,13 +28,9 @@ def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False):
 
     def step(i):
         ids = batches[i % 2]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if fused_loss:  # LM head + cross-entropy in row chunks (tnlib.ops.loss)
-                loss = model(ids[:, :-1], ids[:, 1:])
-            else:
-                logits = model(ids[:, :-1])
-        if not fused_loss:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # fused: LM head + cross-entropy in row chunks
+            out = model(ids[:, :-1], ids[:, 1:]) if fused_loss else model(ids[:, :-1])
+        loss = out if fused_loss else F.cross_entropy(out.float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -89,9 +85,7 @@ def main():
                     torch.cuda.empty_cache()
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-                os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-                with open(out, "w") as f:
-                    json.dump({"header": provenance({"tokens_per_step": a.tokens}), "rows": rows}, f, indent=1)
+                write_results(out, rows, {"tokens_per_step": a.tokens})
     print(f"{'model':18s} {'mode':9s} {'T':>6s} {'tok/s':>10s} {'peak GB':>8s}")
     for r in rows:
         if "error" in r:

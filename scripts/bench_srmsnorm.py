@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tnlib.ops.srmsnorm import srms_norm_reference, srms_norm_triton  # noqa: E402
-from tnlib.provenance import gpu_slug, provenance  # noqa: E402
+from tnlib.provenance import gpu_slug, write_results  # noqa: E402
 from tnlib.testing import rel_err  # noqa: E402
 
 
@@ -44,9 +44,7 @@ def main():
             rows.append(dict(impl=name, rows=a.rows, dim=N, fwd_ms=fwd, fwdbwd_ms=fb, rel_err=err, grad_rel_err=gerr,
                              correct=ok, fwd_floor_ms=bytes_fwd / 4.3e12 * 1e3, fwdbwd_floor_ms=5 * x.numel() * 2 / 4.3e12 * 1e3))
             print(json.dumps(rows[-1]), flush=True)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"header": provenance(), "rows": rows}, f, indent=1)
+    write_results(out, rows)
     for r in rows:
         print(f"{r['impl']:9s} dim {r['dim']:5d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwdbwd_ms']:.3f} ms  ok={r['correct']}")
 

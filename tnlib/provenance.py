@@ -8,7 +8,7 @@ import shlex
 import subprocess
 import sys
 
-__all__ = ["provenance", "gpu_slug"]
+__all__ = ["provenance", "gpu_slug", "write_results"]
 
 
 def _commit() -> str:
@@ -56,3 +56,13 @@ def provenance(extra: dict | None = None) -> dict:
     if extra:
         info.update(extra)
     return info
+
+
+def write_results(path: str, rows: list, extra: dict | None = None) -> None:
+    """Write a benchmark result file ``{"header": provenance(extra), "rows": rows}`` (folders created).
+    Scripts call it after every row, so a run cut short still leaves what it measured."""
+    import json
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"header": provenance(extra), "rows": rows}, f, indent=1)

@@ -97,7 +97,6 @@ def compare_runs(runs: dict, out: str, title: str = "", evals=("val",), extra: d
     doc.update(extra or {})
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(doc, f, indent=1)
-    names = list(summary)
     keys = ["params", "tokens", "tokens_per_s", "train_loss"] + sorted(
         k for k in summary[names[0]] if k.endswith(("_ppl", "_bpb")))
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

@@ -274,12 +274,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 last_micro = micro == cfg.grad_accum - 1
                 with (model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()):
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        if cfg.fused_loss:
-                            loss = fwd(x[:, :-1], x[:, 1:])
-                        else:
-                            logits = fwd(x[:, :-1])
-                    if not cfg.fused_loss:
-                        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+                        # fused: the model returns the loss itself (LM head + cross-entropy in row chunks)
+                        out = fwd(x[:, :-1], x[:, 1:]) if cfg.fused_loss else fwd(x[:, :-1])
+                    loss = out if cfg.fused_loss else F.cross_entropy(out.float().flatten(0, 1), x[:, 1:].flatten())
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()

@@ -125,7 +125,7 @@ def _fwd_plan(q, v):
     B, T, H, DK = q.shape
     DV = v.shape[3]
     bv = _config(DK, DV, q.dtype == torch.float32)[1]
-    seg_len, nseg = _seg_plan(B, H, T, DV // bv)
+    seg_len, nseg = _plan_for(q, v)
     if _NARROW_BV and nseg > 1 and _SEG_LEN is None:
         nb = _narrow_bv(B, H, bv, DV)
         if nb is not None:
@@ -409,14 +409,9 @@ def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=F
     """
     if slope is None:
         raise ValueError("lightning_attention: slope [H] is required (use zeros for no decay)")
-    if torch.compiler.is_compiling():
-        # inside a traced graph: shapes only. The value check (finite, >= 0) needs the values on the
-        # host: a device sync and a graph break per layer (and a recompile per slope tensor).
-        B, T, H, K, V = check_attention_inputs(q, k, v, None, initial_state, name="lightning_attention")
-        if not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (H,) or slope.device != q.device:
-            B, T, H, K, V = check_attention_inputs(q, k, v, slope, initial_state, name="lightning_attention")
-    elif _slope_validated(slope):
-        # values already checked: validate shapes only (the value check costs a device sync)
+    if torch.compiler.is_compiling() or _slope_validated(slope):
+        # shapes only: the value check (finite, >= 0) needs the values on the host, a device sync; in a
+        # traced graph also a graph break per layer and a recompile per slope tensor
         B, T, H, K, V = check_attention_inputs(q, k, v, None, initial_state, name="lightning_attention")
         if not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (H,) or slope.device != q.device:
             B, T, H, K, V = check_attention_inputs(q, k, v, slope, initial_state, name="lightning_attention")

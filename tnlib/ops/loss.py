@@ -25,6 +25,12 @@ def _chunk_logits(x, w):
     return (x @ w.t()).to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _chunk_nll(logits, tgt):
+    """Summed negative log-likelihood of a chunk, and its log-sum-exp (for the softmax)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return (lse - logits.gather(1, tgt[:, None]).squeeze(1)).sum(), lse
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, dtype):
@@ -37,8 +43,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk):
             x, tgt = hc[s : s + chunk], targets[s : s + chunk]
             logits = _chunk_logits(x, wc)
-            lse = torch.logsumexp(logits, dim=-1)
-            total = total + (lse - logits.gather(1, tgt[:, None]).squeeze(1)).sum()
+            nll, lse = _chunk_nll(logits, tgt)
+            total = total + nll
             g = torch.exp(logits - lse[:, None])  # softmax, in place of the logits
             g.scatter_add_(1, tgt[:, None], torch.full_like(tgt[:, None], -1, dtype=g.dtype))
             g = (g / N).to(dtype)
@@ -78,7 +84,5 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         hc, wc = h.to(dtype), weight.to(dtype)  # evaluation: the loss alone, still chunked
         total = h.new_zeros((), dtype=torch.promote_types(dtype, torch.float32))
         for s in range(0, h.shape[0], chunk):
-            logits = _chunk_logits(hc[s : s + chunk], wc)
-            tgt = targets[s : s + chunk]
-            total = total + (torch.logsumexp(logits, -1) - logits.gather(1, tgt[:, None]).squeeze(1)).sum()
+            total = total + _chunk_nll(_chunk_logits(hc[s : s + chunk], wc), targets[s : s + chunk])[0]
         return total / h.shape[0]
