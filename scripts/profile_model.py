@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--fused-loss", action="store_true", help="LM head + cross-entropy in row chunks (model(ids, targets))")
     ap.add_argument("--out", default="runs/profile")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -36,8 +37,9 @@ def main():
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+            out = model(ids[:, :-1], ids[:, 1:]) if a.fused_loss else model(ids[:, :-1])
+        loss = out if a.fused_loss else F.cross_entropy(out.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -51,9 +53,16 @@ def main():
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=70)
+    evs = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.count > 0]
+    evs.sort(key=lambda e: -e.device_time_total)
+    per_step = sum(e.device_time_total for e in evs) / a.steps / 1e3
+    kern = [f"CUDA kernels only: summed kernel time per step {per_step:.1f} ms", f"{'calls/step':>10s} {'mean us':>9s} {'ms/step':>8s}  name"]
+    kern += [f"{e.count / a.steps:10.1f} {e.device_time_total / e.count:9.1f} {e.device_time_total / a.steps / 1e3:8.2f}  {e.key[:140]}"
+             for e in evs[: 2 * a.top]]
+    table = table + "\n" + "\n".join(kern) + "\n"
     print(table)
     os.makedirs(a.out, exist_ok=True)
-    tag = f"{a.preset}-T{a.T}-{'compiled' if a.compile else 'eager'}"
+    tag = f"{a.preset}-T{a.T}-{'compiled' if a.compile else 'eager'}{'-fusedloss' if a.fused_loss else ''}"
     with open(os.path.join(a.out, f"profile-{tag}.txt"), "w") as f:
         f.write(table)
     prof.export_chrome_trace(os.path.join(a.out, f"trace-{tag}.json"))

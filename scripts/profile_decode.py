@@ -1,0 +1,75 @@
+"""Where a batch-1 decode step's time goes (GPU): the compiled static step under torch.profiler.
+
+Lists every CUDA kernel of one ``tnl-385m`` decode step (name, calls per step, mean µs) and the
+kernel count per token, for the step compiled with torch.compile (the body that ``GraphDecoder``
+captures with ``fuse=True``). Use it before changing the decode path:
+    python3 scripts/profile_decode.py --out $OUT [--matvec sum] [--compile-mode max-autotune-no-cudagraphs]
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import tnlib  # noqa: E402
+import tnlib.nn.gla as gla  # noqa: E402
+from tnlib.generate import GraphDecoder, StaticDecodeStep  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", default="tnl-385m")
+    ap.add_argument("--vocab", type=int, default=50272)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--matvec", default="einsum", choices=["einsum", "sum"])
+    ap.add_argument("--compile-mode", default=None)
+    ap.add_argument("--out", default="runs/profile")
+    a = ap.parse_args()
+    gla.STEP_MATVEC = a.matvec
+    torch.manual_seed(0)
+    model = tnlib.create_model(a.preset, vocab_size=a.vocab).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, a.vocab, (a.batch, a.context), device="cuda")
+    _, cache = model.step(ids, last_only=True)
+    step = StaticDecodeStep(model, cache, fuse=True, compile_mode=a.compile_mode)
+    tok = ids[:, -1:]
+    for _ in range(5):
+        step(tok)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.steps):
+            step(tok)
+        torch.cuda.synchronize()
+    evs = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.count > 0]
+    evs.sort(key=lambda e: -e.device_time_total)
+    total_us = sum(e.device_time_total for e in evs) / a.steps
+    n_kernels = sum(e.count for e in evs) / a.steps
+    lines = [f"{a.preset} batch {a.batch} context {a.context} matvec={a.matvec} compile_mode={a.compile_mode}",
+             f"kernels per token: {n_kernels:.0f}; summed kernel time per token: {total_us:.1f} us", "",
+             f"{'calls/step':>10s} {'mean us':>8s} {'us/step':>8s}  name"]
+    for e in evs:
+        lines.append(f"{e.count / a.steps:10.1f} {e.device_time_total / e.count:8.2f} "
+                     f"{e.device_time_total / a.steps:8.1f}  {e.key[:150]}")
+    dec = GraphDecoder(model, cache, fuse=True, compile_mode=a.compile_mode)
+    for _ in range(3):
+        dec.decode(tok)
+    s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(50):
+        dec.decode(tok)
+    t.record()
+    torch.cuda.synchronize()
+    lines.insert(2, f"CUDA-graph replay: {s.elapsed_time(t) / 50:.3f} ms per token")
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"profile-decode-{a.preset}-b{a.batch}-{a.matvec}.txt"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
