@@ -38,6 +38,8 @@ def cuda_ms(fn, reps):
 _COMPILE_MODES = {"graph-fused-max": "max-autotune-no-cudagraphs"}
 #: ... or with o = q S formed as multiply + sum (tnlib.nn.gla.STEP_MATVEC = "sum") instead of einsum
 _SUM_MODES = {"graph-fused-sum"}
+#: ... or with cuBLAS for the projections instead of tnlib's GEMV kernel (tnlib.nn.linear.USE_GEMV = False)
+_CUBLAS_MODES = {"graph-fused-cublas"}
 
 
 def bench(model, name, B, ctx, vocab, decode_steps, mode):
@@ -57,14 +59,16 @@ def bench(model, name, B, ctx, vocab, decode_steps, mode):
     torch.cuda.reset_peak_memory_stats()
     if mode.startswith("graph"):
         import tnlib.nn.gla as gla
+        import tnlib.nn.linear as linear
 
         gla.STEP_MATVEC = "sum" if mode in _SUM_MODES else "einsum"
+        linear.USE_GEMV = mode not in _CUBLAS_MODES
         if mode != "graph":
             torch._dynamo.reset()  # a fresh compile per decoder: no silent fallback at the recompile limit
         try:  # the choice is traced into the compiled, captured step
             dec = GraphDecoder(model, cache, fuse=mode != "graph", compile_mode=_COMPILE_MODES.get(mode))
         finally:
-            gla.STEP_MATVEC = "einsum"
+            gla.STEP_MATVEC, linear.USE_GEMV = "einsum", True
         step = lambda: dec.decode(tok)  # noqa: E731
     else:
         state = {"cache": cache}
@@ -79,6 +83,23 @@ def bench(model, name, B, ctx, vocab, decode_steps, mode):
     return dict(model=name, mode=mode, B=B, context=ctx, prefill_ms=prefill_ms, prefill_tokens_per_s=B * ctx / prefill_ms * 1e3,
                 decode_ms_per_token=ms, decode_tokens_per_s=B / ms * 1e3, cache_gb=cache_gb,
                 decode_peak_extra_gb=decode_peak, prefill_peak_extra_gb=prefill_peak)
+
+
+def check_gemv(model, vocab):
+    """Eager decode logits with the projections through tnlib's GEMV kernel vs through cuBLAS."""
+    import tnlib.nn.linear as linear
+
+    ids = torch.randint(0, vocab, (1, 300), device="cuda")
+    _, cache = model.step(ids, last_only=True)
+    tok = ids[:, -1:]
+    with torch.no_grad():
+        got, _ = model.step(tok, cache)
+        linear.USE_GEMV = False
+        try:
+            want, _ = model.step(tok, cache)
+        finally:
+            linear.USE_GEMV = True
+    return rel_err(got, want)
 
 
 def check_graph(model, vocab, fuse=False, compile_mode=None):
@@ -103,7 +124,8 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=50)
     ap.add_argument("--tnl-modes", default="graph-fused,graph,eager",
                     help="graph, graph-fused (compiled step), graph-fused-max (max-autotune), "
-                         "graph-fused-sum (o = q S as multiply + sum), eager")
+                         "graph-fused-sum (o = q S as multiply + sum), graph-fused-cublas (projections "
+                         "through cuBLAS instead of the GEMV kernel), eager")
     ap.add_argument("--models", default="tnl-385m,transformer-385m")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -114,6 +136,7 @@ def main():
         model = tnlib.create_model(name, vocab_size=a.vocab).to("cuda", torch.bfloat16).eval()
         modes = tuple(a.tnl_modes.split(",")) if name.startswith("tnl") else ("eager",)
         if name.startswith("tnl"):
+            checks["gemv_vs_cublas_rel_err"] = check_gemv(model, a.vocab)
             checks["graph_vs_eager_rel_err"] = check_graph(model, a.vocab)
             if "graph-fused" in modes:
                 checks["graph_fused_vs_eager_rel_err"] = check_graph(model, a.vocab, fuse=True)

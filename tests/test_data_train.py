@@ -127,13 +127,15 @@ def test_sigint_checkpoints_and_resume_finishes(prepared, tmp_path):
     assert max(steps_of(out)) == done + 2
 
 
-def test_two_process_gloo_run(prepared, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-blocks"])
+def test_two_process_gloo_run(prepared, tmp_path, compiled):
     data, _ = prepared
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    port = "29518" if compiled else "29517"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "tnlib", "train", "--preset", "tnl-tiny", "--data", data, "--out", out,
            "--set", "seq_len=32", "batch_size=2", "grad_accum=2", "max_steps=3", "eval_every=3", "eval_tokens=256",
-           "progress=false",
+           "progress=false", *(["compile=true", "compile_scope=blocks"] if compiled else []),
            "--model", "n_layers=1", "d_model=64", "n_heads=2", "glu_dim=128"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -145,6 +147,12 @@ def test_two_process_gloo_run(prepared, tmp_path):
     # the run ends with a check that both replicas hold the same weights (gradients synced on the last
     # micro-batch of every step, skipped on the others): it would have failed the run
     assert np.isfinite(steps[-1]["val_loss"])
+
+
+def test_compile_scope_is_checked(prepared, tmp_path):
+    data, _ = prepared
+    with pytest.raises(ValueError, match="compile_scope"):
+        train(TrainConfig(data=data, out=str(tmp_path / "x"), compile_scope="layers", max_steps=1))
 
 
 def test_text_files_read_without_datasets(monkeypatch, tmp_path):

@@ -53,6 +53,10 @@ class TrainConfig:
     seed: int = 1234
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
+    # what torch.compile sees: "model" (one graph per forward; under DDP, dynamo splits it at gradient
+    # buckets) or "blocks" (each block compiled on its own, the embedding/head/loss eager; under DDP the
+    # blocks' backward graphs hand gradients to the all-reduce as they finish)
+    compile_scope: str = "model"
     checkpointing: bool = False
     ddp_bucket_mb: float = 25.0  # DDP gradient bucket size (torch's default); larger = fewer, bigger all-reduces
     fused_loss: bool = False  # LM head + cross-entropy in row chunks, no [tokens, vocab] logits (tnlib.ops.loss)
@@ -163,6 +167,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train (or resume) one model; returns the final metrics dict. Writes ``cfg.out``/metrics.jsonl,
     ``checkpoint/`` and ``final/`` (safetensors + config)."""
     rank, world = _world()
+    if cfg.compile_scope not in ("model", "blocks"):
+        raise ValueError(f"compile_scope must be 'model' or 'blocks', got {cfg.compile_scope!r}")
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
@@ -216,11 +222,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         os.remove(metrics_path)
 
     raw_model = model
+    if cfg.compile and cfg.compile_scope == "blocks":
+        raw_model.compile_blocks()
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cfg.ddp_bucket_mb,
             gradient_as_bucket_view=True)
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = torch.compile(model) if cfg.compile and cfg.compile_scope == "model" else model
     n_params = raw_model.num_parameters()
     peak = cfg.peak_tflops or (_measure_peak_tflops(device) if device.type == "cuda" else None)
 

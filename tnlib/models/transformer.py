@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.linear import Linear
 from ..nn.norm import build_norm
 from .common import CausalLM, check_input_ids, init_weights, left_pad_positions
 from .config import ModelConfig
@@ -49,8 +50,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim, self.theta = cfg.n_heads, cfg.head_dim, cfg.rope_theta
-        self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv_proj = Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, offset=0, past=None, key_valid=None, want_kv=False):
         """Causal attention. ``past=(k, v)`` continues a sequence; ``key_valid`` ([B, L] bool) masks
@@ -80,9 +81,9 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.w3 = nn.Linear(d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, d_model, bias=False)
+        self.w1 = Linear(d_model, hidden, bias=False)
+        self.w3 = Linear(d_model, hidden, bias=False)
+        self.w2 = Linear(hidden, d_model, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -118,7 +119,7 @@ class Transformer(CausalLM):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         init_weights(self, cfg.init_std)
 
     @torch.no_grad()

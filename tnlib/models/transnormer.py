@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..nn.linear import Linear
 from ..nn.gla import SGLU, GatedLinearAttention
 from ..nn.norm import build_norm
 from .common import CausalLM, check_input_ids, init_weights, left_pad_positions
@@ -58,7 +59,7 @@ class TransNormerLLM(CausalLM):
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positional == "ape" else None
         self.layers = nn.ModuleList(TNLBlock(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         init_weights(self, cfg.init_std)
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import ops as _ops
 from .decay import decay_slopes
+from .linear import Linear
 from .lrpe import LRPE
 from .norm import build_norm
 
@@ -59,8 +60,8 @@ class GatedLinearAttention(nn.Module):
         d, H = cfg.d_model, cfg.n_heads
         self.n_heads, self.head_dim, self.layer_idx = H, cfg.head_dim, layer_idx
         self.gate = cfg.gate
-        self.qkvu_proj = nn.Linear(d, (4 if cfg.gate else 3) * d, bias=False)
-        self.out_proj = nn.Linear(d, d, bias=False)
+        self.qkvu_proj = Linear(d, (4 if cfg.gate else 3) * d, bias=False)
+        self.out_proj = Linear(d, d, bias=False)
         self.act = _qk_activation(cfg.qk_act)
         self.lrpe = LRPE(H, cfg.head_dim, learnable=cfg.lrpe_learnable) if cfg.lrpe_on(layer_idx) else None
         if cfg.uses_decay:
@@ -122,9 +123,9 @@ class SGLU(nn.Module):
 
     def __init__(self, d_model: int, glu_dim: int, act: str = "none"):
         super().__init__()
-        self.l1 = nn.Linear(d_model, glu_dim, bias=False)
-        self.l2 = nn.Linear(d_model, glu_dim, bias=False)
-        self.l3 = nn.Linear(glu_dim, d_model, bias=False)
+        self.l1 = Linear(d_model, glu_dim, bias=False)
+        self.l2 = Linear(d_model, glu_dim, bias=False)
+        self.l3 = Linear(glu_dim, d_model, bias=False)
         if act not in ("none", "silu"):
             raise ValueError(f"unknown GLU activation {act!r}; choose 'none' or 'silu'")
         self.act = act

@@ -1,0 +1,64 @@
+"""The decode GEMV kernel (``tnlib.ops.gemv``) against float64 ``F.linear``, and its dispatch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tnlib import create_model
+from tnlib.nn import Linear
+from tnlib.ops.gemv import GEMV_MAX_ROWS, gemv, gemv_supported
+from tnlib.testing import assert_close
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("N,K", [(13, 70), (40, 33), (8, 64)])
+def test_gemv_matches_linear(rows, N, K, dtype, device):
+    torch.manual_seed(0)
+    x = torch.randn(rows, K, dtype=torch.float64)
+    w = torch.randn(N, K, dtype=torch.float64) / K**0.5
+    y = gemv(x.to(device, dtype), w.to(device, dtype))
+    assert y.shape == (rows, N) and y.dtype == dtype and torch.isfinite(y).all()
+    want = F.linear(x.to(dtype).double(), w.to(dtype).double())  # same rounded inputs, exact products
+    assert_close(y, want, dtype=dtype, name="y")
+
+
+@pytest.mark.triton
+def test_gemv_leading_dims_and_strided_input(device):
+    torch.manual_seed(1)
+    x = torch.randn(2, 1, 50, device=device)
+    w = torch.randn(24, 50, device=device)
+    assert_close(gemv(x, w), F.linear(x.double(), w.double()), dtype=torch.float32)
+    xs = torch.randn(50, 2, device=device).t()  # [2, 50], last-dim stride 2
+    assert_close(gemv(xs, w), F.linear(xs.double(), w.double()), dtype=torch.float32)
+
+
+@pytest.mark.triton
+def test_tiny_model_decode_through_gemv_matches_parallel(device):
+    """A whole decode (every projection and the tied head through the kernel) == the parallel forward."""
+    torch.manual_seed(0)
+    m = create_model("tnl-tiny", vocab_size=101, n_layers=2).to(device).eval()
+    ids = torch.randint(0, 101, (1, 12), device=device)
+    with torch.no_grad():
+        assert gemv_supported(torch.zeros(1, 1, m.config.d_model, device=device), m.embed.weight)
+        full = m(ids)
+        logits, cache = m.step(ids[:, :8])
+        steps = [logits]
+        for t in range(8, 12):
+            lg, cache = m.step(ids[:, t : t + 1], cache)
+            steps.append(lg)
+    assert_close(torch.cat(steps, 1), full.double(), dtype=torch.float32, tol=1e-4, name="logits")
+
+
+def test_dispatch_rules():
+    """Training, many rows, biases and CPU without the interpreter keep F.linear; gemv says why it refuses."""
+    lin = Linear(16, 8, bias=False)
+    x = torch.randn(1, 16)
+    assert not gemv_supported(x.repeat(GEMV_MAX_ROWS + 1, 1), lin.weight.detach())
+    assert not gemv_supported(x, lin.weight)  # weight requires grad and grad mode is on
+    with torch.no_grad():
+        assert not gemv_supported(x.double(), lin.weight)  # dtype mismatch
+        assert torch.equal(lin(x), F.linear(x, lin.weight))
+    with pytest.raises(ValueError, match="gemv: needs"):
+        gemv(x, lin.weight)
+    assert isinstance(lin, torch.nn.Linear) and set(lin.state_dict()) == {"weight"}

@@ -1,0 +1,116 @@
+"""``x @ W.T`` for a handful of rows: a Triton matrix-vector kernel for decoding.
+
+At batch 1, a decode step multiplies one token's activations by every weight matrix of the model, so
+its cost is reading the weights (385M bf16 parameters: 0.77 GB, about 0.16 ms on an H200). cuBLAS
+picks GEMM tiles for these ``[1, K] x [K, N]`` products that read the weights at about a third of
+the memory bandwidth (profile: ``results/bench/profile-decode-*.txt``). The kernel here streams each
+weight matrix exactly once, in its natural ``[N, K]`` row-major layout (loads contiguous along K),
+for up to ``GEMV_MAX_ROWS`` rows at a time, accumulating in fp32.
+
+``gemv(x, weight)`` is the op (a ``torch.library`` custom op, so ``torch.compile`` and CUDA-graph
+capture treat it as one opaque kernel); ``tnlib.nn.Linear`` calls it for inference on few rows and
+falls back to ``F.linear`` everywhere else (training, many rows, CPU, biases).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["gemv", "gemv_supported", "GEMV_MAX_ROWS"]
+
+#: Up to this many rows (tokens x batch) go through the kernel; more rows are a GEMM's job.
+GEMV_MAX_ROWS = 4
+
+try:  # Triton is optional at import time so that CPU-only installs without it still work
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    _HAS_TRITON = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if _HAS_TRITON:
+
+    def _configs():
+        if _interpreting():  # the interpreter is slow: one small configuration
+            return [triton.Config({"BLOCK_N": 8, "BLOCK_K": 32}, num_warps=1)]
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                for bn, bk, w, s in ((4, 256, 2, 4), (4, 512, 4, 3), (8, 256, 4, 4), (8, 512, 4, 3),
+                                     (8, 512, 8, 3), (16, 256, 4, 4), (16, 256, 8, 3), (16, 128, 4, 4),
+                                     (32, 128, 4, 4), (32, 256, 8, 3), (2, 1024, 4, 3), (4, 1024, 8, 2))]
+
+    @triton.autotune(configs=_configs(), key=["N", "K", "BLOCK_M"])
+    @triton.jit
+    def _gemv_kernel(X, W, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``Y[m, n] = sum_k X[m, k] W[n, k]``: one program per ``BLOCK_N`` output columns, all rows."""
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        w_ptr = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+        x_ptr = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+        # elementwise fp32 partial sums, reduced once at the end (no shuffles inside the loop)
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = (k0 + offs_k) < K
+            w = tl.load(w_ptr + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            acc += x[:, None, :] * w[None, :, :]
+        y = tl.sum(acc, axis=2)
+        y_ptr = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``gemv`` takes this product: CUDA (or the Triton interpreter on CPU), fp16/bf16/fp32
+    ``x`` and ``weight`` of one dtype, at most ``GEMV_MAX_ROWS`` rows, no autograd."""
+    if not _HAS_TRITON or x.dtype != weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())) or weight.device != x.device:
+        return False
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or weight.stride(1) != 1:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return 0 < x.numel() // max(1, x.shape[-1]) <= GEMV_MAX_ROWS
+
+
+@torch.library.custom_op("tnlib::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    K = x.shape[-1]
+    N = weight.shape[0]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    block_m = max(1, triton.next_power_of_2(M))
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _gemv_kernel[grid](x2, weight, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), BLOCK_M=block_m)
+    return y.reshape(*x.shape[:-1], N)
+
+
+@_gemv_op.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` (``F.linear`` without bias) for at most ``GEMV_MAX_ROWS`` rows of ``x``
+    (``[..., K]``; ``weight``: ``[N, K]``, contiguous along K), through the Triton kernel.
+
+    No autograd: for inference. Raises ``ValueError`` where ``gemv_supported`` is false."""
+    if not gemv_supported(x, weight):
+        raise ValueError(
+            f"gemv: needs a CUDA (or TRITON_INTERPRET=1 CPU) x [..., K] with <= {GEMV_MAX_ROWS} rows and a weight "
+            f"[N, K] of the same fp16/bf16/fp32 dtype, outside autograd; got x {tuple(x.shape)} {x.dtype} "
+            f"{x.device}, weight {tuple(weight.shape)} {weight.dtype} {weight.device}")
+    return _gemv_op(x, weight)
