@@ -93,12 +93,12 @@ def check_gemv(model, vocab):
     _, cache = model.step(ids, last_only=True)
     tok = ids[:, -1:]
     with torch.no_grad():
-        got, _ = model.step(tok, cache)
-        linear.USE_GEMV = False
+        linear.GEMV_EAGER = True  # eager calls through the kernel (by default only compiled/captured steps)
         try:
-            want, _ = model.step(tok, cache)
+            got, _ = model.step(tok, cache)
         finally:
-            linear.USE_GEMV = True
+            linear.GEMV_EAGER = False
+        want, _ = model.step(tok, cache)
     return rel_err(got, want)
 
 

@@ -34,13 +34,16 @@ def test_gemv_leading_dims_and_strided_input(device):
 
 
 @pytest.mark.triton
-def test_tiny_model_decode_through_gemv_matches_parallel(device):
+def test_tiny_model_decode_through_gemv_matches_parallel(device, monkeypatch):
     """A whole decode (every projection and the tied head through the kernel) == the parallel forward."""
+    import tnlib.nn.linear as linear
+
+    monkeypatch.setattr(linear, "GEMV_EAGER", True)  # eager calls use the kernel too (default: compiled/captured)
     torch.manual_seed(0)
     m = create_model("tnl-tiny", vocab_size=101, n_layers=2).to(device).eval()
     ids = torch.randint(0, 101, (1, 12), device=device)
     with torch.no_grad():
-        assert gemv_supported(torch.zeros(1, 1, m.config.d_model, device=device), m.embed.weight)
+        assert linear.use_gemv(torch.zeros(1, 1, m.config.d_model, device=device), m.embed.weight)
         full = m(ids)
         logits, cache = m.step(ids[:, :8])
         steps = [logits]
@@ -62,3 +65,17 @@ def test_dispatch_rules():
     with pytest.raises(ValueError, match="gemv: needs"):
         gemv(x, lin.weight)
     assert isinstance(lin, torch.nn.Linear) and set(lin.state_dict()) == {"weight"}
+
+
+@pytest.mark.triton
+def test_gemv_only_when_compiled_unless_forced(device, monkeypatch):
+    import tnlib.nn.linear as linear
+
+    w = torch.randn(8, 16, device=device)
+    x = torch.randn(1, 16, device=device)
+    with torch.no_grad():
+        assert gemv_supported(x, w) and not linear.use_gemv(x, w)  # eager: cuBLAS
+        monkeypatch.setattr(linear, "GEMV_EAGER", True)
+        assert linear.use_gemv(x, w)
+        monkeypatch.setattr(linear, "USE_GEMV", False)
+        assert not linear.use_gemv(x, w)

@@ -71,3 +71,41 @@ def test_model_forward_with_targets(preset):
             assert_close(fused[n], p.grad, name=n)
     with pytest.raises(ValueError, match="targets must have shape"):
         model(ids[:, :-1], ids[:, 1:-1])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_path_matches_float64(dtype, device):
+    """The Triton chunk kernel (loss and gradient in one pass) against float64 autograd on the same
+    rounded logits; chunks of uneven size, a vocabulary that is not a power of two."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(37, 24, dtype=torch.float64, generator=g)
+    W = torch.randn(70, 24, dtype=torch.float64, generator=g) / 3
+    y = torch.randint(0, 70, (37,), generator=g)
+    hd, Wd = (t.to(device, dtype).requires_grad_() for t in (h, W))
+    loss = linear_cross_entropy(hd, Wd, y.to(device), chunk=16)
+    loss.backward()
+    h2, W2 = (t.to(dtype).double().requires_grad_() for t in (h, W))
+    logits = F.linear(h2, W2).to(dtype).double()  # the kernel sees logits rounded to the compute dtype
+    ref = F.cross_entropy(logits, y)
+    ref.backward()
+    assert_close(loss, ref, dtype=dtype, name="loss")
+    assert_close(hd.grad, h2.grad, dtype=dtype, tol=3e-2 if dtype == torch.bfloat16 else None, name="dh")
+    assert_close(Wd.grad, W2.grad, dtype=dtype, tol=3e-2 if dtype == torch.bfloat16 else None, name="dW")
+
+
+@pytest.mark.triton
+def test_xent_grad_kernel_in_place_and_bad_target(device):
+    from tnlib.ops.loss import xent_grad_
+
+    logits = torch.randn(5, 300, dtype=torch.float64)
+    t = torch.tensor([0, 299, 17, 3, 300])  # the last id is out of range
+    lg = logits.float().to(device)
+    nll = xent_grad_(lg, t.to(device), scale=0.5)
+    ref = F.cross_entropy(logits[:4], t[:4], reduction="none")
+    assert_close(nll[:4], ref, dtype=torch.float32, name="nll")
+    assert torch.isnan(nll[4])
+    want = 0.5 * (torch.softmax(logits[:4], -1) - F.one_hot(t[:4], 300))
+    assert_close(lg[:4], want, dtype=torch.float32, name="grad in place")
+    with pytest.raises(ValueError, match="long targets"):
+        xent_grad_(lg, t.int().to(device))

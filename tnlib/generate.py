@@ -13,6 +13,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .nn import linear as _linear
+
 __all__ = ["generate", "stream_generate", "sample_next", "GraphDecoder", "StaticDecodeStep"]
 
 
@@ -70,15 +72,20 @@ class GraphDecoder:
             raise RuntimeError("GraphDecoder needs the model and cache on a CUDA device")
         self.step = StaticDecodeStep(model, cache, fuse, compile_mode)
         saved = self.step.snapshot()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # warm up: compilation and autotuning stay outside the capture
-                self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.step()
+        eager_gemv = _linear.GEMV_EAGER
+        _linear.GEMV_EAGER = True  # the captured step's projections use tnlib's GEMV kernel, compiled or not
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm up: compilation and autotuning stay outside the capture
+                    self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.step()
+        finally:
+            _linear.GEMV_EAGER = eager_gemv
         self.step.restore(saved)  # undo the warm-up steps
 
     @property

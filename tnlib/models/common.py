@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..nn import linear as _nn_linear
-from ..ops.gemv import gemv, gemv_supported
+from ..ops.gemv import gemv
 
 __all__ = ["init_weights", "check_input_ids", "left_pad_positions", "CausalLM"]
 
@@ -71,7 +71,7 @@ class CausalLM(nn.Module):
         h = self.final_norm(h)
         if self.lm_head is not None:
             return self.lm_head(h)
-        if _nn_linear.USE_GEMV and gemv_supported(h, self.embed.weight):  # decoding: the tied head as a GEMV
+        if _nn_linear.use_gemv(h, self.embed.weight):  # decoding: the tied head as a GEMV
             return gemv(h, self.embed.weight)
         return F.linear(h, self.embed.weight)
 
