@@ -70,7 +70,18 @@ def main():
     ap.add_argument("--vocab", type=int, default=50272)
     ap.add_argument("--out", default=None)
     ap.add_argument("--loss", default="logits", help="comma list of: logits (F.cross_entropy on fp32 logits), fused")
+    ap.add_argument("--inductor", default="", help="torch._inductor.config settings for the whole run, "
+                    "e.g. coordinate_descent_tuning=1 (recorded in the header)")
     a = ap.parse_args()
+    inductor = {}
+    for item in filter(None, a.inductor.split(",")):
+        k, v = item.split("=")
+        import torch._inductor.config as ic
+
+        if not hasattr(ic, k):
+            sys.exit(f"unknown torch._inductor.config setting {k!r}")
+        inductor[k] = json.loads(v)
+        setattr(ic, k, inductor[k])
     if not torch.cuda.is_available():
         sys.exit("bench_model needs a CUDA GPU")
     out = a.out or f"results/bench/model-{gpu_slug()}.json"
@@ -85,7 +96,7 @@ def main():
                     torch.cuda.empty_cache()
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-                write_results(out, rows, {"tokens_per_step": a.tokens})
+                write_results(out, rows, {"tokens_per_step": a.tokens, "inductor": inductor})
     print(f"{'model':18s} {'mode':9s} {'T':>6s} {'tok/s':>10s} {'peak GB':>8s}")
     for r in rows:
         if "error" in r:
