@@ -17,11 +17,11 @@ import tnlib  # noqa: E402
 from tnlib.provenance import gpu_slug, write_results  # noqa: E402
 
 
-def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False):
+def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile_mode=None):
     torch.manual_seed(0)
     model = tnlib.create_model(preset, vocab_size=vocab).cuda()
     if mode == "compiled":
-        model.compile_blocks()
+        model.compile_blocks(mode=compile_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     B = max(1, tokens // T)
     batches = [torch.randint(0, vocab, (B, T + 1), device="cuda") for _ in range(2)]
@@ -70,6 +70,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=50272)
     ap.add_argument("--out", default=None)
     ap.add_argument("--loss", default="logits", help="comma list of: logits (F.cross_entropy on fp32 logits), fused")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the blocks, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for the whole run, "
                     "e.g. coordinate_descent_tuning=1 (recorded in the header)")
     a = ap.parse_args()
@@ -90,13 +91,14 @@ def main():
         for preset in a.models.split(","):
             for T, loss_kind in ((T, k) for T in map(int, a.lens.split(",")) for k in a.loss.split(",")):
                 try:
-                    r = run(preset, T, a.tokens, mode, a.steps, a.warmup, a.vocab, fused_loss=loss_kind == "fused")
+                    r = run(preset, T, a.tokens, mode, a.steps, a.warmup, a.vocab, fused_loss=loss_kind == "fused",
+                            compile_mode=a.compile_mode)
                 except Exception as e:  # record failures instead of losing the whole run
                     r = dict(model=preset, T=T, mode=mode, fused_loss=loss_kind == "fused", error=repr(e)[:300])
                     torch.cuda.empty_cache()
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-                write_results(out, rows, {"tokens_per_step": a.tokens, "inductor": inductor})
+                write_results(out, rows, {"tokens_per_step": a.tokens, "inductor": inductor, "compile_mode": a.compile_mode})
     print(f"{'model':18s} {'mode':9s} {'T':>6s} {'tok/s':>10s} {'peak GB':>8s}")
     for r in rows:
         if "error" in r:

@@ -60,10 +60,11 @@ class CausalLM(nn.Module):
                 x = layer(x)
         return x
 
-    def compile_blocks(self):
-        """``torch.compile`` each block in place (identical blocks share compiled code); returns self."""
+    def compile_blocks(self, **compile_kwargs):
+        """``torch.compile`` each block in place (identical blocks share compiled code); returns self.
+        ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``)."""
         for layer in self.layers:
-            layer.compile()
+            layer.compile(**compile_kwargs)
         return self
 
     def logits(self, h):
