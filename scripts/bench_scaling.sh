@@ -12,7 +12,7 @@ STEPS=${3:-50}
 PHASES=${4:-1 N report}
 DATA=${DATA:-/tmp/tnl-data}
 NGPU=${NGPU:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
-export PYTHONUNBUFFERED=1 SEQ BATCH EXTRA
+export PYTHONUNBUFFERED=1 SEQ BATCH EXTRA DATA
 mkdir -p "$OUT"
 if [ ! -f $DATA/meta.json ]; then
   python3 -m tnlib prepare --corpus .carry/corpus-gutenberg-00.txt.xz --out $DATA --val-permille 10 \
@@ -38,7 +38,7 @@ def med(path):
     return statistics.median(tps), len(tps)
 one, k1 = med("/tmp/scale-1/metrics.jsonl")
 many, kn = med(f"/tmp/scale-{n}/metrics.jsonl")
-doc = {"header": provenance({"preset": preset, "seq_len": int(os.environ.get("SEQ", 2048)), "batch_per_gpu": int(os.environ.get("BATCH", 16)), "steps": steps, "command": f"bash scripts/bench_scaling.sh {out} {preset} {steps}", "extra": os.environ.get("EXTRA", ""),
+doc = {"header": provenance({"preset": preset, "seq_len": int(os.environ.get("SEQ", 2048)), "batch_per_gpu": int(os.environ.get("BATCH", 16)), "steps": steps, "command": f"bash scripts/bench_scaling.sh {out} {preset} {steps}", "extra": os.environ.get("EXTRA", ""), "data": os.environ.get("DATA", ""),
                              "method": "median tokens/s over steps 11..max (after the compile warm-up); "
                                        "same per-GPU batch, DDP through torchrun, torch.compile"}),
        "gpus_1": {"tokens_per_s": one, "steps_counted": k1},
