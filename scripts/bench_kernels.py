@@ -230,9 +230,8 @@ def run_shape(impls, checks, H, K, V, lens, tokens, dtype, rows):
 
 
 def variants(tokens, dtype, shapes=((16, 128, 128),), lens=(1024, 32768), targets=(256, 512, 1024)):
-    """tnlib's segment-plan alternatives (``_TARGET_CTAS``, and narrower forward value blocks instead
-    of segments: ``_NARROW_BV``) per shape and T, each checked against the default plan's output,
-    plus a per-kernel breakdown of the default plan."""
+    """tnlib's segment-plan alternatives (``_TARGET_CTAS``) per shape and T, each checked against the
+    default plan's output, plus a per-kernel breakdown of the default plan."""
     from triton.testing import do_bench
 
     from tnlib.ops import lightning as L
@@ -247,19 +246,18 @@ def variants(tokens, dtype, shapes=((16, 128, 128),), lens=(1024, 32768), target
             q, k, v, do = inputs(B, T, H, K, V, "bthd", dtype, seed=3)
             with torch.no_grad():
                 ref = fn(q, k, v, s).float()
-            for tgt, narrow in [(t, False) for t in targets] + [(default, True)]:
-                L._TARGET_CTAS, L._NARROW_BV = tgt, narrow
+            for tgt in targets:
+                L._TARGET_CTAS = tgt
                 try:
                     with torch.no_grad():
                         err = ((fn(q, k, v, s).float() - ref).abs().max() / ref.abs().max()).item()
                     f, fb, pk = time_one(fn, q, k, v, s, do)
-                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, narrow_bv=narrow, fwd_plan=L._fwd_plan(q, v),
-                               seg=L._plan_for(q, v), rel_err_vs_default=err,
+                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, seg=L._plan_for(q, v), rel_err_vs_default=err,
                                fwd_ms=round(f, 4), fwdbwd_ms=round(fb, 4), peak_gb=round(pk, 3))
                 except Exception as e:  # noqa: BLE001
-                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, narrow_bv=narrow, error=repr(e)[:200])
+                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, error=repr(e)[:200])
                 finally:
-                    L._TARGET_CTAS, L._NARROW_BV = default, False
+                    L._TARGET_CTAS = default
                 out.append(row)
                 print("variant", row, flush=True)
             # breakdown of the default plan: segment-state kernel, main forward kernel, backward

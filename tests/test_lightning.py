@@ -236,35 +236,3 @@ def test_model_block_compiles_without_graph_breaks(device):
         torch._dynamo.reset()
         ex = torch._dynamo.explain(layer)(h)
         assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons]
-
-
-@triton_test
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("K", [32, 64])
-def test_narrow_value_blocks_instead_of_segments(device, monkeypatch, dtype, K):
-    """The experimental plan (``_NARROW_BV``): value blocks down to 16 wide instead of segments, in the
-    forward and (K=64) in the backward's dq pass too, which then needs no k/v segment states; dk/dv
-    keep their segments. Outputs, final state and gradients."""
-    monkeypatch.setattr(L, "_NARROW_BV", True)
-    monkeypatch.setattr(L, "_SPLIT_BELOW", 8)
-    monkeypatch.setattr(L, "_MIN_SEG", 64)
-    q, k, v, slope, S0, do, G = _inputs(1, 200, 2, K, 64, dtype, device)
-    bv, seg_len, nseg = L._fwd_plan(q, v)
-    assert (bv, nseg) == (16, 1) and L._plan_for(q, v)[1] > 1
-    calls = []
-    real = L._local_states
-    monkeypatch.setattr(L, "_local_states", lambda *a: calls.append(a[-1]) or real(*a))
-    xs = [x.clone().requires_grad_() for x in (q, k, v)]
-    s0 = S0.clone().requires_grad_()
-    o, S = lightning_attention(*xs, slope, s0, output_final_state=True)
-    ((o.float() * do).sum() + (S * G).sum()).backward()
-    xr = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    s0r = S0.double().requires_grad_()
-    orf, Sr = linear_attention_quadratic(*xr, slope.double(), s0r, True)
-    ((orf * do.double()).sum() + (Sr * G.double()).sum()).backward()
-    assert_close(o, orf, dtype=dtype, name="o")
-    assert_close(S, Sr, dtype=dtype, name="state")
-    for name, a, b in zip(("dq", "dk", "dv", "dS0"), xs + [s0], xr + [s0r]):
-        assert_close(a.grad, b.grad, dtype=dtype, name=name)
-    # segment-state passes: q/dO (reverse) for dk/dv always; k/v (forward) only if dq could not narrow
-    assert sorted(calls) == ([True] if K == 64 else [False, True])

@@ -52,8 +52,6 @@ _CONFIG_OVERRIDE: dict = {}
 #: aim for about ``_TARGET_CTAS``. Measured on the H200 (results/bench/variants-h200.json): with 256
 #: CTAs an unsplit T=8K runs as fast as T=1K, while at 128 CTAs splitting into 4-8 segments wins.
 _SPLIT_BELOW = 256
-#: Forward: prefer narrower value blocks to segments when that fills the GPU (see ``_fwd_plan``).
-_NARROW_BV = False
 _TARGET_CTAS = 512
 #: Backward: dk and dv from one fused reverse sweep (True) or two passes of the generic kernel.
 _FUSED_DKDV = True
@@ -107,30 +105,6 @@ def _plan_for(q, v):
     DV = v.shape[3]
     bv = _config(DK, DV, q.dtype == torch.float32)[1]
     return _seg_plan(B, H, T, DV // bv)
-
-
-def _narrow_bv(B: int, H: int, bv: int, DV: int):
-    """The widest value block (halving ``bv``, down to 16) that alone gives ``_SPLIT_BELOW`` CTAs, or None."""
-    nb = bv
-    while nb > 16 and (DV // nb) * B * H < _SPLIT_BELOW:
-        nb //= 2
-    return nb if (DV // nb) * B * H >= _SPLIT_BELOW else None
-
-
-def _fwd_plan(q, v):
-    """(BV, segment length, segments) of the forward. With ``_NARROW_BV``, a sequence that would be
-    split is instead covered by narrower value blocks (down to 16 wide) when that alone gives
-    ``_SPLIT_BELOW`` CTAs: q and k are then re-read per value block (mostly from L2) instead of k and
-    v by a segment-state pass. Experimental until measured: off by default."""
-    B, T, H, DK = q.shape
-    DV = v.shape[3]
-    bv = _config(DK, DV, q.dtype == torch.float32)[1]
-    seg_len, nseg = _plan_for(q, v)
-    if _NARROW_BV and nseg > 1 and _SEG_LEN is None:
-        nb = _narrow_bv(B, H, bv, DV)
-        if nb is not None:
-            return nb, T, 1
-    return bv, seg_len, nseg
 
 
 def _upcast(x):
@@ -187,14 +161,13 @@ def _optional(t, stand_in, ndim):
     return (t, t.stride()) if t is not None else (stand_in, (0,) * ndim)
 
 
-def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype, bv=None):
+def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype):
     """One pass of the generic kernel (see the module docstring of ``_lightning_kernels``)."""
     K = _kernels()
     B, T, H, DK = a.shape
     DV = c.shape[3]
     fp32 = a.dtype == torch.float32
-    ch, bv0, nw, ns = _config(DK, DV, fp32)
-    bv = bv or bv0
+    ch, bv, nw, ns = _config(DK, DV, fp32)
     o = _alloc((B, T, H, DV), out_dtype, a.device)
     final_t, sf = _optional(_alloc((B, H, DK, DV), torch.float32, a.device) if want_final else None, o, 4)
     init_t, si = _optional(init, o, 4)
@@ -245,11 +218,9 @@ def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg):
 def _forward_impl(q, k, v, slope, initial_state, output_final_state):
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
-    B, T, H, _ = q.shape
-    bv, seg_len, nseg = _fwd_plan(q, v)
+    seg_len, nseg = _plan_for(q, v)
     local = _local_states(k, v, slope, seg_len, nseg, False) if nseg > 1 else None
-    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype,
-                     bv=bv)
+    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype)
     return o, final, local
 
 
@@ -261,20 +232,14 @@ def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc_kv=N
     seg_len, nseg = _plan_for(q, v)  # the dk/dv passes' plan
     multi = nseg > 1
     # dq_t = dO_t S_t^T: forward in time, query dO, key v, value k, start S_{-1}^T. Its plan is the
-    # forward's (so the forward's k/v segment states serve), or narrow value blocks (``_NARROW_BV``).
-    q_bv, q_seg, q_nseg = None, seg_len, nseg
-    if _NARROW_BV and multi and _SEG_LEN is None:
-        nb = _narrow_bv(B, H, _config(v.shape[3], q.shape[3], q.dtype == torch.float32)[1], q.shape[3])
-        if nb is not None:
-            q_bv, q_seg, q_nseg = nb, T, 1
-    if q_nseg == 1:
+    # forward's, so the k/v segment states the forward kept serve here.
+    if not multi:
         loc_kv = None
-    elif (loc_kv is None or loc_kv.shape[2] != q_nseg - 1
-          or _fwd_plan(q, v)[1:] != (q_seg, q_nseg)):  # not saved by the forward (or another plan)
-        loc_kv = _local_states(k, v, slope, q_seg, q_nseg, False)
+    elif loc_kv is None or loc_kv.shape[2] != nseg - 1:  # not saved by the forward
+        loc_kv = _local_states(k, v, slope, seg_len, nseg, False)
     s0t = initial_state.transpose(-1, -2) if initial_state is not None else None
     dq, _ = _attn(do, v, k, slope, s0t, True, False, False,
-                  loc_kv.transpose(-1, -2) if loc_kv is not None else None, q_seg, q_nseg, q.dtype, bv=q_bv)
+                  loc_kv.transpose(-1, -2) if loc_kv is not None else None, seg_len, nseg, q.dtype)
     del loc_kv
     # D_t (reverse in time) from q^T dO, start G entering undecayed
     loc_qdo = _local_states(q, do, slope, seg_len, nseg, True) if multi else None
@@ -316,7 +281,7 @@ def _(q, k, v, slope, initial_state, output_final_state):
     V = v.shape[3]
     o = v.new_empty((B, T, H, V))
     final = q.new_empty((B, H, K, V) if output_final_state else (0,), dtype=torch.float32)
-    nseg = _fwd_plan(q, v)[2]
+    nseg = _plan_for(q, v)[1]
     local = q.new_empty((B, H, nseg - 1, K, V) if nseg > 1 else (0,), dtype=torch.float32)
     return o, final, local
 
