@@ -69,7 +69,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=50272)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--loss", default="logits", help="comma list of: logits (F.cross_entropy on fp32 logits), fused")
+    ap.add_argument("--loss", default="fused,logits",
+                    help="comma list of: fused (model(ids, targets): the chunked LM head + cross-entropy, "
+                         "training's default on a GPU), logits (F.cross_entropy on fp32 logits)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the blocks, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for the whole run, "
                     "e.g. coordinate_descent_tuning=1 (recorded in the header)")
