@@ -55,7 +55,7 @@ class TrainConfig:
     compile: bool = False
     # what torch.compile sees: "blocks" (each block compiled on its own, the embedding/head/loss eager;
     # under DDP the blocks' backward graphs hand gradients to the all-reduce as they finish; measured
-    # 1.89x on 2 H200s) or "model" (one graph per forward; under DDP dynamo splits it at gradient
+    # 1.86-1.89x on 2 H200s) or "model" (one graph per forward; under DDP dynamo splits it at gradient
     # buckets: 1.76x; results/385m/scaling-*.json)
     compile_scope: str = "blocks"
     checkpointing: bool = False
