@@ -13,32 +13,21 @@ falls back to ``F.linear`` everywhere else (training, many rows, CPU, biases).
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._triton import HAS_TRITON, interpreting, kernel_device, tl, triton
 
 __all__ = ["gemv", "gemv_supported", "GEMV_MAX_ROWS"]
 
 #: Up to this many rows (tokens x batch) go through the kernel; more rows are a GEMM's job.
 GEMV_MAX_ROWS = 4
 
-try:  # Triton is optional at import time so that CPU-only installs without it still work
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    _HAS_TRITON = False
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-if _HAS_TRITON:
+if HAS_TRITON:
 
     def _configs():
-        if _interpreting():  # the interpreter is slow: one small configuration
+        if interpreting():  # the interpreter is slow: one small configuration
             return [triton.Config({"BLOCK_N": 8, "BLOCK_K": 32}, num_warps=1)]
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                 for bn, bk, w, s in ((4, 256, 2, 4), (4, 512, 4, 3), (8, 256, 4, 4), (8, 512, 4, 3),
@@ -72,9 +61,9 @@ if _HAS_TRITON:
 def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``gemv`` takes this product: CUDA (or the Triton interpreter on CPU), fp16/bf16/fp32
     ``x`` and ``weight`` of one dtype, at most ``GEMV_MAX_ROWS`` rows, no autograd."""
-    if not _HAS_TRITON or x.dtype != weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if x.dtype != weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())) or weight.device != x.device:
+    if not kernel_device(x) or weight.device != x.device:
         return False
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or weight.stride(1) != 1:
         return False

@@ -28,13 +28,13 @@ interpreter take :func:`tnlib.ops.linear_attention_chunked` (pure PyTorch, diffe
 """
 from __future__ import annotations
 
-import os
 import weakref
 from typing import Optional
 
 import torch
 
 from ._checks import check_attention_inputs
+from ._triton import kernel_device
 from .reference import linear_attention_chunked
 
 __all__ = ["lightning_attention", "SUPPORTED_K", "SUPPORTED_V"]
@@ -352,11 +352,7 @@ def _remember_slope(slope) -> None:
 
 
 def _use_kernel(q: torch.Tensor) -> bool:
-    if q.dtype == torch.float64:
-        return False
-    if q.is_cuda:
-        return True
-    return q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return q.dtype != torch.float64 and kernel_device(q)
 
 
 def _fallback(q, k, v, slope, initial_state=None, output_final_state=False):

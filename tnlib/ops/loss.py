@@ -15,22 +15,15 @@ passes (cast, max, subtract, exp, sum, gather, scatter, scale, cast) that the CP
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._triton import HAS_TRITON, kernel_device, tl, triton
 
 __all__ = ["linear_cross_entropy", "xent_grad_"]
 
-try:  # Triton is optional at import time so that CPU-only installs without it still work
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    _HAS_TRITON = False
 
 
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _xent_grad_kernel(L, TGT, NLL, stride_l, V, scale, BLOCK: tl.constexpr):
@@ -61,9 +54,7 @@ if _HAS_TRITON:
 
 
 def _use_kernel(t: torch.Tensor) -> bool:
-    if not _HAS_TRITON or t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return t.dtype in (torch.float16, torch.bfloat16, torch.float32) and kernel_device(t)
 
 
 @torch.library.custom_op("tnlib::xent_grad_", mutates_args=("logits",))

@@ -13,9 +13,9 @@ Backward, with ``r = (mean(x^2) + eps)^(-1/2)`` and ``y = x r``::
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._triton import HAS_TRITON, kernel_device, tl, triton
 
 __all__ = ["srms_norm", "srms_norm_reference", "srms_norm_triton"]
 
@@ -27,16 +27,7 @@ def srms_norm_reference(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-try:  # Triton is optional at import time so that CPU-only installs without it still work
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    _HAS_TRITON = False
-
-
-if _HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _srms_fwd_kernel(X, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
@@ -104,7 +95,7 @@ class _SRMSNormFn(torch.autograd.Function):
 
 def srms_norm_triton(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """The Triton path, unconditionally (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
-    if not _HAS_TRITON:
+    if not HAS_TRITON:
         raise RuntimeError("srms_norm_triton needs triton installed")
     if x.dtype == torch.float16:
         eps = max(eps, 1.6e-5)  # as the official kernel: keeps 1/rms finite in fp16
@@ -112,13 +103,9 @@ def srms_norm_triton(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    if not _HAS_TRITON or x.dtype == torch.float64:
+    if x.dtype == torch.float64 or torch.compiler.is_compiling():
         return False
-    if torch.compiler.is_compiling():
-        return False
-    if x.is_cuda:
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1" and x.device.type == "cpu"
+    return kernel_device(x)
 
 
 def srms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
