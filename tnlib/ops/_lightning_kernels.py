@@ -49,17 +49,38 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _state_ptrs(S, i_b, i_h, s_b, s_h, s_k, s_v, offs_k, offs_v):
+    """Pointers to the ``[DK, BV]`` tile of a ``[B, H, (...,) K, V]`` state tensor for (batch, head)."""
+    return (S + i_b.to(tl.int64) * s_b + i_h.to(tl.int64) * s_h
+            + offs_k[:, None] * s_k + offs_v[None, :] * s_v)
+
+
+@triton.jit
 def _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
                            sl_b, sl_h, sl_s, sl_k, sl_v):
     """Start state of segment ``seg`` (shifted convention): fold in the local end states of segments
     ``0 .. seg-1``, each decayed over the segments after it."""
-    l_base = (LOCAL + i_b.to(tl.int64) * sl_b + i_h.to(tl.int64) * sl_h
-              + offs_k[:, None] * sl_k + offs_v[None, :] * sl_v)
+    l_base = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v)
     seg_decay = tl.exp(-slope * seg_len.to(tl.float32))  # underflows to 0 for long segments: exact enough
     for j in range(0, seg):
         loc = tl.load(l_base + j * sl_s)
         P = P * seg_decay + lam * loc
     return P
+
+
+@triton.jit
+def _chunk_rows(start, rows, seg_end, T, CH: tl.constexpr, REVERSE: tl.constexpr):
+    """The chunk of logical times ``start + rows`` in a segment ending at ``seg_end``: which rows are
+    real, their physical time index (time runs backwards with ``REVERSE``; 0 for padding rows, which
+    are masked) and the chunk length ``m``."""
+    t_log = start + rows
+    valid = t_log < seg_end
+    if REVERSE:
+        t_phys = T - 1 - t_log
+    else:
+        t_phys = t_log
+    t_phys = tl.where(valid, t_phys, 0).to(tl.int64)
+    return valid, t_phys, tl.minimum(seg_end - start, CH)
 
 
 @triton.jit
@@ -73,13 +94,19 @@ def _chunk_decays(rows, slope):
 
 
 @triton.jit
+def _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """What a chunk of length ``m`` adds to the state at its end: ``(diag(lambda^(m-1-c)) B)^T C``."""
+    kdec = tl.where(valid, tl.exp(-slope * tl.maximum(m - 1 - rows, 0).to(tl.float32)), 0.0)
+    bt_s = (bt.to(tl.float32) * kdec[:, None]).to(bt.dtype)
+    return _dot(tl.trans(bt_s), ct, DOT_PREC, UPCAST)
+
+
+@triton.jit
 def _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """End of a chunk of length ``m``: the inclusive state ``U = lambda^(m-1) P + (diag(lambda^(m-1-c)) B)^T C``
     and the next start state ``P = lambda U``."""
-    kdec = tl.where(valid, tl.exp(-slope * tl.maximum(m - 1 - rows, 0).to(tl.float32)), 0.0)
-    bt_s = (bt.to(tl.float32) * kdec[:, None]).to(bt.dtype)
     U = P * tl.exp(-slope * (m - 1).to(tl.float32))
-    U += _dot(tl.trans(bt_s), ct, DOT_PREC, UPCAST)
+    U += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST)
     return U, U * lam
 
 
@@ -111,22 +138,12 @@ def _segment_state_kernel(
     seg_end = tl.minimum(seg_start + seg_len, T)
     acc = tl.zeros([DK, BV], dtype=tl.float32)
     for start in range(seg_start, seg_end, CH):
-        t_log = start + rows
-        valid = t_log < seg_end
-        if REVERSE:
-            t_phys = T - 1 - t_log
-        else:
-            t_phys = t_log
-        t_phys = tl.where(valid, t_phys, 0).to(tl.int64)
-        m = tl.minimum(seg_end - start, CH)
+        valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
         bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
-        kdec = tl.where(valid, tl.exp(-slope * tl.maximum(m - 1 - rows, 0).to(tl.float32)), 0.0)
-        bt_s = (bt.to(tl.float32) * kdec[:, None]).to(bt.dtype)
         acc = acc * tl.exp(-slope * m.to(tl.float32))
-        acc += _dot(tl.trans(bt_s), ct, DOT_PREC, UPCAST)
-    l_ptr = (LOCAL + i_b.to(tl.int64) * sl_b + i_h.to(tl.int64) * sl_h + seg.to(tl.int64) * sl_s
-             + offs_k[:, None] * sl_k + offs_v[None, :] * sl_v)
+        acc += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST)
+    l_ptr = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v) + seg.to(tl.int64) * sl_s
     tl.store(l_ptr, acc)
 
 
@@ -160,9 +177,7 @@ def _lightning_kernel(
 
     # start state P = lambda * S_{seg_start - 1}
     if HAS_INIT:
-        i_ptr = (INIT + i_b.to(tl.int64) * si_b + i_h.to(tl.int64) * si_h
-                 + offs_k[:, None] * si_k + offs_v[None, :] * si_v)
-        P = tl.load(i_ptr).to(tl.float32)
+        P = tl.load(_state_ptrs(INIT, i_b, i_h, si_b, si_h, si_k, si_v, offs_k, offs_v)).to(tl.float32)
         if INIT_DECAY:
             P = P * lam
     else:
@@ -181,14 +196,7 @@ def _lightning_kernel(
     seg_end = tl.minimum(seg_start + seg_len, T)
     U = P
     for start in range(seg_start, seg_end, CH):
-        t_log = start + rows
-        valid = t_log < seg_end
-        if REVERSE:
-            t_phys = T - 1 - t_log
-        else:
-            t_phys = t_log
-        t_phys = tl.where(valid, t_phys, 0).to(tl.int64)
-        m = tl.minimum(seg_end - start, CH)
+        valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
         at = tl.load(a_base + t_phys[:, None] * sa_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
@@ -202,9 +210,7 @@ def _lightning_kernel(
 
     if STORE_FINAL:
         if seg == n_seg - 1:
-            f_ptr = (FINAL + i_b.to(tl.int64) * sf_b + i_h.to(tl.int64) * sf_h
-                     + offs_k[:, None] * sf_k + offs_v[None, :] * sf_v)
-            tl.store(f_ptr, U)
+            tl.store(_state_ptrs(FINAL, i_b, i_h, sf_b, sf_h, sf_k, sf_v, offs_k, offs_v), U)
 
 
 @triton.jit
@@ -244,8 +250,7 @@ def _dkdv_kernel(
     offs_v = tl.arange(0, DV)
 
     if HAS_INIT:
-        P = tl.load(INIT + i_b.to(tl.int64) * si_b + i_h.to(tl.int64) * si_h
-                    + offs_k[:, None] * si_k + offs_v[None, :] * si_v).to(tl.float32)
+        P = tl.load(_state_ptrs(INIT, i_b, i_h, si_b, si_h, si_k, si_v, offs_k, offs_v)).to(tl.float32)
     else:
         P = tl.zeros([DK, DV], dtype=tl.float32)
     if HAS_LOCAL:
@@ -264,10 +269,7 @@ def _dkdv_kernel(
     seg_end = tl.minimum(seg_start + seg_len, T)
     U = P
     for start in range(seg_start, seg_end, CH):
-        t_log = start + rows
-        valid = t_log < seg_end
-        t_phys = tl.where(valid, T - 1 - t_log, 0).to(tl.int64)
-        m = tl.minimum(seg_end - start, CH)
+        valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, True)
         qt = tl.load(q_base + t_phys[:, None] * sq_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         kt = tl.load(k_base + t_phys[:, None] * sk_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         vt = tl.load(v_base + t_phys[:, None] * sv_t + offs_v[None, :], mask=valid[:, None], other=0.0)
@@ -290,6 +292,4 @@ def _dkdv_kernel(
 
     if STORE_FINAL:
         if seg == n_seg - 1:
-            f_ptr = (FINAL + i_b.to(tl.int64) * sf_b + i_h.to(tl.int64) * sf_h
-                     + offs_k[:, None] * sf_k + offs_v[None, :] * sf_v)
-            tl.store(f_ptr, U)
+            tl.store(_state_ptrs(FINAL, i_b, i_h, sf_b, sf_h, sf_k, sf_v, offs_k, offs_v), U)
