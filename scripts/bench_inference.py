@@ -87,18 +87,14 @@ def bench(model, name, B, ctx, vocab, decode_steps, mode):
 
 def check_gemv(model, vocab):
     """Eager decode logits with the projections through tnlib's GEMV kernel vs through cuBLAS."""
-    import tnlib.nn.linear as linear
+    from tnlib.nn.linear import force_gemv
 
     ids = torch.randint(0, vocab, (1, 300), device="cuda")
     _, cache = model.step(ids, last_only=True)
     tok = ids[:, -1:]
-    with torch.no_grad():
-        linear.GEMV_EAGER = True  # eager calls through the kernel (by default only compiled/captured steps)
-        try:
-            got, _ = model.step(tok, cache)
-        finally:
-            linear.GEMV_EAGER = False
-        want, _ = model.step(tok, cache)
+    with force_gemv():  # eager calls through the kernel (by default only compiled/captured steps)
+        got, _ = model.step(tok, cache)
+    want, _ = model.step(tok, cache)
     return rel_err(got, want)
 
 

@@ -76,11 +76,11 @@ def main():
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for the whole run, "
                     "e.g. coordinate_descent_tuning=1 (recorded in the header)")
     a = ap.parse_args()
+    import torch._inductor.config as ic
+
     inductor = {}
     for item in filter(None, a.inductor.split(",")):
         k, v = item.split("=")
-        import torch._inductor.config as ic
-
         if not hasattr(ic, k):
             sys.exit(f"unknown torch._inductor.config setting {k!r}")
         inductor[k] = json.loads(v)

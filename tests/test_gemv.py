@@ -1,4 +1,6 @@
 """The decode GEMV kernel (``tnlib.ops.gemv``) against float64 ``F.linear``, and its dispatch."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,14 +55,30 @@ def test_tiny_model_decode_through_gemv_matches_parallel(device, monkeypatch):
     assert_close(torch.cat(steps, 1), full.double(), dtype=torch.float32, tol=1e-4, name="logits")
 
 
-def test_dispatch_rules():
-    """Training, many rows, biases and CPU without the interpreter keep F.linear; gemv says why it refuses."""
+@pytest.mark.triton
+def test_dispatch_rules(device):
+    """Where the kernel can run: at most GEMV_MAX_ROWS rows, one dtype, no autograd, no bias."""
+    import tnlib.nn.linear as linear
+
+    w = torch.randn(8, 16, device=device)
+    x = torch.randn(1, 16, device=device)
+    with torch.no_grad():
+        assert gemv_supported(x, w) and gemv_supported(x.repeat(GEMV_MAX_ROWS, 1), w)
+        assert not gemv_supported(x.repeat(GEMV_MAX_ROWS + 1, 1), w)  # many rows: a GEMM's job
+        assert not gemv_supported(x.double(), w)  # dtype mismatch
+    assert not gemv_supported(x, w.clone().requires_grad_())  # training: autograd needs F.linear
+    lin = Linear(16, 8, bias=True).to(device)
+    with torch.no_grad(), linear.force_gemv():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # a bias keeps F.linear
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="CPU tensors take the kernel when interpreted")
+def test_cpu_keeps_f_linear():
+    """On a CPU without the interpreter the kernel never applies; gemv says why it refuses."""
     lin = Linear(16, 8, bias=False)
     x = torch.randn(1, 16)
-    assert not gemv_supported(x.repeat(GEMV_MAX_ROWS + 1, 1), lin.weight.detach())
-    assert not gemv_supported(x, lin.weight)  # weight requires grad and grad mode is on
     with torch.no_grad():
-        assert not gemv_supported(x.double(), lin.weight)  # dtype mismatch
+        assert not gemv_supported(x, lin.weight)
         assert torch.equal(lin(x), F.linear(x, lin.weight))
     with pytest.raises(ValueError, match="gemv: needs"):
         gemv(x, lin.weight)
@@ -75,7 +93,8 @@ def test_gemv_only_when_compiled_unless_forced(device, monkeypatch):
     x = torch.randn(1, 16, device=device)
     with torch.no_grad():
         assert gemv_supported(x, w) and not linear.use_gemv(x, w)  # eager: cuBLAS
-        monkeypatch.setattr(linear, "GEMV_EAGER", True)
-        assert linear.use_gemv(x, w)
-        monkeypatch.setattr(linear, "USE_GEMV", False)
-        assert not linear.use_gemv(x, w)
+        with linear.force_gemv():
+            assert linear.use_gemv(x, w)
+            monkeypatch.setattr(linear, "USE_GEMV", False)
+            assert not linear.use_gemv(x, w)
+        assert not linear.GEMV_EAGER  # restored on leaving the block

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .nn import linear as _linear
+from .nn.linear import force_gemv
 
 __all__ = ["generate", "stream_generate", "sample_next", "GraphDecoder", "StaticDecodeStep"]
 
@@ -72,9 +72,7 @@ class GraphDecoder:
             raise RuntimeError("GraphDecoder needs the model and cache on a CUDA device")
         self.step = StaticDecodeStep(model, cache, fuse, compile_mode)
         saved = self.step.snapshot()
-        eager_gemv = _linear.GEMV_EAGER
-        _linear.GEMV_EAGER = True  # the captured step's projections use tnlib's GEMV kernel, compiled or not
-        try:
+        with force_gemv():  # the captured step's projections use tnlib's GEMV kernel, compiled or not
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -84,8 +82,6 @@ class GraphDecoder:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.logits = self.step()
-        finally:
-            _linear.GEMV_EAGER = eager_gemv
         self.step.restore(saved)  # undo the warm-up steps
 
     @property

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..nn import linear as _nn_linear
-from ..ops.gemv import gemv
+from ..nn.linear import linear
 
 __all__ = ["init_weights", "check_input_ids", "left_pad_positions", "CausalLM"]
 
@@ -70,11 +68,7 @@ class CausalLM(nn.Module):
     def logits(self, h):
         """Final norm, then the LM head (tied to the embedding unless ``tie_embeddings=False``)."""
         h = self.final_norm(h)
-        if self.lm_head is not None:
-            return self.lm_head(h)
-        if _nn_linear.use_gemv(h, self.embed.weight):  # decoding: the tied head as a GEMV
-            return gemv(h, self.embed.weight)
-        return F.linear(h, self.embed.weight)
+        return linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
 
     def lm_loss(self, h, targets, chunk: int = 8192):
         """Mean next-token cross-entropy from the last hidden states ``h`` (``[B, T, d]``) against

@@ -7,8 +7,8 @@ the memory bandwidth (profile: ``results/bench/profile-decode-*.txt``). The kern
 weight matrix exactly once, in its natural ``[N, K]`` row-major layout (loads contiguous along K),
 for up to ``GEMV_MAX_ROWS`` rows at a time, accumulating in fp32.
 
-``gemv(x, weight)`` is the op (a ``torch.library`` custom op, so ``torch.compile`` and CUDA-graph
-capture treat it as one opaque kernel); ``tnlib.nn.Linear`` calls it for inference on few rows and
+``gemv(x, weight)`` checks its inputs and calls ``gemv_op``, the unchecked ``torch.library`` custom op
+(``torch.compile`` and CUDA-graph capture treat it as one opaque kernel); ``tnlib.nn.Linear`` calls it for inference on few rows and
 falls back to ``F.linear`` everywhere else (training, many rows, CPU, biases).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from ._triton import HAS_TRITON, interpreting, kernel_device, tl, triton
 
-__all__ = ["gemv", "gemv_supported", "GEMV_MAX_ROWS"]
+__all__ = ["gemv", "gemv_op", "gemv_supported", "GEMV_MAX_ROWS"]
 
 #: Up to this many rows (tokens x batch) go through the kernel; more rows are a GEMM's job.
 GEMV_MAX_ROWS = 4
@@ -73,7 +73,7 @@ def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("tnlib::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def gemv_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     K = x.shape[-1]
     N = weight.shape[0]
     x2 = x.reshape(-1, K)
@@ -87,13 +87,13 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], N)
 
 
-@_gemv_op.register_fake
+@gemv_op.register_fake
 def _(x, weight):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` (``F.linear`` without bias) for at most ``GEMV_MAX_ROWS`` rows of ``x``
+    """``x @ weight.T`` (``F.linear`` without bias), checked, for at most ``GEMV_MAX_ROWS`` rows of ``x``
     (``[..., K]``; ``weight``: ``[N, K]``, contiguous along K), through the Triton kernel.
 
     No autograd: for inference. Raises ``ValueError`` where ``gemv_supported`` is false."""
@@ -102,4 +102,4 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             f"gemv: needs a CUDA (or TRITON_INTERPRET=1 CPU) x [..., K] with <= {GEMV_MAX_ROWS} rows and a weight "
             f"[N, K] of the same fp16/bf16/fp32 dtype, outside autograd; got x {tuple(x.shape)} {x.dtype} "
             f"{x.device}, weight {tuple(weight.shape)} {weight.dtype} {weight.device}")
-    return _gemv_op(x, weight)
+    return gemv_op(x, weight)
