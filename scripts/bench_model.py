@@ -14,10 +14,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tnlib  # noqa: E402
+from tnlib.nn import gla  # noqa: E402
 from tnlib.provenance import gpu_slug, write_results  # noqa: E402
 
 
-def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile_mode=None):
+def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile_mode=None, gla_path="packed"):
+    gla.USE_PACKED = gla_path == "packed"
     torch.manual_seed(0)
     model = tnlib.create_model(preset, vocab_size=vocab).cuda()
     if mode == "compiled":
@@ -51,6 +53,7 @@ def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
     row = dict(model=preset, T=T, B=B, mode=mode, fused_loss=fused_loss, tokens_per_step=B * T, step_ms=ms,
+               gla_path=gla_path if preset.startswith("tnl") else None,
                tokens_per_s=B * T / (ms / 1e3), peak_gb=torch.cuda.max_memory_allocated() / 1e9,
                loss=float(loss), warmup_s=warm_s, params=model.num_parameters())
     del model, opt, batches
@@ -72,6 +75,9 @@ def main():
     ap.add_argument("--loss", default="fused,logits",
                     help="comma list of: fused (model(ids, targets): the chunked LM head + cross-entropy, "
                          "training's default on a GPU), logits (F.cross_entropy on fp32 logits)")
+    ap.add_argument("--gla", default="packed",
+                    help="comma list of TNL token-mixer paths: packed (q|k|v to the kernels with the feature map "
+                         "inside, the default), unfused (split, SiLU, attention: tnlib.nn.gla.USE_PACKED=False)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the blocks, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for the whole run, "
                     "e.g. coordinate_descent_tuning=1 (recorded in the header)")
@@ -91,12 +97,15 @@ def main():
     rows = []
     for mode in a.modes.split(","):
         for preset in a.models.split(","):
-            for T, loss_kind in ((T, k) for T in map(int, a.lens.split(",")) for k in a.loss.split(",")):
+            paths = a.gla.split(",") if preset.startswith("tnl") else ["packed"]
+            for T, loss_kind, path in ((T, k, p) for T in map(int, a.lens.split(",")) for k in a.loss.split(",")
+                                       for p in paths):
                 try:
                     r = run(preset, T, a.tokens, mode, a.steps, a.warmup, a.vocab, fused_loss=loss_kind == "fused",
-                            compile_mode=a.compile_mode)
+                            compile_mode=a.compile_mode, gla_path=path)
                 except Exception as e:  # record failures instead of losing the whole run
-                    r = dict(model=preset, T=T, mode=mode, fused_loss=loss_kind == "fused", error=repr(e)[:300])
+                    r = dict(model=preset, T=T, mode=mode, fused_loss=loss_kind == "fused", gla_path=path,
+                             error=repr(e)[:300])
                     torch.cuda.empty_cache()
                 rows.append(r)
                 print(json.dumps(r), flush=True)
@@ -107,7 +116,7 @@ def main():
             print(f"{r['model']:18s} {r['mode']:9s} {r['T']:6d} ERROR {r['error'][:60]}")
         else:
             print(f"{r['model']:18s} {r['mode']:9s} {r['T']:6d} {r['tokens_per_s']:10.0f} {r['peak_gb']:8.1f}"
-                  f"{'  fused loss' if r.get('fused_loss') else ''}")
+                  f"{'  fused loss' if r.get('fused_loss') else ''}{'  gla ' + r['gla_path'] if r.get('gla_path') else ''}")
 
 
 if __name__ == "__main__":

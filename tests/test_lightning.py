@@ -236,3 +236,81 @@ def test_model_block_compiles_without_graph_breaks(device):
         torch._dynamo.reset()
         ex = torch._dynamo.explain(layer)(h)
         assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons]
+
+
+# ------------------------------------------------------------------------------------------------
+# The packed path: q | k | v from one projection, feature map inside the kernels
+# ------------------------------------------------------------------------------------------------
+
+_PHI = {"silu": torch.nn.functional.silu, "1+elu": lambda x: 1 + torch.nn.functional.elu(x), "none": lambda x: x}
+
+PACKED_CASES = [
+    # B, T, H, D, dtype, act, seg_len
+    (1, 1, 1, 16, torch.float32, "silu", None),
+    (2, 70, 2, 16, torch.float32, "silu", None),
+    (1, 200, 2, 32, torch.bfloat16, "silu", 128),  # 2 segments: saved segment states reused by dq
+    (2, 65, 1, 16, torch.float16, "1+elu", None),  # padding rows of the last chunk must stay zero
+    (1, 130, 2, 16, torch.float32, "none", 64),
+    (1, 40, 1, 128, torch.float32, "silu", None),  # fp32 D=128: dk, dv in two generic passes
+]
+
+
+@triton_test
+@pytest.mark.parametrize("B,T,H,D,dtype,act,seg", PACKED_CASES)
+def test_packed_matches_float64_reference(device, monkeypatch, B, T, H, D, dtype, act, seg):
+    monkeypatch.setattr(L, "_SEG_LEN", seg)
+    g = torch.Generator().manual_seed(B * 100 + T + D)
+    qkv = (torch.randn(B, T, 3 * H * D, generator=g) * 0.5).to(device=device, dtype=dtype)
+    slope = (torch.rand(H, generator=g) * 0.6 + 0.005).to(device)
+    do = torch.randn(B, T, H, D, generator=g).to(device)
+    x = qkv.clone().requires_grad_()
+    o = L.lightning_attention_packed(x, slope, H, act)
+    assert o.dtype == dtype and o.shape == (B, T, H, D)
+    (o.float() * do).sum().backward()
+    assert x.grad.dtype == dtype and x.grad.shape == qkv.shape
+    xr = qkv.detach().double().requires_grad_()
+    q, k, v = (t.reshape(B, T, H, D) for t in xr.chunk(3, dim=-1))
+    phi = _PHI[act]
+    # reference: the feature map applied to the input rounded to the test dtype, then rounded again,
+    # as the unfused model stores it
+    qa, ka = (phi(t.to(dtype).double()).to(dtype).double() if dtype != torch.float32 else phi(t) for t in (q, k))
+    orf = linear_attention_quadratic(qa, ka, v, slope.double())
+    (orf * do.double()).sum().backward()
+    tol = TOLERANCE[dtype]
+    assert_close(o, orf, dtype, tol, "o")
+    d = H * D
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_close(x.grad[..., i * d:(i + 1) * d], xr.grad[..., i * d:(i + 1) * d], dtype, tol, name)
+
+
+@triton_test
+def test_packed_equals_unpacked_and_compiles(device):
+    B, T, H, D = 1, 50, 2, 16
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(B, T, 3 * H * D, generator=g).to(device)
+    slope = (torch.rand(H, generator=g) * 0.5).to(device)
+    q, k, v = (t.reshape(B, T, H, D) for t in qkv.chunk(3, dim=-1))
+    o_ref = lightning_attention(torch.nn.functional.silu(q), torch.nn.functional.silu(k), v.contiguous(), slope)
+    f = torch.compile(lambda x: L.lightning_attention_packed(x, slope, H), backend="aot_eager")
+    x = qkv.clone().requires_grad_()
+    o = f(x)
+    assert_close(o, o_ref, tol=1e-5, name="packed vs unpacked")
+    o.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_packed_errors_and_cpu_fallback():
+    qkv = torch.randn(1, 8, 3 * 2 * 16, dtype=torch.float64)
+    slope = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    with pytest.raises(ValueError, match="3 \\* n_heads"):
+        L.lightning_attention_packed(qkv, slope, 5)
+    with pytest.raises(ValueError, match="qk_act"):
+        L.lightning_attention_packed(qkv, slope, 2, "relu")
+    with pytest.raises(ValueError, match=r"\[B, T, 3\*H\*D\]"):
+        L.lightning_attention_packed(qkv[0], slope, 2)
+    with pytest.raises(ValueError, match="head dim"):
+        L.lightning_attention_packed(torch.randn(1, 8, 3 * 2 * 24), slope, 2)
+    o = L.lightning_attention_packed(qkv, slope, 2)  # float64: the PyTorch path
+    q, k, v = (t.reshape(1, 8, 2, 16) for t in qkv.chunk(3, dim=-1))
+    orf = linear_attention_quadratic(torch.nn.functional.silu(q), torch.nn.functional.silu(k), v, slope)
+    assert_close(o, orf, name="fallback")

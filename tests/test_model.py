@@ -158,3 +158,31 @@ def test_model_compiles():
     compiled = torch.compile(m, backend="eager", fullgraph=False)
     with torch.no_grad():
         assert rel_err(compiled(ids), m(ids)) < 1e-5
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("overrides", [dict(), dict(gate=False, qk_act="1+elu")], ids=["default", "nogate-elu"])
+def test_packed_attention_path_matches_unfused(monkeypatch, overrides):
+    """Layers without LRPE take the packed kernel path (feature map in the kernels, one gradient
+    buffer); it must give the unfused path's logits and every parameter's gradient."""
+    from tnlib.nn import gla
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(5)
+    m = create_model("tnl-tiny", vocab_size=61, n_layers=2, **overrides).to(device)
+    ids = torch.randint(0, 61, (2, 21), device=device)
+    calls = []
+    orig = gla.GatedLinearAttention._forward_packed
+    monkeypatch.setattr(gla.GatedLinearAttention, "_forward_packed",
+                        lambda self, x: calls.append(self.layer_idx) or orig(self, x))
+    results = []
+    for packed in (True, False):
+        monkeypatch.setattr(gla, "USE_PACKED", packed)
+        m.zero_grad()
+        logits = m(ids)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    assert calls == [1]  # layer 0 has LRPE: unfused; layer 1 packed (once, in the packed run)
+    assert rel_err(results[0][0], results[1][0]) < 1e-4
+    for name, g in results[0][1].items():
+        assert rel_err(g, results[1][1][name]) < 1e-3, name

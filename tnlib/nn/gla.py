@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops as _ops
 from .decay import decay_slopes
-from .linear import Linear
+from .linear import Linear, linear
 from .lrpe import LRPE
 from .norm import build_norm
 
@@ -28,6 +28,13 @@ __all__ = ["GatedLinearAttention", "SGLU", "attention_backend"]
 #: the measured default) or ``"sum"`` (multiply and reduce over K: under ``torch.compile`` it can fuse
 #: with the state update into one kernel instead of a separate cuBLAS call per layer; to be timed).
 STEP_MATVEC = "einsum"
+
+#: Training path without LRPE (every layer but 0 in the paper's scheme): hand the pre-activation
+#: ``q | k | v`` block of the projection to :func:`tnlib.ops.lightning_attention_packed`, which applies
+#: the feature map inside the kernels and returns the gradient of that block as one buffer, and compute
+#: ``u`` with its own product from the same fused weight (so no gradient concatenation is needed).
+#: False keeps the unfused form (one product, split, activation, attention) for comparison.
+USE_PACKED = True
 
 
 def _qk_activation(name: str):
@@ -62,6 +69,7 @@ class GatedLinearAttention(nn.Module):
         self.gate = cfg.gate
         self.qkvu_proj = Linear(d, (4 if cfg.gate else 3) * d, bias=False)
         self.out_proj = Linear(d, d, bias=False)
+        self.qk_act = cfg.qk_act
         self.act = _qk_activation(cfg.qk_act)
         self.lrpe = LRPE(H, cfg.head_dim, learnable=cfg.lrpe_learnable) if cfg.lrpe_on(layer_idx) else None
         if cfg.uses_decay:
@@ -80,6 +88,9 @@ class GatedLinearAttention(nn.Module):
         """
         B, T, d = x.shape
         H, D = self.n_heads, self.head_dim
+        if (USE_PACKED and self.lrpe is None and state is None and not return_state and pad_mask is None
+                and _ops.lightning._use_kernel(x) and attention_backend() is _ops.lightning_attention):
+            return self._forward_packed(x)
         parts = self.qkvu_proj(x).chunk(4 if self.gate else 3, dim=-1)
         q, k, v = (p.reshape(B, T, H, D) for p in parts[:3])
         q, k = self.act(q), self.act(k)
@@ -100,6 +111,16 @@ class GatedLinearAttention(nn.Module):
             o = o * parts[3]
         out = self.out_proj(o)
         return (out, state) if return_state else out
+
+    def _forward_packed(self, x):
+        """The same layer through the packed kernel path (see ``USE_PACKED``): identical parameters."""
+        B, T, d = x.shape
+        w = self.qkvu_proj.weight
+        o = _ops.lightning_attention_packed(linear(x, w[: 3 * d]), self.slope.float(), self.n_heads, self.qk_act)
+        o = self.norm(o.reshape(B, T, d))
+        if self.gate:
+            o = o * linear(x, w[3 * d:])
+        return self.out_proj(o)
 
     @staticmethod
     def recurrent_step(q, k, v, slope, state):

@@ -6,7 +6,7 @@ from .reference import (
     linear_attention_recurrent,
     softmax_attention,
 )
-from .lightning import lightning_attention
+from .lightning import lightning_attention, lightning_attention_packed
 
 __all__ = [
     "decay_mask",
@@ -14,5 +14,6 @@ __all__ = [
     "linear_attention_quadratic",
     "linear_attention_recurrent",
     "lightning_attention",
+    "lightning_attention_packed",
     "softmax_attention",
 ]

@@ -37,7 +37,7 @@ from ._checks import check_attention_inputs
 from ._triton import kernel_device
 from .reference import linear_attention_chunked
 
-__all__ = ["lightning_attention", "SUPPORTED_K", "SUPPORTED_V"]
+__all__ = ["lightning_attention", "lightning_attention_packed", "SUPPORTED_K", "SUPPORTED_V"]
 
 SUPPORTED_K = (16, 32, 64, 128, 256)
 SUPPORTED_V = (16, 32, 64, 128)
@@ -53,6 +53,8 @@ _CONFIG_OVERRIDE: dict = {}
 #: CTAs an unsplit T=8K runs as fast as T=1K, while at 128 CTAs splitting into 4-8 segments wins.
 _SPLIT_BELOW = 256
 _TARGET_CTAS = 512
+#: Tuning hook: (chunk, num_warps, num_stages) of the fused dk/dv kernel instead of the defaults.
+_DKDV_CONFIG_OVERRIDE: Optional[tuple] = None
 #: Backward: dk and dv from one fused reverse sweep (True) or two passes of the generic kernel.
 _FUSED_DKDV = True
 _MIN_SEG = 512
@@ -135,7 +137,7 @@ def _local_config(DK: int, DV: int, fp32: bool):
     return 64, min(DV, 128 if DK <= 128 else 64), 8, 2
 
 
-def _local_states(b, c, slope, seg_len, nseg, reverse):
+def _local_states(b, c, slope, seg_len, nseg, reverse, act_b=0, act_c=0):
     """End states of segments ``0 .. nseg-2`` from a zero start: ``[B, H, nseg-1, DK, DV]`` fp32.
 
     The last segment's state is never needed (a segment folds in only the ones before it), so its
@@ -151,7 +153,7 @@ def _local_states(b, c, slope, seg_len, nseg, reverse):
         b, c, slope, loc, T, H, seg_len,
         *_strides3(b), *_strides3(c), *loc.stride(),
         DK=DK, BV=bv, CH=ch, REVERSE=reverse, DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(b),
-        num_warps=nw, num_stages=ns,
+        ACT_B=act_b, ACT_C=act_c, num_warps=nw, num_stages=ns,
     )
     return loc
 
@@ -161,25 +163,31 @@ def _optional(t, stand_in, ndim):
     return (t, t.stride()) if t is not None else (stand_in, (0,) * ndim)
 
 
-def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype):
-    """One pass of the generic kernel (see the module docstring of ``_lightning_kernels``)."""
+def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype,
+          acts=(0, 0, 0), grad_act=0, pre=None, out=None):
+    """One pass of the generic kernel (see the module docstring of ``_lightning_kernels``).
+
+    ``acts``: feature maps applied to ``a, b, c`` on load; ``grad_act``: multiply the output by that
+    map's derivative at ``pre`` (``[B, T, H, DV]``); ``out``: write into this (possibly strided) tensor."""
     K = _kernels()
     B, T, H, DK = a.shape
     DV = c.shape[3]
     fp32 = a.dtype == torch.float32
     ch, bv, nw, ns = _config(DK, DV, fp32)
-    o = _alloc((B, T, H, DV), out_dtype, a.device)
+    o = _alloc((B, T, H, DV), out_dtype, a.device) if out is None else out
     final_t, sf = _optional(_alloc((B, H, DK, DV), torch.float32, a.device) if want_final else None, o, 4)
     init_t, si = _optional(init, o, 4)
     loc_t, sl = _optional(local, o, 5)
     grid = (DV // bv, nseg, B * H)
+    pre_t, se = (pre, _strides3(pre)) if grad_act else (o, (0, 0, 0))
     K._lightning_kernel[grid](
-        a, b, c, o, init_t, loc_t, final_t, slope, T, H, seg_len,
+        a, b, c, o, init_t, loc_t, final_t, slope, pre_t, T, H, seg_len,
         *_strides3(a), *_strides3(b), *_strides3(c), *_strides3(o),
-        *si, *sl, *sf,
+        *si, *sl, *sf, *se,
         DK=DK, BV=bv, CH=ch, HAS_INIT=init is not None, INIT_DECAY=init_decay,
         HAS_LOCAL=local is not None, STORE_FINAL=want_final, REVERSE=reverse,
-        DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a), num_warps=nw, num_stages=ns,
+        DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a),
+        ACT_A=acts[0], ACT_B=acts[1], ACT_C=acts[2], GRAD_ACT=grad_act, num_warps=nw, num_stages=ns,
     )
     return o, (final_t if want_final else None)
 
@@ -191,16 +199,19 @@ def _use_fused_dkdv(DK: int, DV: int, fp32: bool) -> bool:
     return not fp32 or DK * DV <= 64 * 64
 
 
-def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg):
-    """dk and dv from one reverse-time kernel sharing the state D (see ``_dkdv_kernel``)."""
+def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg, act=0, dk=None, dv=None):
+    """dk and dv from one reverse-time kernel sharing the state D (see ``_dkdv_kernel``); with
+    ``act`` the feature map is applied to q and k on load and dk is the pre-activation gradient."""
     K = _kernels()
     B, T, H, DK = q.shape
     DV = v.shape[3]
     fp32 = q.dtype == torch.float32
     nw = 8 if DK * DV >= 128 * 128 else 4
     ch, ns = (32 if fp32 else 64), (1 if fp32 else 2)
-    dk = _alloc((B, T, H, DK), k.dtype, q.device)
-    dv = _alloc((B, T, H, DV), v.dtype, q.device)
+    if _DKDV_CONFIG_OVERRIDE is not None:
+        ch, nw, ns = _DKDV_CONFIG_OVERRIDE
+    dk = _alloc((B, T, H, DK), k.dtype, q.device) if dk is None else dk
+    dv = _alloc((B, T, H, DV), v.dtype, q.device) if dv is None else dv
     final, sf = _optional(_alloc((B, H, DK, DV), torch.float32, q.device) if need_ds0 else None, dk, 4)
     init_t, si = _optional(dfinal, dk, 4)
     loc_t, sl = _optional(local, dk, 5)
@@ -210,24 +221,30 @@ def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg):
         *si, *sl, *sf,
         DK=DK, DV=DV, CH=ch, HAS_INIT=dfinal is not None, HAS_LOCAL=local is not None,
         STORE_FINAL=need_ds0, DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(q),
-        num_warps=nw, num_stages=ns,
+        ACT_Q=act, ACT_K=act, num_warps=nw, num_stages=ns,
     )
     return dk, dv, (final if need_ds0 else None)
 
 
-def _forward_impl(q, k, v, slope, initial_state, output_final_state):
+def _forward_impl(q, k, v, slope, initial_state, output_final_state, act=0):
+    """``act``: the q/k feature map applied inside the kernels (0 = none: q and k are used as given)."""
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
     seg_len, nseg = _plan_for(q, v)
-    local = _local_states(k, v, slope, seg_len, nseg, False) if nseg > 1 else None
-    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype)
+    local = _local_states(k, v, slope, seg_len, nseg, False, act_b=act) if nseg > 1 else None
+    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg,
+                     v.dtype, acts=(act, act, 0))
     return o, final, local
 
 
-def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc_kv=None):
+def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc_kv=None, act=0, grads=None):
+    """dq, dk, dv (and dS0). With ``act`` q and k are pre-activations: the feature map is applied on
+    load and dq, dk are their gradients. ``grads``: three tensors (views of one buffer in the packed
+    path) to write dq, dk, dv into."""
     do = _last_contig(do.to(v.dtype))
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
+    dq_out, dk_out, dv_out = grads if grads is not None else (None, None, None)
     B, T, H, _ = q.shape
     seg_len, nseg = _plan_for(q, v)  # the dk/dv passes' plan
     multi = nseg > 1
@@ -236,20 +253,23 @@ def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc_kv=N
     if not multi:
         loc_kv = None
     elif loc_kv is None or loc_kv.shape[2] != nseg - 1:  # not saved by the forward
-        loc_kv = _local_states(k, v, slope, seg_len, nseg, False)
+        loc_kv = _local_states(k, v, slope, seg_len, nseg, False, act_b=act)
     s0t = initial_state.transpose(-1, -2) if initial_state is not None else None
     dq, _ = _attn(do, v, k, slope, s0t, True, False, False,
-                  loc_kv.transpose(-1, -2) if loc_kv is not None else None, seg_len, nseg, q.dtype)
+                  loc_kv.transpose(-1, -2) if loc_kv is not None else None, seg_len, nseg, q.dtype,
+                  acts=(0, 0, act), grad_act=act, pre=q, out=dq_out)
     del loc_kv
     # D_t (reverse in time) from q^T dO, start G entering undecayed
-    loc_qdo = _local_states(q, do, slope, seg_len, nseg, True) if multi else None
+    loc_qdo = _local_states(q, do, slope, seg_len, nseg, True, act_b=act) if multi else None
     if _use_fused_dkdv(q.shape[3], v.shape[3], q.dtype == torch.float32):
-        dk, dv, d0 = _dkdv(q, k, v, do, slope, dfinal, need_ds0, loc_qdo, seg_len, nseg)
+        dk, dv, d0 = _dkdv(q, k, v, do, slope, dfinal, need_ds0, loc_qdo, seg_len, nseg, act, dk_out, dv_out)
     else:
-        dv, d0 = _attn(k, q, do, slope, dfinal, False, True, need_ds0, loc_qdo, seg_len, nseg, v.dtype)
+        dv, d0 = _attn(k, q, do, slope, dfinal, False, True, need_ds0, loc_qdo, seg_len, nseg, v.dtype,
+                       acts=(act, act, 0), out=dv_out)
         gt = dfinal.transpose(-1, -2) if dfinal is not None else None
         dk, _ = _attn(v, do, q, slope, gt, False, True, False,
-                      loc_qdo.transpose(-1, -2) if multi else None, seg_len, nseg, k.dtype)
+                      loc_qdo.transpose(-1, -2) if multi else None, seg_len, nseg, k.dtype,
+                      acts=(0, 0, act), grad_act=act, pre=k, out=dk_out)
     ds0 = None
     if need_ds0:
         ds0 = d0 * torch.exp(-slope.float())[None, :, None, None]
@@ -331,6 +351,113 @@ def _backward(ctx, do, dfinal, _dlocal):
 
 
 _lightning_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# The packed path: q | k | v straight from the fused projection, feature map inside the kernels
+# ----------------------------------------------------------------------------------------------
+
+#: Feature-map codes of the kernels' ACT arguments.
+ACT_CODES = {"none": 0, "silu": 1, "1+elu": 2}
+
+
+def _split_packed(x, n_heads: int):
+    """Views ``q, k, v: [B, T, H, D]`` of the three equal column blocks of ``x: [B, T, 3*H*D]``."""
+    d = x.shape[-1] // 3
+    return tuple(x[..., i * d:(i + 1) * d].unflatten(-1, (n_heads, d // n_heads)) for i in range(3))
+
+
+def _empty_f32(like):
+    return like.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("tnlib::lightning_packed_fwd", mutates_args=())
+def _packed_fwd_op(qkv: torch.Tensor, slope: torch.Tensor, n_heads: int, act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o, segment states of phi(k), v or empty)`` for packed pre-activation ``qkv``."""
+    q, k, v = _split_packed(qkv, n_heads)
+    o, _, local = _forward_impl(q, k, v, slope, None, False, act)
+    return o, (_empty_f32(qkv) if local is None else local)
+
+
+@_packed_fwd_op.register_fake
+def _(qkv, slope, n_heads, act):
+    q, k, v = _split_packed(qkv, n_heads)
+    B, T, H, D = q.shape
+    nseg = _plan_for(q, v)[1]
+    local = qkv.new_empty((B, H, nseg - 1, D, D) if nseg > 1 else (0,), dtype=torch.float32)
+    return qkv.new_empty((B, T, H, D)), local
+
+
+@torch.library.custom_op("tnlib::lightning_packed_bwd", mutates_args=())
+def _packed_bwd_op(do: torch.Tensor, qkv: torch.Tensor, slope: torch.Tensor, n_heads: int, act: int,
+                   local_kv: torch.Tensor) -> torch.Tensor:
+    """The gradient of the packed ``qkv`` in one buffer: the kernels write its three column blocks
+    directly (dq and dk already through the feature map's derivative), so nothing is concatenated."""
+    dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
+    loc = local_kv if local_kv.dim() == 5 else None
+    _backward_impl(do, None, *_split_packed(qkv, n_heads), slope, None, False, loc, act,
+                   grads=_split_packed(dqkv, n_heads))
+    return dqkv
+
+
+@_packed_bwd_op.register_fake
+def _(do, qkv, slope, n_heads, act, local_kv):
+    return qkv.new_empty(qkv.shape)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, slope, n_heads, act = inputs
+    ctx.n_heads, ctx.act = n_heads, act
+    ctx.save_for_backward(qkv, slope, output[1])
+
+
+def _packed_backward(ctx, do, _dlocal):
+    qkv, slope, local_kv = ctx.saved_tensors
+    return _packed_bwd_op(do, qkv, slope, ctx.n_heads, ctx.act, local_kv), None, None, None
+
+
+_packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+
+
+def lightning_attention_packed(qkv, slope, n_heads: int, qk_act: str = "silu"):
+    """``lightning_attention(phi(q), phi(k), v, slope)`` for ``q | k | v`` packed in ``qkv``.
+
+    ``qkv: [B, T, 3*H*D]`` holds the pre-activation q, k and v column blocks side by side, as one
+    projection produces them; ``phi`` is ``qk_act`` (``"silu"``, ``"1+elu"`` or ``"none"``). Returns
+    ``o: [B, T, H, D]``. On the kernel path the feature map runs inside the Lightning kernels (no
+    activated copies of q and k are stored) and the backward writes the gradient of ``qkv`` as one
+    buffer, so the model needs no concatenation of dq, dk, dv. Elsewhere (float64, or a CPU without
+    the interpreter) it is the same computation in PyTorch. No initial or final state: this is the
+    training path; ``lightning_attention`` serves the rest.
+    """
+    if qk_act not in ACT_CODES:
+        raise ValueError(f"lightning_attention_packed: unknown qk_act {qk_act!r}; choose one of {sorted(ACT_CODES)}")
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        raise ValueError(f"lightning_attention_packed: qkv must be [B, T, 3*H*D], got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    W = qkv.shape[-1]
+    if n_heads < 1 or W % (3 * n_heads):
+        raise ValueError(f"lightning_attention_packed: last dim {W} is not 3 * n_heads ({n_heads}) * head_dim")
+    D = W // (3 * n_heads)
+    if D not in SUPPORTED_V:
+        raise ValueError(f"lightning_attention_packed: head dim {D} unsupported; supported {SUPPORTED_V}")
+    if not _use_kernel(qkv):
+        from ..nn.gla import _qk_activation  # the same maps the model applies
+
+        phi = _qk_activation(qk_act)
+        q, k, v = _split_packed(qkv, n_heads)
+        if slope is None or not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (n_heads,):
+            raise ValueError(f"lightning_attention_packed: slope must be a [{n_heads}] tensor")
+        return _fallback(phi(q), phi(k), v, slope)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    if not torch.compiler.is_compiling() and not _slope_validated(slope):
+        check_attention_inputs(*_split_packed(qkv, n_heads), slope, None, name="lightning_attention_packed")
+        _remember_slope(slope)
+    elif not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (n_heads,) or slope.device != qkv.device:
+        raise ValueError(f"lightning_attention_packed: slope must be a [{n_heads}] tensor on {qkv.device}")
+    o, _ = _packed_fwd_op(qkv, slope.to(torch.float32), int(n_heads), ACT_CODES[qk_act])
+    return o
 
 
 _VALIDATED: dict = {}
