@@ -49,31 +49,27 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _act(x, valid, ACT: tl.constexpr):
-    """The q/k feature map applied on load (0: none, 1: SiLU, 2: 1+elu), rounded back to the input
-    dtype as the unfused model would store it. Padding rows stay 0 (1+elu(0) would be 1)."""
-    if ACT == 1:
-        xf = x.to(tl.float32)
-        return (xf * tl.sigmoid(xf)).to(x.dtype)
-    elif ACT == 2:
-        xf = x.to(tl.float32)
-        y = tl.where(xf > 0, xf + 1.0, tl.exp(tl.minimum(xf, 0.0)))
-        return tl.where(valid[:, None], y, 0.0).to(x.dtype)
+def _sigmoid(x, FAST: tl.constexpr):
+    """fp32 logistic function; ``FAST``: ``0.5 + 0.5 tanh(x / 2)`` with one ``tanh.approx.f32``
+    (relative error ~2^-11, below bf16's resolution) instead of an exp and a division, whose two
+    special-function-unit operations per element would dominate the kernel's epilogue."""
+    if FAST:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x * 0.5], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        return 0.5 + 0.5 * t
     else:
-        return x
+        return tl.sigmoid(x)
 
 
 @triton.jit
-def _act_grad(x, ACT: tl.constexpr):
-    """The feature map's derivative at the pre-activation ``x`` (fp32)."""
+def _act_grad(x, ACT: tl.constexpr, FAST: tl.constexpr):
+    """The q/k feature map's derivative at the pre-activation ``x`` (fp32): 1: SiLU, 2: 1+elu."""
     xf = x.to(tl.float32)
     if ACT == 1:
-        sg = tl.sigmoid(xf)
+        sg = _sigmoid(xf, FAST)
         return sg * (1.0 + xf * (1.0 - sg))
-    elif ACT == 2:
-        return tl.where(xf > 0, 1.0, tl.exp(tl.minimum(xf, 0.0)))
     else:
-        return xf * 0.0 + 1.0
+        return tl.where(xf > 0, 1.0, tl.exp(tl.minimum(xf, 0.0)))
 
 
 @triton.jit
@@ -147,7 +143,6 @@ def _segment_state_kernel(
     sl_b, sl_h, sl_s, sl_k, sl_v,
     DK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
     REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    ACT_B: tl.constexpr = 0, ACT_C: tl.constexpr = 0,
 ):
     """LOCAL[b, h, seg, :, vblk] = sum_{s in seg} lambda^(end-1-s) b_s^T c_s (zero start state)."""
     pid_v = tl.program_id(0)
@@ -170,8 +165,6 @@ def _segment_state_kernel(
         valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
         bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
-        bt = _act(bt, valid, ACT_B)
-        ct = _act(ct, valid, ACT_C)
         acc = acc * tl.exp(-slope * m.to(tl.float32))
         acc += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST)
     l_ptr = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v) + seg.to(tl.int64) * sl_s
@@ -193,12 +186,11 @@ def _lightning_kernel(
     DK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
     HAS_INIT: tl.constexpr, INIT_DECAY: tl.constexpr, HAS_LOCAL: tl.constexpr,
     STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    ACT_A: tl.constexpr = 0, ACT_B: tl.constexpr = 0, ACT_C: tl.constexpr = 0,
-    GRAD_ACT: tl.constexpr = 0,
+    GRAD_ACT: tl.constexpr = 0, FAST: tl.constexpr = True,
 ):
-    """One pass (see the module docstring). ``ACT_*`` apply the q/k feature map to an input as it is
-    loaded; ``GRAD_ACT`` multiplies the output by the map's derivative at ``E`` (the pre-activation
-    at the output's positions): the dq pass of the packed path returns the projection's gradient."""
+    """One pass (see the module docstring). ``GRAD_ACT`` (1: SiLU, 2: 1+elu) multiplies the output
+    by the q/k feature map's derivative at ``E`` (the pre-activation at the output's positions): the
+    dq pass of the packed path then returns the gradient of the projection's q block."""
     pid_v = tl.program_id(0)
     seg = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -238,9 +230,6 @@ def _lightning_kernel(
         at = tl.load(a_base + t_phys[:, None] * sa_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
-        at = _act(at, valid, ACT_A)
-        bt = _act(bt, valid, ACT_B)
-        ct = _act(ct, valid, ACT_C)
         # inter-chunk part: lambda^r a_r P
         o = _dot(at, P.to(at.dtype), DOT_PREC, UPCAST) * qdec[:, None]
         # intra-chunk part: [(A B^T) * M] C
@@ -248,7 +237,7 @@ def _lightning_kernel(
         o += _dot(s.to(ct.dtype), ct, DOT_PREC, UPCAST)
         if GRAD_ACT != 0:
             et = tl.load(e_base + t_phys[:, None] * se_t + offs_v[None, :], mask=valid[:, None], other=0.0)
-            o = o * _act_grad(et, GRAD_ACT)
+            o = o * _act_grad(et, GRAD_ACT, FAST)
         tl.store(o_base + t_phys[:, None] * so_t + offs_v[None, :], o.to(O.dtype.element_ty), mask=valid[:, None])
         U, P = _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC, UPCAST)
 
@@ -259,7 +248,7 @@ def _lightning_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK_out, DV_out, INIT, LOCAL, FINAL, slope_ptr,
+    Q, K, V, DO, DK_out, DV_out, INIT, LOCAL, FINAL, slope_ptr, E,
     T, H, seg_len,
     sq_b, sq_t, sq_h,
     sk_b, sk_t, sk_h,
@@ -270,10 +259,11 @@ def _dkdv_kernel(
     si_b, si_h, si_k, si_v,
     sl_b, sl_h, sl_s, sl_k, sl_v,
     sf_b, sf_h, sf_k, sf_v,
+    se_b, se_t, se_h,
     DK: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_LOCAL: tl.constexpr, STORE_FINAL: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    ACT_Q: tl.constexpr = 0, ACT_K: tl.constexpr = 0,
+    GRAD_ACT: tl.constexpr = 0, FAST: tl.constexpr = True,
 ):
     """dk and dv in one reverse-time sweep sharing the state D (full [DK, DV] per CTA).
 
@@ -282,8 +272,8 @@ def _dkdv_kernel(
         dv = [(K Q^T) * M] dO + lambda^r K P          dk = [(V dO^T) * M] Q + lambda^r V P^T
         U  = lambda^(m-1) P + (diag(lambda^(m-1-c)) Q)^T dO,   P = lambda U
 
-    ``ACT_Q``/``ACT_K`` apply the q/k feature map on load; with ``ACT_K`` the stored dk is the
-    gradient of the pre-activation k (times the map's derivative).
+    With ``GRAD_ACT`` the stored dk is multiplied by the feature map's derivative at ``E`` (the
+    pre-activation k): the gradient of the projection's k block.
     """
     seg = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -312,6 +302,7 @@ def _dkdv_kernel(
     d_base = DO + i_b.to(tl.int64) * sd_b + i_h.to(tl.int64) * sd_h
     gk_base = DK_out + i_b.to(tl.int64) * sgk_b + i_h.to(tl.int64) * sgk_h
     gv_base = DV_out + i_b.to(tl.int64) * sgv_b + i_h.to(tl.int64) * sgv_h
+    e_base = E + i_b.to(tl.int64) * se_b + i_h.to(tl.int64) * se_h
 
     seg_start = seg * seg_len
     seg_end = tl.minimum(seg_start + seg_len, T)
@@ -322,9 +313,6 @@ def _dkdv_kernel(
         kt = tl.load(k_base + t_phys[:, None] * sk_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         vt = tl.load(v_base + t_phys[:, None] * sv_t + offs_v[None, :], mask=valid[:, None], other=0.0)
         dot_ = tl.load(d_base + t_phys[:, None] * sd_t + offs_v[None, :], mask=valid[:, None], other=0.0)
-        qt = _act(qt, valid, ACT_Q)
-        k_pre = kt
-        kt = _act(kt, valid, ACT_K)
         Pc = P.to(kt.dtype)
         # dv
         dv = _dot(kt, Pc, DOT_PREC, UPCAST) * qdec[:, None]
@@ -336,8 +324,9 @@ def _dkdv_kernel(
         dk = _dot(vt, tl.trans(Pc), DOT_PREC, UPCAST) * qdec[:, None]
         s2 = _dot(vt, tl.trans(dot_), DOT_PREC, UPCAST) * mask_dec
         dk += _dot(s2.to(qt.dtype), qt, DOT_PREC, UPCAST)
-        if ACT_K != 0:
-            dk = dk * _act_grad(k_pre, ACT_K)
+        if GRAD_ACT != 0:
+            et = tl.load(e_base + t_phys[:, None] * se_t + offs_k[None, :], mask=valid[:, None], other=0.0)
+            dk = dk * _act_grad(et, GRAD_ACT, FAST)
         tl.store(gk_base + t_phys[:, None] * sgk_t + offs_k[None, :], dk.to(DK_out.dtype.element_ty),
                  mask=valid[:, None])
         # state D (reverse time) from q^T dO

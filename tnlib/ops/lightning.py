@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from ._checks import check_attention_inputs
-from ._triton import kernel_device
+from ._triton import interpreting, kernel_device
 from .reference import linear_attention_chunked
 
 __all__ = ["lightning_attention", "lightning_attention_packed", "SUPPORTED_K", "SUPPORTED_V"]
@@ -137,7 +137,7 @@ def _local_config(DK: int, DV: int, fp32: bool):
     return 64, min(DV, 128 if DK <= 128 else 64), 8, 2
 
 
-def _local_states(b, c, slope, seg_len, nseg, reverse, act_b=0, act_c=0):
+def _local_states(b, c, slope, seg_len, nseg, reverse):
     """End states of segments ``0 .. nseg-2`` from a zero start: ``[B, H, nseg-1, DK, DV]`` fp32.
 
     The last segment's state is never needed (a segment folds in only the ones before it), so its
@@ -153,7 +153,7 @@ def _local_states(b, c, slope, seg_len, nseg, reverse, act_b=0, act_c=0):
         b, c, slope, loc, T, H, seg_len,
         *_strides3(b), *_strides3(c), *loc.stride(),
         DK=DK, BV=bv, CH=ch, REVERSE=reverse, DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(b),
-        ACT_B=act_b, ACT_C=act_c, num_warps=nw, num_stages=ns,
+        num_warps=nw, num_stages=ns,
     )
     return loc
 
@@ -164,11 +164,11 @@ def _optional(t, stand_in, ndim):
 
 
 def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype,
-          acts=(0, 0, 0), grad_act=0, pre=None, out=None):
+          grad_act=0, pre=None, out=None):
     """One pass of the generic kernel (see the module docstring of ``_lightning_kernels``).
 
-    ``acts``: feature maps applied to ``a, b, c`` on load; ``grad_act``: multiply the output by that
-    map's derivative at ``pre`` (``[B, T, H, DV]``); ``out``: write into this (possibly strided) tensor."""
+    ``grad_act``: multiply the output by the q/k feature map's derivative at ``pre`` (``[B, T, H, DV]``,
+    see ``ACT_CODES``); ``out``: write into this (possibly strided) tensor instead of a new one."""
     K = _kernels()
     B, T, H, DK = a.shape
     DV = c.shape[3]
@@ -187,7 +187,7 @@ def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len,
         DK=DK, BV=bv, CH=ch, HAS_INIT=init is not None, INIT_DECAY=init_decay,
         HAS_LOCAL=local is not None, STORE_FINAL=want_final, REVERSE=reverse,
         DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a),
-        ACT_A=acts[0], ACT_B=acts[1], ACT_C=acts[2], GRAD_ACT=grad_act, num_warps=nw, num_stages=ns,
+        GRAD_ACT=grad_act, FAST=not interpreting(), num_warps=nw, num_stages=ns,
     )
     return o, (final_t if want_final else None)
 
@@ -199,9 +199,9 @@ def _use_fused_dkdv(DK: int, DV: int, fp32: bool) -> bool:
     return not fp32 or DK * DV <= 64 * 64
 
 
-def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg, act=0, dk=None, dv=None):
+def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg, grad_act=0, k_pre=None, dk=None, dv=None):
     """dk and dv from one reverse-time kernel sharing the state D (see ``_dkdv_kernel``); with
-    ``act`` the feature map is applied to q and k on load and dk is the pre-activation gradient."""
+    ``grad_act`` dk is taken through the feature map's derivative at ``k_pre``."""
     K = _kernels()
     B, T, H, DK = q.shape
     DV = v.shape[3]
@@ -215,36 +215,37 @@ def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg, act=0, dk=
     final, sf = _optional(_alloc((B, H, DK, DV), torch.float32, q.device) if need_ds0 else None, dk, 4)
     init_t, si = _optional(dfinal, dk, 4)
     loc_t, sl = _optional(local, dk, 5)
+    pre_t, se = (k_pre, _strides3(k_pre)) if grad_act else (dk, (0, 0, 0))
     K._dkdv_kernel[(1, nseg, B * H)](
-        q, k, v, do, dk, dv, init_t, loc_t, final, slope, T, H, seg_len,
+        q, k, v, do, dk, dv, init_t, loc_t, final, slope, pre_t, T, H, seg_len,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
-        *si, *sl, *sf,
+        *si, *sl, *sf, *se,
         DK=DK, DV=DV, CH=ch, HAS_INIT=dfinal is not None, HAS_LOCAL=local is not None,
         STORE_FINAL=need_ds0, DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(q),
-        ACT_Q=act, ACT_K=act, num_warps=nw, num_stages=ns,
+        GRAD_ACT=grad_act, FAST=not interpreting(), num_warps=nw, num_stages=ns,
     )
     return dk, dv, (final if need_ds0 else None)
 
 
-def _forward_impl(q, k, v, slope, initial_state, output_final_state, act=0):
-    """``act``: the q/k feature map applied inside the kernels (0 = none: q and k are used as given)."""
+def _forward_impl(q, k, v, slope, initial_state, output_final_state):
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
     seg_len, nseg = _plan_for(q, v)
-    local = _local_states(k, v, slope, seg_len, nseg, False, act_b=act) if nseg > 1 else None
-    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg,
-                     v.dtype, acts=(act, act, 0))
+    local = _local_states(k, v, slope, seg_len, nseg, False) if nseg > 1 else None
+    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype)
     return o, final, local
 
 
-def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc_kv=None, act=0, grads=None):
-    """dq, dk, dv (and dS0). With ``act`` q and k are pre-activations: the feature map is applied on
-    load and dq, dk are their gradients. ``grads``: three tensors (views of one buffer in the packed
-    path) to write dq, dk, dv into."""
+def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc_kv=None, grad_act=0, pre=None,
+                   grads=None):
+    """dq, dk, dv (and dS0). With ``grad_act`` and ``pre = (q_pre, k_pre)`` (q and k being the feature
+    map of those) dq and dk are the gradients of the pre-activations. ``grads``: three tensors (views
+    of one buffer in the packed path) to write dq, dk, dv into."""
     do = _last_contig(do.to(v.dtype))
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
     dq_out, dk_out, dv_out = grads if grads is not None else (None, None, None)
+    q_pre, k_pre = pre if pre is not None else (None, None)
     B, T, H, _ = q.shape
     seg_len, nseg = _plan_for(q, v)  # the dk/dv passes' plan
     multi = nseg > 1
@@ -253,23 +254,23 @@ def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc_kv=N
     if not multi:
         loc_kv = None
     elif loc_kv is None or loc_kv.shape[2] != nseg - 1:  # not saved by the forward
-        loc_kv = _local_states(k, v, slope, seg_len, nseg, False, act_b=act)
+        loc_kv = _local_states(k, v, slope, seg_len, nseg, False)
     s0t = initial_state.transpose(-1, -2) if initial_state is not None else None
     dq, _ = _attn(do, v, k, slope, s0t, True, False, False,
                   loc_kv.transpose(-1, -2) if loc_kv is not None else None, seg_len, nseg, q.dtype,
-                  acts=(0, 0, act), grad_act=act, pre=q, out=dq_out)
+                  grad_act=grad_act, pre=q_pre, out=dq_out)
     del loc_kv
     # D_t (reverse in time) from q^T dO, start G entering undecayed
-    loc_qdo = _local_states(q, do, slope, seg_len, nseg, True, act_b=act) if multi else None
+    loc_qdo = _local_states(q, do, slope, seg_len, nseg, True) if multi else None
     if _use_fused_dkdv(q.shape[3], v.shape[3], q.dtype == torch.float32):
-        dk, dv, d0 = _dkdv(q, k, v, do, slope, dfinal, need_ds0, loc_qdo, seg_len, nseg, act, dk_out, dv_out)
+        dk, dv, d0 = _dkdv(q, k, v, do, slope, dfinal, need_ds0, loc_qdo, seg_len, nseg, grad_act, k_pre,
+                           dk_out, dv_out)
     else:
-        dv, d0 = _attn(k, q, do, slope, dfinal, False, True, need_ds0, loc_qdo, seg_len, nseg, v.dtype,
-                       acts=(act, act, 0), out=dv_out)
+        dv, d0 = _attn(k, q, do, slope, dfinal, False, True, need_ds0, loc_qdo, seg_len, nseg, v.dtype, out=dv_out)
         gt = dfinal.transpose(-1, -2) if dfinal is not None else None
         dk, _ = _attn(v, do, q, slope, gt, False, True, False,
                       loc_qdo.transpose(-1, -2) if multi else None, seg_len, nseg, k.dtype,
-                      acts=(0, 0, act), grad_act=act, pre=k, out=dk_out)
+                      grad_act=grad_act, pre=k_pre, out=dk_out)
     ds0 = None
     if need_ds0:
         ds0 = d0 * torch.exp(-slope.float())[None, :, None, None]
@@ -367,16 +368,38 @@ def _split_packed(x, n_heads: int):
     return tuple(x[..., i * d:(i + 1) * d].unflatten(-1, (n_heads, d // n_heads)) for i in range(3))
 
 
+def _split_qk(qk, n_heads: int):
+    """Views ``q, k: [B, T, H, D]`` of ``qk: [B, T, 2*H*D]``."""
+    return tuple(t.unflatten(-1, (n_heads, t.shape[-1] // n_heads)) for t in qk.chunk(2, dim=-1))
+
+
 def _empty_f32(like):
     return like.new_empty((0,), dtype=torch.float32)
 
 
+def _feature_map(x, act: int):
+    """The q/k feature map in PyTorch (codes of ``ACT_CODES``), as the unfused model applies it."""
+    if act == 1:
+        return torch.nn.functional.silu(x)
+    if act == 2:
+        return 1 + torch.nn.functional.elu(x)
+    return x
+
+
 @torch.library.custom_op("tnlib::lightning_packed_fwd", mutates_args=())
-def _packed_fwd_op(qkv: torch.Tensor, slope: torch.Tensor, n_heads: int, act: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(o, segment states of phi(k), v or empty)`` for packed pre-activation ``qkv``."""
+def _packed_fwd_op(qkv: torch.Tensor, slope: torch.Tensor, n_heads: int, act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(o, phi(q | k) or empty, segment states of k, v or empty)`` for the pre-activation ``qkv``.
+
+    The feature map is one elementwise pass over the q | k columns (applying it inside the Lightning
+    kernels was measured 2.5x slower there: each CTA recomputes it for its tiles on the special-function
+    units); its output is kept for the backward, like the unfused model's activations."""
     q, k, v = _split_packed(qkv, n_heads)
-    o, _, local = _forward_impl(q, k, v, slope, None, False, act)
-    return o, (_empty_f32(qkv) if local is None else local)
+    qk = None
+    if act:
+        qk = _feature_map(qkv[..., : 2 * (qkv.shape[-1] // 3)], act)
+        q, k = _split_qk(qk, n_heads)
+    o, _, local = _forward_impl(q, k, v, slope, None, False)
+    return o, (_empty_f32(qkv) if qk is None else qk), (_empty_f32(qkv) if local is None else local)
 
 
 @_packed_fwd_op.register_fake
@@ -385,35 +408,37 @@ def _(qkv, slope, n_heads, act):
     B, T, H, D = q.shape
     nseg = _plan_for(q, v)[1]
     local = qkv.new_empty((B, H, nseg - 1, D, D) if nseg > 1 else (0,), dtype=torch.float32)
-    return qkv.new_empty((B, T, H, D)), local
+    qk = qkv.new_empty((B, T, 2 * H * D)) if act else qkv.new_empty((0,), dtype=torch.float32)
+    return qkv.new_empty((B, T, H, D)), qk, local
 
 
 @torch.library.custom_op("tnlib::lightning_packed_bwd", mutates_args=())
-def _packed_bwd_op(do: torch.Tensor, qkv: torch.Tensor, slope: torch.Tensor, n_heads: int, act: int,
-                   local_kv: torch.Tensor) -> torch.Tensor:
+def _packed_bwd_op(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor, slope: torch.Tensor, n_heads: int,
+                   act: int, local_kv: torch.Tensor) -> torch.Tensor:
     """The gradient of the packed ``qkv`` in one buffer: the kernels write its three column blocks
     directly (dq and dk already through the feature map's derivative), so nothing is concatenated."""
     dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
+    q_pre, k_pre, v = _split_packed(qkv, n_heads)
+    q, k = _split_qk(qk, n_heads) if act else (q_pre, k_pre)
     loc = local_kv if local_kv.dim() == 5 else None
-    _backward_impl(do, None, *_split_packed(qkv, n_heads), slope, None, False, loc, act,
-                   grads=_split_packed(dqkv, n_heads))
+    _backward_impl(do, None, q, k, v, slope, None, False, loc, act, (q_pre, k_pre), _split_packed(dqkv, n_heads))
     return dqkv
 
 
 @_packed_bwd_op.register_fake
-def _(do, qkv, slope, n_heads, act, local_kv):
+def _(do, qkv, qk, slope, n_heads, act, local_kv):
     return qkv.new_empty(qkv.shape)
 
 
 def _packed_setup_context(ctx, inputs, output):
     qkv, slope, n_heads, act = inputs
     ctx.n_heads, ctx.act = n_heads, act
-    ctx.save_for_backward(qkv, slope, output[1])
+    ctx.save_for_backward(qkv, output[1], slope, output[2])
 
 
-def _packed_backward(ctx, do, _dlocal):
-    qkv, slope, local_kv = ctx.saved_tensors
-    return _packed_bwd_op(do, qkv, slope, ctx.n_heads, ctx.act, local_kv), None, None, None
+def _packed_backward(ctx, do, _dqk, _dlocal):
+    qkv, qk, slope, local_kv = ctx.saved_tensors
+    return _packed_bwd_op(do, qkv, qk, slope, ctx.n_heads, ctx.act, local_kv), None, None, None
 
 
 _packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
@@ -424,9 +449,9 @@ def lightning_attention_packed(qkv, slope, n_heads: int, qk_act: str = "silu"):
 
     ``qkv: [B, T, 3*H*D]`` holds the pre-activation q, k and v column blocks side by side, as one
     projection produces them; ``phi`` is ``qk_act`` (``"silu"``, ``"1+elu"`` or ``"none"``). Returns
-    ``o: [B, T, H, D]``. On the kernel path the feature map runs inside the Lightning kernels (no
-    activated copies of q and k are stored) and the backward writes the gradient of ``qkv`` as one
-    buffer, so the model needs no concatenation of dq, dk, dv. Elsewhere (float64, or a CPU without
+    ``o: [B, T, H, D]``. On the kernel path the backward writes the gradient of ``qkv`` as one buffer,
+    with the feature map's derivative applied inside the Lightning kernels, so the model needs no
+    separate activation-backward and concatenation pass. Elsewhere (float64, or a CPU without
     the interpreter) it is the same computation in PyTorch. No initial or final state: this is the
     training path; ``lightning_attention`` serves the rest.
     """
@@ -456,7 +481,7 @@ def lightning_attention_packed(qkv, slope, n_heads: int, qk_act: str = "silu"):
         _remember_slope(slope)
     elif not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (n_heads,) or slope.device != qkv.device:
         raise ValueError(f"lightning_attention_packed: slope must be a [{n_heads}] tensor on {qkv.device}")
-    o, _ = _packed_fwd_op(qkv, slope.to(torch.float32), int(n_heads), ACT_CODES[qk_act])
+    o, _, _ = _packed_fwd_op(qkv, slope.to(torch.float32), int(n_heads), ACT_CODES[qk_act])
     return o
 
 
