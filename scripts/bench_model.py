@@ -78,6 +78,9 @@ def main():
     ap.add_argument("--gla", default="packed",
                     help="comma list of TNL token-mixer paths: packed (q|k|v to the kernels with the feature map "
                          "inside, the default), unfused (split, SiLU, attention: tnlib.nn.gla.USE_PACKED=False)")
+    ap.add_argument("--kernel-config", default="",
+                    help="Lightning tuning hooks for the whole run, e.g. 'dq=32,64,4,2;dkdv=64,8,1' "
+                         "(tnlib.ops.lightning._DQ_CONFIG_OVERRIDE / _DKDV_CONFIG_OVERRIDE; recorded)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the blocks, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for the whole run, "
                     "e.g. coordinate_descent_tuning=1 (recorded in the header)")
@@ -91,6 +94,13 @@ def main():
             sys.exit(f"unknown torch._inductor.config setting {k!r}")
         inductor[k] = json.loads(v)
         setattr(ic, k, inductor[k])
+    from tnlib.ops import lightning as L
+
+    kernel_cfg = {}
+    for item in filter(None, a.kernel_config.split(";")):
+        k, v = item.split("=")
+        kernel_cfg[k] = tuple(int(x) for x in v.split(","))
+        setattr(L, {"dq": "_DQ_CONFIG_OVERRIDE", "dkdv": "_DKDV_CONFIG_OVERRIDE"}[k], kernel_cfg[k])
     if not torch.cuda.is_available():
         sys.exit("bench_model needs a CUDA GPU")
     out = a.out or f"results/bench/model-{gpu_slug()}.json"
@@ -109,7 +119,8 @@ def main():
                     torch.cuda.empty_cache()
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-                write_results(out, rows, {"tokens_per_step": a.tokens, "inductor": inductor, "compile_mode": a.compile_mode})
+                write_results(out, rows, {"tokens_per_step": a.tokens, "inductor": inductor, "compile_mode": a.compile_mode,
+                                          "kernel_config": kernel_cfg})
     print(f"{'model':18s} {'mode':9s} {'T':>6s} {'tok/s':>10s} {'peak GB':>8s}")
     for r in rows:
         if "error" in r:

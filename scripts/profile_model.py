@@ -15,6 +15,33 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tnlib  # noqa: E402
 
 
+def gpu_gaps(prof, steps, top=20):
+    """Where the GPU waits: the union of kernel intervals against the profiled window, and the
+    longest idle gaps with the kernels on either side (a gap after a short kernel = launch-bound)."""
+    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not ks:
+        return ""
+    busy, gaps, cur_s, cur_e, prev = 0.0, [], ks[0][0], ks[0][1], ks[0][2]
+    for s, e, n in ks[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append((s - cur_e, prev, n))
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+        prev = n if e >= cur_e else prev
+    busy += cur_e - cur_s
+    window = ks[-1][1] - ks[0][0]
+    gaps.sort(reverse=True)
+    lines = [f"GPU busy {busy / 1e3 / steps:.1f} ms of {window / 1e3 / steps:.1f} ms per step "
+             f"(idle {(window - busy) / 1e3 / steps:.1f} ms/step in {len(gaps)} gaps; "
+             f"{sum(g for g, _, _ in gaps if g < 20) / 1e3 / steps:.2f} ms/step in gaps under 20 us)",
+             f"{'gap us':>8s}  after -> before"]
+    lines += [f"{g:8.1f}  {a_[:60]} -> {b_[:60]}" for g, a_, b_ in gaps[:top]]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="tnl-385m")
@@ -59,7 +86,7 @@ def main():
     kern = [f"CUDA kernels only: summed kernel time per step {per_step:.1f} ms", f"{'calls/step':>10s} {'mean us':>9s} {'ms/step':>8s}  name"]
     kern += [f"{e.count / a.steps:10.1f} {e.device_time_total / e.count:9.1f} {e.device_time_total / a.steps / 1e3:8.2f}  {e.key[:140]}"
              for e in evs[: 2 * a.top]]
-    table = table + "\n" + "\n".join(kern) + "\n"
+    table = table + "\n" + "\n".join(kern) + "\n" + gpu_gaps(prof, a.steps)
     print(table)
     os.makedirs(a.out, exist_ok=True)
     tag = f"{a.preset}-T{a.T}-{'compiled' if a.compile else 'eager'}{'-fusedloss' if a.fused_loss else ''}"

@@ -40,8 +40,8 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
         raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty: sequences need at least one token")
-    if not torch.compiler.is_compiling():
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+    if not torch.compiler.is_compiling() and input_ids.numel():
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync, not two
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"token ids must lie in [0, {vocab_size}); got min {lo}, max {hi}")
 

@@ -73,6 +73,21 @@ def _act_grad(x, ACT: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _feature_map_kernel(X, Y, n_rows, n_cols, sx, sy, ACT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """``Y = phi(X)`` over a ``[rows, cols]`` block with row strides ``sx``, ``sy`` (the q | k columns
+    of the packed projection into a dense buffer): 1: SiLU, 2: 1+elu, computed in fp32."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = (r[:, None] < n_rows) & (c[None, :] < n_cols)
+    x = tl.load(X + r[:, None].to(tl.int64) * sx + c[None, :], mask=m, other=0.0).to(tl.float32)
+    if ACT == 1:
+        y = x * tl.sigmoid(x)
+    else:
+        y = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+    tl.store(Y + r[:, None].to(tl.int64) * sy + c[None, :], y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _state_ptrs(S, i_b, i_h, s_b, s_h, s_k, s_v, offs_k, offs_v):
     """Pointers to the ``[DK, BV]`` tile of a ``[B, H, (...,) K, V]`` state tensor for (batch, head)."""
     return (S + i_b.to(tl.int64) * s_b + i_h.to(tl.int64) * s_h

@@ -53,6 +53,8 @@ _CONFIG_OVERRIDE: dict = {}
 #: CTAs an unsplit T=8K runs as fast as T=1K, while at 128 CTAs splitting into 4-8 segments wins.
 _SPLIT_BELOW = 256
 _TARGET_CTAS = 512
+#: Tuning hook: (chunk, BV, num_warps, num_stages) of the dq pass instead of the forward's config.
+_DQ_CONFIG_OVERRIDE: Optional[tuple] = None
 #: Tuning hook: (chunk, num_warps, num_stages) of the fused dk/dv kernel instead of the defaults.
 _DKDV_CONFIG_OVERRIDE: Optional[tuple] = None
 #: Backward: dk and dv from one fused reverse sweep (True) or two passes of the generic kernel.
@@ -164,16 +166,17 @@ def _optional(t, stand_in, ndim):
 
 
 def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype,
-          grad_act=0, pre=None, out=None):
+          grad_act=0, pre=None, out=None, cfg=None):
     """One pass of the generic kernel (see the module docstring of ``_lightning_kernels``).
 
     ``grad_act``: multiply the output by the q/k feature map's derivative at ``pre`` (``[B, T, H, DV]``,
-    see ``ACT_CODES``); ``out``: write into this (possibly strided) tensor instead of a new one."""
+    see ``ACT_CODES``); ``out``: write into this (possibly strided) tensor instead of a new one;
+    ``cfg``: (chunk, BV, num_warps, num_stages) instead of ``_config``'s."""
     K = _kernels()
     B, T, H, DK = a.shape
     DV = c.shape[3]
     fp32 = a.dtype == torch.float32
-    ch, bv, nw, ns = _config(DK, DV, fp32)
+    ch, bv, nw, ns = cfg if cfg is not None else _config(DK, DV, fp32)
     o = _alloc((B, T, H, DV), out_dtype, a.device) if out is None else out
     final_t, sf = _optional(_alloc((B, H, DK, DV), torch.float32, a.device) if want_final else None, o, 4)
     init_t, si = _optional(init, o, 4)
@@ -258,7 +261,7 @@ def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc_kv=N
     s0t = initial_state.transpose(-1, -2) if initial_state is not None else None
     dq, _ = _attn(do, v, k, slope, s0t, True, False, False,
                   loc_kv.transpose(-1, -2) if loc_kv is not None else None, seg_len, nseg, q.dtype,
-                  grad_act=grad_act, pre=q_pre, out=dq_out)
+                  grad_act=grad_act, pre=q_pre, out=dq_out, cfg=_DQ_CONFIG_OVERRIDE)
     del loc_kv
     # D_t (reverse in time) from q^T dO, start G entering undecayed
     loc_qdo = _local_states(q, do, slope, seg_len, nseg, True) if multi else None
@@ -368,6 +371,10 @@ def _split_packed(x, n_heads: int):
     return tuple(x[..., i * d:(i + 1) * d].unflatten(-1, (n_heads, d // n_heads)) for i in range(3))
 
 
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _split_qk(qk, n_heads: int):
     """Views ``q, k: [B, T, H, D]`` of ``qk: [B, T, 2*H*D]``."""
     return tuple(t.unflatten(-1, (n_heads, t.shape[-1] // n_heads)) for t in qk.chunk(2, dim=-1))
@@ -378,7 +385,16 @@ def _empty_f32(like):
 
 
 def _feature_map(x, act: int):
-    """The q/k feature map in PyTorch (codes of ``ACT_CODES``), as the unfused model applies it."""
+    """The q/k feature map (codes of ``ACT_CODES``) of ``x: [B, T, C]`` into a dense new tensor: one
+    Triton pass when the rows have one stride (ATen's elementwise kernels run a strided view at
+    about half the bandwidth), else PyTorch as the unfused model applies it."""
+    B, T, C = x.shape
+    if act in (1, 2) and x.stride(-1) == 1 and x.stride(0) == T * x.stride(1):
+        y = torch.empty((B, T, C), dtype=x.dtype, device=x.device)
+        BR, BC = 4, 1024
+        _kernels()._feature_map_kernel[(triton_cdiv(B * T, BR), triton_cdiv(C, BC))](
+            x, y, B * T, C, x.stride(1), C, ACT=act, BR=BR, BC=BC, num_warps=4)
+        return y
     if act == 1:
         return torch.nn.functional.silu(x)
     if act == 2:
