@@ -17,7 +17,9 @@ export PYTHONUNBUFFERED=1
    timeout 150 python3 scripts/bench_model.py --models tnl-385m --modes compiled --lens 2048 --loss fused \
      --kernel-config "$kc" --out "$W/model-tnl-kc${kc:0:2}.json" >> "$W/model-tnl-kc.log" 2>&1
  done) &
-(export CUDA_VISIBLE_DEVICES=1
+NGPU=$(nvidia-smi -L | wc -l)
+[ "$NGPU" -lt 2 ] && wait  # one GPU: the two streams one after the other
+(export CUDA_VISIBLE_DEVICES=$((NGPU - 1))
  [ -f bench_tmp/act_bench.py ] && OUT="$W" timeout 100 python3 bench_tmp/act_bench.py > "$W/act-bench.log" 2>&1
   timeout 150 python3 scripts/profile_model.py --preset tnl-385m --T 2048 --compile --fused-loss --top 40 --out "$W" \
    > "$W/profile.log" 2>&1; rm -f "$W"/trace-*.json
