@@ -29,6 +29,8 @@ def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile
     batches = [torch.randint(0, vocab, (B, T + 1), device="cuda") for _ in range(2)]
 
     def step(i):
+        if compile_mode and "reduce-overhead" in compile_mode:
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new training step starts
         ids = batches[i % 2]
         with torch.autocast("cuda", dtype=torch.bfloat16):  # fused: LM head + cross-entropy in row chunks
             out = model(ids[:, :-1], ids[:, 1:]) if fused_loss else model(ids[:, :-1])

@@ -12,18 +12,12 @@ W=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 (export CUDA_VISIBLE_DEVICES=0
- timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_lightning.py tests/test_model.py -k "packed" > "$W/pytest-packed.log" 2>&1
- for kc in "" "dq=32,64,4,2" "dkdv=64,8,1"; do
-   timeout 150 python3 scripts/bench_model.py --models tnl-385m --modes compiled --lens 2048 --loss fused \
-     --kernel-config "$kc" --out "$W/model-tnl-kc${kc:0:2}.json" >> "$W/model-tnl-kc.log" 2>&1
- done) &
-NGPU=$(nvidia-smi -L | wc -l)
-[ "$NGPU" -lt 2 ] && wait  # one GPU: the two streams one after the other
-(export CUDA_VISIBLE_DEVICES=$((NGPU - 1))
- [ -f bench_tmp/act_bench.py ] && OUT="$W" timeout 100 python3 bench_tmp/act_bench.py > "$W/act-bench.log" 2>&1
-  timeout 150 python3 scripts/profile_model.py --preset tnl-385m --T 2048 --compile --fused-loss --top 40 --out "$W" \
-   > "$W/profile.log" 2>&1; rm -f "$W"/trace-*.json
+ B="timeout 200 python3 scripts/bench_model.py --models tnl-385m --modes compiled --lens 2048 --loss fused"
+ $B --out "$W/model-default.json" > "$W/model-default.log" 2>&1
+ $B --compile-mode reduce-overhead --out "$W/model-ro.json" > "$W/model-ro.log" 2>&1
+ $B --inductor coordinate_descent_tuning=true --out "$W/model-cdt.json" > "$W/model-cdt.log" 2>&1
+ $B --compile-mode reduce-overhead --inductor coordinate_descent_tuning=true --out "$W/model-ro-cdt.json" > "$W/model-ro-cdt.log" 2>&1
 ) &
 wait
 tar -czf "$OUT/pending.tar.gz" -C "$W" .
-tail -n 3 "$W/pytest-packed.log"; grep -v Warn "$W/act-bench.log"; grep -h "tnl-385m  " "$W"/model-*.log; grep -A3 "GPU busy" "$W"/profile-*.txt; grep -A14 "CUDA kernels only" "$W"/profile-*.txt
+grep -h "tnl-385m  " "$W"/model-*.log; grep -h "ERROR\|Error" "$W"/model-*.log | tail -5
