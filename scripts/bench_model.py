@@ -83,6 +83,8 @@ def main():
     ap.add_argument("--kernel-config", default="",
                     help="Lightning tuning hooks for the whole run, e.g. 'dq=32,64,4,2;dkdv=64,8,1' "
                          "(tnlib.ops.lightning._DQ_CONFIG_OVERRIDE / _DKDV_CONFIG_OVERRIDE; recorded)")
+    ap.add_argument("--set", default="", help="module switches for the whole run, e.g. "
+                    "'tnlib.nn.gla.FUSED_SGLU=true' (comma list; recorded in the header)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the blocks, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for the whole run, "
                     "e.g. coordinate_descent_tuning=1 (recorded in the header)")
@@ -103,6 +105,17 @@ def main():
         k, v = item.split("=")
         kernel_cfg[k] = tuple(int(x) for x in v.split(","))
         setattr(L, {"dq": "_DQ_CONFIG_OVERRIDE", "dkdv": "_DKDV_CONFIG_OVERRIDE"}[k], kernel_cfg[k])
+    import importlib
+
+    switches = {}
+    for item in filter(None, a.set.split(",")):
+        k, v = item.split("=")
+        mod, attr = k.rsplit(".", 1)
+        m = importlib.import_module(mod)
+        if not hasattr(m, attr):
+            sys.exit(f"unknown switch {k!r}")
+        switches[k] = json.loads(v)
+        setattr(m, attr, switches[k])
     if not torch.cuda.is_available():
         sys.exit("bench_model needs a CUDA GPU")
     out = a.out or f"results/bench/model-{gpu_slug()}.json"
@@ -122,7 +135,7 @@ def main():
                 rows.append(r)
                 print(json.dumps(r), flush=True)
                 write_results(out, rows, {"tokens_per_step": a.tokens, "inductor": inductor, "compile_mode": a.compile_mode,
-                                          "kernel_config": kernel_cfg})
+                                          "kernel_config": kernel_cfg, "switches": switches})
     print(f"{'model':18s} {'mode':9s} {'T':>6s} {'tok/s':>10s} {'peak GB':>8s}")
     for r in rows:
         if "error" in r:

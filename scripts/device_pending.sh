@@ -17,6 +17,7 @@ export PYTHONUNBUFFERED=1
  $B --compile-mode reduce-overhead --out "$W/model-ro.json" > "$W/model-ro.log" 2>&1
  $B --inductor coordinate_descent_tuning=true --out "$W/model-cdt.json" > "$W/model-cdt.log" 2>&1
  $B --compile-mode reduce-overhead --inductor coordinate_descent_tuning=true --out "$W/model-ro-cdt.json" > "$W/model-ro-cdt.log" 2>&1
+ $B --set tnlib.nn.gla.FUSED_SGLU=true --out "$W/model-sglu.json" > "$W/model-sglu.log" 2>&1
 ) &
 wait
 tar -czf "$OUT/pending.tar.gz" -C "$W" .

@@ -186,3 +186,19 @@ def test_packed_attention_path_matches_unfused(monkeypatch, overrides):
     assert rel_err(results[0][0], results[1][0]) < 1e-4
     for name, g in results[0][1].items():
         assert rel_err(g, results[1][1][name]) < 1e-3, name
+
+
+def test_fused_sglu_switch_gives_the_same_gradients(monkeypatch):
+    from tnlib.nn import gla
+
+    torch.manual_seed(6)
+    m = create_model("tnl-tiny", vocab_size=61, n_layers=2, glu_act="silu")
+    ids = torch.randint(0, 61, (2, 17))
+    grads = []
+    for fused in (False, True):
+        monkeypatch.setattr(gla, "FUSED_SGLU", fused)
+        m.zero_grad()
+        m(ids[:, :-1], ids[:, 1:]).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n, g in grads[0].items():
+        assert rel_err(grads[1][n], g) < 1e-5, n

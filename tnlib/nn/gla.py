@@ -36,6 +36,10 @@ STEP_MATVEC = "einsum"
 #: False keeps the unfused form (one product, split, activation, attention) for comparison.
 USE_PACKED = True
 
+#: SGLU: compute ``l1(x)`` and ``l2(x)`` with one matrix product over the two weights side by side (one
+#: larger GEMM forward and backward) instead of two. Same parameters; a benchmark switch.
+FUSED_SGLU = False
+
 
 def _qk_activation(name: str):
     if name == "silu":
@@ -152,6 +156,9 @@ class SGLU(nn.Module):
         self.act = act
 
     def forward(self, x):
+        if FUSED_SGLU and x.shape[:-1].numel() > 4:
+            a, b = linear(x, torch.cat([self.l1.weight, self.l2.weight])).chunk(2, dim=-1)
+            return self.l3((F.silu(a) if self.act == "silu" else a) * b)
         a = self.l1(x)
         if self.act == "silu":
             a = F.silu(a)
