@@ -41,7 +41,7 @@ def new_fwd(a, b, c, grad_act=0, pre=None, ch=64, bv=None, nw=4, ns=2, fast=True
     bv = bv or min(64, D)
     e, se = (pre, s3(pre)) if grad_act else (o, (0, 0, 0))
     NEW._lightning_kernel[(D // bv, 1, B * H)](
-        a, b, c, o, o, o, o, slope, e, T, H, T, *s3(a), *s3(b), *s3(c), *s3(o), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, *se,
+        a, b, c, o, o, o, o, slope, e, o, T, H, T, *s3(a), *s3(b), *s3(c), *s3(o), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, *se,
         DK=D, BV=bv, CH=ch, HAS_INIT=False, INIT_DECAY=True, HAS_LOCAL=False, STORE_FINAL=False, REVERSE=False,
         DOT_PREC="tf32", UPCAST=False, GRAD_ACT=grad_act, FAST=fast,
         num_warps=nw, num_stages=ns)

@@ -230,15 +230,16 @@ def run_shape(impls, checks, H, K, V, lens, tokens, dtype, rows):
 
 
 def variants(tokens, dtype, shapes=((16, 128, 128),), lens=(1024, 32768), targets=(256, 512, 1024)):
-    """tnlib's segment-plan alternatives (``_TARGET_CTAS``) per shape and T, each checked against the
-    default plan's output, plus a per-kernel breakdown of the default plan."""
+    """tnlib's segment-plan alternatives (``_TARGET_CTAS``, and the segment states computed in the
+    output kernel, ``_FUSED_STATE``) per shape and T, each checked against the default plan's output,
+    plus a per-kernel breakdown of the default plan."""
     from triton.testing import do_bench
 
     from tnlib.ops import lightning as L
 
     out = []
     fn = lambda q, k, v, s_: L.lightning_attention(q, k, v, s_)
-    default = L._TARGET_CTAS
+    default, default_fused = L._TARGET_CTAS, L._FUSED_STATE
     for H, K, V in shapes:
         s = slopes(H).to(DEV)
         for T in lens:
@@ -246,18 +247,18 @@ def variants(tokens, dtype, shapes=((16, 128, 128),), lens=(1024, 32768), target
             q, k, v, do = inputs(B, T, H, K, V, "bthd", dtype, seed=3)
             with torch.no_grad():
                 ref = fn(q, k, v, s).float()
-            for tgt in targets:
-                L._TARGET_CTAS = tgt
+            for tgt, fused in ((t_, f_) for t_ in targets for f_ in (False, True)):
+                L._TARGET_CTAS, L._FUSED_STATE = tgt, fused
                 try:
                     with torch.no_grad():
                         err = ((fn(q, k, v, s).float() - ref).abs().max() / ref.abs().max()).item()
                     f, fb, pk = time_one(fn, q, k, v, s, do)
-                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, seg=L._plan_for(q, v), rel_err_vs_default=err,
-                               fwd_ms=round(f, 4), fwdbwd_ms=round(fb, 4), peak_gb=round(pk, 3))
+                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, fused_state=fused, seg=L._plan_for(q, v),
+                               rel_err_vs_default=err, fwd_ms=round(f, 4), fwdbwd_ms=round(fb, 4), peak_gb=round(pk, 3))
                 except Exception as e:  # noqa: BLE001
-                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, error=repr(e)[:200])
+                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, fused_state=fused, error=repr(e)[:200])
                 finally:
-                    L._TARGET_CTAS = default
+                    L._TARGET_CTAS, L._FUSED_STATE = default, default_fused
                 out.append(row)
                 print("variant", row, flush=True)
             # breakdown of the default plan: segment-state kernel, main forward kernel, backward

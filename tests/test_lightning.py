@@ -314,3 +314,14 @@ def test_packed_errors_and_cpu_fallback():
     q, k, v = (t.reshape(1, 8, 2, 16) for t in qkv.chunk(3, dim=-1))
     orf = linear_attention_quadratic(torch.nn.functional.silu(q), torch.nn.functional.silu(k), v, slope)
     assert_close(o, orf, name="fallback")
+
+
+@triton_test
+@pytest.mark.parametrize("B,T,H,K,V,dtype,seg", [(2, 200, 3, 32, 16, torch.float32, 64),
+                                                 (1, 201, 1, 16, 64, torch.bfloat16, 128)])
+def test_fused_segment_states(device, monkeypatch, B, T, H, K, V, dtype, seg):
+    """The forward with the segment states computed inside the output kernel (programs wait on each
+    other's flags) gives the reference, and the states it keeps serve the backward's dq pass."""
+    monkeypatch.setattr(L, "_FUSED_STATE", True)
+    monkeypatch.setattr(L, "_SEG_LEN", seg)
+    _run_and_compare(B, T, H, K, V, dtype, device, init=True, use_final=True)

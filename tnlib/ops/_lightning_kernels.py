@@ -188,7 +188,7 @@ def _segment_state_kernel(
 
 @triton.jit
 def _lightning_kernel(
-    A, Bp, Cp, O, INIT, LOCAL, FINAL, slope_ptr, E,
+    A, Bp, Cp, O, INIT, LOCAL, FINAL, slope_ptr, E, SYNC,
     T, H, seg_len,
     sa_b, sa_t, sa_h,
     sb_b, sb_t, sb_h,
@@ -201,15 +201,30 @@ def _lightning_kernel(
     DK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
     HAS_INIT: tl.constexpr, INIT_DECAY: tl.constexpr, HAS_LOCAL: tl.constexpr,
     STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    GRAD_ACT: tl.constexpr = 0, FAST: tl.constexpr = True,
+    GRAD_ACT: tl.constexpr = 0, FAST: tl.constexpr = True, FUSED_STATE: tl.constexpr = False,
 ):
     """One pass (see the module docstring). ``GRAD_ACT`` (1: SiLU, 2: 1+elu) multiplies the output
     by the q/k feature map's derivative at ``E`` (the pre-activation at the output's positions): the
-    dq pass of the packed path then returns the gradient of the projection's q block."""
-    pid_v = tl.program_id(0)
-    seg = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    dq pass of the packed path then returns the gradient of the projection's q block.
+
+    ``FUSED_STATE`` (with ``HAS_LOCAL``): the segment states come from this launch instead of a
+    separate kernel. Each program takes a ticket from ``SYNC[0]`` (so programs number themselves in
+    the order they actually started), computes its segment's local end state into ``LOCAL`` and
+    raises its flag in ``SYNC``, then waits for the flags of the earlier segments of its (batch,
+    head, value block) — all held by programs that started before it, so the wait always ends — and
+    folds their states in before its output pass. The state pass of one program overlaps the output
+    passes of others instead of running as a launch of its own."""
+    n_v = tl.num_programs(0)
     n_seg = tl.num_programs(1)
+    if FUSED_STATE:
+        ticket = tl.atomic_add(SYNC, 1)
+        pid_v = ticket % n_v
+        seg = (ticket // n_v) % n_seg
+        pid_bh = ticket // (n_v * n_seg)
+    else:
+        pid_v = tl.program_id(0)
+        seg = tl.program_id(1)
+        pid_bh = tl.program_id(2)
     i_b = pid_bh // H
     i_h = pid_bh % H
     slope = tl.load(slope_ptr + i_h).to(tl.float32)
@@ -226,19 +241,40 @@ def _lightning_kernel(
             P = P * lam
     else:
         P = tl.zeros([DK, BV], dtype=tl.float32)
-    if HAS_LOCAL:
-        P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
-                                   sl_b, sl_h, sl_s, sl_k, sl_v)
-    mask_dec, qdec = _chunk_decays(rows, slope)
 
     a_base = A + i_b.to(tl.int64) * sa_b + i_h.to(tl.int64) * sa_h
     b_base = Bp + i_b.to(tl.int64) * sb_b + i_h.to(tl.int64) * sb_h
     c_base = Cp + i_b.to(tl.int64) * sc_b + i_h.to(tl.int64) * sc_h
     o_base = O + i_b.to(tl.int64) * so_b + i_h.to(tl.int64) * so_h
     e_base = E + i_b.to(tl.int64) * se_b + i_h.to(tl.int64) * se_h
-
     seg_start = seg * seg_len
     seg_end = tl.minimum(seg_start + seg_len, T)
+
+    if HAS_LOCAL:
+        if FUSED_STATE:
+            flags = SYNC + 1 + (pid_bh * n_seg) * n_v + pid_v
+            l_base = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v)
+            if seg < n_seg - 1:  # publish this segment's local end state (the last one is never needed)
+                acc = tl.zeros([DK, BV], dtype=tl.float32)
+                for start in range(seg_start, seg_end, CH):
+                    valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
+                    bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
+                    ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+                    acc = acc * tl.exp(-slope * m.to(tl.float32))
+                    acc += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST)
+                tl.store(l_base + seg.to(tl.int64) * sl_s, acc)
+                tl.debug_barrier()  # every thread's part of the state is written before the flag goes up
+                tl.atomic_xchg(flags + seg * n_v, 1, sem="release")
+            seg_decay = tl.exp(-slope * seg_len.to(tl.float32))
+            for j in range(0, seg):
+                while tl.atomic_add(flags + j * n_v, 0, sem="acquire") == 0:
+                    pass
+                loc = tl.load(l_base + j * sl_s, cache_modifier=".cg")
+                P = P * seg_decay + lam * loc
+        else:
+            P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
+                                       sl_b, sl_h, sl_s, sl_k, sl_v)
+    mask_dec, qdec = _chunk_decays(rows, slope)
     U = P
     for start in range(seg_start, seg_end, CH):
         valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)

@@ -57,6 +57,9 @@ _TARGET_CTAS = 512
 _DQ_CONFIG_OVERRIDE: Optional[tuple] = None
 #: Tuning hook: (chunk, num_warps, num_stages) of the fused dk/dv kernel instead of the defaults.
 _DKDV_CONFIG_OVERRIDE: Optional[tuple] = None
+#: Forward: compute the segment states inside the output kernel (one launch, programs wait on each
+#: other's flags) instead of a separate segment-state kernel. Off until measured on the GPU.
+_FUSED_STATE = False
 #: Backward: dk and dv from one fused reverse sweep (True) or two passes of the generic kernel.
 _FUSED_DKDV = True
 _MIN_SEG = 512
@@ -166,12 +169,13 @@ def _optional(t, stand_in, ndim):
 
 
 def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype,
-          grad_act=0, pre=None, out=None, cfg=None):
+          grad_act=0, pre=None, out=None, cfg=None, fused_state=False):
     """One pass of the generic kernel (see the module docstring of ``_lightning_kernels``).
 
     ``grad_act``: multiply the output by the q/k feature map's derivative at ``pre`` (``[B, T, H, DV]``,
     see ``ACT_CODES``); ``out``: write into this (possibly strided) tensor instead of a new one;
-    ``cfg``: (chunk, BV, num_warps, num_stages) instead of ``_config``'s."""
+    ``cfg``: (chunk, BV, num_warps, num_stages) instead of ``_config``'s; ``fused_state``: ``local``
+    is an output, filled by this launch (see ``FUSED_STATE`` in the kernel)."""
     K = _kernels()
     B, T, H, DK = a.shape
     DV = c.shape[3]
@@ -183,14 +187,16 @@ def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len,
     loc_t, sl = _optional(local, o, 5)
     grid = (DV // bv, nseg, B * H)
     pre_t, se = (pre, _strides3(pre)) if grad_act else (o, (0, 0, 0))
+    sync = torch.zeros(1 + B * H * nseg * (DV // bv), dtype=torch.int32, device=a.device) if fused_state else o
     K._lightning_kernel[grid](
-        a, b, c, o, init_t, loc_t, final_t, slope, pre_t, T, H, seg_len,
+        a, b, c, o, init_t, loc_t, final_t, slope, pre_t, sync, T, H, seg_len,
         *_strides3(a), *_strides3(b), *_strides3(c), *_strides3(o),
         *si, *sl, *sf, *se,
         DK=DK, BV=bv, CH=ch, HAS_INIT=init is not None, INIT_DECAY=init_decay,
         HAS_LOCAL=local is not None, STORE_FINAL=want_final, REVERSE=reverse,
         DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a),
-        GRAD_ACT=grad_act, FAST=not interpreting(), num_warps=nw, num_stages=ns,
+        GRAD_ACT=grad_act, FAST=not interpreting(), FUSED_STATE=bool(fused_state and local is not None),
+        num_warps=nw, num_stages=ns,
     )
     return o, (final_t if want_final else None)
 
@@ -234,8 +240,13 @@ def _forward_impl(q, k, v, slope, initial_state, output_final_state):
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
     seg_len, nseg = _plan_for(q, v)
-    local = _local_states(k, v, slope, seg_len, nseg, False) if nseg > 1 else None
-    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype)
+    fused = _FUSED_STATE and nseg > 1
+    if fused:  # filled by the output kernel itself
+        local = _alloc((q.shape[0], q.shape[2], nseg - 1, q.shape[3], v.shape[3]), torch.float32, q.device)
+    else:
+        local = _local_states(k, v, slope, seg_len, nseg, False) if nseg > 1 else None
+    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype,
+                     fused_state=fused)
     return o, final, local
 
 
