@@ -320,8 +320,8 @@ def test_packed_errors_and_cpu_fallback():
 @pytest.mark.parametrize("B,T,H,K,V,dtype,seg", [(2, 200, 3, 32, 16, torch.float32, 64),
                                                  (1, 201, 1, 16, 64, torch.bfloat16, 128)])
 def test_fused_segment_states(device, monkeypatch, B, T, H, K, V, dtype, seg):
-    """The forward with the segment states computed inside the output kernel (programs wait on each
-    other's flags) gives the reference, and the states it keeps serve the backward's dq pass."""
+    """Segment states computed inside the forward's output kernel and the fused dk/dv kernel (programs
+    wait on each other's flags) give the reference; the forward's states also serve the dq pass."""
     monkeypatch.setattr(L, "_FUSED_STATE", True)
     monkeypatch.setattr(L, "_SEG_LEN", seg)
     _run_and_compare(B, T, H, K, V, dtype, device, init=True, use_final=True)

@@ -108,6 +108,53 @@ def _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k,
 
 
 @triton.jit
+def _program_ids(SYNC, FUSED_STATE: tl.constexpr):
+    """(value block, segment, batch*head) of this program: its grid position, or with ``FUSED_STATE``
+    a ticket from the counter ``SYNC[0]``, so that programs number themselves in the order they
+    started and every program a segment waits on (an earlier segment) started before it."""
+    n_v = tl.num_programs(0)
+    n_seg = tl.num_programs(1)
+    if FUSED_STATE:
+        ticket = tl.atomic_add(SYNC, 1)
+        return ticket % n_v, (ticket // n_v) % n_seg, ticket // (n_v * n_seg)
+    else:
+        return tl.program_id(0), tl.program_id(1), tl.program_id(2)
+
+
+@triton.jit
+def _publish_and_fold(P, SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, pid_bh, pid_v, seg,
+                      seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
+                      sl_b, sl_h, sl_s, sl_k, sl_v,
+                      CH: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """The single-launch form of the segment states: publish this segment's local end state (``b^T c``
+    decayed over the segment, zero start) in ``LOCAL`` and raise its flag in ``SYNC``; then wait for
+    the flags of segments ``0 .. seg-1`` of this (batch, head, value block) and fold their states into
+    the start state ``P`` as ``_fold_earlier_segments`` does."""
+    n_v = tl.num_programs(0)
+    n_seg = tl.num_programs(1)
+    flags = SYNC + 1 + (pid_bh * n_seg) * n_v + pid_v
+    l_base = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v)
+    if seg < n_seg - 1:  # the last segment's state is never needed
+        acc = tl.zeros(P.shape, dtype=tl.float32)
+        for start in range(seg_start, seg_end, CH):
+            valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
+            bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
+            ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * tl.exp(-slope * m.to(tl.float32))
+            acc += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST)
+        tl.store(l_base + seg.to(tl.int64) * sl_s, acc)
+        tl.debug_barrier()  # every thread's part of the state is written before the flag goes up
+        tl.atomic_xchg(flags + seg * n_v, 1, sem="release")
+    seg_decay = tl.exp(-slope * seg_len.to(tl.float32))
+    for j in range(0, seg):
+        while tl.atomic_add(flags + j * n_v, 0, sem="acquire") == 0:
+            pass
+        loc = tl.load(l_base + j * sl_s, cache_modifier=".cg")
+        P = P * seg_decay + lam * loc
+    return P
+
+
+@triton.jit
 def _chunk_rows(start, rows, seg_end, T, CH: tl.constexpr, REVERSE: tl.constexpr):
     """The chunk of logical times ``start + rows`` in a segment ending at ``seg_end``: which rows are
     real, their physical time index (time runs backwards with ``REVERSE``; 0 for padding rows, which
@@ -214,17 +261,8 @@ def _lightning_kernel(
     head, value block) — all held by programs that started before it, so the wait always ends — and
     folds their states in before its output pass. The state pass of one program overlaps the output
     passes of others instead of running as a launch of its own."""
-    n_v = tl.num_programs(0)
     n_seg = tl.num_programs(1)
-    if FUSED_STATE:
-        ticket = tl.atomic_add(SYNC, 1)
-        pid_v = ticket % n_v
-        seg = (ticket // n_v) % n_seg
-        pid_bh = ticket // (n_v * n_seg)
-    else:
-        pid_v = tl.program_id(0)
-        seg = tl.program_id(1)
-        pid_bh = tl.program_id(2)
+    pid_v, seg, pid_bh = _program_ids(SYNC, FUSED_STATE)
     i_b = pid_bh // H
     i_h = pid_bh % H
     slope = tl.load(slope_ptr + i_h).to(tl.float32)
@@ -252,25 +290,9 @@ def _lightning_kernel(
 
     if HAS_LOCAL:
         if FUSED_STATE:
-            flags = SYNC + 1 + (pid_bh * n_seg) * n_v + pid_v
-            l_base = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v)
-            if seg < n_seg - 1:  # publish this segment's local end state (the last one is never needed)
-                acc = tl.zeros([DK, BV], dtype=tl.float32)
-                for start in range(seg_start, seg_end, CH):
-                    valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
-                    bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
-                    ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
-                    acc = acc * tl.exp(-slope * m.to(tl.float32))
-                    acc += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST)
-                tl.store(l_base + seg.to(tl.int64) * sl_s, acc)
-                tl.debug_barrier()  # every thread's part of the state is written before the flag goes up
-                tl.atomic_xchg(flags + seg * n_v, 1, sem="release")
-            seg_decay = tl.exp(-slope * seg_len.to(tl.float32))
-            for j in range(0, seg):
-                while tl.atomic_add(flags + j * n_v, 0, sem="acquire") == 0:
-                    pass
-                loc = tl.load(l_base + j * sl_s, cache_modifier=".cg")
-                P = P * seg_decay + lam * loc
+            P = _publish_and_fold(P, SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, pid_bh, pid_v, seg,
+                                  seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
+                                  sl_b, sl_h, sl_s, sl_k, sl_v, CH, REVERSE, DOT_PREC, UPCAST)
         else:
             P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
                                        sl_b, sl_h, sl_s, sl_k, sl_v)
@@ -299,7 +321,7 @@ def _lightning_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK_out, DV_out, INIT, LOCAL, FINAL, slope_ptr, E,
+    Q, K, V, DO, DK_out, DV_out, INIT, LOCAL, FINAL, slope_ptr, E, SYNC,
     T, H, seg_len,
     sq_b, sq_t, sq_h,
     sk_b, sk_t, sk_h,
@@ -314,7 +336,7 @@ def _dkdv_kernel(
     DK: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_LOCAL: tl.constexpr, STORE_FINAL: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    GRAD_ACT: tl.constexpr = 0, FAST: tl.constexpr = True,
+    GRAD_ACT: tl.constexpr = 0, FAST: tl.constexpr = True, FUSED_STATE: tl.constexpr = False,
 ):
     """dk and dv in one reverse-time sweep sharing the state D (full [DK, DV] per CTA).
 
@@ -324,11 +346,11 @@ def _dkdv_kernel(
         U  = lambda^(m-1) P + (diag(lambda^(m-1-c)) Q)^T dO,   P = lambda U
 
     With ``GRAD_ACT`` the stored dk is multiplied by the feature map's derivative at ``E`` (the
-    pre-activation k): the gradient of the projection's k block.
+    pre-activation k): the gradient of the projection's k block. ``FUSED_STATE``: the segment states
+    of ``q^T dO`` are computed in this launch (see ``_lightning_kernel``).
     """
-    seg = tl.program_id(1)
-    pid_bh = tl.program_id(2)
     n_seg = tl.num_programs(1)
+    pid_v, seg, pid_bh = _program_ids(SYNC, FUSED_STATE)
     i_b = pid_bh // H
     i_h = pid_bh % H
     slope = tl.load(slope_ptr + i_h).to(tl.float32)
@@ -342,10 +364,6 @@ def _dkdv_kernel(
         P = tl.load(_state_ptrs(INIT, i_b, i_h, si_b, si_h, si_k, si_v, offs_k, offs_v)).to(tl.float32)
     else:
         P = tl.zeros([DK, DV], dtype=tl.float32)
-    if HAS_LOCAL:
-        P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
-                                   sl_b, sl_h, sl_s, sl_k, sl_v)
-    mask_dec, qdec = _chunk_decays(rows, slope)
 
     q_base = Q + i_b.to(tl.int64) * sq_b + i_h.to(tl.int64) * sq_h
     k_base = K + i_b.to(tl.int64) * sk_b + i_h.to(tl.int64) * sk_h
@@ -357,6 +375,15 @@ def _dkdv_kernel(
 
     seg_start = seg * seg_len
     seg_end = tl.minimum(seg_start + seg_len, T)
+    if HAS_LOCAL:
+        if FUSED_STATE:  # states of q^T dO, reverse time
+            P = _publish_and_fold(P, SYNC, LOCAL, q_base, sq_t, d_base, sd_t, i_b, i_h, pid_bh, pid_v, seg,
+                                  seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
+                                  sl_b, sl_h, sl_s, sl_k, sl_v, CH, True, DOT_PREC, UPCAST)
+        else:
+            P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
+                                       sl_b, sl_h, sl_s, sl_k, sl_v)
+    mask_dec, qdec = _chunk_decays(rows, slope)
     U = P
     for start in range(seg_start, seg_end, CH):
         valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, True)

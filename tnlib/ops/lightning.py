@@ -57,8 +57,9 @@ _TARGET_CTAS = 512
 _DQ_CONFIG_OVERRIDE: Optional[tuple] = None
 #: Tuning hook: (chunk, num_warps, num_stages) of the fused dk/dv kernel instead of the defaults.
 _DKDV_CONFIG_OVERRIDE: Optional[tuple] = None
-#: Forward: compute the segment states inside the output kernel (one launch, programs wait on each
-#: other's flags) instead of a separate segment-state kernel. Off until measured on the GPU.
+#: Compute the segment states inside the forward's output kernel and the fused dk/dv kernel (one
+#: launch each, programs wait on each other's flags) instead of separate segment-state kernels.
+#: Off until measured on the GPU.
 _FUSED_STATE = False
 #: Backward: dk and dv from one fused reverse sweep (True) or two passes of the generic kernel.
 _FUSED_DKDV = True
@@ -208,7 +209,8 @@ def _use_fused_dkdv(DK: int, DV: int, fp32: bool) -> bool:
     return not fp32 or DK * DV <= 64 * 64
 
 
-def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg, grad_act=0, k_pre=None, dk=None, dv=None):
+def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg, grad_act=0, k_pre=None, dk=None, dv=None,
+          fused_state=False):
     """dk and dv from one reverse-time kernel sharing the state D (see ``_dkdv_kernel``); with
     ``grad_act`` dk is taken through the feature map's derivative at ``k_pre``."""
     K = _kernels()
@@ -225,13 +227,15 @@ def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg, grad_act=0
     init_t, si = _optional(dfinal, dk, 4)
     loc_t, sl = _optional(local, dk, 5)
     pre_t, se = (k_pre, _strides3(k_pre)) if grad_act else (dk, (0, 0, 0))
+    fused = bool(fused_state and local is not None)
+    sync = torch.zeros(1 + B * H * nseg, dtype=torch.int32, device=q.device) if fused else dk
     K._dkdv_kernel[(1, nseg, B * H)](
-        q, k, v, do, dk, dv, init_t, loc_t, final, slope, pre_t, T, H, seg_len,
+        q, k, v, do, dk, dv, init_t, loc_t, final, slope, pre_t, sync, T, H, seg_len,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
         *si, *sl, *sf, *se,
         DK=DK, DV=DV, CH=ch, HAS_INIT=dfinal is not None, HAS_LOCAL=local is not None,
         STORE_FINAL=need_ds0, DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(q),
-        GRAD_ACT=grad_act, FAST=not interpreting(), num_warps=nw, num_stages=ns,
+        GRAD_ACT=grad_act, FAST=not interpreting(), FUSED_STATE=fused, num_warps=nw, num_stages=ns,
     )
     return dk, dv, (final if need_ds0 else None)
 
@@ -275,10 +279,14 @@ def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc_kv=N
                   grad_act=grad_act, pre=q_pre, out=dq_out, cfg=_DQ_CONFIG_OVERRIDE)
     del loc_kv
     # D_t (reverse in time) from q^T dO, start G entering undecayed
-    loc_qdo = _local_states(q, do, slope, seg_len, nseg, True) if multi else None
-    if _use_fused_dkdv(q.shape[3], v.shape[3], q.dtype == torch.float32):
+    fused_dkdv = _use_fused_dkdv(q.shape[3], v.shape[3], q.dtype == torch.float32)
+    if multi and fused_dkdv and _FUSED_STATE:  # filled by the dk/dv kernel itself
+        loc_qdo = _alloc((B, H, nseg - 1, q.shape[3], v.shape[3]), torch.float32, q.device)
+    else:
+        loc_qdo = _local_states(q, do, slope, seg_len, nseg, True) if multi else None
+    if fused_dkdv:
         dk, dv, d0 = _dkdv(q, k, v, do, slope, dfinal, need_ds0, loc_qdo, seg_len, nseg, grad_act, k_pre,
-                           dk_out, dv_out)
+                           dk_out, dv_out, fused_state=_FUSED_STATE)
     else:
         dv, d0 = _attn(k, q, do, slope, dfinal, False, True, need_ds0, loc_qdo, seg_len, nseg, v.dtype, out=dv_out)
         gt = dfinal.transpose(-1, -2) if dfinal is not None else None
