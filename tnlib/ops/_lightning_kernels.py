@@ -122,26 +122,39 @@ def _program_ids(SYNC, FUSED_STATE: tl.constexpr):
 
 
 @triton.jit
-def _publish_and_fold(P, SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, pid_bh, pid_v, seg,
-                      seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
-                      sl_b, sl_h, sl_s, sl_k, sl_v,
-                      CH: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The single-launch form of the segment states: publish this segment's local end state (``b^T c``
-    decayed over the segment, zero start) in ``LOCAL`` and raise its flag in ``SYNC``; then wait for
-    the flags of segments ``0 .. seg-1`` of this (batch, head, value block) and fold their states into
-    the start state ``P`` as ``_fold_earlier_segments`` does."""
+def _segment_local_state(acc, b_base, sb_t, c_base, sc_t, seg_start, seg_end, T, slope, rows, offs_k, offs_v,
+                         CH: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc`` plus the end state of one segment from a zero start: its chunks' ``b^T c``, each decayed
+    to the segment's end."""
+    for start in range(seg_start, seg_end, CH):
+        valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
+        bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
+        ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * tl.exp(-slope * m.to(tl.float32))
+        acc += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST)
+    return acc
+
+
+@triton.jit
+def _segments_into_start(P, SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, pid_bh, pid_v, seg,
+                         seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
+                         sl_b, sl_h, sl_s, sl_k, sl_v, FUSED_STATE: tl.constexpr,
+                         CH: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """The start state ``P`` of segment ``seg`` with the earlier segments folded in. Without
+    ``FUSED_STATE`` their local states come from the segment-state kernel (``_fold_earlier_segments``).
+    With it, this launch makes them: publish this segment's local end state (``b^T c`` decayed over the
+    segment, zero start) in ``LOCAL`` and raise its flag in ``SYNC``; then wait for the flags of
+    segments ``0 .. seg-1`` of this (batch, head, value block) and fold their states in."""
+    if not FUSED_STATE:
+        return _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
+                                      sl_b, sl_h, sl_s, sl_k, sl_v)
     n_v = tl.num_programs(0)
     n_seg = tl.num_programs(1)
     flags = SYNC + 1 + (pid_bh * n_seg) * n_v + pid_v
     l_base = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v)
     if seg < n_seg - 1:  # the last segment's state is never needed
-        acc = tl.zeros(P.shape, dtype=tl.float32)
-        for start in range(seg_start, seg_end, CH):
-            valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
-            bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
-            ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * tl.exp(-slope * m.to(tl.float32))
-            acc += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST)
+        acc = _segment_local_state(tl.zeros(P.shape, dtype=tl.float32), b_base, sb_t, c_base, sc_t, seg_start,
+                                   seg_end, T, slope, rows, offs_k, offs_v, CH, REVERSE, DOT_PREC, UPCAST)
         tl.store(l_base + seg.to(tl.int64) * sl_s, acc)
         tl.debug_barrier()  # every thread's part of the state is written before the flag goes up
         tl.atomic_xchg(flags + seg * n_v, 1, sem="release")
@@ -222,13 +235,8 @@ def _segment_state_kernel(
 
     seg_start = seg * seg_len
     seg_end = tl.minimum(seg_start + seg_len, T)
-    acc = tl.zeros([DK, BV], dtype=tl.float32)
-    for start in range(seg_start, seg_end, CH):
-        valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
-        bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
-        ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * tl.exp(-slope * m.to(tl.float32))
-        acc += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST)
+    acc = _segment_local_state(tl.zeros([DK, BV], dtype=tl.float32), b_base, sb_t, c_base, sc_t, seg_start,
+                               seg_end, T, slope, rows, offs_k, offs_v, CH, REVERSE, DOT_PREC, UPCAST)
     l_ptr = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v) + seg.to(tl.int64) * sl_s
     tl.store(l_ptr, acc)
 
@@ -289,13 +297,9 @@ def _lightning_kernel(
     seg_end = tl.minimum(seg_start + seg_len, T)
 
     if HAS_LOCAL:
-        if FUSED_STATE:
-            P = _publish_and_fold(P, SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, pid_bh, pid_v, seg,
-                                  seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
-                                  sl_b, sl_h, sl_s, sl_k, sl_v, CH, REVERSE, DOT_PREC, UPCAST)
-        else:
-            P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
-                                       sl_b, sl_h, sl_s, sl_k, sl_v)
+        P = _segments_into_start(P, SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, pid_bh, pid_v, seg,
+                                 seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
+                                 sl_b, sl_h, sl_s, sl_k, sl_v, FUSED_STATE, CH, REVERSE, DOT_PREC, UPCAST)
     mask_dec, qdec = _chunk_decays(rows, slope)
     U = P
     for start in range(seg_start, seg_end, CH):
@@ -375,14 +379,10 @@ def _dkdv_kernel(
 
     seg_start = seg * seg_len
     seg_end = tl.minimum(seg_start + seg_len, T)
-    if HAS_LOCAL:
-        if FUSED_STATE:  # states of q^T dO, reverse time
-            P = _publish_and_fold(P, SYNC, LOCAL, q_base, sq_t, d_base, sd_t, i_b, i_h, pid_bh, pid_v, seg,
-                                  seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
-                                  sl_b, sl_h, sl_s, sl_k, sl_v, CH, True, DOT_PREC, UPCAST)
-        else:
-            P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
-                                       sl_b, sl_h, sl_s, sl_k, sl_v)
+    if HAS_LOCAL:  # states of q^T dO, reverse time
+        P = _segments_into_start(P, SYNC, LOCAL, q_base, sq_t, d_base, sd_t, i_b, i_h, pid_bh, pid_v, seg,
+                                 seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
+                                 sl_b, sl_h, sl_s, sl_k, sl_v, FUSED_STATE, CH, True, DOT_PREC, UPCAST)
     mask_dec, qdec = _chunk_decays(rows, slope)
     U = P
     for start in range(seg_start, seg_end, CH):
