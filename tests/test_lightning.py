@@ -325,3 +325,32 @@ def test_fused_segment_states(device, monkeypatch, B, T, H, K, V, dtype, seg):
     monkeypatch.setattr(L, "_FUSED_STATE", True)
     monkeypatch.setattr(L, "_SEG_LEN", seg)
     _run_and_compare(B, T, H, K, V, dtype, device, init=True, use_final=True)
+
+
+@triton_test
+def test_packed_compiles_with_dynamic_shapes(device, monkeypatch):
+    """Under torch.compile with dynamic shapes (what a model sees when the sequence length changes)
+    the packed op's fake implementation plans segments from symbolic sizes."""
+    monkeypatch.setattr(L, "_SEG_LEN", 64)
+    H, D = 2, 16
+    slope = torch.tensor([0.2, 0.02], device=device)
+    f = torch.compile(lambda x: L.lightning_attention_packed(x, slope, H), backend="aot_eager", dynamic=True)
+    for T in (70, 133):
+        g = torch.Generator().manual_seed(T)
+        qkv = torch.randn(1, T, 3 * H * D, generator=g).to(device)
+        x = qkv.clone().requires_grad_()
+        o = f(x)
+        (o * o).sum().backward()
+        xr = qkv.double().requires_grad_()
+        q, k, v = (t.reshape(1, T, H, D) for t in xr.chunk(3, dim=-1))
+        orf = linear_attention_quadratic(torch.nn.functional.silu(q), torch.nn.functional.silu(k), v, slope.double())
+        (orf * orf).sum().backward()
+        assert_close(o, orf, name=f"o T={T}")
+        assert_close(x.grad, xr.grad, name=f"dqkv T={T}")
+
+
+def test_feature_map_fallback_for_uneven_rows():
+    """Rows without one common stride (a batch-strided view) take the PyTorch form of the map."""
+    x = torch.randn(3, 5, 12)[::2]  # batch stride 2*5*12 != T * row stride
+    for act, ref in ((1, torch.nn.functional.silu(x)), (2, 1 + torch.nn.functional.elu(x)), (0, x)):
+        assert torch.allclose(L._feature_map(x, act), ref)
