@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The measurements prepared (and CPU-tested) but not yet timed on a GPU, in one call on nvidia-h200-x2.
-# Issue 4, the packed token-mixer path (feature map inside the Lightning kernels, one gradient buffer):
-# GPU 0, the model benchmark of tnl-385m (compiled at 2K/8K/32K and eager at 2K with the packed path,
-# compiled 2K also unfused for an A/B in the same process); GPU 1, the kernels at the model's attention
-# shape (packed vs unfused, config sweep), a compiled training-step profile, then the Transformer at 32K.
+# The measurements prepared (and CPU-tested) but not yet timed on a GPU, in one call on nvidia-h200-x2
+# (or nvidia-h200: the two streams then run one after the other).
+# Issue 3: the single-launch segment states (tnlib.ops.lightning._FUSED_STATE) on the GPU: first its
+#   tests (a hang would mean a wait that never ends: hence the timeout), then the segment-plan variants
+#   with and without it at 1K and 32K (bench_kernels --variants-only).
+# Issue 4: tnl-385m compiled at T=2K with today's default, then with CUDA graphs for the blocks plus
+#   one product for SGLU's two input projections plus coordinate-descent tuning, all together.
 # Everything lands in $OUT/pending.tar.gz (the device tool returns a handful of files per call).
 # Usage (pass the hash literally: the device copy's .git may be stale):
 #   run(command="TNLIB_COMMIT=<git rev-parse HEAD here> bash scripts/device_pending.sh", kind="nvidia-h200-x2")
@@ -12,12 +14,19 @@ OUT=${OUT:-out}
 W=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+NGPU=$(nvidia-smi -L | wc -l)
 (export CUDA_VISIBLE_DEVICES=0
- timeout 330 python3 scripts/bench_model.py --models tnl-385m --modes compiled,eager --loss fused \
-   --out "$W/model-tnl.json" > "$W/model-tnl.log" 2>&1
- timeout 120 python3 scripts/bench_model.py --models transformer-385m --modes compiled --lens 32768 --loss fused \
-   --out "$W/model-transformer.json" > "$W/model-transformer.log" 2>&1
+ timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_lightning.py -k "fused_segment or packed" \
+   > "$W/pytest-fused.log" 2>&1
+ timeout 300 python3 scripts/bench_kernels.py --variants-only --targets 512 --out "$W" > "$W/variants.log" 2>&1
+) &
+[ "$NGPU" -lt 2 ] && wait  # one GPU: the two streams one after the other
+(export CUDA_VISIBLE_DEVICES=$((NGPU - 1))
+ B="timeout 200 python3 scripts/bench_model.py --models tnl-385m --modes compiled --lens 2048 --loss fused"
+ $B --out "$W/model-default.json" > "$W/model-default.log" 2>&1
+ $B --compile-mode reduce-overhead --inductor coordinate_descent_tuning=true --set tnlib.nn.gla.FUSED_SGLU=true \
+   --out "$W/model-all.json" > "$W/model-all.log" 2>&1
 ) &
 wait
 tar -czf "$OUT/pending.tar.gz" -C "$W" .
-grep -h "tnl-385m  " "$W"/model-*.log; grep -h "ERROR\|Error" "$W"/model-*.log | tail -5
+tail -n 3 "$W/pytest-fused.log"; grep -h "variant\|breakdown" "$W/variants.log" | cut -c1-220; grep -h "tnl-385m  " "$W"/model-*.log
