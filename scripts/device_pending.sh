@@ -18,7 +18,7 @@ NGPU=$(nvidia-smi -L | wc -l)
 (export CUDA_VISIBLE_DEVICES=0
  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_lightning.py -k "fused_segment or packed" \
    > "$W/pytest-fused.log" 2>&1
- timeout 300 python3 scripts/bench_kernels.py --variants-only --targets 512 --out "$W" > "$W/variants.log" 2>&1
+ timeout 300 python3 scripts/bench_kernels.py --variants-only --targets 512,1024,2048 --out "$W" > "$W/variants.log" 2>&1
 ) &
 [ "$NGPU" -lt 2 ] && wait  # one GPU: the two streams one after the other
 (export CUDA_VISIBLE_DEVICES=$((NGPU - 1))
