@@ -18,12 +18,16 @@ from tnlib.nn import gla  # noqa: E402
 from tnlib.provenance import gpu_slug, write_results  # noqa: E402
 
 
-def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile_mode=None, gla_path="packed"):
+def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile_mode=None, gla_path="packed",
+        compile_scope="blocks"):
     gla.USE_PACKED = gla_path == "packed"
     torch.manual_seed(0)
     model = tnlib.create_model(preset, vocab_size=vocab).cuda()
-    if mode == "compiled":
+    fwd = model
+    if mode == "compiled" and compile_scope == "blocks":
         model.compile_blocks(mode=compile_mode)
+    elif mode == "compiled":  # the whole model as one graph (what TrainConfig(compile_scope="model") does)
+        fwd = torch.compile(model, mode=compile_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     B = max(1, tokens // T)
     batches = [torch.randint(0, vocab, (B, T + 1), device="cuda") for _ in range(2)]
@@ -33,7 +37,7 @@ def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new training step starts
         ids = batches[i % 2]
         with torch.autocast("cuda", dtype=torch.bfloat16):  # fused: LM head + cross-entropy in row chunks
-            out = model(ids[:, :-1], ids[:, 1:]) if fused_loss else model(ids[:, :-1])
+            out = fwd(ids[:, :-1], ids[:, 1:]) if fused_loss else fwd(ids[:, :-1])
         loss = out if fused_loss else F.cross_entropy(out.float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -56,6 +60,7 @@ def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile
     ms = start.elapsed_time(end) / steps
     row = dict(model=preset, T=T, B=B, mode=mode, fused_loss=fused_loss, tokens_per_step=B * T, step_ms=ms,
                gla_path=gla_path if preset.startswith("tnl") else None,
+               compile_scope=compile_scope if mode == "compiled" else None,
                tokens_per_s=B * T / (ms / 1e3), peak_gb=torch.cuda.max_memory_allocated() / 1e9,
                loss=float(loss), warmup_s=warm_s, params=model.num_parameters())
     del model, opt, batches
@@ -85,6 +90,8 @@ def main():
                          "(tnlib.ops.lightning._DQ_CONFIG_OVERRIDE / _DKDV_CONFIG_OVERRIDE; recorded)")
     ap.add_argument("--set", default="", help="module switches for the whole run, e.g. "
                     "'tnlib.nn.gla.FUSED_SGLU=true' (comma list; recorded in the header)")
+    ap.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"),
+                    help="compile each block (training's default) or the whole model as one graph")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the blocks, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for the whole run, "
                     "e.g. coordinate_descent_tuning=1 (recorded in the header)")
@@ -127,7 +134,7 @@ def main():
                                        for p in paths):
                 try:
                     r = run(preset, T, a.tokens, mode, a.steps, a.warmup, a.vocab, fused_loss=loss_kind == "fused",
-                            compile_mode=a.compile_mode, gla_path=path)
+                            compile_mode=a.compile_mode, gla_path=path, compile_scope=a.compile_scope)
                 except Exception as e:  # record failures instead of losing the whole run
                     r = dict(model=preset, T=T, mode=mode, fused_loss=loss_kind == "fused", gla_path=path,
                              error=repr(e)[:300])

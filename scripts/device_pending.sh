@@ -5,7 +5,9 @@
 #   tests (a hang would mean a wait that never ends: hence the timeout), then the segment-plan variants
 #   with and without it at 1K and 32K (bench_kernels --variants-only).
 # Issue 4: tnl-385m compiled at T=2K with today's default, then with CUDA graphs for the blocks plus
-#   one product for SGLU's two input projections plus coordinate-descent tuning, all together.
+#   one product for SGLU's two input projections plus coordinate-descent tuning, all together; and the
+#   whole model as one compiled graph (lets Inductor fuse each block's last residual add with the next
+#   block's norm).
 # Everything lands in $OUT/pending.tar.gz (the device tool returns a handful of files per call).
 # Usage (pass the hash literally: the device copy's .git may be stale):
 #   run(command="TNLIB_COMMIT=<git rev-parse HEAD here> bash scripts/device_pending.sh", kind="nvidia-h200-x2")
@@ -26,6 +28,7 @@ NGPU=$(nvidia-smi -L | wc -l)
  $B --out "$W/model-default.json" > "$W/model-default.log" 2>&1
  $B --compile-mode reduce-overhead --inductor coordinate_descent_tuning=true --set tnlib.nn.gla.FUSED_SGLU=true \
    --out "$W/model-all.json" > "$W/model-all.log" 2>&1
+ $B --compile-scope model --out "$W/model-scope.json" > "$W/model-scope.log" 2>&1
 ) &
 wait
 tar -czf "$OUT/pending.tar.gz" -C "$W" .
