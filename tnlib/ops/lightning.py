@@ -377,10 +377,10 @@ _lightning_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
-# The packed path: q | k | v straight from the fused projection, feature map inside the kernels
+# The packed path: q | k | v straight from the projection, the feature map's derivative in the kernels
 # ----------------------------------------------------------------------------------------------
 
-#: Feature-map codes of the kernels' ACT arguments.
+#: Feature-map codes (the kernels' GRAD_ACT argument; 0 = identity).
 ACT_CODES = {"none": 0, "silu": 1, "1+elu": 2}
 
 
@@ -390,7 +390,7 @@ def _split_packed(x, n_heads: int):
     return tuple(x[..., i * d:(i + 1) * d].unflatten(-1, (n_heads, d // n_heads)) for i in range(3))
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -411,7 +411,7 @@ def _feature_map(x, act: int):
     if act in (1, 2) and x.stride(-1) == 1 and x.stride(0) == T * x.stride(1):
         y = torch.empty((B, T, C), dtype=x.dtype, device=x.device)
         BR, BC = 4, 1024
-        _kernels()._feature_map_kernel[(triton_cdiv(B * T, BR), triton_cdiv(C, BC))](
+        _kernels()._feature_map_kernel[(_cdiv(B * T, BR), _cdiv(C, BC))](
             x, y, B * T, C, x.stride(1), C, ACT=act, BR=BR, BC=BC, num_warps=4)
         return y
     if act == 1:
