@@ -307,13 +307,14 @@ def _lightning_kernel(
         at = tl.load(a_base + t_phys[:, None] * sa_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+        if GRAD_ACT != 0:  # issued with the other loads, so its latency hides behind the dots
+            et = tl.load(e_base + t_phys[:, None] * se_t + offs_v[None, :], mask=valid[:, None], other=0.0)
         # inter-chunk part: lambda^r a_r P
         o = _dot(at, P.to(at.dtype), DOT_PREC, UPCAST) * qdec[:, None]
         # intra-chunk part: [(A B^T) * M] C
         s = _dot(at, tl.trans(bt), DOT_PREC, UPCAST) * mask_dec
         o += _dot(s.to(ct.dtype), ct, DOT_PREC, UPCAST)
         if GRAD_ACT != 0:
-            et = tl.load(e_base + t_phys[:, None] * se_t + offs_v[None, :], mask=valid[:, None], other=0.0)
             o = o * _act_grad(et, GRAD_ACT, FAST)
         tl.store(o_base + t_phys[:, None] * so_t + offs_v[None, :], o.to(O.dtype.element_ty), mask=valid[:, None])
         U, P = _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC, UPCAST)
@@ -391,6 +392,8 @@ def _dkdv_kernel(
         kt = tl.load(k_base + t_phys[:, None] * sk_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         vt = tl.load(v_base + t_phys[:, None] * sv_t + offs_v[None, :], mask=valid[:, None], other=0.0)
         dot_ = tl.load(d_base + t_phys[:, None] * sd_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+        if GRAD_ACT != 0:  # issued with the other loads, so its latency hides behind the dots
+            et = tl.load(e_base + t_phys[:, None] * se_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         Pc = P.to(kt.dtype)
         # dv
         dv = _dot(kt, Pc, DOT_PREC, UPCAST) * qdec[:, None]
@@ -403,7 +406,6 @@ def _dkdv_kernel(
         s2 = _dot(vt, tl.trans(dot_), DOT_PREC, UPCAST) * mask_dec
         dk += _dot(s2.to(qt.dtype), qt, DOT_PREC, UPCAST)
         if GRAD_ACT != 0:
-            et = tl.load(e_base + t_phys[:, None] * se_t + offs_k[None, :], mask=valid[:, None], other=0.0)
             dk = dk * _act_grad(et, GRAD_ACT, FAST)
         tl.store(gk_base + t_phys[:, None] * sgk_t + offs_k[None, :], dk.to(DK_out.dtype.element_ty),
                  mask=valid[:, None])
