@@ -112,13 +112,14 @@ def _program_ids(SYNC, FUSED_STATE: tl.constexpr):
     """(value block, segment, batch*head) of this program: its grid position, or with ``FUSED_STATE``
     a ticket from the counter ``SYNC[0]``, so that programs number themselves in the order they
     started and every program a segment waits on (an earlier segment) started before it."""
-    n_v = tl.num_programs(0)
-    n_seg = tl.num_programs(1)
     if FUSED_STATE:
+        n_v = tl.num_programs(0)
+        n_seg = tl.num_programs(1)
         ticket = tl.atomic_add(SYNC, 1)
-        return ticket % n_v, (ticket // n_v) % n_seg, ticket // (n_v * n_seg)
+        pid_v, seg, pid_bh = ticket % n_v, (ticket // n_v) % n_seg, ticket // (n_v * n_seg)
     else:
-        return tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        pid_v, seg, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    return pid_v, seg, pid_bh
 
 
 @triton.jit
@@ -145,25 +146,26 @@ def _segments_into_start(P, SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, p
     With it, this launch makes them: publish this segment's local end state (``b^T c`` decayed over the
     segment, zero start) in ``LOCAL`` and raise its flag in ``SYNC``; then wait for the flags of
     segments ``0 .. seg-1`` of this (batch, head, value block) and fold their states in."""
-    if not FUSED_STATE:
-        return _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
-                                      sl_b, sl_h, sl_s, sl_k, sl_v)
-    n_v = tl.num_programs(0)
-    n_seg = tl.num_programs(1)
-    flags = SYNC + 1 + (pid_bh * n_seg) * n_v + pid_v
-    l_base = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v)
-    if seg < n_seg - 1:  # the last segment's state is never needed
-        acc = _segment_local_state(tl.zeros(P.shape, dtype=tl.float32), b_base, sb_t, c_base, sc_t, seg_start,
-                                   seg_end, T, slope, rows, offs_k, offs_v, CH, REVERSE, DOT_PREC, UPCAST)
-        tl.store(l_base + seg.to(tl.int64) * sl_s, acc)
-        tl.debug_barrier()  # every thread's part of the state is written before the flag goes up
-        tl.atomic_xchg(flags + seg * n_v, 1, sem="release")
-    seg_decay = tl.exp(-slope * seg_len.to(tl.float32))
-    for j in range(0, seg):
-        while tl.atomic_add(flags + j * n_v, 0, sem="acquire") == 0:
-            pass
-        loc = tl.load(l_base + j * sl_s, cache_modifier=".cg")
-        P = P * seg_decay + lam * loc
+    if FUSED_STATE:
+        n_v = tl.num_programs(0)
+        n_seg = tl.num_programs(1)
+        flags = SYNC + 1 + (pid_bh * n_seg) * n_v + pid_v
+        l_base = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v)
+        if seg < n_seg - 1:  # the last segment's state is never needed
+            acc = _segment_local_state(tl.zeros(P.shape, dtype=tl.float32), b_base, sb_t, c_base, sc_t, seg_start,
+                                       seg_end, T, slope, rows, offs_k, offs_v, CH, REVERSE, DOT_PREC, UPCAST)
+            tl.store(l_base + seg.to(tl.int64) * sl_s, acc)
+            tl.debug_barrier()  # every thread's part of the state is written before the flag goes up
+            tl.atomic_xchg(flags + seg * n_v, 1, sem="release")
+        seg_decay = tl.exp(-slope * seg_len.to(tl.float32))
+        for j in range(0, seg):
+            while tl.atomic_add(flags + j * n_v, 0, sem="acquire") == 0:
+                pass
+            loc = tl.load(l_base + j * sl_s, cache_modifier=".cg")
+            P = P * seg_decay + lam * loc
+    else:
+        P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
+                                   sl_b, sl_h, sl_s, sl_k, sl_v)
     return P
 
 
