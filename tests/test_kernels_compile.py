@@ -1,0 +1,89 @@
+"""The Triton kernels compile for the H200 (sm_90) on any machine, GPU or not.
+
+The interpreter (``TRITON_INTERPRET=1``) checks the kernels' arithmetic on a CPU but never runs
+Triton's GPU compiler, which rejects things the interpreter accepts. These tests hand each kernel, in
+the constexpr configurations tnlib launches, to ``triton.compile`` for an sm_90 target: frontend,
+MLIR passes, PTX and ptxas, no GPU needed. They run in the process without the interpreter (under it
+the kernels are interpreter functions).
+"""
+import os
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="kernels are interpreter functions under TRITON_INTERPRET=1")
+triton = pytest.importorskip("triton")
+
+BF, F32, I32 = "*bf16", "*fp32", "*i32"
+
+
+def compile_sm90(fn, constexprs, ptr_types, num_warps=4, num_stages=2):
+    """``triton.compile`` one kernel for sm_90; integer arguments are i32, pointers as given."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = dict(constexprs)
+    for p in fn.params:  # constexpr parameters left to their defaults are constexprs too
+        if p.is_constexpr and p.name not in constexprs:
+            constexprs[p.name] = p.default
+    sig = {n: ("constexpr" if n in constexprs else ptr_types.get(n, "i32")) for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    except (ImportError, FileNotFoundError) as e:  # a Triton build without the CUDA backend or ptxas
+        pytest.skip(f"no CUDA compiler in this Triton build: {e}")
+
+
+MAIN = dict(A=BF, Bp=BF, Cp=BF, O=BF, INIT=F32, LOCAL=F32, FINAL=F32, slope_ptr=F32, E=BF, SYNC=I32)
+MAIN_BASE = dict(DK=128, BV=64, CH=64, HAS_INIT=False, INIT_DECAY=True, HAS_LOCAL=False, STORE_FINAL=False,
+                 REVERSE=False, DOT_PREC="tf32", UPCAST=False)
+MAIN_CASES = {
+    "forward": dict(),
+    "forward, init + segments + final": dict(HAS_INIT=True, HAS_LOCAL=True, STORE_FINAL=True),
+    "dq pass with the SiLU derivative": dict(GRAD_ACT=1),
+    "dq pass with the 1+elu derivative, exact sigmoid": dict(GRAD_ACT=2, FAST=False),
+    "reverse pass (two-pass dk/dv)": dict(REVERSE=True, INIT_DECAY=False, HAS_INIT=True, STORE_FINAL=True),
+    "LRPE shape K=256": dict(DK=256, BV=32),
+    "single-launch segment states": dict(HAS_LOCAL=True, FUSED_STATE=True),
+    "single-launch segment states, reverse": dict(HAS_LOCAL=True, FUSED_STATE=True, REVERSE=True),
+}
+
+
+@pytest.mark.parametrize("case", list(MAIN_CASES))
+def test_lightning_kernel_compiles_for_sm90(case):
+    from tnlib.ops import _lightning_kernels as K
+
+    compile_sm90(K._lightning_kernel, {**MAIN_BASE, **MAIN_CASES[case]}, MAIN)
+
+
+def test_lightning_kernel_fp32_compiles_for_sm90():
+    from tnlib.ops import _lightning_kernels as K
+
+    ptrs = {k: (F32 if v == BF else v) for k, v in MAIN.items()}
+    compile_sm90(K._lightning_kernel, {**MAIN_BASE, "BV": 32, "CH": 32, "DOT_PREC": "ieee"}, ptrs, num_stages=1)
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(GRAD_ACT=1), dict(HAS_LOCAL=True, HAS_INIT=True, STORE_FINAL=True),
+                                   dict(HAS_LOCAL=True, FUSED_STATE=True, GRAD_ACT=1)],
+                         ids=["plain", "k derivative", "segments", "single-launch segment states"])
+def test_dkdv_kernel_compiles_for_sm90(extra):
+    from tnlib.ops import _lightning_kernels as K
+
+    ptrs = dict(Q=BF, K=BF, V=BF, DO=BF, DK_out=BF, DV_out=BF, INIT=F32, LOCAL=F32, FINAL=F32, slope_ptr=F32, E=BF,
+                SYNC=I32)
+    base = dict(DK=128, DV=128, CH=64, HAS_INIT=False, HAS_LOCAL=False, STORE_FINAL=False, DOT_PREC="tf32", UPCAST=False)
+    compile_sm90(K._dkdv_kernel, {**base, **extra}, ptrs, num_warps=8)
+
+
+def test_small_kernels_compile_for_sm90():
+    from tnlib.ops import _lightning_kernels as K
+    from tnlib.ops import loss, srmsnorm
+
+    compile_sm90(K._segment_state_kernel, dict(DK=128, BV=128, CH=64, REVERSE=True, DOT_PREC="tf32", UPCAST=False),
+                 dict(Bp=BF, Cp=BF, slope_ptr=F32, LOCAL=F32), num_warps=8)
+    for act in (1, 2):
+        compile_sm90(K._feature_map_kernel, dict(ACT=act, BR=4, BC=1024), dict(X=BF, Y=BF))
+    compile_sm90(loss._xent_grad_kernel, dict(BLOCK=4096), dict(L=F32, TGT="*i64", NLL=F32, scale="fp32"), num_warps=8)
+    compile_sm90(srmsnorm._srms_fwd_kernel, dict(BLOCK=1024), dict(X=BF, Y=BF, RSTD=F32, eps="fp32"))
+    compile_sm90(srmsnorm._srms_bwd_kernel, dict(BLOCK=1024), dict(X=BF, DY=BF, DX=BF, RSTD=F32))
