@@ -14,23 +14,13 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="kernels are interpreter functions under TRITON_INTERPRET=1")
 triton = pytest.importorskip("triton")
 
-BF, F32, I32 = "*bf16", "*fp32", "*i32"
+from tnlib.ops._sm90 import BF16 as BF, FP32 as F32, I32  # noqa: E402
+from tnlib.ops._sm90 import compile_sm90 as _compile  # noqa: E402
 
 
 def compile_sm90(fn, constexprs, ptr_types, num_warps=4, num_stages=2):
-    """``triton.compile`` one kernel for sm_90; integer arguments are i32, pointers as given."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    constexprs = dict(constexprs)
-    for p in fn.params:  # constexpr parameters left to their defaults are constexprs too
-        if p.is_constexpr and p.name not in constexprs:
-            constexprs[p.name] = p.default
-    sig = {n: ("constexpr" if n in constexprs else ptr_types.get(n, "i32")) for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     try:
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+        return _compile(fn, constexprs, ptr_types, num_warps, num_stages)
     except (ImportError, FileNotFoundError) as e:  # a Triton build without the CUDA backend or ptxas
         pytest.skip(f"no CUDA compiler in this Triton build: {e}")
 

@@ -1,0 +1,61 @@
+"""Compile Triton kernels for the H200 (sm_90) without a GPU, and read their register use.
+
+``triton.compile`` with a ``GPUTarget`` runs the whole GPU toolchain (frontend, MLIR passes, PTX,
+ptxas) on any machine. ``tests/test_kernels_compile.py`` uses it to catch what the interpreter
+accepts but the GPU compiler rejects; ``scripts/kernel_registers.py`` uses :func:`ptxas_usage` to
+report registers and spills per kernel configuration.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+BF16, FP32, I32 = "*bf16", "*fp32", "*i32"
+
+
+def compile_sm90(fn, constexprs: dict, ptr_types: dict, num_warps: int = 4, num_stages: int = 2):
+    """``triton.compile`` the ``@triton.jit`` function ``fn`` for sm_90: arguments named in
+    ``constexprs`` are compile-time constants (constexpr parameters left out keep their defaults),
+    those in ``ptr_types`` get that type (``"*bf16"``, ``"fp32"``, ...), every other one is ``i32``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = dict(constexprs)
+    for p in fn.params:
+        if p.is_constexpr and p.name not in constexprs:
+            constexprs[p.name] = p.default
+    sig = {n: ("constexpr" if n in constexprs else ptr_types.get(n, "i32")) for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def ptxas_usage(kernel) -> dict:
+    """Registers per thread and spill bytes of a compiled kernel (``ptxas -v`` on its PTX)."""
+    import triton
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    try:
+        out = ""
+        for exe in ("ptxas-blackwell", "ptxas"):  # the one that reads this Triton's PTX version
+            path = os.path.join(bindir, exe)
+            if os.path.exists(path):
+                r = subprocess.run([path, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                                   capture_output=True, text=True)
+                out = r.stdout + r.stderr
+                if r.returncode == 0:
+                    break
+    finally:
+        os.unlink(f.name)
+
+    def num(pattern):
+        m = re.search(pattern, out)
+        return int(m.group(1)) if m else None
+
+    return dict(registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
+                spill_loads=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"),
+                shared=kernel.metadata.shared)
