@@ -397,8 +397,6 @@ def _dkdv_kernel(
         kt = tl.load(k_base + t_phys[:, None] * sk_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         vt = tl.load(v_base + t_phys[:, None] * sv_t + offs_v[None, :], mask=valid[:, None], other=0.0)
         dot_ = tl.load(d_base + t_phys[:, None] * sd_t + offs_v[None, :], mask=valid[:, None], other=0.0)
-        if GRAD_ACT != 0:  # issued with the other loads, so its latency hides behind the dots
-            et = tl.load(e_base + t_phys[:, None] * se_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         Pc = P.to(kt.dtype)
         # dv
         dv = _dot(kt, Pc, DOT_PREC, UPCAST) * qdec[:, None]
@@ -410,7 +408,8 @@ def _dkdv_kernel(
         dk = _dot(vt, tl.trans(Pc), DOT_PREC, UPCAST) * qdec[:, None]
         s2 = _dot(vt, tl.trans(dot_), DOT_PREC, UPCAST) * mask_dec
         dk += _dot(s2.to(qt.dtype), qt, DOT_PREC, UPCAST)
-        if GRAD_ACT != 0:
+        if GRAD_ACT != 0:  # loaded here: with the full [DK, DV] state live, an earlier load spills more
+            et = tl.load(e_base + t_phys[:, None] * se_t + offs_k[None, :], mask=valid[:, None], other=0.0)
             dk = dk * _act_grad(et, GRAD_ACT, FAST)
         tl.store(gk_base + t_phys[:, None] * sgk_t + offs_k[None, :], dk.to(DK_out.dtype.element_ty),
                  mask=valid[:, None])
