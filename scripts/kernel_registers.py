@@ -25,6 +25,23 @@ DKDV_PTRS = dict(Q=BF16, K=BF16, V=BF16, DO=BF16, DK_out=BF16, DV_out=BF16, INIT
                  slope_ptr=FP32, E=BF16, SYNC=I32)
 DKDV_BASE = dict(DK=128, DV=128, CH=64, HAS_INIT=False, HAS_LOCAL=False, STORE_FINAL=False, DOT_PREC="tf32", UPCAST=False)
 
+# Representative integer arguments (strides, lengths) of tnl-385m's attention at T=2K on the packed path
+# (B=16, H=8, D=128; q, k from the [B, T, 2*H*D] activation buffer, v and the gradients in [B, T, 3*H*D]):
+# the JIT specializes integers (1 -> constant, multiples of 16 -> divisibility), which decides whether
+# loads are vectorized and software-pipelined, so a report without them is not what runs.
+B, T, H, D = 16, 2048, 8, 128
+d = H * D
+_ZEROS = {n: 0 for n in "si_b si_h si_k si_v sl_b sl_h sl_s sl_k sl_v sf_b sf_h sf_k sf_v se_b se_t se_h".split()}
+FWD_INTS = dict(T=T, H=H, seg_len=T, sa_b=T * 2 * d, sa_t=2 * d, sa_h=D, sb_b=T * 2 * d, sb_t=2 * d, sb_h=D,
+                sc_b=T * 3 * d, sc_t=3 * d, sc_h=D, so_b=T * d, so_t=d, so_h=D, **_ZEROS)
+DQ_INTS = dict(FWD_INTS, sa_b=T * d, sa_t=d, sa_h=D, sb_b=T * 3 * d, sb_t=3 * d, sb_h=D, sc_b=T * 2 * d, sc_t=2 * d,
+               sc_h=D, so_b=T * 3 * d, so_t=3 * d, so_h=D, se_b=T * 3 * d, se_t=3 * d, se_h=D)
+DKDV_INTS = dict(T=T, H=H, seg_len=T, sq_b=T * 2 * d, sq_t=2 * d, sq_h=D, sk_b=T * 2 * d, sk_t=2 * d, sk_h=D,
+                 sv_b=T * 3 * d, sv_t=3 * d, sv_h=D, sd_b=T * d, sd_t=d, sd_h=D, sgk_b=T * 3 * d, sgk_t=3 * d, sgk_h=D,
+                 sgv_b=T * 3 * d, sgv_t=3 * d, sgv_h=D, **dict(_ZEROS, se_b=T * 3 * d, se_t=3 * d, se_h=D))
+STATE_INTS = dict(T=T, H=H, seg_len=T // 2, sb_b=T * 2 * d, sb_t=2 * d, sb_h=D, sc_b=T * 3 * d, sc_t=3 * d, sc_h=D,
+                  sl_b=H * D * D, sl_h=D * D, sl_s=D * D, sl_k=D, sl_v=1)
+
 # (label, kernel, constexprs on top of the base, num_warps, num_stages); the first of each kernel is
 # what tnlib launches for bf16 D=128 (tnlib.ops.lightning._config / _dkdv)
 CASES = [
@@ -52,22 +69,26 @@ def main():
 
     rows = []
     print(f"triton {triton.__version__}, target sm_90")
-    print(f"{'configuration':34s} {'regs':>5s} {'spill st/ld B':>14s} {'stack B':>8s} {'smem KB':>8s}")
+    print(f"{'configuration':34s} {'regs':>5s} {'spill st/ld B':>14s} {'stack B':>8s} {'smem KB':>8s} {'pipelined':>9s}")
     for label, kind, extra, nw, ns in CASES:
         if kind == "main":
-            k = compile_sm90(K._lightning_kernel, {**MAIN_BASE, **extra}, MAIN_PTRS, nw, ns)
+            ints = DQ_INTS if extra.get("GRAD_ACT") else FWD_INTS
+            k = compile_sm90(K._lightning_kernel, {**MAIN_BASE, **extra}, MAIN_PTRS, nw, ns, ints)
         elif kind == "dkdv":
-            k = compile_sm90(K._dkdv_kernel, {**DKDV_BASE, **extra}, DKDV_PTRS, nw, ns)
+            k = compile_sm90(K._dkdv_kernel, {**DKDV_BASE, **extra}, DKDV_PTRS, nw, ns, DKDV_INTS)
         else:
             k = compile_sm90(K._segment_state_kernel, dict(DK=128, BV=128, CH=64, REVERSE=False, DOT_PREC="tf32",
-                                                           UPCAST=False), dict(Bp=BF16, Cp=BF16, slope_ptr=FP32, LOCAL=FP32), nw, ns)
+                                                           UPCAST=False), dict(Bp=BF16, Cp=BF16, slope_ptr=FP32, LOCAL=FP32),
+                             nw, ns, STATE_INTS)
+        pipelined = "async_copy" in k.asm["ttgir"]
         u = ptxas_usage(k)
-        rows.append(dict(config=label, num_warps=nw, num_stages=ns, **extra, **u))
+        rows.append(dict(config=label, num_warps=nw, num_stages=ns, **extra, **u, pipelined_loads=pipelined))
         print(f"{label:34s} {u['registers']!s:>5s} {u['spill_stores']!s:>6s}/{u['spill_loads']!s:<7s} {u['stack']!s:>8s} "
-              f"{u['shared'] / 1024:8.1f}", flush=True)
+              f"{u['shared'] / 1024:8.1f} {'yes' if pipelined else 'no':>9s}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"triton": triton.__version__, "target": "sm_90", "rows": rows}, f, indent=1)
+            json.dump({"triton": triton.__version__, "target": "sm_90", "shape": dict(B=B, T=T, H=H, D=D),
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

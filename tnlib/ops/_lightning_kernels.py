@@ -195,22 +195,32 @@ def _chunk_decays(rows, slope):
 
 
 @triton.jit
-def _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """What a chunk of length ``m`` adds to the state at its end: ``(diag(lambda^(m-1-c)) B)^T C``,
-    computed as ``B^T (diag(lambda^(m-1-c)) C)``: in the model's passes the value tile is no wider than
-    the key tile, so the scaled fp32 copy is smaller (ptxas reports fewer spills at D=128,
-    scripts/kernel_registers.py) and ``B`` goes to the product as loaded."""
+def _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 SCALE_C: tl.constexpr = True):
+    """What a chunk of length ``m`` adds to the state at its end: ``(diag(lambda^(m-1-c)) B)^T C``.
+
+    ``SCALE_C`` computes it as ``B^T (diag(lambda^(m-1-c)) C)`` (the same product): where the value
+    tile is the narrower one (forward, dq pass) its scaled copy is smaller and ``B`` goes to the
+    product as loaded. With the launch's alignment, ptxas reports for tnl-385m's shape: forward
+    104 -> 0 B/thread of spills, dq pass 120 -> 36; the dk/dv kernel (equal widths) spills more that
+    way (228 -> 312) and scales ``B`` (``scripts/kernel_registers.py``)."""
     kdec = tl.where(valid, tl.exp(-slope * tl.maximum(m - 1 - rows, 0).to(tl.float32)), 0.0)
-    ct_s = (ct.to(tl.float32) * kdec[:, None]).to(ct.dtype)
-    return _dot(tl.trans(bt), ct_s, DOT_PREC, UPCAST)
+    if SCALE_C:
+        ct_s = (ct.to(tl.float32) * kdec[:, None]).to(ct.dtype)
+        out = _dot(tl.trans(bt), ct_s, DOT_PREC, UPCAST)
+    else:
+        bt_s = (bt.to(tl.float32) * kdec[:, None]).to(bt.dtype)
+        out = _dot(tl.trans(bt_s), ct, DOT_PREC, UPCAST)
+    return out
 
 
 @triton.jit
-def _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                   SCALE_C: tl.constexpr = True):
     """End of a chunk of length ``m``: the inclusive state ``U = lambda^(m-1) P + (diag(lambda^(m-1-c)) B)^T C``
     and the next start state ``P = lambda U``."""
     U = P * tl.exp(-slope * (m - 1).to(tl.float32))
-    U += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST)
+    U += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST, SCALE_C)
     return U, U * lam
 
 
@@ -414,7 +424,7 @@ def _dkdv_kernel(
         tl.store(gk_base + t_phys[:, None] * sgk_t + offs_k[None, :], dk.to(DK_out.dtype.element_ty),
                  mask=valid[:, None])
         # state D (reverse time) from q^T dO
-        U, P = _advance_state(P, qt, dot_, valid, m, rows, slope, lam, DOT_PREC, UPCAST)
+        U, P = _advance_state(P, qt, dot_, valid, m, rows, slope, lam, DOT_PREC, UPCAST, False)
 
     if STORE_FINAL:
         if seg == n_seg - 1:

@@ -15,20 +15,34 @@ import tempfile
 BF16, FP32, I32 = "*bf16", "*fp32", "*i32"
 
 
-def compile_sm90(fn, constexprs: dict, ptr_types: dict, num_warps: int = 4, num_stages: int = 2):
+def compile_sm90(fn, constexprs: dict, ptr_types: dict, num_warps: int = 4, num_stages: int = 2,
+                 int_values: dict | None = None):
     """``triton.compile`` the ``@triton.jit`` function ``fn`` for sm_90: arguments named in
     ``constexprs`` are compile-time constants (constexpr parameters left out keep their defaults),
-    those in ``ptr_types`` get that type (``"*bf16"``, ``"fp32"``, ...), every other one is ``i32``."""
+    those in ``ptr_types`` get that type (``"*bf16"``, ``"fp32"``, ...), every other one is ``i32``.
+
+    Like a real launch, pointers are taken as 16-byte aligned, and the integers given in
+    ``int_values`` (representative values, e.g. the strides of the shape to study) are specialized
+    as the JIT would: 1 becomes a constant, multiples of 16 carry ``tt.divisibility = 16`` (without
+    that, Triton neither vectorizes nor software-pipelines the loads)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     constexprs = dict(constexprs)
+    int_values = int_values or {}
+    for name, v in int_values.items():
+        if v == 1:
+            constexprs[name] = 1
     for p in fn.params:
         if p.is_constexpr and p.name not in constexprs:
             constexprs[p.name] = p.default
     sig = {n: ("constexpr" if n in constexprs else ptr_types.get(n, "i32")) for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    div16 = [["tt.divisibility", 16]]
+    attrs = {(i,): div16 for i, n in enumerate(fn.arg_names)
+             if sig[n].startswith("*") or (n in int_values and n not in constexprs and int_values[n] % 16 == 0)}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
