@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tnlib.ops import _lightning_kernels as K  # noqa: E402
-from tnlib.ops._sm90 import BF16, FP32, I32, compile_sm90, ptxas_usage  # noqa: E402
+from tnlib.ops._sm90 import BF16, FP32, I32, compile_sm90, lightning_launch_ints, ptxas_usage  # noqa: E402
 
 MAIN_PTRS = dict(A=BF16, Bp=BF16, Cp=BF16, O=BF16, INIT=FP32, LOCAL=FP32, FINAL=FP32, slope_ptr=FP32, E=BF16, SYNC=I32)
 MAIN_BASE = dict(DK=128, BV=64, CH=64, HAS_INIT=False, INIT_DECAY=True, HAS_LOCAL=False, STORE_FINAL=False,
@@ -30,17 +30,8 @@ DKDV_BASE = dict(DK=128, DV=128, CH=64, HAS_INIT=False, HAS_LOCAL=False, STORE_F
 # the JIT specializes integers (1 -> constant, multiples of 16 -> divisibility), which decides whether
 # loads are vectorized and software-pipelined, so a report without them is not what runs.
 B, T, H, D = 16, 2048, 8, 128
-d = H * D
-_ZEROS = {n: 0 for n in "si_b si_h si_k si_v sl_b sl_h sl_s sl_k sl_v sf_b sf_h sf_k sf_v se_b se_t se_h".split()}
-FWD_INTS = dict(T=T, H=H, seg_len=T, sa_b=T * 2 * d, sa_t=2 * d, sa_h=D, sb_b=T * 2 * d, sb_t=2 * d, sb_h=D,
-                sc_b=T * 3 * d, sc_t=3 * d, sc_h=D, so_b=T * d, so_t=d, so_h=D, **_ZEROS)
-DQ_INTS = dict(FWD_INTS, sa_b=T * d, sa_t=d, sa_h=D, sb_b=T * 3 * d, sb_t=3 * d, sb_h=D, sc_b=T * 2 * d, sc_t=2 * d,
-               sc_h=D, so_b=T * 3 * d, so_t=3 * d, so_h=D, se_b=T * 3 * d, se_t=3 * d, se_h=D)
-DKDV_INTS = dict(T=T, H=H, seg_len=T, sq_b=T * 2 * d, sq_t=2 * d, sq_h=D, sk_b=T * 2 * d, sk_t=2 * d, sk_h=D,
-                 sv_b=T * 3 * d, sv_t=3 * d, sv_h=D, sd_b=T * d, sd_t=d, sd_h=D, sgk_b=T * 3 * d, sgk_t=3 * d, sgk_h=D,
-                 sgv_b=T * 3 * d, sgv_t=3 * d, sgv_h=D, **dict(_ZEROS, se_b=T * 3 * d, se_t=3 * d, se_h=D))
-STATE_INTS = dict(T=T, H=H, seg_len=T // 2, sb_b=T * 2 * d, sb_t=2 * d, sb_h=D, sc_b=T * 3 * d, sc_t=3 * d, sc_h=D,
-                  sl_b=H * D * D, sl_h=D * D, sl_s=D * D, sl_k=D, sl_v=1)
+_INTS = lightning_launch_ints(B, T, H, D)
+FWD_INTS, DQ_INTS, DKDV_INTS, STATE_INTS = _INTS["forward"], _INTS["dq"], _INTS["dkdv"], _INTS["state"]
 
 # (label, kernel, constexprs on top of the base, num_warps, num_stages); the first of each kernel is
 # what tnlib launches for bf16 D=128 (tnlib.ops.lightning._config / _dkdv)

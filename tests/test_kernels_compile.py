@@ -16,11 +16,14 @@ triton = pytest.importorskip("triton")
 
 from tnlib.ops._sm90 import BF16 as BF, FP32 as F32, I32  # noqa: E402
 from tnlib.ops._sm90 import compile_sm90 as _compile  # noqa: E402
+from tnlib.ops._sm90 import lightning_launch_ints  # noqa: E402
+
+INTS = lightning_launch_ints()
 
 
-def compile_sm90(fn, constexprs, ptr_types, num_warps=4, num_stages=2):
+def compile_sm90(fn, constexprs, ptr_types, num_warps=4, num_stages=2, int_values=None):
     try:
-        return _compile(fn, constexprs, ptr_types, num_warps, num_stages)
+        return _compile(fn, constexprs, ptr_types, num_warps, num_stages, int_values)
     except (ImportError, FileNotFoundError) as e:  # a Triton build without the CUDA backend or ptxas
         pytest.skip(f"no CUDA compiler in this Triton build: {e}")
 
@@ -44,7 +47,13 @@ MAIN_CASES = {
 def test_lightning_kernel_compiles_for_sm90(case):
     from tnlib.ops import _lightning_kernels as K
 
+    # with the model's strides (aligned: the loads are vectorized and software-pipelined, as at a
+    # real launch) and without any integer specialization (the general code)
+    ints = INTS["dq"] if MAIN_CASES[case].get("GRAD_ACT") else INTS["forward"]
+    aligned = compile_sm90(K._lightning_kernel, {**MAIN_BASE, **MAIN_CASES[case]}, MAIN, int_values=ints)
     compile_sm90(K._lightning_kernel, {**MAIN_BASE, **MAIN_CASES[case]}, MAIN)
+    if case in ("forward", "dq pass with the SiLU derivative"):  # what the model runs: loads as async copies
+        assert "async_copy_global_to_local" in aligned.asm["ttgir"], "the chunk loop is no longer software-pipelined"
 
 
 def test_lightning_kernel_fp32_compiles_for_sm90():
@@ -63,7 +72,8 @@ def test_dkdv_kernel_compiles_for_sm90(extra):
     ptrs = dict(Q=BF, K=BF, V=BF, DO=BF, DK_out=BF, DV_out=BF, INIT=F32, LOCAL=F32, FINAL=F32, slope_ptr=F32, E=BF,
                 SYNC=I32)
     base = dict(DK=128, DV=128, CH=64, HAS_INIT=False, HAS_LOCAL=False, STORE_FINAL=False, DOT_PREC="tf32", UPCAST=False)
-    compile_sm90(K._dkdv_kernel, {**base, **extra}, ptrs, num_warps=8)
+    for int_values in (INTS["dkdv"], None):
+        compile_sm90(K._dkdv_kernel, {**base, **extra}, ptrs, num_warps=8, int_values=int_values)
 
 
 def test_small_kernels_compile_for_sm90():
