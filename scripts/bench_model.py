@@ -69,6 +69,20 @@ def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile
     return row
 
 
+def apply_settings(items, target):
+    """Each ``name=value`` item (value in JSON) is set on ``target(name) -> (object, attribute)`` for the
+    whole run; returns ``{name: value}`` for the result header. Unknown names stop the run."""
+    applied = {}
+    for item in filter(None, items):
+        k, v = item.split("=", 1)
+        obj, attr = target(k)
+        if not hasattr(obj, attr):
+            sys.exit(f"unknown setting {k!r}")
+        applied[k] = json.loads(v)
+        setattr(obj, attr, applied[k])
+    return applied
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default="tnl-385m,transformer-385m")
@@ -83,8 +97,9 @@ def main():
                     help="comma list of: fused (model(ids, targets): the chunked LM head + cross-entropy, "
                          "training's default on a GPU), logits (F.cross_entropy on fp32 logits)")
     ap.add_argument("--gla", default="packed",
-                    help="comma list of TNL token-mixer paths: packed (q|k|v to the kernels with the feature map "
-                         "inside, the default), unfused (split, SiLU, attention: tnlib.nn.gla.USE_PACKED=False)")
+                    help="comma list of TNL token-mixer paths: packed (tnlib.ops.lightning_attention_packed: one "
+                         "gradient buffer for q|k|v, the default), unfused (split, SiLU, attention: "
+                         "tnlib.nn.gla.USE_PACKED=False)")
     ap.add_argument("--kernel-config", default="",
                     help="Lightning tuning hooks for the whole run, e.g. 'dq=32,64,4,2;dkdv=64,8,1' "
                          "(tnlib.ops.lightning._DQ_CONFIG_OVERRIDE / _DKDV_CONFIG_OVERRIDE; recorded)")
@@ -96,33 +111,17 @@ def main():
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for the whole run, "
                     "e.g. coordinate_descent_tuning=1 (recorded in the header)")
     a = ap.parse_args()
-    import torch._inductor.config as ic
-
-    inductor = {}
-    for item in filter(None, a.inductor.split(",")):
-        k, v = item.split("=")
-        if not hasattr(ic, k):
-            sys.exit(f"unknown torch._inductor.config setting {k!r}")
-        inductor[k] = json.loads(v)
-        setattr(ic, k, inductor[k])
-    from tnlib.ops import lightning as L
-
-    kernel_cfg = {}
-    for item in filter(None, a.kernel_config.split(";")):
-        k, v = item.split("=")
-        kernel_cfg[k] = tuple(int(x) for x in v.split(","))
-        setattr(L, {"dq": "_DQ_CONFIG_OVERRIDE", "dkdv": "_DKDV_CONFIG_OVERRIDE"}[k], kernel_cfg[k])
     import importlib
 
-    switches = {}
-    for item in filter(None, a.set.split(",")):
-        k, v = item.split("=")
-        mod, attr = k.rsplit(".", 1)
-        m = importlib.import_module(mod)
-        if not hasattr(m, attr):
-            sys.exit(f"unknown switch {k!r}")
-        switches[k] = json.loads(v)
-        setattr(m, attr, switches[k])
+    import torch._inductor.config as ic
+
+    from tnlib.ops import lightning as L
+
+    inductor = apply_settings(a.inductor.split(","), lambda k: (ic, k))
+    hooks = {"dq": "_DQ_CONFIG_OVERRIDE", "dkdv": "_DKDV_CONFIG_OVERRIDE"}
+    kernel_cfg = apply_settings([f"{k}=[{v}]" for k, v in (i.split("=") for i in a.kernel_config.split(";") if i)],
+                                lambda k: (L, hooks[k]))
+    switches = apply_settings(a.set.split(","), lambda k: (importlib.import_module(k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1]))
     if not torch.cuda.is_available():
         sys.exit("bench_model needs a CUDA GPU")
     out = a.out or f"results/bench/model-{gpu_slug()}.json"

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tnlib  # noqa: E402
 import tnlib.nn.gla as gla  # noqa: E402
+from _profiling import cuda_kernels  # noqa: E402
 from tnlib.generate import GraphDecoder, StaticDecodeStep  # noqa: E402
 
 
@@ -44,16 +45,13 @@ def main():
         for _ in range(a.steps):
             step(tok)
         torch.cuda.synchronize()
-    evs = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.count > 0]
-    evs.sort(key=lambda e: -e.device_time_total)
-    total_us = sum(e.device_time_total for e in evs) / a.steps
-    n_kernels = sum(e.count for e in evs) / a.steps
+    rows, total_us = cuda_kernels(prof, a.steps)
+    n_kernels = sum(r[0] for r in rows)
     lines = [f"{a.preset} batch {a.batch} context {a.context} matvec={a.matvec} compile_mode={a.compile_mode}",
              f"kernels per token: {n_kernels:.0f}; summed kernel time per token: {total_us:.1f} us", "",
              f"{'calls/step':>10s} {'mean us':>8s} {'us/step':>8s}  name"]
-    for e in evs:
-        lines.append(f"{e.count / a.steps:10.1f} {e.device_time_total / e.count:8.2f} "
-                     f"{e.device_time_total / a.steps:8.1f}  {e.key[:150]}")
+    for calls, mean, per_step, name in rows:
+        lines.append(f"{calls:10.1f} {mean:8.2f} {per_step:8.1f}  {name[:150]}")
     dec = GraphDecoder(model, cache, fuse=True, compile_mode=a.compile_mode)
     for _ in range(3):
         dec.decode(tok)

@@ -13,33 +13,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tnlib  # noqa: E402
-
-
-def gpu_gaps(prof, steps, top=20):
-    """Where the GPU waits: the union of kernel intervals against the profiled window, and the
-    longest idle gaps with the kernels on either side (a gap after a short kernel = launch-bound)."""
-    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
-    if not ks:
-        return ""
-    busy, gaps, cur_s, cur_e, prev = 0.0, [], ks[0][0], ks[0][1], ks[0][2]
-    for s, e, n in ks[1:]:
-        if s > cur_e:
-            busy += cur_e - cur_s
-            gaps.append((s - cur_e, prev, n))
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-        prev = n if e >= cur_e else prev
-    busy += cur_e - cur_s
-    window = ks[-1][1] - ks[0][0]
-    gaps.sort(reverse=True)
-    lines = [f"GPU busy {busy / 1e3 / steps:.1f} ms of {window / 1e3 / steps:.1f} ms per step "
-             f"(idle {(window - busy) / 1e3 / steps:.1f} ms/step in {len(gaps)} gaps; "
-             f"{sum(g for g, _, _ in gaps if g < 20) / 1e3 / steps:.2f} ms/step in gaps under 20 us)",
-             f"{'gap us':>8s}  after -> before"]
-    lines += [f"{g:8.1f}  {a_[:60]} -> {b_[:60]}" for g, a_, b_ in gaps[:top]]
-    return "\n".join(lines) + "\n"
+from _profiling import cuda_kernels, gpu_gaps  # noqa: E402
 
 
 def main():
@@ -80,12 +54,11 @@ def main():
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=70)
-    evs = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.count > 0]
-    evs.sort(key=lambda e: -e.device_time_total)
-    per_step = sum(e.device_time_total for e in evs) / a.steps / 1e3
-    kern = [f"CUDA kernels only: summed kernel time per step {per_step:.1f} ms", f"{'calls/step':>10s} {'mean us':>9s} {'ms/step':>8s}  name"]
-    kern += [f"{e.count / a.steps:10.1f} {e.device_time_total / e.count:9.1f} {e.device_time_total / a.steps / 1e3:8.2f}  {e.key[:140]}"
-             for e in evs[: 2 * a.top]]
+    rows, total_us = cuda_kernels(prof, a.steps)
+    kern = [f"CUDA kernels only: summed kernel time per step {total_us / 1e3:.1f} ms",
+            f"{'calls/step':>10s} {'mean us':>9s} {'ms/step':>8s}  name"]
+    kern += [f"{calls:10.1f} {mean:9.1f} {per_step / 1e3:8.2f}  {name[:140]}"
+             for calls, mean, per_step, name in rows[: 2 * a.top]]
     table = table + "\n" + "\n".join(kern) + "\n" + gpu_gaps(prof, a.steps)
     print(table)
     os.makedirs(a.out, exist_ok=True)

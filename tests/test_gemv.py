@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tnlib import create_model
 from tnlib.nn import Linear
 from tnlib.ops.gemv import GEMV_MAX_ROWS, gemv, gemv_supported
-from tnlib.testing import assert_close
+from tnlib.testing import assert_close, stepwise_logits
 
 
 @pytest.mark.triton
@@ -47,12 +47,7 @@ def test_tiny_model_decode_through_gemv_matches_parallel(device, monkeypatch):
     with torch.no_grad():
         assert linear.use_gemv(torch.zeros(1, 1, m.config.d_model, device=device), m.embed.weight)
         full = m(ids)
-        logits, cache = m.step(ids[:, :8])
-        steps = [logits]
-        for t in range(8, 12):
-            lg, cache = m.step(ids[:, t : t + 1], cache)
-            steps.append(lg)
-    assert_close(torch.cat(steps, 1), full.double(), dtype=torch.float32, tol=1e-4, name="logits")
+    assert_close(stepwise_logits(m, ids, 8), full.double(), dtype=torch.float32, tol=1e-4, name="logits")
 
 
 @pytest.mark.triton

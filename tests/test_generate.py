@@ -4,6 +4,7 @@ import torch
 
 from tnlib import create_model
 from tnlib.generate import generate, sample_next, stream_generate
+from tnlib.testing import stepwise_logits
 
 PRESETS = ["tnl-tiny", "transformer-tiny"]
 
@@ -33,12 +34,7 @@ def test_recurrent_step_logits_match_parallel(preset):
     ids = torch.randint(0, 101, (2, 30))
     with torch.no_grad():
         full = m(ids)
-        logits, cache = m.step(ids[:, :20])
-        steps = [logits]
-        for t in range(20, 30):
-            lg, cache = m.step(ids[:, t : t + 1], cache)
-            steps.append(lg)
-    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-9, rtol=1e-9)
+    assert torch.allclose(stepwise_logits(m, ids, 20), full, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -137,11 +133,5 @@ def test_step_matvec_variants_agree(monkeypatch):
     outs = []
     for mode in ("einsum", "sum"):
         monkeypatch.setattr(gla, "STEP_MATVEC", mode)
-        with torch.no_grad():
-            _, cache = model.step(ids[:, :20])
-            steps = []
-            for t in range(20, 30):
-                lg, cache = model.step(ids[:, t : t + 1], cache)
-                steps.append(lg)
-        outs.append(torch.cat(steps, 1))
+        outs.append(stepwise_logits(model, ids, 20)[:, 20:])  # the decode steps' logits
     assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-12)

@@ -1,9 +1,10 @@
-"""One relative-error helper with per-dtype tolerances, used by every test and notebook."""
+"""One relative-error helper with per-dtype tolerances, used by every test and notebook, and the
+recurrent-decode loop the tests compare against the parallel forward."""
 from __future__ import annotations
 
 import torch
 
-__all__ = ["rel_err", "TOLERANCE", "assert_close"]
+__all__ = ["rel_err", "TOLERANCE", "assert_close", "stepwise_logits"]
 
 #: Relative-error budget ||a - b|| / ||b|| for a result computed in a given input dtype.
 TOLERANCE = {
@@ -36,3 +37,16 @@ def assert_close(actual, expected, dtype=None, tol=None, name="tensor"):
     if not err <= tol:  # also catches nan
         raise AssertionError(f"{name}: relative error {err:.3e} exceeds {tol:.1e} ({dtype})")
     return err
+
+
+def stepwise_logits(model, ids, prefill: int) -> torch.Tensor:
+    """Logits of ``ids`` through the recurrent path, without autograd: ``model.step`` on the first
+    ``prefill`` tokens, then one token at a time with the returned cache; ``[B, T, vocab]``, to set
+    beside ``model(ids)``."""
+    with torch.no_grad():
+        logits, cache = model.step(ids[:, :prefill])
+        steps = [logits]
+        for t in range(prefill, ids.shape[1]):
+            lg, cache = model.step(ids[:, t : t + 1], cache)
+            steps.append(lg)
+    return torch.cat(steps, 1)

@@ -12,12 +12,15 @@ SGLU (spec section 8): ``((x W_v) * (x W_u)) W_o`` with no activation (``glu_act
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops as _ops
 from .decay import decay_slopes
+from ..ops.gemv import GEMV_MAX_ROWS
 from .linear import Linear, linear
 from .lrpe import LRPE
 from .norm import build_norm
@@ -30,9 +33,10 @@ __all__ = ["GatedLinearAttention", "SGLU", "attention_backend"]
 STEP_MATVEC = "einsum"
 
 #: Training path without LRPE (every layer but 0 in the paper's scheme): hand the pre-activation
-#: ``q | k | v`` block of the projection to :func:`tnlib.ops.lightning_attention_packed`, which applies
-#: the feature map inside the kernels and returns the gradient of that block as one buffer, and compute
-#: ``u`` with its own product from the same fused weight (so no gradient concatenation is needed).
+#: ``q | k | v`` block of the projection to :func:`tnlib.ops.lightning_attention_packed`, whose backward
+#: kernels return the gradient of that block as one buffer (the feature map's derivative applied
+#: inside them), and compute ``u`` with its own product from the same fused weight (so no gradient
+#: concatenation is needed).
 #: False keeps the unfused form (one product, split, activation, attention) for comparison.
 USE_PACKED = True
 
@@ -42,13 +46,11 @@ FUSED_SGLU = False
 
 
 def _qk_activation(name: str):
-    if name == "silu":
-        return F.silu
-    if name == "1+elu":
-        return lambda x: 1 + F.elu(x)
-    if name == "none":
-        return lambda x: x
-    raise ValueError(f"unknown q/k activation {name!r}")
+    """The q/k feature map ``phi`` by config name ("silu", "1+elu", "none"): the one definition in
+    ``tnlib.ops.lightning`` that the packed kernel path applies too."""
+    if name not in _ops.lightning.ACT_CODES:
+        raise ValueError(f"unknown q/k activation {name!r}")
+    return functools.partial(_ops.lightning.feature_map_reference, act=_ops.lightning.ACT_CODES[name])
 
 
 def attention_backend():
@@ -156,7 +158,7 @@ class SGLU(nn.Module):
         self.act = act
 
     def forward(self, x):
-        if FUSED_SGLU and x.shape[:-1].numel() > 4:
+        if FUSED_SGLU and x.shape[:-1].numel() > GEMV_MAX_ROWS:  # decode steps keep the per-weight GEMV
             a, b = linear(x, torch.cat([self.l1.weight, self.l2.weight])).chunk(2, dim=-1)
             return self.l3((F.silu(a) if self.act == "silu" else a) * b)
         a = self.l1(x)

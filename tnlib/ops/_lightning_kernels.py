@@ -96,13 +96,19 @@ def _state_ptrs(S, i_b, i_h, s_b, s_h, s_k, s_v, offs_k, offs_v):
 
 @triton.jit
 def _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
-                           sl_b, sl_h, sl_s, sl_k, sl_v):
+                           sl_b, sl_h, sl_s, sl_k, sl_v, flags, flag_stride, WAIT: tl.constexpr):
     """Start state of segment ``seg`` (shifted convention): fold in the local end states of segments
-    ``0 .. seg-1``, each decayed over the segments after it."""
+    ``0 .. seg-1``, each decayed over the segments after it. ``WAIT``: each state is published by
+    another program of this launch; wait for its flag (``flags + j * flag_stride``) and read it from L2."""
     l_base = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v)
     seg_decay = tl.exp(-slope * seg_len.to(tl.float32))  # underflows to 0 for long segments: exact enough
     for j in range(0, seg):
-        loc = tl.load(l_base + j * sl_s)
+        if WAIT:
+            while tl.atomic_add(flags + j * flag_stride, 0, sem="acquire") == 0:
+                pass
+            loc = tl.load(l_base + j * sl_s, cache_modifier=".cg")
+        else:
+            loc = tl.load(l_base + j * sl_s)
         P = P * seg_decay + lam * loc
     return P
 
@@ -146,27 +152,18 @@ def _segments_into_start(P, SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, p
     With it, this launch makes them: publish this segment's local end state (``b^T c`` decayed over the
     segment, zero start) in ``LOCAL`` and raise its flag in ``SYNC``; then wait for the flags of
     segments ``0 .. seg-1`` of this (batch, head, value block) and fold their states in."""
+    n_v = tl.num_programs(0)
+    flags = SYNC + 1 + (pid_bh * tl.num_programs(1)) * n_v + pid_v
     if FUSED_STATE:
-        n_v = tl.num_programs(0)
-        n_seg = tl.num_programs(1)
-        flags = SYNC + 1 + (pid_bh * n_seg) * n_v + pid_v
-        l_base = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v)
-        if seg < n_seg - 1:  # the last segment's state is never needed
+        if seg < tl.num_programs(1) - 1:  # the last segment's state is never needed
             acc = _segment_local_state(tl.zeros(P.shape, dtype=tl.float32), b_base, sb_t, c_base, sc_t, seg_start,
                                        seg_end, T, slope, rows, offs_k, offs_v, CH, REVERSE, DOT_PREC, UPCAST)
-            tl.store(l_base + seg.to(tl.int64) * sl_s, acc)
+            l_ptr = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v) + seg.to(tl.int64) * sl_s
+            tl.store(l_ptr, acc)
             tl.debug_barrier()  # every thread's part of the state is written before the flag goes up
             tl.atomic_xchg(flags + seg * n_v, 1, sem="release")
-        seg_decay = tl.exp(-slope * seg_len.to(tl.float32))
-        for j in range(0, seg):
-            while tl.atomic_add(flags + j * n_v, 0, sem="acquire") == 0:
-                pass
-            loc = tl.load(l_base + j * sl_s, cache_modifier=".cg")
-            P = P * seg_decay + lam * loc
-    else:
-        P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
-                                   sl_b, sl_h, sl_s, sl_k, sl_v)
-    return P
+    return _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
+                                  sl_b, sl_h, sl_s, sl_k, sl_v, flags, n_v, FUSED_STATE)
 
 
 @triton.jit

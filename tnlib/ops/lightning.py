@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from ._checks import check_attention_inputs
-from ._triton import interpreting, kernel_device
+from ._triton import interpreting, kernel_device, triton
 from .reference import linear_attention_chunked
 
 __all__ = ["lightning_attention", "lightning_attention_packed", "SUPPORTED_K", "SUPPORTED_V"]
@@ -127,6 +127,11 @@ def _alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _empty_f32(like):
+    """A placeholder output: custom-op outputs must be tensors, and distinct ones (no aliasing)."""
+    return like.new_empty((0,), dtype=torch.float32)
+
+
 def _strides3(x):
     s = x.stride()
     return s[0], s[1], s[2]
@@ -164,6 +169,17 @@ def _local_states(b, c, slope, seg_len, nseg, reverse):
     return loc
 
 
+def _segment_states(b, c, slope, seg_len, nseg, reverse, fused):
+    """The local end states a multi-segment pass folds in (``None`` for one segment): computed by the
+    segment-state kernel, or with ``fused`` an empty buffer that the pass's own kernel fills."""
+    if nseg == 1:
+        return None
+    if fused:
+        B, _, H, DK = b.shape
+        return _alloc((B, H, nseg - 1, DK, c.shape[3]), torch.float32, b.device)
+    return _local_states(b, c, slope, seg_len, nseg, reverse)
+
+
 def _optional(t, stand_in, ndim):
     """A kernel argument that may be absent: ``(tensor, strides)``, or a stand-in pointer and zeros."""
     return (t, t.stride()) if t is not None else (stand_in, (0,) * ndim)
@@ -188,7 +204,8 @@ def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len,
     loc_t, sl = _optional(local, o, 5)
     grid = (DV // bv, nseg, B * H)
     pre_t, se = (pre, _strides3(pre)) if grad_act else (o, (0, 0, 0))
-    sync = torch.zeros(1 + B * H * nseg * (DV // bv), dtype=torch.int32, device=a.device) if fused_state else o
+    fused = bool(fused_state and local is not None)
+    sync = torch.zeros(1 + B * H * nseg * (DV // bv), dtype=torch.int32, device=a.device) if fused else o
     K._lightning_kernel[grid](
         a, b, c, o, init_t, loc_t, final_t, slope, pre_t, sync, T, H, seg_len,
         *_strides3(a), *_strides3(b), *_strides3(c), *_strides3(o),
@@ -196,8 +213,7 @@ def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len,
         DK=DK, BV=bv, CH=ch, HAS_INIT=init is not None, INIT_DECAY=init_decay,
         HAS_LOCAL=local is not None, STORE_FINAL=want_final, REVERSE=reverse,
         DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a),
-        GRAD_ACT=grad_act, FAST=not interpreting(), FUSED_STATE=bool(fused_state and local is not None),
-        num_warps=nw, num_stages=ns,
+        GRAD_ACT=grad_act, FAST=not interpreting(), FUSED_STATE=fused, num_warps=nw, num_stages=ns,
     )
     return o, (final_t if want_final else None)
 
@@ -244,13 +260,9 @@ def _forward_impl(q, k, v, slope, initial_state, output_final_state):
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
     seg_len, nseg = _plan_for(q, v)
-    fused = _FUSED_STATE and nseg > 1
-    if fused:  # filled by the output kernel itself
-        local = _alloc((q.shape[0], q.shape[2], nseg - 1, q.shape[3], v.shape[3]), torch.float32, q.device)
-    else:
-        local = _local_states(k, v, slope, seg_len, nseg, False) if nseg > 1 else None
+    local = _segment_states(k, v, slope, seg_len, nseg, False, _FUSED_STATE)
     o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype,
-                     fused_state=fused)
+                     fused_state=_FUSED_STATE)
     return o, final, local
 
 
@@ -280,10 +292,7 @@ def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc_kv=N
     del loc_kv
     # D_t (reverse in time) from q^T dO, start G entering undecayed
     fused_dkdv = _use_fused_dkdv(q.shape[3], v.shape[3], q.dtype == torch.float32)
-    if multi and fused_dkdv and _FUSED_STATE:  # filled by the dk/dv kernel itself
-        loc_qdo = _alloc((B, H, nseg - 1, q.shape[3], v.shape[3]), torch.float32, q.device)
-    else:
-        loc_qdo = _local_states(q, do, slope, seg_len, nseg, True) if multi else None
+    loc_qdo = _segment_states(q, do, slope, seg_len, nseg, True, fused_dkdv and _FUSED_STATE)
     if fused_dkdv:
         dk, dv, d0 = _dkdv(q, k, v, do, slope, dfinal, need_ds0, loc_qdo, seg_len, nseg, grad_act, k_pre,
                            dk_out, dv_out, fused_state=_FUSED_STATE)
@@ -312,10 +321,7 @@ def _lightning_fwd_op(
     """Returns ``(o, final state or empty, segment states or empty)``; the segment states of k, v
     are kept for the backward's dq pass, which needs exactly them."""
     o, final, local = _forward_impl(q, k, v, slope, initial_state, output_final_state)
-    def empty():  # distinct tensors: custom-op outputs may not alias each other
-        return q.new_empty((0,), dtype=torch.float32)
-
-    return o, (empty() if final is None else final), (empty() if local is None else local)
+    return o, (_empty_f32(q) if final is None else final), (_empty_f32(q) if local is None else local)
 
 
 @_lightning_fwd_op.register_fake
@@ -338,7 +344,7 @@ def _lightning_bwd_op(
     loc = local_kv if local_kv is not None and local_kv.dim() == 5 else None
     dq, dk, dv, ds0 = _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc)
     if ds0 is None:
-        ds0 = q.new_empty((0,), dtype=torch.float32)
+        ds0 = _empty_f32(q)
     elif initial_state is not None:
         ds0 = ds0.to(initial_state.dtype)
     return dq, dk, dv, ds0
@@ -349,7 +355,7 @@ def _(do, dfinal, q, k, v, slope, initial_state, need_ds0, local_kv=None):
     if need_ds0:
         ds0 = initial_state.new_empty(initial_state.shape)
     else:
-        ds0 = q.new_empty((0,), dtype=torch.float32)
+        ds0 = _empty_f32(q)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds0
 
 
@@ -390,35 +396,33 @@ def _split_packed(x, n_heads: int):
     return tuple(x[..., i * d:(i + 1) * d].unflatten(-1, (n_heads, d // n_heads)) for i in range(3))
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _split_qk(qk, n_heads: int):
     """Views ``q, k: [B, T, H, D]`` of ``qk: [B, T, 2*H*D]``."""
     return tuple(t.unflatten(-1, (n_heads, t.shape[-1] // n_heads)) for t in qk.chunk(2, dim=-1))
 
 
-def _empty_f32(like):
-    return like.new_empty((0,), dtype=torch.float32)
-
-
-def _feature_map(x, act: int):
-    """The q/k feature map (codes of ``ACT_CODES``) of ``x: [B, T, C]`` into a dense new tensor: one
-    Triton pass when the rows have one stride (ATen's elementwise kernels run a strided view at
-    about half the bandwidth), else PyTorch as the unfused model applies it."""
-    B, T, C = x.shape
-    if act in (1, 2) and x.stride(-1) == 1 and x.stride(0) == T * x.stride(1):
-        y = torch.empty((B, T, C), dtype=x.dtype, device=x.device)
-        BR, BC = 4, 1024
-        _kernels()._feature_map_kernel[(_cdiv(B * T, BR), _cdiv(C, BC))](
-            x, y, B * T, C, x.stride(1), C, ACT=act, BR=BR, BC=BC, num_warps=4)
-        return y
+def feature_map_reference(x, act: int):
+    """The q/k feature map in PyTorch (``ACT_CODES``: 0 identity, 1 SiLU, 2 ``1 + elu``); the
+    model's GLA layers and every non-kernel path use this one definition."""
     if act == 1:
         return torch.nn.functional.silu(x)
     if act == 2:
         return 1 + torch.nn.functional.elu(x)
     return x
+
+
+def _feature_map(x, act: int):
+    """The q/k feature map (codes of ``ACT_CODES``) of ``x: [B, T, C]`` into a dense new tensor: one
+    Triton pass when the rows have one stride (ATen's elementwise kernels run a strided view at
+    about half the bandwidth), else :func:`feature_map_reference`."""
+    B, T, C = x.shape
+    if act in (1, 2) and x.stride(-1) == 1 and x.stride(0) == T * x.stride(1):
+        y = torch.empty((B, T, C), dtype=x.dtype, device=x.device)
+        BR, BC = 4, 1024
+        _kernels()._feature_map_kernel[(triton.cdiv(B * T, BR), triton.cdiv(C, BC))](
+            x, y, B * T, C, x.stride(1), C, ACT=act, BR=BR, BC=BC, num_warps=4)
+        return y
+    return feature_map_reference(x, act)
 
 
 @torch.library.custom_op("tnlib::lightning_packed_fwd", mutates_args=())
@@ -443,7 +447,7 @@ def _(qkv, slope, n_heads, act):
     B, T, H, D = q.shape
     nseg = _plan_for(q, v)[1]
     local = qkv.new_empty((B, H, nseg - 1, D, D) if nseg > 1 else (0,), dtype=torch.float32)
-    qk = qkv.new_empty((B, T, 2 * H * D)) if act else qkv.new_empty((0,), dtype=torch.float32)
+    qk = qkv.new_empty((B, T, 2 * H * D)) if act else _empty_f32(qkv)
     return qkv.new_empty((B, T, H, D)), qk, local
 
 
@@ -501,22 +505,14 @@ def lightning_attention_packed(qkv, slope, n_heads: int, qk_act: str = "silu"):
     D = W // (3 * n_heads)
     if D not in SUPPORTED_V:
         raise ValueError(f"lightning_attention_packed: head dim {D} unsupported; supported {SUPPORTED_V}")
-    if not _use_kernel(qkv):
-        from ..nn.gla import _qk_activation  # the same maps the model applies
-
-        phi = _qk_activation(qk_act)
-        q, k, v = _split_packed(qkv, n_heads)
-        if slope is None or not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (n_heads,):
-            raise ValueError(f"lightning_attention_packed: slope must be a [{n_heads}] tensor")
-        return _fallback(phi(q), phi(k), v, slope)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    if not torch.compiler.is_compiling() and not _slope_validated(slope):
-        check_attention_inputs(*_split_packed(qkv, n_heads), slope, None, name="lightning_attention_packed")
-        _remember_slope(slope)
-    elif not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (n_heads,) or slope.device != qkv.device:
-        raise ValueError(f"lightning_attention_packed: slope must be a [{n_heads}] tensor on {qkv.device}")
-    o, _, _ = _packed_fwd_op(qkv, slope.to(torch.float32), int(n_heads), ACT_CODES[qk_act])
+    q, k, v = _split_packed(qkv, n_heads)
+    _check_inputs(q, k, v, slope, None, "lightning_attention_packed")
+    act = ACT_CODES[qk_act]
+    if not _use_kernel(qkv):
+        return _fallback(feature_map_reference(q, act), feature_map_reference(k, act), v, slope)
+    o, _, _ = _packed_fwd_op(qkv, slope.to(torch.float32), int(n_heads), act)
     return o
 
 
@@ -538,6 +534,20 @@ def _remember_slope(slope) -> None:
         pass
 
 
+def _check_inputs(q, k, v, slope, initial_state, name):
+    """``check_attention_inputs``; the slope's value check (finite, >= 0) needs its values on the host,
+    a device sync (in a traced graph also a graph break per layer and a recompile per slope tensor), so
+    it runs once per slope tensor and never under ``torch.compile``: then only its shape and device."""
+    if torch.compiler.is_compiling() or _slope_validated(slope):
+        dims = check_attention_inputs(q, k, v, None, initial_state, name=name)
+        if not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (dims[2],) or slope.device != q.device:
+            dims = check_attention_inputs(q, k, v, slope, initial_state, name=name)
+    else:
+        dims = check_attention_inputs(q, k, v, slope, initial_state, name=name)
+        _remember_slope(slope)
+    return dims
+
+
 def _use_kernel(q: torch.Tensor) -> bool:
     return q.dtype != torch.float64 and kernel_device(q)
 
@@ -557,15 +567,7 @@ def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=F
     """
     if slope is None:
         raise ValueError("lightning_attention: slope [H] is required (use zeros for no decay)")
-    if torch.compiler.is_compiling() or _slope_validated(slope):
-        # shapes only: the value check (finite, >= 0) needs the values on the host, a device sync; in a
-        # traced graph also a graph break per layer and a recompile per slope tensor
-        B, T, H, K, V = check_attention_inputs(q, k, v, None, initial_state, name="lightning_attention")
-        if not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (H,) or slope.device != q.device:
-            B, T, H, K, V = check_attention_inputs(q, k, v, slope, initial_state, name="lightning_attention")
-    else:
-        B, T, H, K, V = check_attention_inputs(q, k, v, slope, initial_state, name="lightning_attention")
-        _remember_slope(slope)
+    B, T, H, K, V = _check_inputs(q, k, v, slope, initial_state, "lightning_attention")
     if K not in SUPPORTED_K or V not in SUPPORTED_V:
         raise ValueError(
             f"lightning_attention: unsupported head dims K={K}, V={V}; supported K in {SUPPORTED_K}, "
