@@ -69,7 +69,7 @@ def old_dkdv(ch=64, nw=8, ns=2):
         num_warps=nw, num_stages=ns)
 def new_dkdv(act=0, ch=64, nw=8, ns=2, fast=True):
     se = s3(k) if act else (0, 0, 0)
-    NEW._dkdv_kernel[(1, 1, B * H)](q, k, v, do, dk, dv, o, o, o, slope, k, T, H, T,
+    NEW._dkdv_kernel[(1, 1, B * H)](q, k, v, do, dk, dv, o, o, o, slope, k, o, T, H, T,
         *s3(q), *s3(k), *s3(v), *s3(do), *s3(dk), *s3(dv), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, *se,
         DK=D, DV=D, CH=ch, HAS_INIT=False, HAS_LOCAL=False, STORE_FINAL=False, DOT_PREC="tf32", UPCAST=False,
         GRAD_ACT=act, FAST=fast, num_warps=nw, num_stages=ns)

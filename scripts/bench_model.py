@@ -32,8 +32,10 @@ def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile
     B = max(1, tokens // T)
     batches = [torch.randint(0, vocab, (B, T + 1), device="cuda") for _ in range(2)]
 
+    graphs = mode == "compiled" and bool(compile_mode and "reduce-overhead" in compile_mode)
+
     def step(i):
-        if compile_mode and "reduce-overhead" in compile_mode:
+        if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new training step starts
         ids = batches[i % 2]
         with torch.autocast("cuda", dtype=torch.bfloat16):  # fused: LM head + cross-entropy in row chunks
@@ -45,12 +47,14 @@ def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile
         opt.zero_grad(set_to_none=True)
         return loss
 
+    torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     for i in range(warmup):
         loss = step(i)
     torch.cuda.synchronize()
     warm_s = time.time() - t0
-    torch.cuda.reset_peak_memory_stats()
+    if not graphs:  # CUDA graphs: their memory pool is allocated while recording (warm-up), so keep that peak
+        torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for i in range(steps):
@@ -62,6 +66,7 @@ def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile
                gla_path=gla_path if preset.startswith("tnl") else None,
                compile_scope=compile_scope if mode == "compiled" else None,
                tokens_per_s=B * T / (ms / 1e3), peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+               reserved_gb=torch.cuda.max_memory_reserved() / 1e9, cuda_graphs=graphs,
                loss=float(loss), warmup_s=warm_s, params=model.num_parameters())
     del model, opt, batches
     torch.cuda.empty_cache()

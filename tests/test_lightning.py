@@ -354,3 +354,23 @@ def test_feature_map_fallback_for_uneven_rows():
     x = torch.randn(3, 5, 12)[::2]  # batch stride 2*5*12 != T * row stride
     for act, ref in ((1, torch.nn.functional.silu(x)), (2, 1 + torch.nn.functional.elu(x)), (0, x)):
         assert torch.allclose(L._feature_map(x, act), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: a compiled-kernel fault at a model-sized launch")
+@pytest.mark.parametrize("B,T,H,K,V", [(8, 1024, 8, 256, 128), (16, 2048, 8, 256, 128), (16, 2048, 8, 128, 128)])
+def test_model_sized_launch_on_gpu(B, T, H, K, V):
+    """The model's shapes at full size on the GPU. At K=256 (the LRPE layer) Triton 3.6's build of the
+    value-scaled state update faulted with an illegal memory access from about 8 x 1024 tokens x 8
+    heads up, while the tiny interpreter-sized cases above passed (see ``lightning._SCALE_C``)."""
+    q, k, v, slope, S0, do, G = _inputs(B, T, H, K, V, torch.bfloat16, "cuda", init=False)
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    o = lightning_attention(*xs, slope)
+    (o.float() * do).sum().backward()
+    torch.cuda.synchronize()
+    b = slice(0, 1)  # reference on one sequence (fp64 chunked form)
+    xr = [x[b].detach().double().requires_grad_() for x in (q, k, v)]
+    orf = linear_attention_chunked(*xr, slope.double())
+    (orf * do[b].double()).sum().backward()
+    assert_close(o[b], orf, torch.bfloat16, TOLERANCE[torch.bfloat16], "o")
+    for name, a, r in zip(("dq", "dk", "dv"), xs, xr):
+        assert_close(a.grad[b], r.grad, torch.bfloat16, TOLERANCE[torch.bfloat16], name)

@@ -269,6 +269,7 @@ def _lightning_kernel(
     HAS_INIT: tl.constexpr, INIT_DECAY: tl.constexpr, HAS_LOCAL: tl.constexpr,
     STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     GRAD_ACT: tl.constexpr = 0, FAST: tl.constexpr = True, FUSED_STATE: tl.constexpr = False,
+    SCALE_C: tl.constexpr = True,
 ):
     """One pass (see the module docstring). ``GRAD_ACT`` (1: SiLU, 2: 1+elu) multiplies the output
     by the q/k feature map's derivative at ``E`` (the pre-activation at the output's positions): the
@@ -329,7 +330,7 @@ def _lightning_kernel(
         if GRAD_ACT != 0:
             o = o * _act_grad(et, GRAD_ACT, FAST)
         tl.store(o_base + t_phys[:, None] * so_t + offs_v[None, :], o.to(O.dtype.element_ty), mask=valid[:, None])
-        U, P = _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC, UPCAST)
+        U, P = _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC, UPCAST, SCALE_C)
 
     if STORE_FINAL:
         if seg == n_seg - 1:
