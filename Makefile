@@ -113,7 +113,7 @@ generate: setup
 
 # GPU benchmarks: write results/bench/*-<gpu>.json with provenance (command, commit, versions, date)
 bench-model: setup
-	$(BIN)/python scripts/bench_model.py
+	$(BIN)/python scripts/bench_model.py --compile-scope model --compile-mode reduce-overhead --set tnlib.nn.gla.FUSED_SGLU=true
 
 bench-srmsnorm: setup
 	$(BIN)/python scripts/bench_srmsnorm.py
