@@ -26,21 +26,39 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--fused-loss", action="store_true", help="LM head + cross-entropy in row chunks (model(ids, targets))")
+    ap.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"),
+                    help="with --compile: each block (training's default) or the whole model as one graph "
+                         "(make bench-model's configuration)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (reduce-overhead: CUDA graphs; the "
+                    "profiler then sees graph launches, not every kernel)")
+    ap.add_argument("--set", default="", help="module switches as in bench_model.py, e.g. tnlib.nn.gla.FUSED_SGLU=true")
     ap.add_argument("--out", default="runs/profile")
     a = ap.parse_args()
+    import importlib
+
+    from bench_model import apply_settings
+
+    apply_settings(a.set.split(","), lambda k: (importlib.import_module(k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1]))
     torch.manual_seed(0)
     model = tnlib.create_model(a.preset, vocab_size=a.vocab).cuda()
-    if a.compile:
-        model.compile_blocks()
+    fwd = model
+    if a.compile and a.compile_scope == "blocks":
+        model.compile_blocks(mode=a.compile_mode)
+    elif a.compile:
+        fwd = torch.compile(model, mode=a.compile_mode)
+    graphs = a.compile and bool(a.compile_mode and "reduce-overhead" in a.compile_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     B = max(1, a.tokens // a.T)
     ids = torch.randint(0, a.vocab, (B, a.T + 1), device="cuda")
 
-    def step():
+    def step():  # the step of scripts/bench_model.py
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(ids[:, :-1], ids[:, 1:]) if a.fused_loss else model(ids[:, :-1])
+            out = fwd(ids[:, :-1], ids[:, 1:]) if a.fused_loss else fwd(ids[:, :-1])
         loss = out if a.fused_loss else F.cross_entropy(out.float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -63,6 +81,10 @@ def main():
     print(table)
     os.makedirs(a.out, exist_ok=True)
     tag = f"{a.preset}-T{a.T}-{'compiled' if a.compile else 'eager'}{'-fusedloss' if a.fused_loss else ''}"
+    if a.compile and a.compile_scope == "model":
+        tag += "-wholemodel"
+    if graphs:
+        tag += "-cudagraphs"
     with open(os.path.join(a.out, f"profile-{tag}.txt"), "w") as f:
         f.write(table)
     prof.export_chrome_trace(os.path.join(a.out, f"trace-{tag}.json"))
