@@ -64,9 +64,11 @@ _FUSED_STATE = False
 #: Backward: dk and dv from one fused reverse sweep (True) or two passes of the generic kernel.
 _FUSED_DKDV = True
 #: Generic kernel's state update: scale the value tile (True) or the key tile (False); see _chunk_state.
-#: Applied for state heights DK <= 128 only: at DK = 256 (the LRPE layer's forward, chunk 64, one
-#: stage) the value-scaled form compiled by Triton 3.6 faults with an illegal memory access on the H200
-#: (scripts/debug_illegal_access.py; results/bench/NOTES-kernels.md), the key-scaled form does not.
+#: Applied for 16-bit inputs with state heights DK <= 128 only (the configurations timed and tested at
+#: full size on the H200): at DK = 256 (the LRPE layer's forward, chunk 64, one stage) the value-scaled
+#: form compiled by Triton 3.6 faults with an illegal memory access on the H200 from ~8x1024 tokens x 8
+#: heads up (scripts/debug_illegal_access.py; results/bench/NOTES-kernels.md); the key-scaled form does
+#: not. fp32 inputs (one-stage configs too, never run at scale with the new form) keep the key-scaled form.
 _SCALE_C = True
 _MIN_SEG = 512
 
@@ -218,7 +220,7 @@ def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len,
         DK=DK, BV=bv, CH=ch, HAS_INIT=init is not None, INIT_DECAY=init_decay,
         HAS_LOCAL=local is not None, STORE_FINAL=want_final, REVERSE=reverse,
         DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a),
-        GRAD_ACT=grad_act, FAST=not interpreting(), FUSED_STATE=fused, SCALE_C=_SCALE_C and DK <= 128,
+        GRAD_ACT=grad_act, FAST=not interpreting(), FUSED_STATE=fused, SCALE_C=_SCALE_C and DK <= 128 and not fp32,
         num_warps=nw, num_stages=ns,
     )
     return o, (final_t if want_final else None)
