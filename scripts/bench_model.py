@@ -19,10 +19,10 @@ from tnlib.provenance import gpu_slug, write_results  # noqa: E402
 
 
 def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile_mode=None, gla_path="packed",
-        compile_scope="blocks"):
+        compile_scope="blocks", overrides=None):
     gla.USE_PACKED = gla_path == "packed"
     torch.manual_seed(0)
-    model = tnlib.create_model(preset, vocab_size=vocab).cuda()
+    model = tnlib.create_model(preset, vocab_size=vocab, **(overrides or {})).cuda()
     fwd = model
     if mode == "compiled" and compile_scope == "blocks":
         model.compile_blocks(mode=compile_mode)
@@ -64,7 +64,7 @@ def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile
     ms = start.elapsed_time(end) / steps
     row = dict(model=preset, T=T, B=B, mode=mode, fused_loss=fused_loss, tokens_per_step=B * T, step_ms=ms,
                gla_path=gla_path if preset.startswith("tnl") else None,
-               compile_scope=compile_scope if mode == "compiled" else None,
+               compile_scope=compile_scope if mode == "compiled" else None, overrides=overrides or None,
                tokens_per_s=B * T / (ms / 1e3), peak_gb=torch.cuda.max_memory_allocated() / 1e9,
                reserved_gb=torch.cuda.max_memory_reserved() / 1e9, cuda_graphs=graphs,
                loss=float(loss), warmup_s=warm_s, params=model.num_parameters())
@@ -110,6 +110,8 @@ def main():
                          "(tnlib.ops.lightning._DQ_CONFIG_OVERRIDE / _DKDV_CONFIG_OVERRIDE; recorded)")
     ap.add_argument("--set", default="", help="module switches for the whole run, e.g. "
                     "'tnlib.nn.gla.FUSED_SGLU=true' (comma list; recorded in the header)")
+    ap.add_argument("--override", default="", help="model config overrides for both models, e.g. "
+                    "'residual_dtype=\"compute\"' (comma list, JSON values; recorded in the header)")
     ap.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"),
                     help="compile each block (training's default) or the whole model as one graph")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the blocks, e.g. max-autotune-no-cudagraphs")
@@ -127,6 +129,8 @@ def main():
     kernel_cfg = apply_settings([f"{k}=[{v}]" for k, v in (i.split("=") for i in a.kernel_config.split(";") if i)],
                                 lambda k: (L, hooks[k]))
     switches = apply_settings(a.set.split(","), lambda k: (importlib.import_module(k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1]))
+    overrides = {k: json.loads(v) for k, v in (i.split("=", 1) for i in a.override.split(",") if i)}
+    tnlib.models.get_config("tnl-tiny", **overrides)  # unknown names or values stop the run here
     if not torch.cuda.is_available():
         sys.exit("bench_model needs a CUDA GPU")
     out = a.out or f"results/bench/model-{gpu_slug()}.json"
@@ -138,7 +142,8 @@ def main():
                                        for p in paths):
                 try:
                     r = run(preset, T, a.tokens, mode, a.steps, a.warmup, a.vocab, fused_loss=loss_kind == "fused",
-                            compile_mode=a.compile_mode, gla_path=path, compile_scope=a.compile_scope)
+                            compile_mode=a.compile_mode, gla_path=path, compile_scope=a.compile_scope,
+                            overrides=overrides)
                 except Exception as e:  # record failures instead of losing the whole run
                     r = dict(model=preset, T=T, mode=mode, fused_loss=loss_kind == "fused", gla_path=path,
                              error=repr(e)[:300])
@@ -146,7 +151,8 @@ def main():
                 rows.append(r)
                 print(json.dumps(r), flush=True)
                 write_results(out, rows, {"tokens_per_step": a.tokens, "inductor": inductor, "compile_mode": a.compile_mode,
-                                          "kernel_config": kernel_cfg, "switches": switches})
+                                          "kernel_config": kernel_cfg, "switches": switches,
+                                          "overrides": overrides})
     print(f"{'model':18s} {'mode':9s} {'T':>6s} {'tok/s':>10s} {'peak GB':>8s}")
     for r in rows:
         if "error" in r:

@@ -3,9 +3,10 @@
 # streams then run one after the other):
 # GPU 0: where the step of make bench-model's configuration goes: the whole model as one graph with
 #   one SGLU product, profiled without CUDA graphs so that every kernel shows (issue 4's remaining 2%).
-# GPU 1: tnl-385m compiled at T=2K in that configuration (with CUDA graphs), three repetitions, so the
-#   machine's level is known before comparing anything against the run of record (196.1K; machines
-#   differ by up to 4%, results/bench/NOTES-kernels.md).
+# GPU 1: tnl-385m compiled at T=2K in that configuration (with CUDA graphs), A/B/A/B against the same
+#   with a bf16 residual stream (ModelConfig.residual_dtype="compute", opt-in): what the fp32 stream's
+#   traffic costs; the A runs also place the machine against the run of record (196.1K; machines differ
+#   by up to 4%, results/bench/NOTES-kernels.md).
 # Outputs land in $OUT/pending.tar.gz. Usage (pass the hash literally: the device copy's .git is stale):
 #   run(command="TNLIB_COMMIT=<hash> bash scripts/device_pending.sh", kind="nvidia-h200-x2")
 set -uo pipefail
@@ -21,12 +22,13 @@ S="--compile-scope model --set tnlib.nn.gla.FUSED_SGLU=true"
 ) &
 [ "$NGPU" -lt 2 ] && wait
 (export CUDA_VISIBLE_DEVICES=$((NGPU - 1))
- for i in 1 2 3; do
-   timeout 90 python3 scripts/bench_model.py --models tnl-385m --modes compiled --lens 2048 --loss fused $S \
-     --compile-mode reduce-overhead --out "$W/record-$i.json" > "$W/record-$i.log" 2>&1
+ R="python3 scripts/bench_model.py --models tnl-385m --modes compiled --lens 2048 --loss fused $S --compile-mode reduce-overhead"
+ for i in 1 2; do
+   timeout 90 $R --out "$W/record-$i.json" > "$W/record-$i.log" 2>&1
+   timeout 90 $R --override 'residual_dtype="compute"' --out "$W/bf16res-$i.json" > "$W/bf16res-$i.log" 2>&1
  done
 ) &
 wait
 rm -f "$W"/trace-*.json  # large; the table is enough
 tar -czf "$OUT/pending.tar.gz" -C "$W" .
-grep -A45 "CUDA kernels only" "$W/profile.log" | head -50; grep -h "  fused loss\|ERROR" "$W"/record-*.log
+grep -A45 "CUDA kernels only" "$W/profile.log" | head -50; for f in "$W"/record-*.log "$W"/bf16res-*.log; do echo "$(basename $f) $(grep -h '  fused loss\|ERROR' $f)"; done

@@ -54,6 +54,7 @@ SWITCHES = [
     dict(decay_formula="paper"), dict(layer_temperature=False), dict(gate=False), dict(qk_act="1+elu"),
     dict(qk_act="none"), dict(glu_act="silu"), dict(norm="rms"), dict(norm="layer"), dict(checkpointing=True),
     dict(scale_embedding=False), dict(tie_embeddings=False), dict(lrpe_learnable=False),
+    dict(residual_dtype="compute"),
 ]
 
 
@@ -202,3 +203,29 @@ def test_fused_sglu_switch_gives_the_same_gradients(monkeypatch):
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
     for n, g in grads[0].items():
         assert rel_err(grads[1][n], g) < 1e-5, n
+
+
+@pytest.mark.parametrize("preset", ["tnl-tiny", "transformer-tiny"])
+def test_residual_dtype_compute_under_autocast(preset):
+    """``residual_dtype="compute"``: the stream between blocks is bf16 under bf16 autocast (fp32 by
+    default), the result stays close to the default's, and training and decoding still work."""
+    torch.manual_seed(0)
+    base = create_model(preset, vocab_size=61, n_layers=2)
+    comp = create_model(preset, vocab_size=61, n_layers=2, residual_dtype="compute")
+    comp.load_state_dict(base.state_dict())
+    ids = torch.randint(0, 61, (2, 33))
+    seen = {}
+    for name, m in (("base", base), ("comp", comp)):
+        h = m.layers[1].register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(ids)
+            loss = m(ids[:, :-1], ids[:, 1:])
+        h.remove()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+        seen[name + "_logits"] = logits.float()
+    assert seen["base"] == torch.float32 and seen["comp"] == torch.bfloat16
+    ref = seen["base_logits"]
+    assert ((seen["comp_logits"] - ref).abs().max() / ref.abs().max()).item() < 0.05
+    with torch.no_grad():  # no autocast: the switch changes nothing
+        assert torch.equal(base(ids), comp(ids))

@@ -49,6 +49,13 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
 class CausalLM(nn.Module):
     """Base of TransNormerLLM and the Transformer: ``embed``, ``layers``, ``final_norm``, ``lm_head``."""
 
+    def residual_stream(self, x):
+        """The embeddings as the residual stream's first value: cast to the autocast dtype when the config
+        says ``residual_dtype="compute"`` and autocast is on (else unchanged: the parameters' dtype)."""
+        if self.config.residual_dtype == "compute" and torch.is_autocast_enabled(x.device.type):
+            return x.to(torch.get_autocast_dtype(x.device.type))
+        return x
+
     def run_blocks(self, x):
         """The training/parallel pass through every block, checkpointing each one if configured."""
         for layer in self.layers:

@@ -21,6 +21,10 @@ CHOICES = {
     "qk_act": ("silu", "1+elu", "none"),
     "glu_act": ("none", "silu"),
     "norm": ("srms", "rms", "layer"),
+    # dtype of the residual stream between blocks: "params" (the embedding's, i.e. fp32 with fp32 weights
+    # under autocast: the default) or "compute" (the autocast dtype when autocast is on: a bf16 stream, as
+    # when the whole model is held in bf16)
+    "residual_dtype": ("params", "compute"),
 }
 
 
@@ -57,6 +61,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     checkpointing: bool = False
+    residual_dtype: str = "params"
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):

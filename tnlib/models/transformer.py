@@ -139,7 +139,7 @@ class Transformer(CausalLM):
             start, pasts = cache.positions, list(zip(cache.keys, cache.values))
             valid = None if cache.valid is None else torch.cat(
                 [cache.valid, torch.ones(B, T, dtype=torch.bool, device=input_ids.device)], dim=1)
-        x = self.embed(input_ids)
+        x = self.residual_stream(self.embed(input_ids))
         keys, values = [], []
         for layer, past in zip(self.layers, pasts):
             x, (k, v) = layer(x, start, past, valid, want_kv=True)
@@ -152,5 +152,5 @@ class Transformer(CausalLM):
     def forward(self, input_ids, targets=None):
         """``input_ids: [B, T]`` -> logits ``[B, T, vocab]``, or with ``targets`` the mean cross-entropy."""
         check_input_ids(input_ids, self.config.vocab_size)
-        h = self.run_blocks(self.embed(input_ids))
+        h = self.run_blocks(self.residual_stream(self.embed(input_ids)))
         return self.logits(h) if targets is None else self.lm_loss(h, targets)

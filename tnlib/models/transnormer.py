@@ -76,7 +76,7 @@ class TransNormerLLM(CausalLM):
             if int(pos.max()) >= self.config.max_seq_len:
                 raise ValueError(f"absolute position embeddings cover {self.config.max_seq_len} positions, got {int(pos.max()) + 1}")
             x = x + self.pos_embed(pos)
-        return x
+        return self.residual_stream(x)
 
     @torch.no_grad()
     def step(self, input_ids, cache: RecurrentCache | None = None, pad_mask=None, last_only=False,
