@@ -85,5 +85,7 @@ def test_small_kernels_compile_for_sm90():
     for act in (1, 2):
         compile_sm90(K._feature_map_kernel, dict(ACT=act, BR=4, BC=1024), dict(X=BF, Y=BF))
     compile_sm90(loss._xent_grad_kernel, dict(BLOCK=4096), dict(L=F32, TGT="*i64", NLL=F32, scale="fp32"), num_warps=8)
+    compile_sm90(loss._xent_grad_row_kernel, dict(BLOCK=65536), dict(L=BF, TGT="*i64", NLL=F32, scale="fp32"),
+                 num_warps=32)
     compile_sm90(srmsnorm._srms_fwd_kernel, dict(BLOCK=1024), dict(X=BF, Y=BF, RSTD=F32, eps="fp32"))
     compile_sm90(srmsnorm._srms_bwd_kernel, dict(BLOCK=1024), dict(X=BF, DY=BF, DX=BF, RSTD=F32))

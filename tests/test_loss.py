@@ -95,8 +95,14 @@ def test_kernel_path_matches_float64(dtype, device):
 
 
 @pytest.mark.triton
-def test_xent_grad_kernel_in_place_and_bad_target(device):
+@pytest.mark.parametrize("config", [None, (128, 4), ("row", 4)], ids=["default", "block128", "one-read-row"])
+def test_xent_grad_kernel_in_place_and_bad_target(device, monkeypatch, config):
+    """Every kernel configuration (``loss._XENT_CONFIG``): blocks over the row, several blocks, and the
+    one-read kernel that holds the row in registers."""
+    from tnlib.ops import loss as L
     from tnlib.ops.loss import xent_grad_
+
+    monkeypatch.setattr(L, "_XENT_CONFIG", config)
 
     logits = torch.randn(5, 300, dtype=torch.float64)
     t = torch.tensor([0, 299, 17, 3, 300])  # the last id is out of range

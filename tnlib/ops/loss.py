@@ -52,6 +52,43 @@ if HAS_TRITON:
             g = tl.where(cols == tgt, g - 1.0, g) * scale
             tl.store(base + cols, g.to(L.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _xent_grad_row_kernel(L, TGT, NLL, stride_l, V, scale, BLOCK: tl.constexpr):
+        """``_xent_grad_kernel`` with the whole row held in registers (``BLOCK >= V``): one read of the
+        logits instead of two. Meant for wide programs (32 warps: 64 values per thread at V = 50,272)."""
+        row = tl.program_id(0).to(tl.int64)
+        base = L + row * stride_l
+        tgt = tl.load(TGT + row)
+        ok = (tgt >= 0) & (tgt < V)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < V
+        x = tl.load(base + cols, mask=mask, other=float("-inf"))
+        m = tl.max(x, axis=0).to(tl.float32)
+        lse = m + tl.log(tl.sum(tl.exp(x.to(tl.float32) - m), axis=0))
+        xt = tl.load(base + tgt, mask=ok, other=0.0).to(tl.float32)
+        tl.store(NLL + row, tl.where(ok, lse - xt, float("nan")))
+        g = tl.exp(x.to(tl.float32) - lse)
+        g = tl.where(cols == tgt, g - 1.0, g) * scale
+        tl.store(base + cols, g.to(L.dtype.element_ty), mask=mask)
+
+
+#: Tuning hook: (BLOCK, num_warps) of the cross-entropy kernel instead of the defaults (None).
+#: Fewer, wider programs keep fewer rows in flight, so that the second read of each row (the gradient
+#: pass) can come from L2 rather than memory; ``("row", num_warps)`` holds each row in registers and
+#: reads it once (``_xent_grad_row_kernel``, rows up to 65,536 wide; ptxas: 64 registers and 76 B/thread
+#: of spills at 32 warps). ``scripts/tune_xent.py`` times the choices; none is measured yet.
+_XENT_CONFIG = None
+
+
+def _default_xent_config(V: int):
+    block = min(4096, triton.next_power_of_2(V))
+    return block, (8 if block >= 2048 else 4)
+
+
+def _xent_config(V: int):
+    """(BLOCK or "row", num_warps) of the cross-entropy kernel for rows of ``V`` logits."""
+    return _XENT_CONFIG if _XENT_CONFIG is not None else _default_xent_config(V)
+
 
 def _use_kernel(t: torch.Tensor) -> bool:
     return t.dtype in (torch.float16, torch.bfloat16, torch.float32) and kernel_device(t)
@@ -61,9 +98,14 @@ def _use_kernel(t: torch.Tensor) -> bool:
 def _xent_grad_op(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
     n, V = logits.shape
     nll = torch.empty(n, dtype=torch.float32, device=logits.device)
-    block = min(4096, triton.next_power_of_2(V))
-    _xent_grad_kernel[(n,)](logits, targets, nll, logits.stride(0), V, scale, BLOCK=block,
-                            num_warps=8 if block >= 2048 else 4)
+    block, warps = _xent_config(V)
+    if block == "row" and V <= 65536:
+        _xent_grad_row_kernel[(n,)](logits, targets, nll, logits.stride(0), V, scale,
+                                    BLOCK=triton.next_power_of_2(V), num_warps=warps)
+        return nll
+    if block == "row":
+        block, warps = _default_xent_config(V)  # rows too wide for the one-read kernel
+    _xent_grad_kernel[(n,)](logits, targets, nll, logits.stride(0), V, scale, BLOCK=block, num_warps=warps)
     return nll
 
 
