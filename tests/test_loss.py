@@ -74,10 +74,16 @@ def test_model_forward_with_targets(preset):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("dw_fp32", [False, True], ids=["dw-cast-add", "dw-fp32-gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_path_matches_float64(dtype, device):
+def test_kernel_path_matches_float64(dtype, device, monkeypatch, dw_fp32):
     """The Triton chunk kernel (loss and gradient in one pass) against float64 autograd on the same
-    rounded logits; chunks of uneven size, a vocabulary that is not a power of two."""
+    rounded logits; chunks of uneven size, a vocabulary that is not a power of two. ``dw_fp32``: the
+    weight gradient accumulated by mixed-precision GEMMs (``loss._DW_FP32_GEMM``; CUDA only, so on a
+    CPU both ids run the same path)."""
+    from tnlib.ops import loss as L
+
+    monkeypatch.setattr(L, "_DW_FP32_GEMM", dw_fp32)
     g = torch.Generator().manual_seed(3)
     h = torch.randn(37, 24, dtype=torch.float64, generator=g)
     W = torch.randn(70, 24, dtype=torch.float64, generator=g) / 3
