@@ -3,7 +3,8 @@
 # streams then run one after the other):
 # GPU 0: where the step of make bench-model's configuration goes: the whole model as one graph with
 #   one SGLU product, profiled without CUDA graphs so that every kernel shows (issue 4's remaining 2%);
-#   then the loss kernel's configurations (tune_xent.py: wider programs, and the one-read row kernel).
+#   then the loss kernel's configurations (tune_xent.py: wider programs, and the one-read row kernel);
+#   then the segment-state kernel's launch configurations at 16K/32K (issue 3: it reads at ~3.2 TB/s).
 # GPU 1: tnl-385m compiled at T=2K in that configuration (with CUDA graphs), A/B/A/B against the same
 #   with a bf16 residual stream (ModelConfig.residual_dtype="compute", opt-in): what the fp32 stream's
 #   traffic costs; the A runs also place the machine against the run of record (196.1K; machines differ
@@ -24,6 +25,7 @@ S="--compile-scope model --set tnlib.nn.gla.FUSED_SGLU=true"
  timeout 240 python3 scripts/profile_model.py --preset tnl-385m --T 2048 --compile $S --fused-loss --top 40 \
    --out "$W" > "$W/profile.log" 2>&1
  timeout 120 python3 scripts/tune_xent.py --out "$W" > "$W/xent.log" 2>&1
+ timeout 120 python3 scripts/tune_segment_states.py --out "$W" > "$W/segment-states.log" 2>&1
 ) &
 [ "$NGPU" -lt 2 ] && wait
 (export CUDA_VISIBLE_DEVICES=$((NGPU - 1))
@@ -38,4 +40,4 @@ S="--compile-scope model --set tnlib.nn.gla.FUSED_SGLU=true"
 wait
 rm -f "$W"/trace-*.json  # large; the table is enough
 tar -czf "$OUT/pending.tar.gz" -C "$W" .
-tail -n 2 "$W/pytest-loss.log"; grep -A45 "CUDA kernels only" "$W/profile.log" | head -50; grep "config" "$W/xent.log"; for f in "$W"/record-*.log "$W"/bf16res-*.log "$W"/dwfp32-*.log; do echo "$(basename $f) $(grep -h '  fused loss\|ERROR' $f)"; done
+tail -n 2 "$W/pytest-loss.log"; grep -A45 "CUDA kernels only" "$W/profile.log" | head -50; grep "config" "$W/xent.log"; grep "tb_per_s\|error" "$W/segment-states.log"; for f in "$W"/record-*.log "$W"/bf16res-*.log "$W"/dwfp32-*.log; do echo "$(basename $f) $(grep -h '  fused loss\|ERROR' $f)"; done

@@ -57,6 +57,8 @@ _TARGET_CTAS = 512
 _DQ_CONFIG_OVERRIDE: Optional[tuple] = None
 #: Tuning hook: (chunk, num_warps, num_stages) of the fused dk/dv kernel instead of the defaults.
 _DKDV_CONFIG_OVERRIDE: Optional[tuple] = None
+#: Tuning hook: (chunk, BV, num_warps, num_stages) of the segment-state kernel (scripts/tune_segment_states.py).
+_LOCAL_CONFIG_OVERRIDE: Optional[tuple] = None
 #: Compute the segment states inside the forward's output kernel and the fused dk/dv kernel (one
 #: launch each, programs wait on each other's flags) instead of separate segment-state kernels.
 #: Off until measured on the GPU.
@@ -150,6 +152,8 @@ def _last_contig(x):
 
 def _local_config(DK: int, DV: int, fp32: bool):
     """(chunk, BV, num_warps, num_stages) of the segment-state kernel (one dot per chunk)."""
+    if _LOCAL_CONFIG_OVERRIDE is not None:
+        return _LOCAL_CONFIG_OVERRIDE
     if fp32:
         return _config(DK, DV, fp32)
     return 64, min(DV, 128 if DK <= 128 else 64), 8, 2
