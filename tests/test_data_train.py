@@ -164,3 +164,17 @@ def test_text_files_read_without_datasets(monkeypatch, tmp_path):
     j.write_text('{"text": "a"}\n')
     with pytest.raises(DataError, match="needs the `datasets` package"):
         read_documents(str(j))
+
+
+def test_train_cli_rejects_options_given_elsewhere(monkeypatch, capsys):
+    """``--set`` takes training options only; the model's own come with ``--model``, and preset, data
+    and output folder have their own flags: say so instead of a TypeError."""
+    import tnlib.__main__ as cli
+
+    for item, flag in (('model_overrides={"gate": false}', "--model"), ("preset=tnl-385m", "--preset"),
+                       ("nonsense=1", "unknown training options")):
+        monkeypatch.setattr(sys, "argv", ["tnlib", "train", "--preset", "tnl-tiny", "--data", "x", "--out", "y",
+                                          "--set", item])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        assert flag in str(e.value)
