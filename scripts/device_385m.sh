@@ -11,7 +11,8 @@
 # Then, on nvidia-h200-x2:
 #   run(command="TNLIB_COMMIT=$(git rev-parse HEAD) bash scripts/device_385m.sh 45000000 tnl-385m transformer-385m",
 #       carry=[".carry"])
-# and copy the returned files into runs/385m/<model>/ before running
+# (a model may carry config overrides, e.g. `tnl-385m tnl-385m+residual_dtype=compute` trains the same
+# preset both ways on the same tokens), and copy the returned files into runs/385m/<model>/ before running
 #   python -m tnlib compare --runs tnl=runs/385m/tnl-385m transformer=runs/385m/transformer-385m --out results/385m ...
 set -euo pipefail
 TOKENS=${1:?token budget}
@@ -40,15 +41,21 @@ STEPS=$(( TOKENS / (SEQ * BATCH) ))
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 echo "training ${MODELS[*]} for $STEPS steps of $(( SEQ * BATCH )) tokens on $NGPU GPU(s)"
 
-train_one() {  # model gpu
-  CUDA_VISIBLE_DEVICES=$2 python3 -m tnlib train --preset "$1" --data $DATA --out /tmp/runs/$1 --set \
+run_name() { echo "$1" | tr '+=,' '___'; }  # file names the device tool returns: no + = ,
+
+train_one() {  # model gpu; a model is a preset, optionally with model overrides: tnl-385m+residual_dtype=compute,gate=false
+  local preset=${1%%+*} over=() name
+  [ "$preset" != "$1" ] && IFS=, read -ra over <<< "${1#*+}"
+  name=$(run_name "$1")
+  CUDA_VISIBLE_DEVICES=$2 python3 -m tnlib train --preset "$preset" --data $DATA --out /tmp/runs/$name \
+    ${over[@]:+--model "${over[@]}"} --set \
     seq_len=$SEQ batch_size=$BATCH lr=$LR max_steps=$STEPS warmup_steps=$(( STEPS / 50 + 1 )) \
     eval_every=$(( STEPS / 10 + 1 )) eval_tokens=524288 ckpt_every=100000 compile=true progress=false \
     max_minutes=$MAX_MIN eval_sets=${EVALS:-val,eval-heldout,eval-wikitext-valid,eval-wikitext-test} \
-    > $OUT/$1-train.log 2>&1 || { echo "$1: training failed"; tail -n 20 $OUT/$1-train.log; return 1; }
-  CUDA_VISIBLE_DEVICES=$2 python3 -m tnlib generate --checkpoint /tmp/runs/$1/final \
+    > $OUT/$name-train.log 2>&1 || { echo "$1: training failed"; tail -n 20 $OUT/$name-train.log; return 1; }
+  CUDA_VISIBLE_DEVICES=$2 python3 -m tnlib generate --checkpoint /tmp/runs/$name/final \
     --tokenizer data/tokenizer-gutenberg-50272.json --prompt "$PROMPT" --max-new-tokens 80 --temperature 0 \
-    > $OUT/$1-sample.txt 2>>$OUT/$1-train.log || true
+    > $OUT/$name-sample.txt 2>>$OUT/$name-train.log || true
 }
 
 pids=()
@@ -63,7 +70,8 @@ for i in "${!MODELS[@]}"; do
 done
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
 for m in "${MODELS[@]}"; do
-  cp /tmp/runs/$m/metrics.jsonl $OUT/$m-metrics.jsonl 2>/dev/null || true
-  tail -n 3 $OUT/$m-train.log
+  n=$(run_name "$m")
+  cp /tmp/runs/$n/metrics.jsonl $OUT/$n-metrics.jsonl 2>/dev/null || true
+  tail -n 3 $OUT/$n-train.log
 done
 exit $rc
