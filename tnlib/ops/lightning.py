@@ -61,7 +61,8 @@ _DKDV_CONFIG_OVERRIDE: Optional[tuple] = None
 _LOCAL_CONFIG_OVERRIDE: Optional[tuple] = None
 #: Compute the segment states inside the forward's output kernel and the fused dk/dv kernel (one
 #: launch each, programs wait on each other's flags) instead of separate segment-state kernels.
-#: Off until measured on the GPU.
+#: Measured slower on the H200 at every target and length tried (32K: forward 0.62 vs 0.54 ms;
+#: results/bench/variants-fused-state-h200.json): off, kept as a tested variant for re-measurement.
 _FUSED_STATE = False
 #: Backward: dk and dv from one fused reverse sweep (True) or two passes of the generic kernel.
 _FUSED_DKDV = True
