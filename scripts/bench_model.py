@@ -18,34 +18,45 @@ from tnlib.nn import gla  # noqa: E402
 from tnlib.provenance import gpu_slug, write_results  # noqa: E402
 
 
-def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile_mode=None, gla_path="packed",
-        compile_scope="blocks", overrides=None):
-    gla.USE_PACKED = gla_path == "packed"
+def build(preset, vocab, compiled, compile_scope="blocks", compile_mode=None, overrides=None):
+    """``(model, fwd, graphs)``: the preset on the GPU (seeded), ``fwd`` what a step calls (the model with
+    its blocks compiled, or the whole model as one compiled graph: what TrainConfig(compile_scope="model")
+    does), ``graphs`` whether CUDA graphs record it (mode reduce-overhead). Shared with profile_model.py."""
     torch.manual_seed(0)
     model = tnlib.create_model(preset, vocab_size=vocab, **(overrides or {})).cuda()
     fwd = model
-    if mode == "compiled" and compile_scope == "blocks":
+    if compiled and compile_scope == "blocks":
         model.compile_blocks(mode=compile_mode)
-    elif mode == "compiled":  # the whole model as one graph (what TrainConfig(compile_scope="model") does)
+    elif compiled:
         fwd = torch.compile(model, mode=compile_mode)
+    return model, fwd, compiled and bool(compile_mode and "reduce-overhead" in compile_mode)
+
+
+def train_step(model, fwd, opt, ids, fused_loss, graphs):
+    """One training step as timed here: bf16 autocast forward (fused: the chunked LM head + cross-entropy,
+    ``model(ids, targets)``), backward, gradient clipping at 1.0, AdamW; returns the loss."""
+    if graphs:
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new training step starts
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fwd(ids[:, :-1], ids[:, 1:]) if fused_loss else fwd(ids[:, :-1])
+    loss = out if fused_loss else F.cross_entropy(out.float().flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile_mode=None, gla_path="packed",
+        compile_scope="blocks", overrides=None):
+    gla.USE_PACKED = gla_path == "packed"
+    model, fwd, graphs = build(preset, vocab, mode == "compiled", compile_scope, compile_mode, overrides)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     B = max(1, tokens // T)
     batches = [torch.randint(0, vocab, (B, T + 1), device="cuda") for _ in range(2)]
 
-    graphs = mode == "compiled" and bool(compile_mode and "reduce-overhead" in compile_mode)
-
     def step(i):
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new training step starts
-        ids = batches[i % 2]
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # fused: LM head + cross-entropy in row chunks
-            out = fwd(ids[:, :-1], ids[:, 1:]) if fused_loss else fwd(ids[:, :-1])
-        loss = out if fused_loss else F.cross_entropy(out.float().flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return train_step(model, fwd, opt, batches[i % 2], fused_loss, graphs)
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -88,6 +99,13 @@ def apply_settings(items, target):
     return applied
 
 
+def apply_switches(items):
+    """``module.path.NAME=value`` items set on the imported module (``--set``); see ``apply_settings``."""
+    import importlib
+
+    return apply_settings(items, lambda k: (importlib.import_module(k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default="tnl-385m,transformer-385m")
@@ -118,8 +136,6 @@ def main():
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for the whole run, "
                     "e.g. coordinate_descent_tuning=1 (recorded in the header)")
     a = ap.parse_args()
-    import importlib
-
     import torch._inductor.config as ic
 
     from tnlib.ops import lightning as L
@@ -128,7 +144,7 @@ def main():
     hooks = {"dq": "_DQ_CONFIG_OVERRIDE", "dkdv": "_DKDV_CONFIG_OVERRIDE"}
     kernel_cfg = apply_settings([f"{k}=[{v}]" for k, v in (i.split("=") for i in a.kernel_config.split(";") if i)],
                                 lambda k: (L, hooks[k]))
-    switches = apply_settings(a.set.split(","), lambda k: (importlib.import_module(k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1]))
+    switches = apply_switches(a.set.split(","))
     overrides = {k: json.loads(v) for k, v in (i.split("=", 1) for i in a.override.split(",") if i)}
     tnlib.models.get_config("tnl-tiny", **overrides)  # unknown names or values stop the run here
     if not torch.cuda.is_available():

@@ -9,10 +9,8 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import tnlib  # noqa: E402
 from _profiling import cuda_kernels, gpu_gaps  # noqa: E402
 
 
@@ -34,33 +32,16 @@ def main():
     ap.add_argument("--set", default="", help="module switches as in bench_model.py, e.g. tnlib.nn.gla.FUSED_SGLU=true")
     ap.add_argument("--out", default="runs/profile")
     a = ap.parse_args()
-    import importlib
+    from bench_model import apply_switches, build, train_step
 
-    from bench_model import apply_settings
-
-    apply_settings(a.set.split(","), lambda k: (importlib.import_module(k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1]))
-    torch.manual_seed(0)
-    model = tnlib.create_model(a.preset, vocab_size=a.vocab).cuda()
-    fwd = model
-    if a.compile and a.compile_scope == "blocks":
-        model.compile_blocks(mode=a.compile_mode)
-    elif a.compile:
-        fwd = torch.compile(model, mode=a.compile_mode)
-    graphs = a.compile and bool(a.compile_mode and "reduce-overhead" in a.compile_mode)
+    apply_switches(a.set.split(","))
+    model, fwd, graphs = build(a.preset, a.vocab, a.compile, a.compile_scope, a.compile_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     B = max(1, a.tokens // a.T)
     ids = torch.randint(0, a.vocab, (B, a.T + 1), device="cuda")
 
     def step():  # the step of scripts/bench_model.py
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = fwd(ids[:, :-1], ids[:, 1:]) if a.fused_loss else fwd(ids[:, :-1])
-        loss = out if a.fused_loss else F.cross_entropy(out.float().flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, fwd, opt, ids, a.fused_loss, graphs)
 
     for _ in range(3):
         step()

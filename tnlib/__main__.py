@@ -55,9 +55,10 @@ def cmd_train(a):
     bad = set(kw) - fields
     if bad:
         raise SystemExit(f"unknown training options {sorted(bad)}; choose from {sorted(fields)}")
-    given = {"model_overrides": "--model k=v ...", "preset": "--preset", "data": "--data", "out": "--out"}
-    for key in set(kw) & set(given):
-        raise SystemExit(f"set {key} with {given[key]}, not --set")
+    own_flag = {"model_overrides": "--model k=v ...", "preset": "--preset", "data": "--data", "out": "--out"}
+    clash = sorted(set(kw) & set(own_flag))
+    if clash:
+        raise SystemExit(f"set {clash[0]} with {own_flag[clash[0]]}, not --set")
     if "eval_sets" in kw and isinstance(kw["eval_sets"], str):
         kw["eval_sets"] = tuple(kw["eval_sets"].split(","))
     cfg = TrainConfig(preset=a.preset, data=a.data, out=a.out, model_overrides=_kv(a.model), **kw)

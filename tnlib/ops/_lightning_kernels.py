@@ -138,7 +138,7 @@ def _segment_local_state(acc, b_base, sb_t, c_base, sc_t, seg_start, seg_end, T,
         bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
         ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
         acc = acc * tl.exp(-slope * m.to(tl.float32))
-        acc += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST)
+        acc += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST, True)
     return acc
 
 
@@ -200,8 +200,9 @@ def _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC: tl.constexpr, UPCAST: 
     tile is the narrower one (forward, dq pass) its scaled copy is smaller and ``B`` goes to the
     product as loaded. With the launch's alignment, ptxas reports for tnl-385m's shape: forward
     104 -> 0 B/thread of spills, dq pass 120 -> 36; the dk/dv kernel (equal widths) spills more that
-    way (228 -> 312) and scales ``B`` (``scripts/kernel_registers.py``). The launcher picks it per call
-    (``lightning._SCALE_C``: 16-bit inputs with ``DK <= 128``; at ``DK = 256`` the value-scaled form faulted)."""
+    way (228 -> 312) and scales ``B`` (``scripts/kernel_registers.py``). The generic kernel's launcher
+    picks it per call (``lightning._scale_value_tile``; at ``DK = 256`` the value-scaled form faulted);
+    the segment-state kernel always scales ``C``."""
     kdec = tl.where(valid, tl.exp(-slope * tl.maximum(m - 1 - rows, 0).to(tl.float32)), 0.0)
     if SCALE_C:
         ct_s = (ct.to(tl.float32) * kdec[:, None]).to(ct.dtype)

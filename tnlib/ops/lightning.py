@@ -66,12 +66,8 @@ _LOCAL_CONFIG_OVERRIDE: Optional[tuple] = None
 _FUSED_STATE = False
 #: Backward: dk and dv from one fused reverse sweep (True) or two passes of the generic kernel.
 _FUSED_DKDV = True
-#: Generic kernel's state update: scale the value tile (True) or the key tile (False); see _chunk_state.
-#: Applied for 16-bit inputs with state heights DK <= 128 only (the configurations timed and tested at
-#: full size on the H200): at DK = 256 (the LRPE layer's forward, chunk 64, one stage) the value-scaled
-#: form compiled by Triton 3.6 faults with an illegal memory access on the H200 from ~8x1024 tokens x 8
-#: heads up (scripts/debug_illegal_access.py; results/bench/NOTES-kernels.md); the key-scaled form does
-#: not. fp32 inputs (one-stage configs too, never run at scale with the new form) keep the key-scaled form.
+#: Generic kernel's state update: scale the value tile (True) or the key tile (False); see _chunk_state
+#: and :func:`_scale_value_tile`, the one place that decides per launch.
 _SCALE_C = True
 _MIN_SEG = 512
 
@@ -197,6 +193,27 @@ def _optional(t, stand_in, ndim):
     return (t, t.stride()) if t is not None else (stand_in, (0,) * ndim)
 
 
+def _scale_value_tile(DK: int, fp32: bool) -> bool:
+    """Whether the generic kernel's state update scales the value tile (``SCALE_C``): only for 16-bit
+    inputs with state heights DK <= 128, the configurations timed and tested at full size on the H200.
+    At DK = 256 (the LRPE layer's forward, chunk 64, one stage) Triton 3.6's code for it faults with an
+    illegal memory access on the H200 from ~8x1024 tokens x 8 heads up (scripts/debug_illegal_access.py,
+    results/bench/NOTES-kernels.md); the key-scaled form does not, and fp32 inputs (one-stage configs
+    too) keep it. The segment-state kernel has its own configs and always scales the value tile; it has
+    run at full size at every benchmark shape (K=256 at 16K-32K, fp32 at T=131,072)."""
+    return _SCALE_C and DK <= 128 and not fp32
+
+
+def _epilogue_and_sync(grad_act, pre, local, fused_state, n_programs, stand_in):
+    """The launchers' optional kernel arguments: the pre-activation read by the derivative epilogue
+    (``E`` and its strides, or a stand-in), and for single-launch segment states (``FUSED_STATE``, only
+    with segments) a zeroed ``SYNC`` buffer: ticket counter + one flag per program."""
+    pre_t, se = (pre, _strides3(pre)) if grad_act else (stand_in, (0, 0, 0))
+    fused = bool(fused_state and local is not None)
+    sync = torch.zeros(1 + n_programs, dtype=torch.int32, device=stand_in.device) if fused else stand_in
+    return pre_t, se, fused, sync
+
+
 def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype,
           grad_act=0, pre=None, out=None, cfg=None, fused_state=False):
     """One pass of the generic kernel (see the module docstring of ``_lightning_kernels``).
@@ -215,9 +232,7 @@ def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len,
     init_t, si = _optional(init, o, 4)
     loc_t, sl = _optional(local, o, 5)
     grid = (DV // bv, nseg, B * H)
-    pre_t, se = (pre, _strides3(pre)) if grad_act else (o, (0, 0, 0))
-    fused = bool(fused_state and local is not None)
-    sync = torch.zeros(1 + B * H * nseg * (DV // bv), dtype=torch.int32, device=a.device) if fused else o
+    pre_t, se, fused, sync = _epilogue_and_sync(grad_act, pre, local, fused_state, B * H * nseg * (DV // bv), o)
     K._lightning_kernel[grid](
         a, b, c, o, init_t, loc_t, final_t, slope, pre_t, sync, T, H, seg_len,
         *_strides3(a), *_strides3(b), *_strides3(c), *_strides3(o),
@@ -225,7 +240,7 @@ def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len,
         DK=DK, BV=bv, CH=ch, HAS_INIT=init is not None, INIT_DECAY=init_decay,
         HAS_LOCAL=local is not None, STORE_FINAL=want_final, REVERSE=reverse,
         DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a),
-        GRAD_ACT=grad_act, FAST=not interpreting(), FUSED_STATE=fused, SCALE_C=_SCALE_C and DK <= 128 and not fp32,
+        GRAD_ACT=grad_act, FAST=not interpreting(), FUSED_STATE=fused, SCALE_C=_scale_value_tile(DK, fp32),
         num_warps=nw, num_stages=ns,
     )
     return o, (final_t if want_final else None)
@@ -255,9 +270,7 @@ def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg, grad_act=0
     final, sf = _optional(_alloc((B, H, DK, DV), torch.float32, q.device) if need_ds0 else None, dk, 4)
     init_t, si = _optional(dfinal, dk, 4)
     loc_t, sl = _optional(local, dk, 5)
-    pre_t, se = (k_pre, _strides3(k_pre)) if grad_act else (dk, (0, 0, 0))
-    fused = bool(fused_state and local is not None)
-    sync = torch.zeros(1 + B * H * nseg, dtype=torch.int32, device=q.device) if fused else dk
+    pre_t, se, fused, sync = _epilogue_and_sync(grad_act, k_pre, local, fused_state, B * H * nseg, dk)
     K._dkdv_kernel[(1, nseg, B * H)](
         q, k, v, do, dk, dv, init_t, loc_t, final, slope, pre_t, sync, T, H, seg_len,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),

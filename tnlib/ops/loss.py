@@ -22,8 +22,19 @@ from ._triton import HAS_TRITON, kernel_device, tl, triton
 __all__ = ["linear_cross_entropy", "xent_grad_"]
 
 
-
 if HAS_TRITON:
+
+    @triton.jit
+    def _store_nll(NLL, row, base, tgt, ok, lse):
+        """The row's loss ``lse - l[t]`` (NaN for a target outside ``[0, V)``)."""
+        xt = tl.load(base + tgt, mask=ok, other=0.0).to(tl.float32)
+        tl.store(NLL + row, tl.where(ok, lse - xt, float("nan")))
+
+    @triton.jit
+    def _grad_tile(x, cols, tgt, lse, scale):
+        """``scale * (softmax - onehot(t))`` over the columns ``cols`` of the row (``x`` in fp32)."""
+        g = tl.exp(x - lse)
+        return tl.where(cols == tgt, g - 1.0, g) * scale
 
     @triton.jit
     def _xent_grad_kernel(L, TGT, NLL, stride_l, V, scale, BLOCK: tl.constexpr):
@@ -42,15 +53,12 @@ if HAS_TRITON:
             ssum = ssum * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             m = m_new
         lse = m + tl.log(ssum)
-        xt = tl.load(base + tgt, mask=ok, other=0.0).to(tl.float32)
-        tl.store(NLL + row, tl.where(ok, lse - xt, float("nan")))  # a bad target id shows up as NaN
+        _store_nll(NLL, row, base, tgt, ok, lse)
         for v0 in range(0, V, BLOCK):
             cols = v0 + tl.arange(0, BLOCK)
             mask = cols < V
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse)
-            g = tl.where(cols == tgt, g - 1.0, g) * scale
-            tl.store(base + cols, g.to(L.dtype.element_ty), mask=mask)
+            tl.store(base + cols, _grad_tile(x, cols, tgt, lse, scale).to(L.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _xent_grad_row_kernel(L, TGT, NLL, stride_l, V, scale, BLOCK: tl.constexpr):
@@ -65,11 +73,8 @@ if HAS_TRITON:
         x = tl.load(base + cols, mask=mask, other=float("-inf"))
         m = tl.max(x, axis=0).to(tl.float32)
         lse = m + tl.log(tl.sum(tl.exp(x.to(tl.float32) - m), axis=0))
-        xt = tl.load(base + tgt, mask=ok, other=0.0).to(tl.float32)
-        tl.store(NLL + row, tl.where(ok, lse - xt, float("nan")))
-        g = tl.exp(x.to(tl.float32) - lse)
-        g = tl.where(cols == tgt, g - 1.0, g) * scale
-        tl.store(base + cols, g.to(L.dtype.element_ty), mask=mask)
+        _store_nll(NLL, row, base, tgt, ok, lse)
+        tl.store(base + cols, _grad_tile(x.to(tl.float32), cols, tgt, lse, scale).to(L.dtype.element_ty), mask=mask)
 
 
 #: Tuning hook: (BLOCK, num_warps) of the cross-entropy kernel instead of the defaults (None).
