@@ -74,16 +74,19 @@ def test_model_forward_with_targets(preset):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("chunk_op", [True, False], ids=["chunk-op", "in-place-op"])
 @pytest.mark.parametrize("dw_fp32", [False, True], ids=["dw-cast-add", "dw-fp32-gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_path_matches_float64(dtype, device, monkeypatch, dw_fp32):
+def test_kernel_path_matches_float64(dtype, device, monkeypatch, dw_fp32, chunk_op):
     """The Triton chunk kernel (loss and gradient in one pass) against float64 autograd on the same
     rounded logits; chunks of uneven size, a vocabulary that is not a power of two. ``dw_fp32``: the
     weight gradient accumulated by mixed-precision GEMMs (``loss._DW_FP32_GEMM``; CUDA only, so on a
-    CPU both ids run the same path)."""
+    CPU both ids run the same path); ``chunk_op``: each chunk as one op returning new tensors
+    (``loss._CHUNK_OP``, the default) or the in-place kernel op between PyTorch products."""
     from tnlib.ops import loss as L
 
     monkeypatch.setattr(L, "_DW_FP32_GEMM", dw_fp32)
+    monkeypatch.setattr(L, "_CHUNK_OP", chunk_op)
     g = torch.Generator().manual_seed(3)
     h = torch.randn(37, 24, dtype=torch.float64, generator=g)
     W = torch.randn(70, 24, dtype=torch.float64, generator=g) / 3
@@ -121,3 +124,23 @@ def test_xent_grad_kernel_in_place_and_bad_target(device, monkeypatch, config):
     assert_close(lg[:4], want, dtype=torch.float32, name="grad in place")
     with pytest.raises(ValueError, match="long targets"):
         xent_grad_(lg, t.int().to(device))
+
+
+@pytest.mark.triton
+def test_chunk_op_under_torch_compile(device):
+    """The chunked loss compiles (the chunk op is opaque, with a fake implementation) and gives the
+    eager loss and gradients."""
+    from tnlib.ops import loss as L
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(40, 32, generator=g).to(device, torch.bfloat16)
+    W = (torch.randn(90, 32, generator=g) / 4).to(device)
+    y = torch.randint(0, 90, (40,), generator=g).to(device)
+    outs = []
+    for fn in (L.linear_cross_entropy, torch.compile(L.linear_cross_entropy, fullgraph=True)):
+        hd, Wd = h.clone().requires_grad_(), W.clone().requires_grad_()
+        loss = fn(hd, Wd, y, chunk=16)
+        loss.backward()
+        outs.append((loss.detach(), hd.grad, Wd.grad))
+    for a, b in zip(*outs):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-4)

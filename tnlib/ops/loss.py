@@ -11,7 +11,10 @@ would, then fp32 log-sum-exp; the same three matrix products as autograd would r
 On a GPU (or the CPU under ``TRITON_INTERPRET=1``) each chunk's softmax, loss and gradient are one
 Triton kernel (``xent_grad_``) that reads the chunk's logits twice and overwrites them with the
 gradient: about 2.5 ms per 32,768 x 50,272 step on an H200 instead of the ~30 ms of separate PyTorch
-passes (cast, max, subtract, exp, sum, gather, scatter, scale, cast) that the CPU path runs.
+passes (cast, max, subtract, exp, sum, gather, scatter, scale, cast) that the CPU path runs. The chunk's
+three products and the kernel run as one opaque custom op (``tnlib::head_xent_chunk``), so that
+``torch.compile`` neither copies the logits before the in-place kernel nor decomposes the weight
+gradient's mixed-precision GEMM.
 """
 from __future__ import annotations
 
@@ -86,8 +89,10 @@ _XENT_CONFIG = None
 
 
 def _default_xent_config(V: int):
-    block = min(4096, triton.next_power_of_2(V))
-    return block, (8 if block >= 2048 else 4)
+    # H200, 8,192 x 50,272 bf16 rows (results/bench/xent-h200.json): 8192/16 warps 0.651 ms, 4096/8 0.707,
+    # the one-read row kernel 0.883 (32 warps) / 0.947 (16)
+    block = min(8192, triton.next_power_of_2(V))
+    return block, (16 if block >= 8192 else 8 if block >= 2048 else 4)
 
 
 def _xent_config(V: int):
@@ -98,16 +103,20 @@ def _xent_config(V: int):
 #: LM head weight gradient: accumulate each chunk's ``g^T x`` straight into the fp32 buffer with one
 #: mixed-precision GEMM (``torch.addmm(..., out_dtype=float32)``, CUDA) instead of a bf16 product, a cast
 #: and an add (about 0.6 GB less traffic per chunk, and no bf16 rounding of each chunk's product).
-#: Off until run on the GPU (``scripts/device_pending.sh``).
-_DW_FP32_GEMM = False
+#: Runs inside the chunk op below (Inductor's decomposition of that addmm fails under torch.compile).
+_DW_FP32_GEMM = True
+#: Each chunk's products and kernel as one opaque op (``tnlib::head_xent_chunk``) that returns new
+#: tensors. With False the chunk loop calls the in-place ``xent_grad_`` op between PyTorch products;
+#: under torch.compile Inductor then copies every chunk's logits before the in-place kernel (381 us per
+#: 8,192 x 50,272 chunk on the H200, 1.5 ms per 32,768-token step; profile of 2026-11-30).
+_CHUNK_OP = True
 
 
 def _use_kernel(t: torch.Tensor) -> bool:
     return t.dtype in (torch.float16, torch.bfloat16, torch.float32) and kernel_device(t)
 
 
-@torch.library.custom_op("tnlib::xent_grad_", mutates_args=("logits",))
-def _xent_grad_op(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+def _xent_launch(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
     n, V = logits.shape
     nll = torch.empty(n, dtype=torch.float32, device=logits.device)
     block, warps = _xent_config(V)
@@ -121,9 +130,37 @@ def _xent_grad_op(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> 
     return nll
 
 
+@torch.library.custom_op("tnlib::xent_grad_", mutates_args=("logits",))
+def _xent_grad_op(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+    return _xent_launch(logits, targets, scale)
+
+
 @_xent_grad_op.register_fake
 def _(logits, targets, scale):
     return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+
+def _accumulate_dw(dw: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``dw + g^T x`` with ``dw`` in the accumulation dtype: one mixed-precision GEMM on CUDA
+    (``_DW_FP32_GEMM``), else the product in the inputs' dtype, cast and added."""
+    if _DW_FP32_GEMM and dw.dtype != g.dtype and g.is_cuda:
+        return torch.addmm(dw, g.t(), x, out_dtype=dw.dtype)
+    return dw + (g.t() @ x).to(dw.dtype)
+
+
+@torch.library.custom_op("tnlib::head_xent_chunk", mutates_args=())
+def _head_xent_chunk_op(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, scale: float,
+                        dw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of rows: logits ``g = x w^T`` (compute dtype), the kernel's loss and gradient over them,
+    then ``dh = g w`` and ``dw + g^T x``. Returns ``(nll, dh, dw_new)``; inputs are not modified."""
+    g = x @ w.t()
+    nll = _xent_launch(g, targets, scale)
+    return nll, g @ w, _accumulate_dw(dw, g, x)
+
+
+@_head_xent_chunk_op.register_fake
+def _(x, w, targets, scale, dw):
+    return x.new_empty((x.shape[0],), dtype=torch.float32), torch.empty_like(x), torch.empty_like(dw)
 
 
 def xent_grad_(logits: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -168,6 +205,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         kernel = _use_kernel(hc)
         for s in range(0, N, chunk):
             x, tgt = hc[s : s + chunk], targets[s : s + chunk]
+            if kernel and _CHUNK_OP:  # products and kernel in one op that returns new tensors
+                nll, dh[s : s + chunk], dw = _head_xent_chunk_op(x, wc, tgt, 1.0 / N, dw)
+                total = total + nll.sum()
+                continue
             if kernel:  # one Triton pass: the loss, and the gradient written over the logits
                 g = x @ wc.t()
                 total = total + xent_grad_(g, tgt, 1.0 / N).sum()
@@ -179,10 +220,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g.scatter_add_(1, tgt[:, None], torch.full_like(tgt[:, None], -1, dtype=g.dtype))
                 g = (g / N).to(dtype)
             dh[s : s + chunk] = g @ wc
-            if _DW_FP32_GEMM and acc != dtype and g.is_cuda:
-                dw = torch.addmm(dw, g.t(), x, out_dtype=acc)
-            else:
-                dw += (g.t() @ x).to(acc)
+            dw = _accumulate_dw(dw, g, x)
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (h.dtype, weight.dtype)
         return total / N
