@@ -54,7 +54,7 @@ SWITCHES = [
     dict(decay_formula="paper"), dict(layer_temperature=False), dict(gate=False), dict(qk_act="1+elu"),
     dict(qk_act="none"), dict(glu_act="silu"), dict(norm="rms"), dict(norm="layer"), dict(checkpointing=True),
     dict(scale_embedding=False), dict(tie_embeddings=False), dict(lrpe_learnable=False),
-    dict(residual_dtype="compute"),
+    dict(residual_dtype="params"),
 ]
 
 
@@ -207,12 +207,12 @@ def test_fused_sglu_switch_gives_the_same_gradients(monkeypatch):
 
 @pytest.mark.parametrize("preset", ["tnl-tiny", "transformer-tiny"])
 def test_residual_dtype_compute_under_autocast(preset):
-    """``residual_dtype="compute"``: the stream between blocks is bf16 under bf16 autocast (fp32 by
-    default), the result stays close to the default's, gradients stay finite, and without autocast the
+    """``residual_dtype="compute"`` (the default): the stream between blocks is bf16 under bf16 autocast
+    (fp32 with ``"params"``), the result stays close to the fp32 stream's, gradients stay finite, and without autocast the
     switch changes nothing."""
     torch.manual_seed(0)
-    base = create_model(preset, vocab_size=61, n_layers=2)
-    comp = create_model(preset, vocab_size=61, n_layers=2, residual_dtype="compute")
+    base = create_model(preset, vocab_size=61, n_layers=2, residual_dtype="params")
+    comp = create_model(preset, vocab_size=61, n_layers=2)  # the default
     comp.load_state_dict(base.state_dict())
     ids = torch.randint(0, 61, (2, 33))
     seen = {}

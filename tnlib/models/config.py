@@ -61,7 +61,10 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     checkpointing: bool = False
-    residual_dtype: str = "params"
+    # the residual stream between blocks under autocast: "compute" = the autocast dtype (bf16), as in the
+    # paper's FSDP bf16 mixed precision; "params" = the parameters' dtype (fp32). A/B on 24M tokens of
+    # tnl-385m: same validation loss (results/ablation/residual-dtype), 3% faster training step.
+    residual_dtype: str = "compute"
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):

@@ -166,6 +166,8 @@ def _local_states(b, c, slope, seg_len, nseg, reverse):
     DV = c.shape[3]
     fp32 = b.dtype == torch.float32
     ch, bv, nw, ns = _local_config(DK, DV, fp32)
+    if bv > DV or DV % bv:  # (only an override can get here: the grid would skip value columns)
+        raise ValueError(f"segment-state config: value block {bv} must divide the value width {DV}")
     loc = _alloc((B, H, nseg - 1, DK, DV), torch.float32, b.device)
     grid = (DV // bv, nseg - 1, B * H)
     K._segment_state_kernel[grid](

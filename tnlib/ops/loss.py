@@ -103,7 +103,8 @@ def _xent_config(V: int):
 #: LM head weight gradient: accumulate each chunk's ``g^T x`` straight into the fp32 buffer with one
 #: mixed-precision GEMM (``torch.addmm(..., out_dtype=float32)``, CUDA) instead of a bf16 product, a cast
 #: and an add (about 0.6 GB less traffic per chunk, and no bf16 rounding of each chunk's product).
-#: Runs inside the chunk op below (Inductor's decomposition of that addmm fails under torch.compile).
+#: Runs inside the chunk op below; traced by torch.compile (the in-place path) it falls back to the cast
+#: and add, as Inductor's decomposition of that addmm fails (torch 2.11).
 _DW_FP32_GEMM = True
 #: Each chunk's products and kernel as one opaque op (``tnlib::head_xent_chunk``) that returns new
 #: tensors. With False the chunk loop calls the in-place ``xent_grad_`` op between PyTorch products;
@@ -143,7 +144,7 @@ def _(logits, targets, scale):
 def _accumulate_dw(dw: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``dw + g^T x`` with ``dw`` in the accumulation dtype: one mixed-precision GEMM on CUDA
     (``_DW_FP32_GEMM``), else the product in the inputs' dtype, cast and added."""
-    if _DW_FP32_GEMM and dw.dtype != g.dtype and g.is_cuda:
+    if _DW_FP32_GEMM and dw.dtype != g.dtype and g.is_cuda and not torch.compiler.is_compiling():
         return torch.addmm(dw, g.t(), x, out_dtype=dw.dtype)
     return dw + (g.t() @ x).to(dw.dtype)
 
