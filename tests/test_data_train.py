@@ -62,6 +62,7 @@ def test_documents_split_on_separator(tmp_path):
     with lzma.open(p, "wt", encoding="utf-8") as f:
         f.write("first doc\nline two\n<|endoftext|>\nsecond doc\n<|endoftext|>\n")
     assert read_documents(str(p)) == ["first doc\nline two", "second doc"]
+    pytest.importorskip("datasets")  # JSON lines are read through `datasets` (absent on the lent GPU machines)
     j = tmp_path / "c.jsonl"
     j.write_text('{"text": "a b"}\n{"text": "c"}\n')
     assert read_documents(str(j)) == ["a b", "c"]
@@ -137,7 +138,8 @@ def test_two_process_gloo_run(prepared, tmp_path, compiled):
            "--set", "seq_len=32", "batch_size=2", "grad_accum=2", "max_steps=3", "eval_every=3", "eval_tokens=256",
            "progress=false", *(["compile=true", "compile_scope=blocks"] if compiled else []),
            "--model", "n_layers=1", "d_model=64", "n_heads=2", "glu_dim=128"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # two CPU processes over gloo, also on a GPU machine (one GPU cannot host two ranks' devices)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
