@@ -327,6 +327,8 @@ def main():
     ap.add_argument("--variants-only", action="store_true", help="only the variants (written to variants-<gpu>.json)")
     ap.add_argument("--targets", default="256,512,1024", help="_TARGET_CTAS values for the variants")
     ap.add_argument("--replot", default=None, help="only redraw the PNG from this JSON file (no GPU needed)")
+    ap.add_argument("--set", default="", help="module switches for the whole run, e.g. "
+                    "tnlib.ops.lightning._QUEUE_STATE=true (JSON values; recorded in the header)")
     a = ap.parse_args()
     if a.replot:
         with open(a.replot) as fh:
@@ -339,6 +341,10 @@ def main():
     from tnlib.provenance import gpu_slug, provenance
 
     dtype = torch.bfloat16
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_model import apply_switches
+
+    switches = apply_switches(a.set.split(","))
     impls, versions, notes = make_impls()
     if a.impls:
         impls = {n: f for n, f in impls.items() if n in a.impls.split(",")}
@@ -356,6 +362,7 @@ def main():
         head = provenance({"fla": versions.get("fla"), "lightning-attn": versions.get("lightning-attn"),
                            "dtype": "bfloat16", "tokens": a.tokens, "bandwidth_Bps": BW,
                            "seconds": round(time.time() - t0, 1), "notes": notes, "partial": partial,
+                           "switches": switches,
                            "method": "do_bench median (warmup 25 ms, rep 100 ms), grad_to_none; peak = "
                                      "max_memory_allocated during one fwd+bwd minus allocated before"})
         with open(path, "w") as fh:

@@ -49,7 +49,17 @@ CASES = [
     ("dk/dv + SiLU derivative", "dkdv", dict(GRAD_ACT=1), 8, 2),
     ("dk/dv chunk 32", "dkdv", dict(CH=32), 8, 2),
     ("segment state (64/128/w8/s2)", "state", {}, 8, 2),
+    ("forward, work queue (32K layout)", "queue", {}, 4, 2),
 ]
+
+# the queue kernel at the kernel benchmark's 32K shape: contiguous [B, T, H, D] q, k, v, o (B=2, T=32768,
+# H=16, D=128), 8 segments of 4,096 tokens
+_QB, _QT, _QH = 2, 32768, 16
+_qs = dict(zip("btv", (_QT * _QH * D, _QH * D, D)))
+QUEUE_INTS = dict(T=_QT, H=_QH, seg_len=4096, n_seg=8, n_bh=_QB * _QH, lead=2,
+                  **{f"s{x}_{k}": _qs[k if k != "h" else "v"] for x in "abco" for k in "bth"},
+                  si_b=0, si_h=0, si_k=0, si_v=0, sl_b=_QH * 7 * D * D, sl_h=7 * D * D, sl_s=D * D, sl_k=D, sl_v=1,
+                  sf_b=0, sf_h=0, sf_k=0, sf_v=0, se_b=0, se_t=0, se_h=0)
 
 
 def main():
@@ -65,6 +75,9 @@ def main():
         if kind == "main":
             ints = DQ_INTS if extra.get("GRAD_ACT") else FWD_INTS
             k = compile_sm90(K._lightning_kernel, {**MAIN_BASE, **extra}, MAIN_PTRS, nw, ns, ints)
+        elif kind == "queue":
+            base = {k: v for k, v in MAIN_BASE.items() if k != "HAS_LOCAL"}
+            k = compile_sm90(K._lightning_queue_kernel, {**base, "NV": 2, **extra}, MAIN_PTRS, nw, ns, QUEUE_INTS)
         elif kind == "dkdv":
             k = compile_sm90(K._dkdv_kernel, {**DKDV_BASE, **extra}, DKDV_PTRS, nw, ns, DKDV_INTS)
         else:

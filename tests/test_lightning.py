@@ -328,6 +328,22 @@ def test_fused_segment_states(device, monkeypatch, B, T, H, K, V, dtype, seg):
 
 
 @triton_test
+@pytest.mark.parametrize("lead", [0, 2])
+@pytest.mark.parametrize("B,T,H,K,V,dtype,seg", [(2, 200, 3, 32, 16, torch.float32, 64),
+                                                 (1, 201, 2, 16, 64, torch.bfloat16, 64),
+                                                 (1, 130, 1, 64, 32, torch.float16, 128)])
+def test_queued_segment_states(device, monkeypatch, B, T, H, K, V, dtype, seg, lead):
+    """The forward as one work-queue launch (segment-state items and output items alternating, output
+    items waiting on flags) gives the reference, with an initial and a final state and a last segment
+    shorter than the others; its segment states also serve the backward's dq pass. ``lead=0``: output
+    items right behind the states they need."""
+    monkeypatch.setattr(L, "_QUEUE_STATE", True)
+    monkeypatch.setattr(L, "_QUEUE_LEAD", lead)
+    monkeypatch.setattr(L, "_SEG_LEN", seg)
+    _run_and_compare(B, T, H, K, V, dtype, device, init=True, use_final=True)
+
+
+@triton_test
 def test_packed_compiles_with_dynamic_shapes(device, monkeypatch):
     """Under torch.compile with dynamic shapes (what a model sees when the sequence length changes)
     the packed op's fake implementation plans segments from symbolic sizes."""

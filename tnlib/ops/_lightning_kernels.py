@@ -143,27 +143,40 @@ def _segment_local_state(acc, b_base, sb_t, c_base, sc_t, seg_start, seg_end, T,
 
 
 @triton.jit
-def _segments_into_start(P, SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, pid_bh, pid_v, seg,
+def _publish_local_state(SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, pid_bh, pid_v, seg, n_seg, n_v,
+                         seg_start, seg_end, T, slope, rows, offs_k, offs_v, sl_b, sl_h, sl_s, sl_k, sl_v,
+                         BV: tl.constexpr, DK: tl.constexpr, CH: tl.constexpr, REVERSE: tl.constexpr,
+                         DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Compute segment ``seg``'s local end state (``b^T c`` decayed over the segment, zero start) for one
+    (batch, head, value block), store it in ``LOCAL`` and raise its flag in ``SYNC`` (release)."""
+    acc = _segment_local_state(tl.zeros([DK, BV], dtype=tl.float32), b_base, sb_t, c_base, sc_t, seg_start,
+                               seg_end, T, slope, rows, offs_k, offs_v, CH, REVERSE, DOT_PREC, UPCAST)
+    l_ptr = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v) + seg.to(tl.int64) * sl_s
+    tl.store(l_ptr, acc)
+    tl.debug_barrier()  # every thread's part of the state is written before the flag goes up
+    flags = SYNC + 1 + (pid_bh * n_seg) * n_v + pid_v
+    tl.atomic_xchg(flags + seg * n_v, 1, sem="release")
+
+
+@triton.jit
+def _segments_into_start(P, SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, pid_bh, pid_v, seg, n_seg, n_v,
                          seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
-                         sl_b, sl_h, sl_s, sl_k, sl_v, FUSED_STATE: tl.constexpr,
+                         sl_b, sl_h, sl_s, sl_k, sl_v, PUBLISH: tl.constexpr, WAIT: tl.constexpr,
                          CH: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The start state ``P`` of segment ``seg`` with the earlier segments folded in. Without
-    ``FUSED_STATE`` their local states come from the segment-state kernel (``_fold_earlier_segments``).
-    With it, this launch makes them: publish this segment's local end state (``b^T c`` decayed over the
-    segment, zero start) in ``LOCAL`` and raise its flag in ``SYNC``; then wait for the flags of
-    segments ``0 .. seg-1`` of this (batch, head, value block) and fold their states in."""
-    n_v = tl.num_programs(0)
-    flags = SYNC + 1 + (pid_bh * tl.num_programs(1)) * n_v + pid_v
-    if FUSED_STATE:
-        if seg < tl.num_programs(1) - 1:  # the last segment's state is never needed
-            acc = _segment_local_state(tl.zeros(P.shape, dtype=tl.float32), b_base, sb_t, c_base, sc_t, seg_start,
-                                       seg_end, T, slope, rows, offs_k, offs_v, CH, REVERSE, DOT_PREC, UPCAST)
-            l_ptr = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v) + seg.to(tl.int64) * sl_s
-            tl.store(l_ptr, acc)
-            tl.debug_barrier()  # every thread's part of the state is written before the flag goes up
-            tl.atomic_xchg(flags + seg * n_v, 1, sem="release")
+    """The start state ``P`` of segment ``seg`` with the earlier segments folded in. Their local states
+    come from the segment-state kernel, or (``WAIT``) from other programs of this launch, which raise
+    one flag per (batch, head, segment, value block) in ``SYNC``: wait for the flags of segments
+    ``0 .. seg-1`` of this (batch, head, value block). ``PUBLISH``: first compute and publish this
+    segment's own local state (``FUSED_STATE``: every program does its segment's state pass, then its
+    output pass)."""
+    if PUBLISH:
+        if seg < n_seg - 1:  # the last segment's state is never needed
+            _publish_local_state(SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, pid_bh, pid_v, seg, n_seg, n_v,
+                                 seg_start, seg_end, T, slope, rows, offs_k, offs_v, sl_b, sl_h, sl_s, sl_k, sl_v,
+                                 P.shape[1], P.shape[0], CH, REVERSE, DOT_PREC, UPCAST)
+    flags = SYNC + 1 + (pid_bh * n_seg) * n_v + pid_v
     return _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
-                                  sl_b, sl_h, sl_s, sl_k, sl_v, flags, n_v, FUSED_STATE)
+                                  sl_b, sl_h, sl_s, sl_k, sl_v, flags, n_v, WAIT)
 
 
 @triton.jit
@@ -256,6 +269,71 @@ def _segment_state_kernel(
 
 
 @triton.jit
+def _attn_item(pid_v, seg, pid_bh, n_seg, n_v,
+               A, Bp, Cp, O, INIT, LOCAL, FINAL, slope_ptr, E, SYNC, T, H, seg_len,
+               sa_b, sa_t, sa_h, sb_b, sb_t, sb_h, sc_b, sc_t, sc_h, so_b, so_t, so_h,
+               si_b, si_h, si_k, si_v, sl_b, sl_h, sl_s, sl_k, sl_v, sf_b, sf_h, sf_k, sf_v, se_b, se_t, se_h,
+               DK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
+               HAS_INIT: tl.constexpr, INIT_DECAY: tl.constexpr, HAS_LOCAL: tl.constexpr,
+               STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+               GRAD_ACT: tl.constexpr, FAST: tl.constexpr, PUBLISH: tl.constexpr, WAIT: tl.constexpr,
+               SCALE_C: tl.constexpr):
+    """The generic kernel's work for one (value block, segment, batch*head) of ``n_v`` value blocks and
+    ``n_seg`` segments: start state (with the earlier segments folded in), then the chunk sweep."""
+    i_b = pid_bh // H
+    i_h = pid_bh % H
+    slope = tl.load(slope_ptr + i_h).to(tl.float32)
+    lam = tl.exp(-slope)
+
+    rows = tl.arange(0, CH)
+    offs_k = tl.arange(0, DK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+
+    # start state P = lambda * S_{seg_start - 1}
+    if HAS_INIT:
+        P = tl.load(_state_ptrs(INIT, i_b, i_h, si_b, si_h, si_k, si_v, offs_k, offs_v)).to(tl.float32)
+        if INIT_DECAY:
+            P = P * lam
+    else:
+        P = tl.zeros([DK, BV], dtype=tl.float32)
+
+    a_base = A + i_b.to(tl.int64) * sa_b + i_h.to(tl.int64) * sa_h
+    b_base = Bp + i_b.to(tl.int64) * sb_b + i_h.to(tl.int64) * sb_h
+    c_base = Cp + i_b.to(tl.int64) * sc_b + i_h.to(tl.int64) * sc_h
+    o_base = O + i_b.to(tl.int64) * so_b + i_h.to(tl.int64) * so_h
+    e_base = E + i_b.to(tl.int64) * se_b + i_h.to(tl.int64) * se_h
+    seg_start = seg * seg_len
+    seg_end = tl.minimum(seg_start + seg_len, T)
+
+    if HAS_LOCAL:
+        P = _segments_into_start(P, SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, pid_bh, pid_v, seg, n_seg,
+                                 n_v, seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
+                                 sl_b, sl_h, sl_s, sl_k, sl_v, PUBLISH, WAIT, CH, REVERSE, DOT_PREC, UPCAST)
+    mask_dec, qdec = _chunk_decays(rows, slope)
+    U = P
+    for start in range(seg_start, seg_end, CH):
+        valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
+        at = tl.load(a_base + t_phys[:, None] * sa_t + offs_k[None, :], mask=valid[:, None], other=0.0)
+        bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
+        ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+        if GRAD_ACT != 0:  # issued with the other loads, so its latency hides behind the dots
+            et = tl.load(e_base + t_phys[:, None] * se_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+        # inter-chunk part: lambda^r a_r P
+        o = _dot(at, P.to(at.dtype), DOT_PREC, UPCAST) * qdec[:, None]
+        # intra-chunk part: [(A B^T) * M] C
+        s = _dot(at, tl.trans(bt), DOT_PREC, UPCAST) * mask_dec
+        o += _dot(s.to(ct.dtype), ct, DOT_PREC, UPCAST)
+        if GRAD_ACT != 0:
+            o = o * _act_grad(et, GRAD_ACT, FAST)
+        tl.store(o_base + t_phys[:, None] * so_t + offs_v[None, :], o.to(O.dtype.element_ty), mask=valid[:, None])
+        U, P = _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC, UPCAST, SCALE_C)
+
+    if STORE_FINAL:
+        if seg == n_seg - 1:
+            tl.store(_state_ptrs(FINAL, i_b, i_h, sf_b, sf_h, sf_k, sf_v, offs_k, offs_v), U)
+
+
+@triton.jit
 def _lightning_kernel(
     A, Bp, Cp, O, INIT, LOCAL, FINAL, slope_ptr, E, SYNC,
     T, H, seg_len,
@@ -284,59 +362,77 @@ def _lightning_kernel(
     head, value block) — all held by programs that started before it, so the wait always ends — and
     folds their states in before its output pass. The state pass of one program overlaps the output
     passes of others instead of running as a launch of its own."""
-    n_seg = tl.num_programs(1)
     pid_v, seg, pid_bh = _program_ids(SYNC, FUSED_STATE)
-    i_b = pid_bh // H
-    i_h = pid_bh % H
-    slope = tl.load(slope_ptr + i_h).to(tl.float32)
-    lam = tl.exp(-slope)
+    _attn_item(pid_v, seg, pid_bh, tl.num_programs(1), tl.num_programs(0),
+               A, Bp, Cp, O, INIT, LOCAL, FINAL, slope_ptr, E, SYNC, T, H, seg_len,
+               sa_b, sa_t, sa_h, sb_b, sb_t, sb_h, sc_b, sc_t, sc_h, so_b, so_t, so_h,
+               si_b, si_h, si_k, si_v, sl_b, sl_h, sl_s, sl_k, sl_v, sf_b, sf_h, sf_k, sf_v, se_b, se_t, se_h,
+               DK, BV, CH, HAS_INIT, INIT_DECAY, HAS_LOCAL, STORE_FINAL, REVERSE, DOT_PREC, UPCAST,
+               GRAD_ACT, FAST, FUSED_STATE, FUSED_STATE, SCALE_C)
 
-    rows = tl.arange(0, CH)
-    offs_k = tl.arange(0, DK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
 
-    # start state P = lambda * S_{seg_start - 1}
-    if HAS_INIT:
-        P = tl.load(_state_ptrs(INIT, i_b, i_h, si_b, si_h, si_k, si_v, offs_k, offs_v)).to(tl.float32)
-        if INIT_DECAY:
-            P = P * lam
-    else:
-        P = tl.zeros([DK, BV], dtype=tl.float32)
-
-    a_base = A + i_b.to(tl.int64) * sa_b + i_h.to(tl.int64) * sa_h
-    b_base = Bp + i_b.to(tl.int64) * sb_b + i_h.to(tl.int64) * sb_h
-    c_base = Cp + i_b.to(tl.int64) * sc_b + i_h.to(tl.int64) * sc_h
-    o_base = O + i_b.to(tl.int64) * so_b + i_h.to(tl.int64) * so_h
-    e_base = E + i_b.to(tl.int64) * se_b + i_h.to(tl.int64) * se_h
-    seg_start = seg * seg_len
-    seg_end = tl.minimum(seg_start + seg_len, T)
-
-    if HAS_LOCAL:
-        P = _segments_into_start(P, SYNC, LOCAL, b_base, sb_t, c_base, sc_t, i_b, i_h, pid_bh, pid_v, seg,
-                                 seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
-                                 sl_b, sl_h, sl_s, sl_k, sl_v, FUSED_STATE, CH, REVERSE, DOT_PREC, UPCAST)
-    mask_dec, qdec = _chunk_decays(rows, slope)
-    U = P
-    for start in range(seg_start, seg_end, CH):
-        valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
-        at = tl.load(a_base + t_phys[:, None] * sa_t + offs_k[None, :], mask=valid[:, None], other=0.0)
-        bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
-        ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
-        if GRAD_ACT != 0:  # issued with the other loads, so its latency hides behind the dots
-            et = tl.load(e_base + t_phys[:, None] * se_t + offs_v[None, :], mask=valid[:, None], other=0.0)
-        # inter-chunk part: lambda^r a_r P
-        o = _dot(at, P.to(at.dtype), DOT_PREC, UPCAST) * qdec[:, None]
-        # intra-chunk part: [(A B^T) * M] C
-        s = _dot(at, tl.trans(bt), DOT_PREC, UPCAST) * mask_dec
-        o += _dot(s.to(ct.dtype), ct, DOT_PREC, UPCAST)
-        if GRAD_ACT != 0:
-            o = o * _act_grad(et, GRAD_ACT, FAST)
-        tl.store(o_base + t_phys[:, None] * so_t + offs_v[None, :], o.to(O.dtype.element_ty), mask=valid[:, None])
-        U, P = _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC, UPCAST, SCALE_C)
-
-    if STORE_FINAL:
-        if seg == n_seg - 1:
-            tl.store(_state_ptrs(FINAL, i_b, i_h, sf_b, sf_h, sf_k, sf_v, offs_k, offs_v), U)
+@triton.jit
+def _lightning_queue_kernel(
+    A, Bp, Cp, O, INIT, LOCAL, FINAL, slope_ptr, E, SYNC,
+    T, H, seg_len, n_seg, n_bh, lead,
+    sa_b, sa_t, sa_h,
+    sb_b, sb_t, sb_h,
+    sc_b, sc_t, sc_h,
+    so_b, so_t, so_h,
+    si_b, si_h, si_k, si_v,
+    sl_b, sl_h, sl_s, sl_k, sl_v,
+    sf_b, sf_h, sf_k, sf_v,
+    se_b, se_t, se_h,
+    DK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, CH: tl.constexpr,
+    HAS_INIT: tl.constexpr, INIT_DECAY: tl.constexpr,
+    STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    GRAD_ACT: tl.constexpr = 0, FAST: tl.constexpr = True, SCALE_C: tl.constexpr = True,
+):
+    """The generic pass over ``n_seg`` segments with its segment states made in the same launch, by a
+    work queue: a fixed number of programs take tickets from ``SYNC[0]`` until the queue is empty.
+    The queue is a sequence of rounds ``r = 0, 1, ...`` of ``2 * n_bh * NV`` tickets each: first the
+    local end state of segment ``r`` (``b^T c`` over the segment from a zero start, for every (batch,
+    head, value block); published in ``LOCAL`` with a flag in ``SYNC``), then the output pass of
+    segment ``r - lead`` (which waits for the flags of the segments before it and folds their states
+    in). So the bandwidth-bound state items and the output items run side by side on the GPU, and an
+    output item's states were queued ``lead`` rounds or more before it. A ticket is only taken by a
+    running program and waits only on earlier tickets, so every wait ends. Tickets that name no work
+    (no state for the last segment; no output item in the first ``lead`` rounds) are skipped."""
+    n_items = n_bh * NV
+    n_tickets = (n_seg + lead) * 2 * n_items
+    ticket = tl.atomic_add(SYNC, 1)
+    while ticket < n_tickets:
+        rnd = ticket // (2 * n_items)
+        w = ticket % (2 * n_items)
+        is_state = w < n_items
+        idx = tl.where(is_state, w, w - n_items)
+        pid_bh = idx // NV
+        pid_v = idx % NV
+        if is_state:
+            seg = rnd
+            if seg < n_seg - 1:
+                i_b = pid_bh // H
+                i_h = pid_bh % H
+                slope = tl.load(slope_ptr + i_h).to(tl.float32)
+                seg_start = seg * seg_len
+                seg_end = tl.minimum(seg_start + seg_len, T)
+                _publish_local_state(SYNC, LOCAL, Bp + i_b.to(tl.int64) * sb_b + i_h.to(tl.int64) * sb_h, sb_t,
+                                     Cp + i_b.to(tl.int64) * sc_b + i_h.to(tl.int64) * sc_h, sc_t, i_b, i_h,
+                                     pid_bh, pid_v, seg, n_seg, NV, seg_start, seg_end, T, slope, tl.arange(0, CH),
+                                     tl.arange(0, DK), pid_v * BV + tl.arange(0, BV), sl_b, sl_h, sl_s, sl_k, sl_v,
+                                     BV, DK, CH, REVERSE, DOT_PREC, UPCAST)
+        else:
+            seg = rnd - lead
+            if seg >= 0:
+                if seg < n_seg:
+                    _attn_item(pid_v, seg, pid_bh, n_seg, NV,
+                               A, Bp, Cp, O, INIT, LOCAL, FINAL, slope_ptr, E, SYNC, T, H, seg_len,
+                               sa_b, sa_t, sa_h, sb_b, sb_t, sb_h, sc_b, sc_t, sc_h, so_b, so_t, so_h,
+                               si_b, si_h, si_k, si_v, sl_b, sl_h, sl_s, sl_k, sl_v, sf_b, sf_h, sf_k, sf_v,
+                               se_b, se_t, se_h,
+                               DK, BV, CH, HAS_INIT, INIT_DECAY, True, STORE_FINAL, REVERSE, DOT_PREC, UPCAST,
+                               GRAD_ACT, FAST, False, True, SCALE_C)
+        ticket = tl.atomic_add(SYNC, 1)
 
 
 @triton.jit
@@ -396,9 +492,9 @@ def _dkdv_kernel(
     seg_start = seg * seg_len
     seg_end = tl.minimum(seg_start + seg_len, T)
     if HAS_LOCAL:  # states of q^T dO, reverse time
-        P = _segments_into_start(P, SYNC, LOCAL, q_base, sq_t, d_base, sd_t, i_b, i_h, pid_bh, pid_v, seg,
-                                 seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
-                                 sl_b, sl_h, sl_s, sl_k, sl_v, FUSED_STATE, CH, True, DOT_PREC, UPCAST)
+        P = _segments_into_start(P, SYNC, LOCAL, q_base, sq_t, d_base, sd_t, i_b, i_h, pid_bh, pid_v, seg, n_seg,
+                                 tl.num_programs(0), seg_start, seg_end, seg_len, T, slope, lam, rows, offs_k, offs_v,
+                                 sl_b, sl_h, sl_s, sl_k, sl_v, FUSED_STATE, FUSED_STATE, CH, True, DOT_PREC, UPCAST)
     mask_dec, qdec = _chunk_decays(rows, slope)
     U = P
     for start in range(seg_start, seg_end, CH):

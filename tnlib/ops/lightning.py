@@ -64,6 +64,13 @@ _LOCAL_CONFIG_OVERRIDE: Optional[tuple] = None
 #: Measured slower on the H200 at every target and length tried (32K: forward 0.62 vs 0.54 ms;
 #: results/bench/variants-fused-state-h200.json): off, kept as a tested variant for re-measurement.
 _FUSED_STATE = False
+#: Forward with segments: one launch of a fixed number of programs working through a queue in which the
+#: segment-state items and the output items alternate (``_lightning_queue_kernel``), instead of the
+#: segment-state kernel followed by the output kernel. ``_QUEUE_LEAD``: rounds by which a segment's state
+#: items run ahead of the output items that need them; ``_QUEUE_PROGRAMS``: programs per SM.
+_QUEUE_STATE = False
+_QUEUE_LEAD = 2
+_QUEUE_PROGRAMS = 2
 #: Backward: dk and dv from one fused reverse sweep (True) or two passes of the generic kernel.
 _FUSED_DKDV = True
 #: Generic kernel's state update: scale the value tile (True) or the key tile (False); see _chunk_state
@@ -248,6 +255,39 @@ def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len,
     return o, (final_t if want_final else None)
 
 
+def _n_programs(device, n_tickets: int) -> int:
+    """Programs of a queue launch: ``_QUEUE_PROGRAMS`` per SM (a few under the interpreter)."""
+    if device.type != "cuda":
+        return min(n_tickets, 3)
+    return min(n_tickets, _QUEUE_PROGRAMS * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def _attn_queue(a, b, c, slope, init, init_decay, want_final, local, seg_len, nseg, out_dtype):
+    """The forward pass over segments as one queue launch that also fills ``local`` (the segment states;
+    see ``_lightning_queue_kernel``)."""
+    K = _kernels()
+    B, T, H, DK = a.shape
+    DV = c.shape[3]
+    fp32 = a.dtype == torch.float32
+    ch, bv, nw, ns = _config(DK, DV, fp32)
+    nv = DV // bv
+    o = _alloc((B, T, H, DV), out_dtype, a.device)
+    final_t, sf = _optional(_alloc((B, H, DK, DV), torch.float32, a.device) if want_final else None, o, 4)
+    init_t, si = _optional(init, o, 4)
+    lead = int(_QUEUE_LEAD)
+    n_tickets = (nseg + lead) * 2 * B * H * nv
+    sync = torch.zeros(1 + B * H * nseg * nv, dtype=torch.int32, device=a.device)
+    K._lightning_queue_kernel[(_n_programs(a.device, n_tickets),)](
+        a, b, c, o, init_t, local, final_t, slope, o, sync, T, H, seg_len, nseg, B * H, lead,
+        *_strides3(a), *_strides3(b), *_strides3(c), *_strides3(o),
+        *si, *local.stride(), *sf, 0, 0, 0,
+        DK=DK, BV=bv, NV=nv, CH=ch, HAS_INIT=init is not None, INIT_DECAY=init_decay,
+        STORE_FINAL=want_final, REVERSE=False, DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a),
+        FAST=not interpreting(), SCALE_C=_scale_value_tile(DK, fp32), num_warps=nw, num_stages=ns,
+    )
+    return o, (final_t if want_final else None)
+
+
 def _use_fused_dkdv(DK: int, DV: int, fp32: bool) -> bool:
     """dk and dv in one sweep needs the whole state [DK, DV] in one CTA's registers."""
     if not _FUSED_DKDV or DK > 128 or DV > 128:
@@ -288,9 +328,13 @@ def _forward_impl(q, k, v, slope, initial_state, output_final_state):
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
     seg_len, nseg = _plan_for(q, v)
-    local = _segment_states(k, v, slope, seg_len, nseg, False, _FUSED_STATE)
-    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype,
-                     fused_state=_FUSED_STATE)
+    queue = _QUEUE_STATE and nseg > 1
+    local = _segment_states(k, v, slope, seg_len, nseg, False, _FUSED_STATE or queue)
+    if queue:
+        o, final = _attn_queue(q, k, v, slope, initial_state, True, output_final_state, local, seg_len, nseg, v.dtype)
+    else:
+        o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg,
+                         v.dtype, fused_state=_FUSED_STATE)
     return o, final, local
 
 
