@@ -67,7 +67,9 @@ _FUSED_STATE = False
 #: Forward with segments: one launch of a fixed number of programs working through a queue in which the
 #: segment-state items and the output items alternate (``_lightning_queue_kernel``), instead of the
 #: segment-state kernel followed by the output kernel. ``_QUEUE_LEAD``: rounds by which a segment's state
-#: items run ahead of the output items that need them; ``_QUEUE_PROGRAMS``: programs per SM.
+#: items run ahead of the output items that need them; ``_QUEUE_PROGRAMS``: programs per SM. Measured
+#: slower on the H200 (D=128, 16K: 0.61-0.66 vs 0.53 ms; 32K: 0.63 vs 0.55; results/bench/
+#: variants-queue-h200.json): off, kept as a tested variant.
 _QUEUE_STATE = False
 _QUEUE_LEAD = 2
 _QUEUE_PROGRAMS = 2
