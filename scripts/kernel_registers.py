@@ -55,9 +55,9 @@ CASES = [
 # the queue kernel at the kernel benchmark's 32K shape: contiguous [B, T, H, D] q, k, v, o (B=2, T=32768,
 # H=16, D=128), 8 segments of 4,096 tokens
 _QB, _QT, _QH = 2, 32768, 16
-_qs = dict(zip("btv", (_QT * _QH * D, _QH * D, D)))
+_qs = dict(b=_QT * _QH * D, t=_QH * D, h=D)  # batch, time and head strides of every tensor
 QUEUE_INTS = dict(T=_QT, H=_QH, seg_len=4096, n_seg=8, n_bh=_QB * _QH, lead=2,
-                  **{f"s{x}_{k}": _qs[k if k != "h" else "v"] for x in "abco" for k in "bth"},
+                  **{f"s{x}_{k}": _qs[k] for x in "abco" for k in "bth"},
                   si_b=0, si_h=0, si_k=0, si_v=0, sl_b=_QH * 7 * D * D, sl_h=7 * D * D, sl_s=D * D, sl_k=D, sl_v=1,
                   sf_b=0, sf_h=0, sf_k=0, sf_v=0, se_b=0, se_t=0, se_h=0)
 

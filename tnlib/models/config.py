@@ -21,9 +21,7 @@ CHOICES = {
     "qk_act": ("silu", "1+elu", "none"),
     "glu_act": ("none", "silu"),
     "norm": ("srms", "rms", "layer"),
-    # dtype of the residual stream between blocks: "params" (the embedding's, i.e. fp32 with fp32 weights
-    # under autocast: the default) or "compute" (the autocast dtype when autocast is on: a bf16 stream, as
-    # when the whole model is held in bf16)
+    # dtype of the residual stream between blocks under autocast (see ModelConfig.residual_dtype)
     "residual_dtype": ("params", "compute"),
 }
 

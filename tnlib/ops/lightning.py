@@ -226,13 +226,14 @@ def _epilogue_and_sync(grad_act, pre, local, fused_state, n_programs, stand_in):
 
 
 def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype,
-          grad_act=0, pre=None, out=None, cfg=None, fused_state=False):
+          grad_act=0, pre=None, out=None, cfg=None, fused_state=False, queue=False):
     """One pass of the generic kernel (see the module docstring of ``_lightning_kernels``).
 
     ``grad_act``: multiply the output by the q/k feature map's derivative at ``pre`` (``[B, T, H, DV]``,
     see ``ACT_CODES``); ``out``: write into this (possibly strided) tensor instead of a new one;
     ``cfg``: (chunk, BV, num_warps, num_stages) instead of ``_config``'s; ``fused_state``: ``local``
-    is an output, filled by this launch (see ``FUSED_STATE`` in the kernel)."""
+    is an output, filled by this launch (see ``FUSED_STATE`` in the kernel); ``queue`` (with segments):
+    the same, by the work-queue launch ``_lightning_queue_kernel`` (``_QUEUE_STATE``)."""
     K = _kernels()
     B, T, H, DK = a.shape
     DV = c.shape[3]
@@ -242,18 +243,23 @@ def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len,
     final_t, sf = _optional(_alloc((B, H, DK, DV), torch.float32, a.device) if want_final else None, o, 4)
     init_t, si = _optional(init, o, 4)
     loc_t, sl = _optional(local, o, 5)
-    grid = (DV // bv, nseg, B * H)
-    pre_t, se, fused, sync = _epilogue_and_sync(grad_act, pre, local, fused_state, B * H * nseg * (DV // bv), o)
-    K._lightning_kernel[grid](
-        a, b, c, o, init_t, loc_t, final_t, slope, pre_t, sync, T, H, seg_len,
-        *_strides3(a), *_strides3(b), *_strides3(c), *_strides3(o),
-        *si, *sl, *sf, *se,
-        DK=DK, BV=bv, CH=ch, HAS_INIT=init is not None, INIT_DECAY=init_decay,
-        HAS_LOCAL=local is not None, STORE_FINAL=want_final, REVERSE=reverse,
-        DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a),
-        GRAD_ACT=grad_act, FAST=not interpreting(), FUSED_STATE=fused, SCALE_C=_scale_value_tile(DK, fp32),
-        num_warps=nw, num_stages=ns,
-    )
+    nv = DV // bv
+    strides = (*_strides3(a), *_strides3(b), *_strides3(c), *_strides3(o), *si, *sl, *sf)
+    meta = dict(DK=DK, BV=bv, CH=ch, HAS_INIT=init is not None, INIT_DECAY=init_decay, STORE_FINAL=want_final,
+                REVERSE=reverse, DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a), GRAD_ACT=grad_act,
+                FAST=not interpreting(), SCALE_C=_scale_value_tile(DK, fp32), num_warps=nw, num_stages=ns)
+    if queue:
+        pre_t, se, _, _ = _epilogue_and_sync(grad_act, pre, None, False, 0, o)
+        lead = int(_QUEUE_LEAD)
+        sync = torch.zeros(1 + B * H * nseg * nv, dtype=torch.int32, device=a.device)  # ticket counter + flags
+        K._lightning_queue_kernel[(_n_programs(a.device, (nseg + lead) * 2 * B * H * nv),)](
+            a, b, c, o, init_t, local, final_t, slope, pre_t, sync, T, H, seg_len, nseg, B * H, lead,
+            *strides, *se, NV=nv, **meta)
+    else:
+        pre_t, se, fused, sync = _epilogue_and_sync(grad_act, pre, local, fused_state, B * H * nseg * nv, o)
+        K._lightning_kernel[(nv, nseg, B * H)](
+            a, b, c, o, init_t, loc_t, final_t, slope, pre_t, sync, T, H, seg_len, *strides, *se,
+            HAS_LOCAL=local is not None, FUSED_STATE=fused, **meta)
     return o, (final_t if want_final else None)
 
 
@@ -262,32 +268,6 @@ def _n_programs(device, n_tickets: int) -> int:
     if device.type != "cuda":
         return min(n_tickets, 3)
     return min(n_tickets, _QUEUE_PROGRAMS * torch.cuda.get_device_properties(device).multi_processor_count)
-
-
-def _attn_queue(a, b, c, slope, init, init_decay, want_final, local, seg_len, nseg, out_dtype):
-    """The forward pass over segments as one queue launch that also fills ``local`` (the segment states;
-    see ``_lightning_queue_kernel``)."""
-    K = _kernels()
-    B, T, H, DK = a.shape
-    DV = c.shape[3]
-    fp32 = a.dtype == torch.float32
-    ch, bv, nw, ns = _config(DK, DV, fp32)
-    nv = DV // bv
-    o = _alloc((B, T, H, DV), out_dtype, a.device)
-    final_t, sf = _optional(_alloc((B, H, DK, DV), torch.float32, a.device) if want_final else None, o, 4)
-    init_t, si = _optional(init, o, 4)
-    lead = int(_QUEUE_LEAD)
-    n_tickets = (nseg + lead) * 2 * B * H * nv
-    sync = torch.zeros(1 + B * H * nseg * nv, dtype=torch.int32, device=a.device)
-    K._lightning_queue_kernel[(_n_programs(a.device, n_tickets),)](
-        a, b, c, o, init_t, local, final_t, slope, o, sync, T, H, seg_len, nseg, B * H, lead,
-        *_strides3(a), *_strides3(b), *_strides3(c), *_strides3(o),
-        *si, *local.stride(), *sf, 0, 0, 0,
-        DK=DK, BV=bv, NV=nv, CH=ch, HAS_INIT=init is not None, INIT_DECAY=init_decay,
-        STORE_FINAL=want_final, REVERSE=False, DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a),
-        FAST=not interpreting(), SCALE_C=_scale_value_tile(DK, fp32), num_warps=nw, num_stages=ns,
-    )
-    return o, (final_t if want_final else None)
 
 
 def _use_fused_dkdv(DK: int, DV: int, fp32: bool) -> bool:
@@ -332,11 +312,8 @@ def _forward_impl(q, k, v, slope, initial_state, output_final_state):
     seg_len, nseg = _plan_for(q, v)
     queue = _QUEUE_STATE and nseg > 1
     local = _segment_states(k, v, slope, seg_len, nseg, False, _FUSED_STATE or queue)
-    if queue:
-        o, final = _attn_queue(q, k, v, slope, initial_state, True, output_final_state, local, seg_len, nseg, v.dtype)
-    else:
-        o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg,
-                         v.dtype, fused_state=_FUSED_STATE)
+    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype,
+                     fused_state=_FUSED_STATE, queue=queue)
     return o, final, local
 
 
