@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tnlib import create_model
 from tnlib.nn import Linear
 from tnlib.ops.gemv import GEMV_MAX_ROWS, gemv, gemv_supported
-from tnlib.testing import assert_close, stepwise_logits
+from tnlib.testing import assert_close
 
 
 @pytest.mark.triton
@@ -36,25 +36,36 @@ def test_gemv_leading_dims_and_strided_input(device):
 
 
 @pytest.mark.triton
-def test_tiny_model_decode_through_gemv_matches_parallel(device, monkeypatch):
-    """A whole decode (every projection and the tied head through the kernel) == the parallel forward."""
-    import tnlib.nn.linear as linear
+def test_tiny_model_decode_through_gemv_matches_parallel(device):
+    """A whole decode traced by torch.compile (where every projection and the tied head go through the
+    kernel) == the parallel forward."""
+    import tnlib.ops.gemv as gemv_mod
 
-    monkeypatch.setattr(linear, "GEMV_EAGER", True)  # eager calls use the kernel too (default: compiled/captured)
     torch.manual_seed(0)
     m = create_model("tnl-tiny", vocab_size=101, n_layers=2).to(device).eval()
     ids = torch.randint(0, 101, (1, 12), device=device)
+    step = torch.compile(m.step, backend="eager", dynamic=False)
+    launches = []
+    kernel = gemv_mod._gemv_kernel
     with torch.no_grad():
-        assert linear.use_gemv(torch.zeros(1, 1, m.config.d_model, device=device), m.embed.weight)
         full = m(ids)
-    assert_close(stepwise_logits(m, ids, 8), full.double(), dtype=torch.float32, tol=1e-4, name="logits")
+        logits, cache = m.step(ids[:, :8])
+        steps = [logits]
+        orig_run = kernel.run
+        kernel.run = lambda *a, **k: launches.append(1) or orig_run(*a, **k)
+        try:
+            for t in range(8, 12):
+                lg, cache = step(ids[:, t: t + 1], cache)
+                steps.append(lg)
+        finally:
+            kernel.run = orig_run
+    assert len(launches) >= 4 * (2 * 5 + 1)  # 5 products per layer (q|k|v|u, o, l1, l2, l3) + the head
+    assert_close(torch.cat(steps, 1), full.double(), dtype=torch.float32, tol=1e-4, name="logits")
 
 
 @pytest.mark.triton
 def test_dispatch_rules(device):
     """Where the kernel can run: at most GEMV_MAX_ROWS rows, one dtype, no autograd, no bias."""
-    import tnlib.nn.linear as linear
-
     w = torch.randn(8, 16, device=device)
     x = torch.randn(1, 16, device=device)
     with torch.no_grad():
@@ -63,8 +74,9 @@ def test_dispatch_rules(device):
         assert not gemv_supported(x.double(), w)  # dtype mismatch
     assert not gemv_supported(x, w.clone().requires_grad_())  # training: autograd needs F.linear
     lin = Linear(16, 8, bias=True).to(device)
-    with torch.no_grad(), linear.force_gemv():
-        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # a bias keeps F.linear
+    with torch.no_grad():
+        traced = torch.compile(lin, backend="eager")
+        assert torch.equal(traced(x), F.linear(x, lin.weight, lin.bias))  # a bias keeps F.linear
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="CPU tensors take the kernel when interpreted")
@@ -81,15 +93,15 @@ def test_cpu_keeps_f_linear():
 
 
 @pytest.mark.triton
-def test_gemv_only_when_compiled_unless_forced(device, monkeypatch):
+def test_gemv_only_when_compiled_or_captured(device):
     import tnlib.nn.linear as linear
 
     w = torch.randn(8, 16, device=device)
     x = torch.randn(1, 16, device=device)
     with torch.no_grad():
         assert gemv_supported(x, w) and not linear.use_gemv(x, w)  # eager: cuBLAS
-        with linear.force_gemv():
-            assert linear.use_gemv(x, w)
-            monkeypatch.setattr(linear, "USE_GEMV", False)
-            assert not linear.use_gemv(x, w)
-        assert not linear.GEMV_EAGER  # restored on leaving the block
+        seen = []
+        torch.compile(lambda x: seen.append(linear.use_gemv(x, w)) or x, backend="eager")(x)
+        assert seen == [True]
+        off = Linear(16, 8, bias=False, gemv=False).to(device)
+        assert torch.equal(torch.compile(off, backend="eager")(x), F.linear(x, off.weight))

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from tnlib import create_model
-from tnlib.generate import generate, sample_next, stream_generate
+import tnlib
+from tnlib import create_model, generate, stream_generate
+from tnlib.generation import DECODERS, auto_decoder, sample_next
 from tnlib.testing import stepwise_logits
 
 PRESETS = ["tnl-tiny", "transformer-tiny"]
@@ -110,7 +111,7 @@ def test_clear_errors():
 @pytest.mark.parametrize("fuse", [False, True])
 def test_static_decode_step_matches_eager(fuse):
     """The buffers-in-place step that CUDA graphs capture (optionally torch.compile'd) == model.step."""
-    from tnlib.generate import StaticDecodeStep
+    from tnlib.generation import StaticDecodeStep
 
     torch.manual_seed(5)
     m = create_model("tnl-tiny", vocab_size=101, n_layers=2).eval()
@@ -123,15 +124,74 @@ def test_static_decode_step_matches_eager(fuse):
     assert torch.equal(static.cache.positions, cache.positions)
 
 
-def test_step_matvec_variants_agree(monkeypatch):
-    """The decode step's o = q S as einsum (default) or multiply + sum: the same logits (float64)."""
-    import tnlib.nn.gla as gla
+def test_public_api_and_decoder_choice():
+    """``tnlib.generate`` is the function; ``decoder="auto"`` is eager on a CPU; graph decoders refuse
+    a CPU model or the Transformer with a clear error; unknown names are refused."""
+    assert tnlib.generate is generate and callable(tnlib.stream_generate)
+    assert DECODERS == ("auto", "eager", "graph", "compiled-graph")
+    m = tiny("tnl-tiny")
+    ids = torch.randint(0, 101, (1, 5))
+    assert auto_decoder(m, ids, 10) == "eager"
+    assert torch.equal(generate(m, ids, 6), generate(m, ids, 6, decoder="eager"))
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        generate(m, ids, 3, decoder="fast")
+    for preset in PRESETS:
+        with pytest.raises(ValueError, match="CUDA"):
+            generate(tiny(preset), ids, 3, decoder="graph")
 
-    torch.manual_seed(0)
-    model = create_model("tnl-tiny", vocab_size=300).double().eval()
-    ids = torch.randint(0, 300, (2, 30))
-    outs = []
-    for mode in ("einsum", "sum"):
-        monkeypatch.setattr(gla, "STEP_MATVEC", mode)
-        outs.append(stepwise_logits(model, ids, 20)[:, 20:])  # the decode steps' logits
-    assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-12)
+
+class _FakeGraphDecoder:
+    """Stands in for ``GraphDecoder`` on a CPU: counts builds, decodes eagerly from the loaded cache."""
+
+    built = 0
+
+    def __init__(self, model, cache, fuse=False):
+        type(self).built += 1
+        self.model, self.fuse = model, fuse
+        self.load(cache)
+
+    def load(self, cache):
+        self.cache = cache
+
+    def decode(self, tokens):
+        logits, self.cache = self.model.step(tokens, self.cache)
+        return logits
+
+
+def test_graph_decoders_are_built_once_per_model_and_batch(monkeypatch):
+    """The decoder cache: a second call (new prompt, same batch size) reuses the decoder and gives the
+    tokens of a fresh one; another batch size or a ``model.to(dtype)`` builds a new one."""
+    from tnlib import generation
+
+    monkeypatch.setattr(generation, "GraphDecoder", _FakeGraphDecoder)
+    monkeypatch.setattr(generation, "_graph_capable", lambda model, ids: model.config.arch == "tnl")
+    _FakeGraphDecoder.built = 0
+    m = tiny("tnl-tiny")
+    a, b = torch.randint(0, 101, (2, 1, 9))
+    want = [generate(m, p, 5, decoder="eager") for p in (a, b)]
+    assert torch.equal(generate(m, a, 5, decoder="compiled-graph"), want[0])
+    assert torch.equal(generate(m, b, 5, decoder="compiled-graph"), want[1])
+    assert _FakeGraphDecoder.built == 1
+    assert list(generation.decoder_cache(m)) == [("compiled-graph", 1)]
+    generate(m, torch.cat([a, b]), 5, decoder="compiled-graph")  # batch 2
+    generate(m, a, 5, decoder="graph")  # another decoder
+    assert _FakeGraphDecoder.built == 3
+    m.float()  # new tensors: the cached decoders are stale
+    generate(m, a, 5, decoder="compiled-graph")
+    assert _FakeGraphDecoder.built == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("decoder", ["graph", "compiled-graph"])
+def test_graph_decoders_match_eager_on_gpu(decoder):
+    torch.manual_seed(7)
+    m = create_model("tnl-tiny", vocab_size=101, n_layers=2).cuda().eval()
+    for T in (9, 30):  # the second prompt reuses the decoder built for the first
+        ids = torch.randint(0, 101, (1, T), device="cuda")
+        got = generate(m, ids, 8, decoder=decoder)
+        with torch.no_grad():
+            logits = m(got)
+        # fp32 with TF32/GEMV rounding: every token is the argmax, or within 1e-3 of it
+        top = logits[0, T - 1: -1].max(-1).values
+        chosen = logits[0, T - 1: -1].gather(-1, got[0, T:, None])[:, 0]
+        assert ((top - chosen) <= 1e-3 * top.abs().clamp(min=1)).all()

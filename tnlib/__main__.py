@@ -70,7 +70,7 @@ def cmd_generate(a):
     import torch
 
     from .data import load_tokenizer
-    from .generate import stream_generate
+    from .generation import stream_generate
     from .models import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,7 +86,7 @@ def cmd_generate(a):
     print(a.prompt, end="", flush=True)
     out = []
     for t in stream_generate(model, torch.tensor([ids]), a.max_new_tokens, a.temperature, a.top_k, a.top_p,
-                             eos_token_id=eot, generator=g, fuse_step=a.fused):
+                             eos_token_id=eot, generator=g, decoder="compiled-graph" if a.fused else "auto"):
         if int(t[0]) == eot:
             break
         out.append(int(t[0]))

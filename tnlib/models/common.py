@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..nn.linear import linear
+from ..nn.linear import Linear, linear
 
 __all__ = ["init_weights", "check_input_ids", "left_pad_positions", "CausalLM"]
 
@@ -75,7 +75,14 @@ class CausalLM(nn.Module):
     def logits(self, h):
         """Final norm, then the LM head (tied to the embedding unless ``tie_embeddings=False``)."""
         h = self.final_norm(h)
-        return linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
+        return linear(h, self.embed.weight, gemv=self.config.decode_gemv) if self.lm_head is None else self.lm_head(h)
+
+    def gemv_weights(self) -> list:
+        """The weights that a decode step may send to ``tnlib.ops.gemv`` (for ``autotune_gemv``)."""
+        ws = [m.weight for m in self.modules() if isinstance(m, Linear) and m.gemv and m.bias is None]
+        if self.lm_head is None and self.config.decode_gemv:
+            ws.append(self.embed.weight)
+        return ws
 
     def lm_loss(self, h, targets, chunk: int = 8192):
         """Mean next-token cross-entropy from the last hidden states ``h`` (``[B, T, d]``) against

@@ -60,9 +60,12 @@ class ModelConfig:
     init_std: float = 0.02
     checkpointing: bool = False
     # the residual stream between blocks under autocast: "compute" = the autocast dtype (bf16), as in the
-    # paper's FSDP bf16 mixed precision; "params" = the parameters' dtype (fp32). A/B on 24M tokens of
-    # tnl-385m: same validation loss (results/ablation/residual-dtype), 3% faster training step.
+    # paper's bf16 mixed precision; "params" = the parameters' dtype (fp32). Same validation loss, faster
+    # step: results/ablation/residual-dtype/NOTES.md.
     residual_dtype: str = "compute"
+    # implementation choices (same parameters and results; defaults measured fastest, results/bench/NOTES-model.md)
+    packed_attention: bool = True  # GLA layers without LRPE train through lightning_attention_packed
+    decode_gemv: bool = True  # few-row products in compiled/captured decode steps use tnlib.ops.gemv
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):

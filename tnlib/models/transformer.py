@@ -50,8 +50,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim, self.theta = cfg.n_heads, cfg.head_dim, cfg.rope_theta
-        self.qkv_proj = Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv_proj = Linear(cfg.d_model, 3 * cfg.d_model, bias=False, gemv=cfg.decode_gemv)
+        self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=False, gemv=cfg.decode_gemv)
 
     def forward(self, x, offset=0, past=None, key_valid=None, want_kv=False):
         """Causal attention. ``past=(k, v)`` continues a sequence; ``key_valid`` ([B, L] bool) masks
@@ -79,11 +79,11 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, gemv: bool = True):
         super().__init__()
-        self.w1 = Linear(d_model, hidden, bias=False)
-        self.w3 = Linear(d_model, hidden, bias=False)
-        self.w2 = Linear(hidden, d_model, bias=False)
+        self.w1 = Linear(d_model, hidden, bias=False, gemv=gemv)
+        self.w3 = Linear(d_model, hidden, bias=False, gemv=gemv)
+        self.w2 = Linear(hidden, d_model, bias=False, gemv=gemv)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -95,7 +95,7 @@ class TransformerBlock(nn.Module):
         self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.glu_dim)
+        self.mlp = SwiGLU(cfg.d_model, cfg.glu_dim, gemv=cfg.decode_gemv)
 
     def forward(self, x, offset=0, past=None, key_valid=None, want_kv=False):
         h = self.attn(self.attn_norm(x), offset, past, key_valid, want_kv)
@@ -119,7 +119,7 @@ class Transformer(CausalLM):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False, gemv=cfg.decode_gemv)
         init_weights(self, cfg.init_std)
 
     @torch.no_grad()

@@ -36,7 +36,7 @@ class TNLBlock(nn.Module):
         self.token_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.token_mixer = GatedLinearAttention(cfg, layer_idx)
         self.channel_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.channel_mixer = SGLU(cfg.d_model, cfg.glu_dim, cfg.glu_act)
+        self.channel_mixer = SGLU(cfg.d_model, cfg.glu_dim, cfg.glu_act, gemv=cfg.decode_gemv)
 
     def forward(self, x, state=None, offset=0, return_state=False, pad_mask=None):
         h = self.token_mixer(self.token_norm(x), state=state, offset=offset, return_state=return_state, pad_mask=pad_mask)
@@ -59,7 +59,7 @@ class TransNormerLLM(CausalLM):
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positional == "ape" else None
         self.layers = nn.ModuleList(TNLBlock(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False, gemv=cfg.decode_gemv)
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         init_weights(self, cfg.init_std)
 

@@ -20,61 +20,37 @@ from torch import nn
 
 from .. import ops as _ops
 from .decay import decay_slopes
-from ..ops.gemv import GEMV_MAX_ROWS
 from .linear import Linear, linear
 from .lrpe import LRPE
 from .norm import build_norm
 
-__all__ = ["GatedLinearAttention", "SGLU", "attention_backend"]
-
-#: How the one-token decode step forms ``o = q S``: ``"einsum"`` (a batched matrix-vector product,
-#: the measured default) or ``"sum"`` (multiply and reduce over K: under ``torch.compile`` it can fuse
-#: with the state update into one kernel instead of a separate cuBLAS call per layer; to be timed).
-STEP_MATVEC = "einsum"
-
-#: Training path without LRPE (every layer but 0 in the paper's scheme): hand the pre-activation
-#: ``q | k | v`` block of the projection to :func:`tnlib.ops.lightning_attention_packed`, whose backward
-#: kernels return the gradient of that block as one buffer (the feature map's derivative applied
-#: inside them), and compute ``u`` with its own product from the same fused weight (so no gradient
-#: concatenation is needed).
-#: False keeps the unfused form (one product, split, activation, attention) for comparison.
-USE_PACKED = True
-
-#: SGLU: compute ``l1(x)`` and ``l2(x)`` with one matrix product over the two weights side by side (one
-#: larger GEMM forward and backward) instead of two. Same parameters; a benchmark switch.
-FUSED_SGLU = False
+__all__ = ["GatedLinearAttention", "SGLU"]
 
 
 def _qk_activation(name: str):
     """The q/k feature map ``phi`` by config name ("silu", "1+elu", "none"): the one definition in
-    ``tnlib.ops.lightning`` that the packed kernel path applies too."""
+    ``tnlib.ops.lightning`` that the packed path applies too."""
     if name not in _ops.lightning.ACT_CODES:
         raise ValueError(f"unknown q/k activation {name!r}")
     return functools.partial(_ops.lightning.feature_map_reference, act=_ops.lightning.ACT_CODES[name])
 
 
-def attention_backend():
-    """The decayed linear attention used by the model: the Triton kernel when available, else chunked."""
-    fn = getattr(_ops, "lightning_attention", None)
-    if fn is not None:
-        return fn
-
-    def chunked(q, k, v, slope, initial_state=None, output_final_state=False):
-        return _ops.linear_attention_chunked(q, k, v, slope, initial_state, output_final_state, block_size=64)
-
-    return chunked
-
-
 class GatedLinearAttention(nn.Module):
-    """TransNormerLLM's token mixer for one layer (``layer_idx`` sets LRPE and the decay)."""
+    """TransNormerLLM's token mixer for one layer (``layer_idx`` sets LRPE and the decay).
+
+    ``cfg.packed_attention``: layers without LRPE train through ``tnlib.ops.lightning_attention_packed``
+    (the activation's backward and the q|k|v gradient as one buffer inside the kernels; ``u`` from its
+    own product with the same fused weight). Same parameters and outputs either way.
+    """
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
         d, H = cfg.d_model, cfg.n_heads
         self.n_heads, self.head_dim, self.layer_idx = H, cfg.head_dim, layer_idx
         self.gate = cfg.gate
-        self.qkvu_proj = Linear(d, (4 if cfg.gate else 3) * d, bias=False)
-        self.out_proj = Linear(d, d, bias=False)
+        self.packed = cfg.packed_attention
+        self.qkvu_proj = Linear(d, (4 if cfg.gate else 3) * d, bias=False, gemv=cfg.decode_gemv)
+        self.out_proj = Linear(d, d, bias=False, gemv=cfg.decode_gemv)
         self.qk_act = cfg.qk_act
         self.act = _qk_activation(cfg.qk_act)
         self.lrpe = LRPE(H, cfg.head_dim, learnable=cfg.lrpe_learnable) if cfg.lrpe_on(layer_idx) else None
@@ -94,8 +70,7 @@ class GatedLinearAttention(nn.Module):
         """
         B, T, d = x.shape
         H, D = self.n_heads, self.head_dim
-        if (USE_PACKED and self.lrpe is None and state is None and not return_state and pad_mask is None
-                and _ops.lightning._use_kernel(x) and attention_backend() is _ops.lightning_attention):
+        if self.packed and self.lrpe is None and state is None and not return_state and pad_mask is None:
             return self._forward_packed(x)
         parts = self.qkvu_proj(x).chunk(4 if self.gate else 3, dim=-1)
         q, k, v = (p.reshape(B, T, H, D) for p in parts[:3])
@@ -109,9 +84,9 @@ class GatedLinearAttention(nn.Module):
             o, state = self.recurrent_step(q[:, 0], k[:, 0], v[:, 0], slope, state)
             o = o[:, None]
         elif state is not None or return_state:
-            o, state = attention_backend()(q, k, v, slope, initial_state=state, output_final_state=True)
+            o, state = _ops.lightning_attention(q, k, v, slope, initial_state=state, output_final_state=True)
         else:
-            o, state = attention_backend()(q, k, v, slope), None
+            o, state = _ops.lightning_attention(q, k, v, slope), None
         o = self.norm(o.reshape(B, T, d))
         if self.gate:
             o = o * parts[3]
@@ -119,13 +94,13 @@ class GatedLinearAttention(nn.Module):
         return (out, state) if return_state else out
 
     def _forward_packed(self, x):
-        """The same layer through the packed kernel path (see ``USE_PACKED``): identical parameters."""
+        """The same layer through ``lightning_attention_packed`` (see the class docstring)."""
         B, T, d = x.shape
-        w = self.qkvu_proj.weight
-        o = _ops.lightning_attention_packed(linear(x, w[: 3 * d]), self.slope.float(), self.n_heads, self.qk_act)
+        w, gemv = self.qkvu_proj.weight, self.qkvu_proj.gemv
+        o = _ops.lightning_attention_packed(linear(x, w[: 3 * d], gemv=gemv), self.slope.float(), self.n_heads, self.qk_act)
         o = self.norm(o.reshape(B, T, d))
         if self.gate:
-            o = o * linear(x, w[3 * d:])
+            o = o * linear(x, w[3 * d:], gemv=gemv)
         return self.out_proj(o)
 
     @staticmethod
@@ -138,29 +113,23 @@ class GatedLinearAttention(nn.Module):
         cd = state.dtype
         lam = torch.exp(-slope.to(cd))[None, :, None, None]
         state = lam * state + k.to(cd)[..., :, None] * v.to(cd)[..., None, :]
-        if STEP_MATVEC == "sum":
-            o = (q.to(cd)[..., :, None] * state).sum(-2)
-        else:
-            o = torch.einsum("bhk,bhkv->bhv", q.to(cd), state)
+        o = torch.einsum("bhk,bhkv->bhv", q.to(cd), state)
         return o.to(v.dtype), state
 
 
 class SGLU(nn.Module):
     """``l3(act(l1(x)) * l2(x))``; ``act`` is the identity for SGLU (the paper's choice)."""
 
-    def __init__(self, d_model: int, glu_dim: int, act: str = "none"):
+    def __init__(self, d_model: int, glu_dim: int, act: str = "none", gemv: bool = True):
         super().__init__()
-        self.l1 = Linear(d_model, glu_dim, bias=False)
-        self.l2 = Linear(d_model, glu_dim, bias=False)
-        self.l3 = Linear(glu_dim, d_model, bias=False)
+        self.l1 = Linear(d_model, glu_dim, bias=False, gemv=gemv)
+        self.l2 = Linear(d_model, glu_dim, bias=False, gemv=gemv)
+        self.l3 = Linear(glu_dim, d_model, bias=False, gemv=gemv)
         if act not in ("none", "silu"):
             raise ValueError(f"unknown GLU activation {act!r}; choose 'none' or 'silu'")
         self.act = act
 
     def forward(self, x):
-        if FUSED_SGLU and x.shape[:-1].numel() > GEMV_MAX_ROWS:  # decode steps keep the per-weight GEMV
-            a, b = linear(x, torch.cat([self.l1.weight, self.l2.weight])).chunk(2, dim=-1)
-            return self.l3((F.silu(a) if self.act == "silu" else a) * b)
         a = self.l1(x)
         if self.act == "silu":
             a = F.silu(a)

@@ -6,16 +6,52 @@ their ``model.step(input_ids, cache, pad_mask)`` method, so the two compare like
 * prefill: the whole (left-padded) prompt batch in one parallel pass, keeping the cache;
 * decode: one token per step; TransNormerLLM updates a constant-size state, the Transformer
   appends to its KV cache.
+
+How TransNormerLLM's decode steps run is the ``decoder`` argument (``DECODERS``):
+
+* ``"eager"``: ``model.step`` per token, the readable reference (and the only choice on a CPU and
+  for the Transformer, whose cache grows);
+* ``"graph"``: the step captured once as a CUDA graph on static buffers and replayed per token (the
+  state has a fixed size, so the step has static shapes);
+* ``"compiled-graph"``: the step compiled with ``torch.compile`` (fewer, fused kernels) and then
+  captured: the fastest per token, at the price of a one-time compilation;
+* ``"auto"``: ``auto_decoder`` picks one.
+
+Graph decoders are built once per (model, batch size) and reused by later calls (``decoder_cache``):
+a new prompt only copies its prefill state into the static buffers.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterator, Sequence
 
 import torch
 
-from .nn.linear import force_gemv
+from .nn.linear import autotune_gemv
 
-__all__ = ["generate", "stream_generate", "sample_next", "GraphDecoder", "StaticDecodeStep"]
+__all__ = ["generate", "stream_generate", "sample_next", "DECODERS", "auto_decoder", "GraphDecoder",
+           "StaticDecodeStep", "decoder_cache"]
+
+DECODERS = ("auto", "eager", "graph", "compiled-graph")
+
+
+def _graph_capable(model, ids) -> bool:
+    """Static-shape decoding needs a CUDA model with a fixed-size recurrent state (not the KV cache,
+    not absolute position embeddings, whose table bounds the position)."""
+    cfg = model.config
+    return ids.is_cuda and cfg.arch == "tnl" and cfg.positional != "ape"
+
+
+def auto_decoder(model, ids, max_new_tokens: int) -> str:
+    """The decoder ``decoder="auto"`` uses: the one place to change this choice.
+
+    Eager on a CPU, for the Transformer, and when nothing is decoded after the prefill token; else the
+    compiled step in a CUDA graph, fastest per token once built, and built once per (model, batch size)
+    (the measurement behind this choice: ``results/bench/NOTES-model.md``).
+    """
+    if max_new_tokens < 2 or not _graph_capable(model, ids):
+        return "eager"
+    return "compiled-graph"
 
 
 class StaticDecodeStep:
@@ -46,6 +82,7 @@ class StaticDecodeStep:
         return [st.clone() for st in self.cache.states], self.cache.positions.clone()
 
     def restore(self, snap):
+        """Copy ``(states, positions)`` (a ``snapshot``, or a prefill cache's) into the static buffers."""
         for st, sv in zip(self.cache.states, snap[0]):
             st.copy_(sv)
         self.cache.positions.copy_(snap[1])
@@ -59,12 +96,12 @@ class StaticDecodeStep:
 class GraphDecoder:
     """One TransNormerLLM decode step captured as a CUDA graph and replayed per token.
 
-    The recurrent state has a fixed size, so the step has static shapes: the state lives in static
-    buffers that the captured step updates in place. This removes the ~hundreds of kernel launches
-    per token that dominate eager batch-1 decoding. ``fuse=True`` also compiles the step first
-    (fewer, fused kernels inside the graph; ``compile_mode``, e.g. ``"max-autotune-no-cudagraphs"``,
-    is passed to ``torch.compile``). ``decode(tokens)`` returns ``[B, 1, vocab]`` logits
-    (a static buffer: copy it if you keep it).
+    The recurrent state lives in static buffers that the captured step updates in place; replaying the
+    graph removes the hundreds of kernel launches per token that dominate eager batch-1 decoding. The
+    captured projections run ``tnlib.ops.gemv`` (``tnlib.nn.linear``). ``fuse=True`` compiles the step
+    first (``compile_mode``, e.g. ``"max-autotune-no-cudagraphs"``, goes to ``torch.compile``).
+    ``load(cache)`` starts a new sequence batch of the same size from a prefill cache;
+    ``decode(tokens)`` returns ``[B, 1, vocab]`` logits (a static buffer: copy it if you keep it).
     """
 
     def __init__(self, model, cache, fuse: bool = False, compile_mode: str | None = None):
@@ -72,26 +109,61 @@ class GraphDecoder:
             raise RuntimeError("GraphDecoder needs the model and cache on a CUDA device")
         self.step = StaticDecodeStep(model, cache, fuse, compile_mode)
         saved = self.step.snapshot()
-        with force_gemv():  # the captured step's projections use tnlib's GEMV kernel, compiled or not
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):  # warm up: compilation and autotuning stay outside the capture
-                    self.step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self.step()
+        autotune_gemv(model.gemv_weights(), cache.positions.shape[0])  # autotuning syncs: not during capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm up: compilation and lazy initialisation stay outside the capture
+                self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.step()
         self.step.restore(saved)  # undo the warm-up steps
 
     @property
     def cache(self):
         return self.step.cache
 
+    def load(self, cache):
+        """Continue from ``cache`` (a prefill's ``RecurrentCache`` of the same batch size) on the next ``decode``."""
+        self.step.restore((cache.states, cache.positions))
+
     def decode(self, tokens):
         self.step.tokens.copy_(tokens.view_as(self.step.tokens))
         self.graph.replay()
         return self.logits
+
+
+#: model -> {(decoder, batch size): (GraphDecoder, signature)}; entries die with the model
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _signature(model) -> tuple:
+    """What a built decoder depends on: each parameter's and buffer's storage, dtype and device (a
+    ``model.to(...)`` or a replaced tensor changes it; in-place weight updates keep it, and the graph
+    reads the new values)."""
+    return tuple((t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+                 for t in (*model.parameters(), *model.buffers()))
+
+
+def decoder_cache(model) -> dict:
+    """The graph decoders built for ``model`` so far, keyed by ``(decoder, batch size)`` (read-only view)."""
+    return {k: v[0] for k, v in _DECODERS.get(model, {}).items()}
+
+
+def _graph_decoder(model, cache, decoder: str) -> GraphDecoder:
+    """The cached ``GraphDecoder`` for (model, decoder, batch size), loaded with ``cache``; built if absent
+    or if the model's tensors changed since."""
+    key, sig = (decoder, cache.positions.shape[0]), _signature(model)
+    per_model = _DECODERS.setdefault(model, {})
+    hit = per_model.get(key)
+    if hit is not None and hit[1] == sig:
+        hit[0].load(cache)
+        return hit[0]
+    dec = GraphDecoder(model, cache, fuse=decoder == "compiled-graph")
+    per_model[key] = (dec, sig)
+    return dec
 
 
 def _prepare_prompts(model, input_ids, pad_token_id):
@@ -162,21 +234,25 @@ def stream_generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     generator: torch.Generator | None = None,
-    cuda_graph: bool | None = None,
-    fuse_step: bool = False,
+    decoder: str = "auto",
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence (``[B]`` long) as it is produced.
 
     Sequences that have emitted an end token keep yielding ``pad_token_id``; the stream stops when
-    all are done or after ``max_new_tokens`` steps. ``cuda_graph`` (default: on for TransNormerLLM on
-    a GPU) replays decode steps from a captured CUDA graph; ``False`` keeps the readable eager path.
-    ``fuse_step`` also compiles the captured step with ``torch.compile`` first (fewer, fused kernels:
-    1.08 instead of 1.71 ms per token for ``tnl-385m`` at batch 1 on an H200, see
-    ``results/bench/inference-h200.json``), at the price of a one-time compilation per batch size.
+    all are done or after ``max_new_tokens`` steps. ``decoder`` (one of ``DECODERS``, see the module
+    docstring) chooses how decode steps run; every choice yields the same tokens up to floating-point
+    rounding. ``"graph"`` and ``"compiled-graph"`` need TransNormerLLM on a CUDA device.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     _, ids, mask = _prepare_prompts(model, input_ids, pad_token_id)
+    if decoder == "auto":
+        decoder = auto_decoder(model, ids, max_new_tokens)
+    elif decoder != "eager" and not _graph_capable(model, ids):
+        raise ValueError(f"decoder={decoder!r} needs TransNormerLLM (without absolute positions) on a CUDA "
+                         "device; use decoder='eager' or 'auto'")
     eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, device=ids.device).flatten()
     was_training = model.training
     model.eval()
@@ -184,9 +260,7 @@ def stream_generate(
         if max_new_tokens == 0:
             return
         logits, cache = model.step(ids, None, mask, last_only=True)
-        if cuda_graph is None:
-            cuda_graph = ids.is_cuda and hasattr(cache, "states") and getattr(model.config, "positional", "") != "ape"
-        graph = GraphDecoder(model, cache, fuse=fuse_step) if cuda_graph and max_new_tokens > 1 else None
+        graph = _graph_decoder(model, cache, decoder) if decoder != "eager" and max_new_tokens > 1 else None
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for i in range(max_new_tokens):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
@@ -204,17 +278,16 @@ def stream_generate(
 
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
-             eos_token_id=None, pad_token_id: int = 0, generator=None, cuda_graph: bool | None = None,
-             fuse_step: bool = False):
+             eos_token_id=None, pad_token_id: int = 0, generator=None, decoder: str = "auto"):
     """Prompt followed by up to ``max_new_tokens`` new tokens (greedy when ``temperature == 0``).
 
     ``input_ids``: a ``[B, T]`` tensor (returns ``[B, T + n]``, finished rows filled with
     ``pad_token_id``) or a list of 1-D prompts of any lengths (returns a list of 1-D tensors, each
-    ending at its end token if one was produced).
+    ending at its end token if one was produced). ``decoder``: see ``stream_generate``.
     """
     prompts, ids, _ = _prepare_prompts(model, input_ids, pad_token_id)
     steps = list(stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                 pad_token_id, generator, cuda_graph, fuse_step))
+                                 pad_token_id, generator, decoder))
     new = torch.stack(steps, dim=1) if steps else ids.new_zeros(ids.shape[0], 0)
     if isinstance(input_ids, torch.Tensor):
         base = input_ids if input_ids.dim() == 2 else input_ids[None]
