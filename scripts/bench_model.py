@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tnlib  # noqa: E402
-from tnlib.nn import gla  # noqa: E402
 from tnlib.provenance import gpu_slug, write_results  # noqa: E402
 
 
@@ -47,9 +46,8 @@ def train_step(model, fwd, opt, ids, fused_loss, graphs):
     return loss
 
 
-def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile_mode=None, gla_path="packed",
+def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile_mode=None,
         compile_scope="blocks", overrides=None):
-    gla.USE_PACKED = gla_path == "packed"
     model, fwd, graphs = build(preset, vocab, mode == "compiled", compile_scope, compile_mode, overrides)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     B = max(1, tokens // T)
@@ -74,7 +72,6 @@ def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
     row = dict(model=preset, T=T, B=B, mode=mode, fused_loss=fused_loss, tokens_per_step=B * T, step_ms=ms,
-               gla_path=gla_path if preset.startswith("tnl") else None,
                compile_scope=compile_scope if mode == "compiled" else None, overrides=overrides or None,
                tokens_per_s=B * T / (ms / 1e3), peak_gb=torch.cuda.max_memory_allocated() / 1e9,
                reserved_gb=torch.cuda.max_memory_reserved() / 1e9, cuda_graphs=graphs,
@@ -99,13 +96,6 @@ def apply_settings(items, target):
     return applied
 
 
-def apply_switches(items):
-    """``module.path.NAME=value`` items set on the imported module (``--set``); see ``apply_settings``."""
-    import importlib
-
-    return apply_settings(items, lambda k: (importlib.import_module(k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1]))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default="tnl-385m,transformer-385m")
@@ -119,15 +109,6 @@ def main():
     ap.add_argument("--loss", default="fused,logits",
                     help="comma list of: fused (model(ids, targets): the chunked LM head + cross-entropy, "
                          "training's default on a GPU), logits (F.cross_entropy on fp32 logits)")
-    ap.add_argument("--gla", default="packed",
-                    help="comma list of TNL token-mixer paths: packed (tnlib.ops.lightning_attention_packed: one "
-                         "gradient buffer for q|k|v, the default), unfused (split, SiLU, attention: "
-                         "tnlib.nn.gla.USE_PACKED=False)")
-    ap.add_argument("--kernel-config", default="",
-                    help="Lightning tuning hooks for the whole run, e.g. 'dq=32,64,4,2;dkdv=64,8,1' "
-                         "(tnlib.ops.lightning._DQ_CONFIG_OVERRIDE / _DKDV_CONFIG_OVERRIDE; recorded)")
-    ap.add_argument("--set", default="", help="module switches for the whole run, e.g. "
-                    "'tnlib.nn.gla.FUSED_SGLU=true' (comma list; recorded in the header)")
     ap.add_argument("--override", default="", help="model config overrides for both models, e.g. "
                     "'residual_dtype=\"compute\"' (comma list, JSON values; recorded in the header)")
     ap.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"),
@@ -138,13 +119,7 @@ def main():
     a = ap.parse_args()
     import torch._inductor.config as ic
 
-    from tnlib.ops import lightning as L
-
     inductor = apply_settings(a.inductor.split(","), lambda k: (ic, k))
-    hooks = {"dq": "_DQ_CONFIG_OVERRIDE", "dkdv": "_DKDV_CONFIG_OVERRIDE"}
-    kernel_cfg = apply_settings([f"{k}=[{v}]" for k, v in (i.split("=") for i in a.kernel_config.split(";") if i)],
-                                lambda k: (L, hooks[k]))
-    switches = apply_switches(a.set.split(","))
     overrides = {k: json.loads(v) for k, v in (i.split("=", 1) for i in a.override.split(",") if i)}
     tnlib.models.get_config("tnl-tiny", **overrides)  # unknown names or values stop the run here
     if not torch.cuda.is_available():
@@ -153,29 +128,24 @@ def main():
     rows = []
     for mode in a.modes.split(","):
         for preset in a.models.split(","):
-            paths = a.gla.split(",") if preset.startswith("tnl") else ["packed"]
-            for T, loss_kind, path in ((T, k, p) for T in map(int, a.lens.split(",")) for k in a.loss.split(",")
-                                       for p in paths):
+            for T, loss_kind in ((T, k) for T in map(int, a.lens.split(",")) for k in a.loss.split(",")):
                 try:
                     r = run(preset, T, a.tokens, mode, a.steps, a.warmup, a.vocab, fused_loss=loss_kind == "fused",
-                            compile_mode=a.compile_mode, gla_path=path, compile_scope=a.compile_scope,
-                            overrides=overrides)
+                            compile_mode=a.compile_mode, compile_scope=a.compile_scope, overrides=overrides)
                 except Exception as e:  # record failures instead of losing the whole run
-                    r = dict(model=preset, T=T, mode=mode, fused_loss=loss_kind == "fused", gla_path=path,
-                             error=repr(e)[:300])
+                    r = dict(model=preset, T=T, mode=mode, fused_loss=loss_kind == "fused", error=repr(e)[:300])
                     torch.cuda.empty_cache()
                 rows.append(r)
                 print(json.dumps(r), flush=True)
                 write_results(out, rows, {"tokens_per_step": a.tokens, "inductor": inductor, "compile_mode": a.compile_mode,
-                                          "kernel_config": kernel_cfg, "switches": switches,
-                                          "overrides": overrides})
+                                          "compile_scope": a.compile_scope, "overrides": overrides})
     print(f"{'model':18s} {'mode':9s} {'T':>6s} {'tok/s':>10s} {'peak GB':>8s}")
     for r in rows:
         if "error" in r:
             print(f"{r['model']:18s} {r['mode']:9s} {r['T']:6d} ERROR {r['error'][:60]}")
         else:
             print(f"{r['model']:18s} {r['mode']:9s} {r['T']:6d} {r['tokens_per_s']:10.0f} {r['peak_gb']:8.1f}"
-                  f"{'  fused loss' if r.get('fused_loss') else ''}{'  gla ' + r['gla_path'] if r.get('gla_path') else ''}")
+                  f"{'  fused loss' if r.get('fused_loss') else ''}")
 
 
 if __name__ == "__main__":

@@ -29,13 +29,15 @@ def main():
                          "(make bench-model's configuration)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (reduce-overhead: CUDA graphs; the "
                     "profiler then sees graph launches, not every kernel)")
-    ap.add_argument("--set", default="", help="module switches as in bench_model.py, e.g. tnlib.nn.gla.FUSED_SGLU=true")
+    ap.add_argument("--override", default="", help="model config overrides as in bench_model.py, e.g. packed_attention=false")
     ap.add_argument("--out", default="runs/profile")
     a = ap.parse_args()
-    from bench_model import apply_switches, build, train_step
+    import json
 
-    apply_switches(a.set.split(","))
-    model, fwd, graphs = build(a.preset, a.vocab, a.compile, a.compile_scope, a.compile_mode)
+    from bench_model import build, train_step
+
+    overrides = {k: json.loads(v) for k, v in (i.split("=", 1) for i in a.override.split(",") if i)}
+    model, fwd, graphs = build(a.preset, a.vocab, a.compile, a.compile_scope, a.compile_mode, overrides)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     B = max(1, a.tokens // a.T)
     ids = torch.randint(0, a.vocab, (B, a.T + 1), device="cuda")
