@@ -7,17 +7,14 @@ results/bench/inference-<gpu>.json with provenance.
 """
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import tnlib  # noqa: E402
-from tnlib.generate import GraphDecoder  # noqa: E402
-from tnlib.provenance import gpu_slug, write_results  # noqa: E402
-from tnlib.testing import rel_err  # noqa: E402
+import tnlib
+from tnlib.generation import GraphDecoder
+from tnlib.provenance import gpu_slug, write_results
+from tnlib.testing import rel_err
 
 
 def cuda_ms(fn, reps):
@@ -34,15 +31,13 @@ def cuda_ms(fn, reps):
     return times[len(times) // 2]
 
 
-#: decode modes beyond graph / graph-fused / eager: the fused step compiled with another Inductor mode
-_COMPILE_MODES = {"graph-fused-max": "max-autotune-no-cudagraphs"}
-#: ... or with o = q S formed as multiply + sum (tnlib.nn.gla.STEP_MATVEC = "sum") instead of einsum
-_SUM_MODES = {"graph-fused-sum"}
-#: ... or with cuBLAS for the projections instead of tnlib's GEMV kernel (tnlib.nn.linear.USE_GEMV = False)
-_CUBLAS_MODES = {"graph-fused-cublas"}
+#: decode modes beyond the decoders (eager, graph, compiled-graph): the compiled step with another
+#: Inductor mode, or with cuBLAS for the projections (ModelConfig.decode_gemv=False)
+_COMPILE_MODES = {"compiled-graph-max": "max-autotune-no-cudagraphs"}
+_CUBLAS_MODE = "compiled-graph-cublas"
 
 
-def bench(model, name, B, ctx, vocab, decode_steps, mode):
+def bench(model, name, B, ctx, vocab, decode_steps, mode, cublas_model=None):
     torch.manual_seed(0)
     ids = torch.randint(0, vocab, (B, ctx), device="cuda")
     model.step(ids, last_only=True)  # warm-up at the timed shape: kernel compilation stays out of the timing
@@ -57,18 +52,11 @@ def bench(model, name, B, ctx, vocab, decode_steps, mode):
     tok = logits[:, -1].argmax(-1)[:, None]
     cache_gb = cache.nbytes() / 1e9
     torch.cuda.reset_peak_memory_stats()
-    if mode.startswith("graph"):
-        import tnlib.nn.gla as gla
-        import tnlib.nn.linear as linear
-
-        gla.STEP_MATVEC = "sum" if mode in _SUM_MODES else "einsum"
-        linear.USE_GEMV = mode not in _CUBLAS_MODES
+    if mode != "eager":
         if mode != "graph":
             torch._dynamo.reset()  # a fresh compile per decoder: no silent fallback at the recompile limit
-        try:  # the choice is traced into the compiled, captured step
-            dec = GraphDecoder(model, cache, fuse=mode != "graph", compile_mode=_COMPILE_MODES.get(mode))
-        finally:
-            gla.STEP_MATVEC, linear.USE_GEMV = "einsum", True
+        dec = GraphDecoder(cublas_model if mode == _CUBLAS_MODE else model, cache, fuse=mode != "graph",
+                           compile_mode=_COMPILE_MODES.get(mode))
         step = lambda: dec.decode(tok)  # noqa: E731
     else:
         state = {"cache": cache}
@@ -83,19 +71,6 @@ def bench(model, name, B, ctx, vocab, decode_steps, mode):
     return dict(model=name, mode=mode, B=B, context=ctx, prefill_ms=prefill_ms, prefill_tokens_per_s=B * ctx / prefill_ms * 1e3,
                 decode_ms_per_token=ms, decode_tokens_per_s=B / ms * 1e3, cache_gb=cache_gb,
                 decode_peak_extra_gb=decode_peak, prefill_peak_extra_gb=prefill_peak)
-
-
-def check_gemv(model, vocab):
-    """Eager decode logits with the projections through tnlib's GEMV kernel vs through cuBLAS."""
-    from tnlib.nn.linear import force_gemv
-
-    ids = torch.randint(0, vocab, (1, 300), device="cuda")
-    _, cache = model.step(ids, last_only=True)
-    tok = ids[:, -1:]
-    with force_gemv():  # eager calls through the kernel (by default only compiled/captured steps)
-        got, _ = model.step(tok, cache)
-    want, _ = model.step(tok, cache)
-    return rel_err(got, want)
 
 
 def check_graph(model, vocab, fuse=False, compile_mode=None):
@@ -118,10 +93,9 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--vocab", type=int, default=50272)
     ap.add_argument("--decode-steps", type=int, default=50)
-    ap.add_argument("--tnl-modes", default="graph-fused,graph,eager",
-                    help="graph, graph-fused (compiled step), graph-fused-max (max-autotune), "
-                         "graph-fused-sum (o = q S as multiply + sum), graph-fused-cublas (projections "
-                         "through cuBLAS instead of the GEMV kernel), eager")
+    ap.add_argument("--tnl-modes", default="compiled-graph,graph,eager",
+                    help="the decoders eager, graph, compiled-graph; compiled-graph-max (max-autotune), "
+                         "compiled-graph-cublas (projections through cuBLAS instead of the GEMV kernel)")
     ap.add_argument("--models", default="tnl-385m,transformer-385m")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -131,27 +105,30 @@ def main():
     for name in a.models.split(","):
         model = tnlib.create_model(name, vocab_size=a.vocab).to("cuda", torch.bfloat16).eval()
         modes = tuple(a.tnl_modes.split(",")) if name.startswith("tnl") else ("eager",)
+        cublas_model = None
+        if _CUBLAS_MODE in modes:
+            cublas_model = tnlib.create_model(name, vocab_size=a.vocab, decode_gemv=False).to("cuda", torch.bfloat16).eval()
+            cublas_model.load_state_dict(model.state_dict())
         if name.startswith("tnl"):
-            checks["gemv_vs_cublas_rel_err"] = check_gemv(model, a.vocab)
             checks["graph_vs_eager_rel_err"] = check_graph(model, a.vocab)
-            if "graph-fused" in modes:
-                checks["graph_fused_vs_eager_rel_err"] = check_graph(model, a.vocab, fuse=True)
-            if "graph-fused-max" in modes:
-                checks["graph_fused_max_vs_eager_rel_err"] = check_graph(model, a.vocab, fuse=True,
-                                                                         compile_mode=_COMPILE_MODES["graph-fused-max"])
+            if "compiled-graph" in modes:
+                checks["compiled_graph_vs_eager_rel_err"] = check_graph(model, a.vocab, fuse=True)
+            if "compiled-graph-max" in modes:
+                checks["compiled_graph_max_vs_eager_rel_err"] = check_graph(
+                    model, a.vocab, fuse=True, compile_mode=_COMPILE_MODES["compiled-graph-max"])
             print("graph vs eager decode rel err", checks, flush=True)
         for B in map(int, a.batches.split(",")):
             for ctx in map(int, a.contexts.split(",")):
                 for mode in modes:
                     try:
-                        r = bench(model, name, B, ctx, a.vocab, a.decode_steps, mode)
+                        r = bench(model, name, B, ctx, a.vocab, a.decode_steps, mode, cublas_model)
                     except torch.cuda.OutOfMemoryError as e:
                         r = dict(model=name, mode=mode, B=B, context=ctx, error="out of memory: " + str(e)[:120])
                     rows.append(r)
                     print(json.dumps(r), flush=True)
                     torch.cuda.empty_cache()
                     write_results(out, rows, checks)
-        del model
+        del model, cublas_model
         torch.cuda.empty_cache()
     print(f"{'model':18s} {'mode':6s} {'B':>3s} {'ctx':>6s} {'prefill ms':>10s} {'ms/token':>9s} {'tok/s':>8s} {'cache GB':>8s}")
     for r in rows:

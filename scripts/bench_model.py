@@ -5,16 +5,14 @@ eager and torch.compile'd. Writes results/bench/model-<gpu>.json with provenance
 """
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import tnlib  # noqa: E402
-from tnlib.provenance import gpu_slug, write_results  # noqa: E402
+import tnlib
+from tnlib.provenance import gpu_slug, write_results
 
 
 def build(preset, vocab, compiled, compile_scope="blocks", compile_mode=None, overrides=None):

@@ -7,7 +7,7 @@ set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-S="--compile-scope model --compile-mode reduce-overhead --set tnlib.nn.gla.FUSED_SGLU=true"
+S="--compile-scope model --compile-mode reduce-overhead"
 nvidia-smi --query-gpu=index,name,clocks.max.sm,power.limit,temperature.gpu --format=csv > "$OUT/gpus.txt"
 timeout 330 python3 scripts/bench_model.py --models tnl-385m --modes compiled,eager --loss fused $S \
   --out "$OUT/model-tnl.json" > "$OUT/model-tnl.log" 2>&1
@@ -15,6 +15,6 @@ timeout 100 python3 scripts/bench_model.py --models transformer-385m --modes com
   --out "$OUT/model-tfm.json" > "$OUT/model-tfm.log" 2>&1
 tail -n 7 "$OUT/model-tnl.log"; tail -n 1 "$OUT/model-tfm.log"
 timeout 120 python3 scripts/profile_model.py --preset tnl-385m --T 2048 --compile --compile-scope model \
-  --set tnlib.nn.gla.FUSED_SGLU=true --fused-loss --top 40 --out "$OUT" > "$OUT/profile.log" 2>&1
+  --fused-loss --top 40 --out "$OUT" > "$OUT/profile.log" 2>&1
 rm -f "$OUT"/trace-*.json
 grep -A22 "CUDA kernels only" "$OUT/profile.log" | head -24

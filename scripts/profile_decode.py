@@ -3,19 +3,16 @@
 Lists every CUDA kernel of one ``tnl-385m`` decode step (name, calls per step, mean µs) and the
 kernel count per token, for the step compiled with torch.compile (the body that ``GraphDecoder``
 captures with ``fuse=True``). Use it before changing the decode path:
-    python3 scripts/profile_decode.py --out $OUT [--matvec sum] [--compile-mode max-autotune-no-cudagraphs]
+    python3 scripts/profile_decode.py --out $OUT [--compile-mode max-autotune-no-cudagraphs] [--cublas]
 """
 import argparse
 import os
-import sys
 
 import torch
+from _profiling import cuda_kernels
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import tnlib  # noqa: E402
-import tnlib.nn.gla as gla  # noqa: E402
-from _profiling import cuda_kernels  # noqa: E402
-from tnlib.generate import GraphDecoder, StaticDecodeStep  # noqa: E402
+import tnlib
+from tnlib.generation import GraphDecoder, StaticDecodeStep
 
 
 def main():
@@ -25,13 +22,12 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--matvec", default="einsum", choices=["einsum", "sum"])
+    ap.add_argument("--cublas", action="store_true", help="projections through cuBLAS (ModelConfig.decode_gemv=False)")
     ap.add_argument("--compile-mode", default=None)
     ap.add_argument("--out", default="runs/profile")
     a = ap.parse_args()
-    gla.STEP_MATVEC = a.matvec
     torch.manual_seed(0)
-    model = tnlib.create_model(a.preset, vocab_size=a.vocab).to("cuda", torch.bfloat16).eval()
+    model = tnlib.create_model(a.preset, vocab_size=a.vocab, decode_gemv=not a.cublas).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(0, a.vocab, (a.batch, a.context), device="cuda")
     _, cache = model.step(ids, last_only=True)
     step = StaticDecodeStep(model, cache, fuse=True, compile_mode=a.compile_mode)
@@ -47,7 +43,7 @@ def main():
         torch.cuda.synchronize()
     rows, total_us = cuda_kernels(prof, a.steps)
     n_kernels = sum(r[0] for r in rows)
-    lines = [f"{a.preset} batch {a.batch} context {a.context} matvec={a.matvec} compile_mode={a.compile_mode}",
+    lines = [f"{a.preset} batch {a.batch} context {a.context} {'cublas' if a.cublas else 'gemv'} compile_mode={a.compile_mode}",
              f"kernels per token: {n_kernels:.0f}; summed kernel time per token: {total_us:.1f} us", "",
              f"{'calls/step':>10s} {'mean us':>8s} {'us/step':>8s}  name"]
     for calls, mean, per_step, name in rows:
@@ -65,7 +61,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, f"profile-decode-{a.preset}-b{a.batch}-{a.matvec}.txt"), "w") as f:
+    with open(os.path.join(a.out, f"profile-decode-{a.preset}-b{a.batch}-{'cublas' if a.cublas else 'gemv'}.txt"), "w") as f:
         f.write(text + "\n")
 
 

@@ -6,12 +6,10 @@ Use it before optimizing (METHOD: predict, change, measure): e.g.
 """
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from _profiling import cuda_kernels, gpu_gaps  # noqa: E402
+from _profiling import cuda_kernels, gpu_gaps
 
 
 def main():
