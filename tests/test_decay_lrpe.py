@@ -7,6 +7,11 @@ import torch
 from tnlib.nn import LRPE, alibi_slopes, decay_slopes, decay_table, half_life, lrpe, lrpe_theta_init
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 @pytest.mark.parametrize(
     "H, expected",
     [

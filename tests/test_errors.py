@@ -9,6 +9,12 @@ from tnlib.ops import (
     softmax_attention,
 )
 
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 FORMS = [linear_attention_quadratic, linear_attention_recurrent, linear_attention_chunked]
 
 

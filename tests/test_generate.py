@@ -7,6 +7,12 @@ from tnlib import create_model, generate, stream_generate
 from tnlib.generation import DECODERS, auto_decoder, sample_next
 from tnlib.testing import stepwise_logits
 
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 PRESETS = ["tnl-tiny", "transformer-tiny"]
 
 
