@@ -68,7 +68,7 @@ def main():
 
     def fresh():
         """No decoder built for the model and no compiled code: the next build pays in full."""
-        generation._DECODERS.pop(model, None)
+        generation.clear_decoder_cache(model)
         torch._dynamo.reset()
 
     def median_ms(fn):

@@ -185,6 +185,11 @@ def test_graph_decoders_are_built_once_per_model_and_batch(monkeypatch):
     m.float()  # new tensors: the cached decoders are stale
     generate(m, a, 5, decoder="compiled-graph")
     assert _FakeGraphDecoder.built == 4
+    import copy
+
+    assert generation.decoder_cache(copy.deepcopy(m)) == {}  # a copy starts empty
+    generation.clear_decoder_cache(m)
+    assert generation.decoder_cache(m) == {}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -17,12 +17,12 @@ How TransNormerLLM's decode steps run is the ``decoder`` argument (``DECODERS``)
   captured: the fastest per token, at the price of a one-time compilation;
 * ``"auto"``: ``auto_decoder`` picks one.
 
-Graph decoders are built once per (model, batch size) and reused by later calls (``decoder_cache``):
-a new prompt only copies its prefill state into the static buffers.
+Graph decoders are built once per (model, batch size), kept on the model, and reused by later calls
+(``decoder_cache``, ``clear_decoder_cache``): a new prompt only copies its prefill state into the
+static buffers.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Iterator, Sequence
 
 import torch
@@ -30,7 +30,7 @@ import torch
 from .nn.linear import autotune_gemv
 
 __all__ = ["generate", "stream_generate", "sample_next", "DECODERS", "auto_decoder", "GraphDecoder",
-           "StaticDecodeStep", "decoder_cache"]
+           "StaticDecodeStep", "decoder_cache", "clear_decoder_cache"]
 
 DECODERS = ("auto", "eager", "graph", "compiled-graph")
 
@@ -135,8 +135,18 @@ class GraphDecoder:
         return self.logits
 
 
-#: model -> {(decoder, batch size): (GraphDecoder, signature)}; entries die with the model
-_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+class _DecoderCache(dict):
+    """``{(decoder, batch size): (GraphDecoder, signature)}`` kept on the model it serves (so it lives and
+    dies with it); a copied or pickled model starts with an empty cache."""
+
+    def __deepcopy__(self, memo):
+        return _DecoderCache()
+
+    def __reduce__(self):
+        return _DecoderCache, ()
+
+
+_CACHE_ATTR = "_tnlib_graph_decoders"
 
 
 def _signature(model) -> tuple:
@@ -148,15 +158,20 @@ def _signature(model) -> tuple:
 
 
 def decoder_cache(model) -> dict:
-    """The graph decoders built for ``model`` so far, keyed by ``(decoder, batch size)`` (read-only view)."""
-    return {k: v[0] for k, v in _DECODERS.get(model, {}).items()}
+    """The graph decoders built for ``model`` so far, keyed by ``(decoder, batch size)`` (a copy)."""
+    return {k: v[0] for k, v in model.__dict__.get(_CACHE_ATTR, {}).items()}
+
+
+def clear_decoder_cache(model) -> None:
+    """Drop the graph decoders built for ``model`` (their CUDA graphs and static buffers)."""
+    model.__dict__.pop(_CACHE_ATTR, None)
 
 
 def _graph_decoder(model, cache, decoder: str) -> GraphDecoder:
     """The cached ``GraphDecoder`` for (model, decoder, batch size), loaded with ``cache``; built if absent
     or if the model's tensors changed since."""
     key, sig = (decoder, cache.positions.shape[0]), _signature(model)
-    per_model = _DECODERS.setdefault(model, {})
+    per_model = model.__dict__.setdefault(_CACHE_ATTR, _DecoderCache())
     hit = per_model.get(key)
     if hit is not None and hit[1] == sig:
         hit[0].load(cache)
