@@ -191,33 +191,46 @@ def test_model_compiles():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("kernel", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("overrides", [dict(), dict(gate=False, qk_act="1+elu")], ids=["default", "nogate-elu"])
 def test_packed_attention_matches_unfused(overrides, device):
-    """``packed_attention`` (the default) sends layers without LRPE through ``lightning_attention_packed``;
-    logits and every parameter's gradient must equal the unfused path's (``packed_attention=False``).
-    On the CPU the packed op runs its PyTorch form, with ``device="kernel"`` the Triton kernels."""
-    from tnlib.nn import gla
-
+    """The packed path (``_forward_packed``: ``lightning_attention_packed``, u from its own product) gives
+    the unfused layer's output and every gradient. ``device="kernel"`` runs the Triton kernels (GPU, or
+    the interpreter), ``"cpu"`` the op's PyTorch form."""
     if device == "kernel":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(5)
-    packed = create_model("tnl-tiny", vocab_size=61, n_layers=2, **overrides).to(device)
-    unfused = create_model("tnl-tiny", vocab_size=61, n_layers=2, packed_attention=False, **overrides).to(device)
-    unfused.load_state_dict(packed.state_dict())
-    ids = torch.randint(0, 61, (2, 21), device=device)
+    m = create_model("tnl-tiny", vocab_size=61, n_layers=2, **overrides).to(device)
+    layer = m.layers[1].token_mixer  # no LRPE: the packed path applies
+    x = torch.randn(2, 21, m.config.d_model, device=device)
+    results = []
+    for fwd in (layer._forward_packed, lambda x: layer(x, return_state=True)[0]):  # packed, unfused
+        xi = x.clone().requires_grad_()
+        layer.zero_grad()
+        out = fwd(xi)
+        out.pow(2).mean().backward()
+        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (o1, dx1, g1), (o2, dx2, g2) = results
+    assert rel_err(o1, o2) < 1e-5 and rel_err(dx1, dx2) < 1e-4
+    for name, g in g1.items():
+        assert rel_err(g, g2[name]) < 1e-4, name
+
+
+def test_packed_attention_dispatch():
+    """``packed_attention`` takes the packed path only on CUDA, in layers without LRPE, for a stateless
+    forward; ``packed_attention=False`` never does."""
+    from tnlib.nn import gla
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     calls = []
     orig = gla.GatedLinearAttention._forward_packed
     gla.GatedLinearAttention._forward_packed = lambda self, x: calls.append(self.layer_idx) or orig(self, x)
     try:
-        results = []
-        for m in (packed, unfused):
-            logits = m(ids)
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
-            results.append((logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+        for packed in (True, False):
+            m = create_model("tnl-tiny", vocab_size=61, n_layers=2, packed_attention=packed).to(device)
+            ids = torch.randint(0, 61, (2, 21), device=device)
+            calls.clear()
+            m(ids)
+            m.step(ids)  # prefill keeps the state: never packed
+            assert calls == ([1] if packed and device == "cuda" else []), (packed, calls)
     finally:
         gla.GatedLinearAttention._forward_packed = orig
-    assert calls == [1]  # layer 0 has LRPE: unfused; layer 1 packed (once, in the packed model)
-    assert rel_err(results[0][0], results[1][0]) < 1e-5
-    for name, g in results[0][1].items():
-        assert rel_err(g, results[1][1][name]) < 1e-4, name
 
 
 def test_decode_gemv_switch():

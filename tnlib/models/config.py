@@ -64,7 +64,7 @@ class ModelConfig:
     # step: results/ablation/residual-dtype/NOTES.md.
     residual_dtype: str = "compute"
     # implementation choices (same parameters and results; defaults measured fastest, results/bench/NOTES-model.md)
-    packed_attention: bool = True  # GLA layers without LRPE train through lightning_attention_packed
+    packed_attention: bool = True  # on a GPU, GLA layers without LRPE train through lightning_attention_packed
     decode_gemv: bool = True  # few-row products in compiled/captured decode steps use tnlib.ops.gemv
     name: str = field(default="custom", compare=False)
 

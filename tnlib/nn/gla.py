@@ -38,9 +38,10 @@ def _qk_activation(name: str):
 class GatedLinearAttention(nn.Module):
     """TransNormerLLM's token mixer for one layer (``layer_idx`` sets LRPE and the decay).
 
-    ``cfg.packed_attention``: layers without LRPE train through ``tnlib.ops.lightning_attention_packed``
-    (the activation's backward and the q|k|v gradient as one buffer inside the kernels; ``u`` from its
-    own product with the same fused weight). Same parameters and outputs either way.
+    ``cfg.packed_attention``: on a GPU, layers without LRPE run their stateless (training) forward
+    through ``tnlib.ops.lightning_attention_packed`` (the activation's backward and the q|k|v gradient
+    as one buffer inside the kernels; ``u`` from its own product with the same fused weight). Same
+    parameters and outputs either way; on a CPU the unfused form does the same work in one product.
     """
 
     def __init__(self, cfg, layer_idx: int):
@@ -70,7 +71,8 @@ class GatedLinearAttention(nn.Module):
         """
         B, T, d = x.shape
         H, D = self.n_heads, self.head_dim
-        if self.packed and self.lrpe is None and state is None and not return_state and pad_mask is None:
+        if (self.packed and x.is_cuda and self.lrpe is None and state is None and not return_state
+                and pad_mask is None):
             return self._forward_packed(x)
         parts = self.qkvu_proj(x).chunk(4 if self.gate else 3, dim=-1)
         q, k, v = (p.reshape(B, T, H, D) for p in parts[:3])
