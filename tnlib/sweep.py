@@ -243,7 +243,7 @@ def run_sweep(spec: dict, data: str, results: str, work: str, parallel: int = 1,
                     continue
                 log.close()
                 del running[slot]
-                final = _collect(run, wdir, results) if proc.returncode == 0 else None
+                final = _collect(run, wdir, results)  # also after a late signal: it checks the run finished
                 if final:
                     n_done += 1
                     evals = " ".join(f"{k}={final[k]:.3f}" for k in final if k.endswith("_ppl"))
