@@ -77,20 +77,35 @@ def measure(shape: dict, spec: dict, data: str, parallel: int, seconds: float, w
 
 
 def predict_minutes(m: dict, tokens: int, n_runs: int, parallel: int, rec: dict) -> float:
-    """Sweep wall time: ceil(runs / parallel) waves of (overhead + training + evaluations); an evaluated
-    token costs about a third of a trained one (forward only)."""
+    """Sweep wall time: all runs' training at the measured total rate of ``parallel`` processes (an
+    evaluated token costs about a third of a trained one: forward only), plus one per-run overhead per
+    wave of ``parallel`` runs."""
     evals = rec["evals"] * rec["eval_tokens"] * len(rec["eval_sets"])
-    per_run = m["overhead_s"] + (tokens + evals / 3) / m["tokens_per_s_per_proc"]
-    return math.ceil(n_runs / parallel) * per_run / 60
+    train_s = n_runs * (tokens + evals / 3) / m["tokens_per_s_total"]
+    return (train_s + math.ceil(n_runs / parallel) * m["overhead_s"]) / 60
+
+
+def flops_per_token(shape: dict, spec: dict) -> float:
+    """6 x parameters (the tied embedding counted once, as the LM head's matmul): for skipping shapes
+    that cannot fit even if their throughput scaled perfectly with size."""
+    import torch
+
+    from tnlib.models import build_model, get_config
+
+    row = next(r for r in spec["rows"] if r["table"] == "default")
+    with torch.device("meta"):
+        model = build_model(get_config(f"tnl-{spec['recipe']['size']}", vocab_size=50272,
+                                       **row_model_overrides(row, shape)))
+    return 6.0 * model.num_parameters()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", default="configs/ablations.toml")
     ap.add_argument("--data", required=True)
-    ap.add_argument("--candidates", default="384x6,512x8,640x10,768x12", help="DxL shapes, smallest first")
-    ap.add_argument("--parallel", type=int, default=6)
-    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--candidates", default="256x6,384x6,512x8,768x8", help="DxL shapes, smallest first (measured largest first)")
+    ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--budget-min", type=float, default=11.0, help="wall minutes the whole sweep may take")
     ap.add_argument("--min-tokens", type=int, default=20_000_000)
     ap.add_argument("--work", default="/tmp/abl-size")
@@ -106,21 +121,35 @@ def main():
     shapes = []
     for c in a.candidates.split(","):
         d, n = (int(x) for x in c.lower().split("x"))
-        shapes.append({"d_model": d, "n_layers": n, "n_heads": d // 64})
+        shapes.append({"d_model": d, "n_layers": n, "n_heads": max(1, d // 64)})
+    # largest first; stop at the first that fits, and skip a shape that cannot fit even if its tokens/s
+    # were the last measured one's scaled by the FLOP ratio (optimistic for smaller models)
     meas = []
-    for shape in shapes:
+    for shape in reversed(shapes):
+        last = next((m for m in reversed(meas) if "error" not in m and "skipped" not in m), None)
+        if last is not None:
+            guess = dict(last, tokens_per_s_total=last["tokens_per_s_total"] * last["flops_per_token"] /
+                         flops_per_token(shape, spec))
+            if predict_minutes(guess, a.min_tokens, n_runs, a.parallel, rec) > a.budget_min and shape != shapes[0]:
+                meas.append({"shape": shape, "skipped": "cannot fit even at the FLOP-scaled rate of the last shape",
+                             "flops_per_token": flops_per_token(shape, spec)})
+                print(f"{shape['d_model']}x{shape['n_layers']}: skipped (cannot fit)", flush=True)
+                continue
         t = time.time()
         m = measure(shape, spec, a.data, a.parallel, a.seconds, a.work)
         m["measure_wall_s"] = time.time() - t
+        m["flops_per_token"] = flops_per_token(shape, spec)
         meas.append(m)
         if "error" not in m:
             m["predicted_min_at_min_tokens"] = predict_minutes(m, a.min_tokens, n_runs, a.parallel, rec)
             print(f"{shape['d_model']}x{shape['n_layers']}: {m['params'] / 1e6:.1f}M params, "
-                  f"{m['tokens_per_s_per_proc']:,.0f} tok/s per process x {a.parallel} = {m['tokens_per_s_total']:,.0f}"
-                  f" tok/s, overhead {m['overhead_s']:.0f} s/run, {m['mem_gb']:.1f} GB/process; sweep at "
+                  f"{m['tokens_per_s_per_proc']:,.0f} tok/s per process, {m['tokens_per_s_total']:,.0f} tok/s with "
+                  f"{a.parallel}, overhead {m['overhead_s']:.0f} s/run, {m['mem_gb']:.1f} GB/process; sweep at "
                   f"{a.min_tokens / 1e6:.0f}M tokens: {m['predicted_min_at_min_tokens']:.1f} min "
                   f"(measured in {m['measure_wall_s']:.0f} s)", flush=True)
-    ok = [m for m in meas if "error" not in m]
+            if m["predicted_min_at_min_tokens"] <= a.budget_min:
+                break
+    ok = [m for m in meas if "error" not in m and "skipped" not in m]
     if not ok:
         raise SystemExit("no candidate shape ran")
     fits = [m for m in ok if m["predicted_min_at_min_tokens"] <= a.budget_min]

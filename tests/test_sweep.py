@@ -132,24 +132,21 @@ def test_sweep_runs_skips_and_resumes(tmp_path):
     spec.write_text(TINY_SPEC)
     res = tmp_path / "res"
 
-    # 1. one run, then stop: it is finished and collected
-    r = _sweep(str(spec), data, tmp_path, "--limit", "1")
-    assert r.returncode == 0, r.stdout + r.stderr
-    first = res / "default/default/seed1/final.json"
-    assert first.exists() and (res / "default/default/seed1/metrics.jsonl").exists()
-    assert json.load(open(first))["steps"] == 60
-    mtime = first.stat().st_mtime
-
-    # 2. the next run is interrupted half-way (SIGTERM to the sweep): it checkpoints, is not collected
+    # 1. the first run finishes and is collected; 2. the next is interrupted half-way (SIGTERM to the
+    # sweep): it checkpoints and is not collected
     p = _sweep(str(spec), data, tmp_path, popen=True)
+    first = res / "default/default/seed1/final.json"
     metrics = tmp_path / "work/E/no-gate/seed1/metrics.jsonl"
     t0 = time.time()
     while not (metrics.exists() and len(_steps(metrics)) >= 3):
-        assert p.poll() is None and time.time() - t0 < 120, "the run did not start"
+        assert p.poll() is None and time.time() - t0 < 180, "the runs did not start"
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 1 and "interrupted" in out, out
+    assert first.exists() and (res / "default/default/seed1/metrics.jsonl").exists()
+    assert json.load(open(first))["steps"] == 60
+    mtime = first.stat().st_mtime
     assert (tmp_path / "work/E/no-gate/seed1/checkpoint").is_dir()
     assert not (res / "E/no-gate/seed1/final.json").exists()
     n_before = len(_steps(metrics))
