@@ -90,9 +90,9 @@ start)
     echo "sizing: $(( $(date +%s) - t0 )) s"
   fi
   echo "starting: python3 -m tnlib sweep $SPEC --parallel $PARALLEL $SWEEP_ARGS"
-  setsid nohup python3 -m tnlib sweep $SPEC --data $DATA --results $ROOT/results --work $ROOT/work \
-    --parallel $PARALLEL $SWEEP_ARGS > $ROOT/sweep.log 2>&1 < /dev/null &
-  echo $! > $ROOT/sweep.pid
+  # its own session, so it outlives this call; the pid file names the sweep process itself (exec)
+  setsid nohup bash -c "echo \$\$ > $ROOT/sweep.pid; exec python3 -m tnlib sweep $SPEC --data $DATA \
+    --results $ROOT/results --work $ROOT/work --parallel $PARALLEL $SWEEP_ARGS" > $ROOT/sweep.log 2>&1 < /dev/null &
   sleep 5
   follow; pack ;;
 status)

@@ -311,7 +311,15 @@ def summarize(spec: dict, results: str) -> dict:
         entry["provenance"] = done[0]["provenance"] if done else None
         rows_out.append(entry)
     provs = [r["provenance"] for r in rows_out if r["provenance"]]
+    # what ran (the sweep may have been given --shape/--set elsewhere): the first finished run's config
+    ran = sorted(glob.glob(os.path.join(results, "default", "default", "seed*", "config.json"))) or \
+        sorted(glob.glob(os.path.join(results, "*", "*", "seed*", "config.json")))
+    ran_cfg = json.load(open(ran[0])) if ran else None
     head = {"spec": spec["path"], "recipe": spec["recipe"], "shape": spec["shape"],
+            "ran_train_config": {k: v for k, v in ran_cfg["train"].items() if k not in ("seed", "out")}
+            if ran_cfg else None,
+            "ran_shape": {k: ran_cfg["model"][k] for k in ("d_model", "n_layers", "n_heads", "glu_dim", "vocab_size")}
+            if ran_cfg else None,
             "runs_provenance": {k: provs[0].get(k) for k in ("commit", "gpu", "torch", "triton", "cuda", "python", "date")}
             if provs else None,
             "runs_commits": sorted({p.get("commit") for p in provs}), "runs_gpus": sorted({str(p.get("gpu")) for p in provs}),
