@@ -14,7 +14,9 @@
 # (43.7 MB: ~36M training tokens with the 50,272-token BPE, so no run repeats data up to that budget.)
 # Then, on nvidia-h200:
 #   run(command="TNLIB_COMMIT=$(git rev-parse HEAD) bash scripts/ablation_device.sh start", carry=[".carry-abl"], timeout_s=600)
-#   run(command="bash scripts/ablation_device.sh status", timeout_s=600)        # repeat until done
+#   run(command="SPEED=1 bash scripts/ablation_device.sh status", timeout_s=600)   # repeat until done
+# SPEED=1: when the sweep has ended, the same call times every row at 385M (scripts/ablation_speed.py,
+# ~2-3 min) and returns $OUT/speed-385m-h200.json (copy it to results/ablation/ before --summarize).
 # Each call returns $OUT/ablation-results.tar.gz (finished runs + summaries, relative to results/ablation/),
 # $OUT/sweep.log and $OUT/sizing.json. Unpack here with
 #   tar -xzf FILES_AT/ablation-results.tar.gz -C results/ablation && cp FILES_AT/sizing.json results/ablation/
@@ -62,6 +64,17 @@ follow() {  # print progress until the sweep ends or the call's time is used
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
 }
 
+speed() {  # SPEED=1: once the sweep has ended, time every row at 385M (scripts/ablation_speed.py) in this call
+  [ "${SPEED:-0}" = 1 ] || return 0
+  if kill -0 "$(cat $ROOT/sweep.pid 2>/dev/null)" 2>/dev/null; then echo "speed: the sweep still runs; later"; return 0; fi
+  if [ ! -f $ROOT/speed-385m-h200.json ] && [ $(( $(date +%s) - T_CALL )) -gt $(( 600 - ${SPEED_S:-240} )) ]; then
+    echo "speed: too little of this call left; run 'SPEED=1 ... status' again"; return 0
+  fi
+  [ -f $ROOT/speed-385m-h200.json ] || python3 scripts/ablation_speed.py --spec $SPEC --out $ROOT/speed-385m-h200.json \
+    2>&1 | tee $ROOT/speed.log
+  cp $ROOT/speed-385m-h200.json $ROOT/speed.log "$OUT/" 2>/dev/null || true
+}
+
 case "$MODE" in
 start)
   if [ -f $ROOT/sweep.pid ] && kill -0 "$(cat $ROOT/sweep.pid)" 2>/dev/null; then
@@ -94,10 +107,10 @@ start)
   setsid nohup bash -c "echo \$\$ > $ROOT/sweep.pid; exec python3 -m tnlib sweep $SPEC --data $DATA \
     --results $ROOT/results --work $ROOT/work --parallel $PARALLEL $SWEEP_ARGS" > $ROOT/sweep.log 2>&1 < /dev/null &
   sleep 5
-  follow; pack ;;
+  follow; pack; speed ;;
 status)
   [ -f $ROOT/sweep.log ] || { echo "no sweep on this machine (it was given back?): run 'start' again"; exit 2; }
-  follow; pack ;;
+  follow; pack; speed ;;
 *)
   echo "usage: $0 start|status" >&2; exit 2 ;;
 esac
