@@ -129,3 +129,10 @@ bench-kernels:
 
 clean:
 	rm -rf $(VENV) .pytest_cache **/__pycache__
+
+# the paper's ablation tables at small scale (configs/ablations.toml; resumable) -> results/ablation/
+ABL_SPEC ?= configs/ablations.toml
+ABL_PARALLEL ?= 1
+.PHONY: ablations
+ablations: setup data
+	$(BIN)/python -m tnlib sweep $(ABL_SPEC) --data $(DATA_DIR) --parallel $(ABL_PARALLEL)

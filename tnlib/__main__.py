@@ -1,4 +1,4 @@
-"""Command line: ``python -m tnlib {prepare,train,generate,quickstart} ...`` (``--help`` on each)."""
+"""Command line: ``python -m tnlib {prepare,train,generate,compare,quickstart,sweep} ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -110,6 +110,37 @@ def cmd_quickstart(a):
     quickstart(out=a.out, steps=a.steps, work=a.work)
 
 
+def cmd_sweep(a):
+    from .sweep import load_spec, run_sweep, summarize
+
+    spec = load_spec(a.spec, shape=_kv(a.shape), recipe=_kv(a.set))
+    if a.summarize:
+        doc = summarize(spec, a.results)
+        print(f"wrote {a.results}/summary.json ({sum(r['complete'] for r in doc['rows'])}/{len(doc['rows'])} rows complete)")
+        return
+    res = run_sweep(spec, a.data, a.results, a.work, parallel=a.parallel,
+                    gpus=a.gpus.split(",") if a.gpus else None, limit=a.limit, only=a.only)
+    print(f"sweep: {res['finished']}/{res['total']} runs finished" + (f", failed: {res['failed']}" if res["failed"] else ""))
+    if res["failed"] or res["interrupted"]:
+        sys.exit(1)
+
+
+def _add_sweep_parser(sub):
+    p = sub.add_parser("sweep", help="ablation sweep from a TOML spec (resumable; see tnlib/sweep.py)")
+    p.add_argument("spec", help="e.g. configs/ablations.toml")
+    p.add_argument("--data", default="data/full", help="a prepared data directory")
+    p.add_argument("--results", default="results/ablation", help="finished runs and summaries")
+    p.add_argument("--work", default="runs/ablation", help="checkpoints of runs in progress")
+    p.add_argument("--parallel", type=int, default=1, help="training processes at a time (they may share a GPU)")
+    p.add_argument("--gpus", default=None, help="comma-separated CUDA devices the slots take in turn")
+    p.add_argument("--shape", nargs="*", default=[], help="override [shape], e.g. d_model=768 n_layers=12")
+    p.add_argument("--set", nargs="*", default=[], help="override [recipe], e.g. tokens=30000000")
+    p.add_argument("--only", nargs="*", default=None, help="run only these tables or rows, e.g. C default/default")
+    p.add_argument("--limit", type=int, default=None, help="start at most this many runs")
+    p.add_argument("--summarize", action="store_true", help="only (re)write the summaries from finished runs")
+    p.set_defaults(fn=cmd_sweep)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tnlib", description="TransNormerLLM, step by step")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -160,6 +191,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.set_defaults(fn=cmd_quickstart)
 
+    _add_sweep_parser(sub)
     a = ap.parse_args(argv)
     try:
         a.fn(a)

@@ -50,7 +50,8 @@ class TrainConfig:
     eval_tokens: int = 65536  # per held-out set
     eval_sets: tuple = ("val",)
     ckpt_every: int = 100
-    seed: int = 1234
+    seed: int = 1234  # initialisation (and, unless data_seed is set, the data order)
+    data_seed: int | None = None  # the data order alone: runs that differ only in `seed` then see the same batches
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
     # what torch.compile sees: "blocks" (each block compiled on its own, the embedding/head/loss eager;
@@ -85,9 +86,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def batch_at(tokens: np.ndarray, step: int, micro: int, cfg: TrainConfig, rank: int, world: int):
-    """The training windows for (step, micro-batch, rank): a pure function of the seed, so resuming
-    at a step replays exactly the data the interrupted run would have seen."""
-    rng = np.random.default_rng([cfg.seed, step, micro, rank, world])
+    """The training windows for (step, micro-batch, rank): a pure function of the data seed
+    (``cfg.data_seed``, else ``cfg.seed``), so resuming at a step replays exactly the data the
+    interrupted run would have seen."""
+    rng = np.random.default_rng([cfg.seed if cfg.data_seed is None else cfg.data_seed, step, micro, rank, world])
     starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
     x = np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts]).astype(np.int64)
     return torch.from_numpy(x)
