@@ -1,6 +1,4 @@
-"""Lightning Attention: our Triton forward and hand-derived backward (spec section 6.3).
-
-Notebook: ``notebooks/04_lightning_attention`` derives the block algorithm and benchmarks it.
+"""Lightning Attention as ``torch.library`` custom ops: launchers, autograd and fake implementations.
 
 Contract (layout ``[B, T, H, D]`` everywhere)::
 
@@ -18,13 +16,13 @@ Each of the three gradient lines is itself a decayed linear attention: ``dq`` ru
 time with query ``dO``, key ``v``, value ``k`` and start state ``S_{-1}^T``; ``dv`` runs backward
 in time with query ``k``, key ``q``, value ``dO`` and start state ``G``, entering undecayed;
 ``dk`` runs backward with query ``v``, key ``dO``, value ``q`` and start state ``G^T``. So one
-Triton kernel (:mod:`tnlib.ops._lightning_kernels`) serves all four passes.
+generic kernel (:mod:`.kernels`) serves all four passes; ``_dkdv_kernel`` fuses the last two.
 
-Dispatch: CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` is set, run the Triton
-kernels through a ``torch.library`` custom op (opaque to ``torch.compile``, with a fake
-implementation and a registered autograd formula). float64 inputs and CPU tensors without the
-interpreter take :func:`tnlib.ops.linear_attention_chunked` (pure PyTorch, differentiable).
-``slope`` receives no gradient from the kernel path (it is a fixed buffer in TransNormerLLM).
+Dispatch (``tnlib.ops._triton.use_triton``): fp16/bf16/fp32 tensors on CUDA, or on the CPU under
+``TRITON_INTERPRET=1``, run the kernels through custom ops (opaque to ``torch.compile``, with fake
+implementations and registered autograd). Everything else takes
+:func:`tnlib.ops.linear_attention_chunked` (pure PyTorch, differentiable). ``slope`` receives no
+gradient from the kernel path (it is a fixed buffer in TransNormerLLM).
 """
 from __future__ import annotations
 
@@ -33,112 +31,25 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_attention_inputs
-from ._triton import interpreting, kernel_device, triton
-from .reference import linear_attention_chunked
-
-__all__ = ["lightning_attention", "lightning_attention_packed", "SUPPORTED_K", "SUPPORTED_V"]
+from .._checks import check_attention_inputs
+from .._triton import interpreting, use_triton
+from ..reference import linear_attention_chunked
+from .plan import LaunchConfig, Tile, launch_config
 
 SUPPORTED_K = (16, 32, 64, 128, 256)
 SUPPORTED_V = (16, 32, 64, 128)
-
-#: Test hook: fill every kernel output with NaN before launch, so unwritten elements fail tests.
-_POISON = False
-#: Test/tuning hook: force the segment length (tokens per parallel segment); None = automatic.
-_SEG_LEN: Optional[int] = None
-#: Tuning hook: {(DK, DV, is_fp32): (chunk, BV, num_warps, num_stages)} overrides _config().
-_CONFIG_OVERRIDE: dict = {}
-#: Split sequences into parallel segments only when the forward has fewer CTAs than this, and then
-#: aim for about ``_TARGET_CTAS``. Measured on the H200 (results/bench/variants-h200.json): with 256
-#: CTAs an unsplit T=8K runs as fast as T=1K, while at 128 CTAs splitting into 4-8 segments wins.
-_SPLIT_BELOW = 256
-_TARGET_CTAS = 512
-#: Tuning hook: (chunk, BV, num_warps, num_stages) of the dq pass instead of the forward's config.
-_DQ_CONFIG_OVERRIDE: Optional[tuple] = None
-#: Tuning hook: (chunk, num_warps, num_stages) of the fused dk/dv kernel instead of the defaults.
-_DKDV_CONFIG_OVERRIDE: Optional[tuple] = None
-#: Tuning hook: (chunk, BV, num_warps, num_stages) of the segment-state kernel (scripts/tune_segment_states.py).
-_LOCAL_CONFIG_OVERRIDE: Optional[tuple] = None
-#: Compute the segment states inside the forward's output kernel and the fused dk/dv kernel (one
-#: launch each, programs wait on each other's flags) instead of separate segment-state kernels.
-#: Measured slower on the H200 at every target and length tried (32K: forward 0.62 vs 0.54 ms;
-#: results/bench/variants-fused-state-h200.json): off, kept as a tested variant for re-measurement.
-_FUSED_STATE = False
-#: Forward with segments: one launch of a fixed number of programs working through a queue in which the
-#: segment-state items and the output items alternate (``_lightning_queue_kernel``), instead of the
-#: segment-state kernel followed by the output kernel. ``_QUEUE_LEAD``: rounds by which a segment's state
-#: items run ahead of the output items that need them; ``_QUEUE_PROGRAMS``: programs per SM. Measured
-#: slower on the H200 (D=128, 16K: 0.61-0.66 vs 0.53 ms; 32K: 0.63 vs 0.55; results/bench/
-#: variants-queue-h200.json): off, kept as a tested variant.
-_QUEUE_STATE = False
-_QUEUE_LEAD = 2
-_QUEUE_PROGRAMS = 2
-#: Backward: dk and dv from one fused reverse sweep (True) or two passes of the generic kernel.
-_FUSED_DKDV = True
-#: Generic kernel's state update: scale the value tile (True) or the key tile (False); see _chunk_state
-#: and :func:`_scale_value_tile`, the one place that decides per launch.
-_SCALE_C = True
-_MIN_SEG = 512
+#: Feature-map codes (the kernels' GRAD_ACT argument; 0 = identity).
+ACT_CODES = {"none": 0, "silu": 1, "1+elu": 2}
 
 
 def _kernels():
-    # imported lazily: triton reads TRITON_INTERPRET when the kernels are decorated
-    from . import _lightning_kernels
+    from . import kernels  # imported late: Triton reads TRITON_INTERPRET when the kernels are decorated
 
-    return _lightning_kernels
-
-
-def _config(DK: int, DV: int, fp32: bool):
-    """(chunk, BV, num_warps, num_stages) for a pass with state ``[DK, DV]``."""
-    if _CONFIG_OVERRIDE:  # (not looked up otherwise: under torch.compile DK, DV may be SymInts)
-        key = (int(DK), int(DV), fp32)
-        if key in _CONFIG_OVERRIDE:
-            return _CONFIG_OVERRIDE[key]
-    if fp32:
-        ch = 32 if DK >= 128 else 64
-        bv = min(DV, 32)
-        return ch, bv, 4, 1
-    # winners of scripts/tune_lightning.py on one H200 (bf16, B*T = 65536, T = 4096)
-    if DK >= 256:
-        return 64, min(DV, 32), 4, 1
-    return 64, min(DV, 64), 4, 2
-
-
-def _seg_plan(B: int, H: int, T: int, n_vblocks: int = 2) -> tuple[int, int]:
-    """(segment length, number of segments): split long sequences when B*H alone gives few CTAs.
-
-    ``n_vblocks`` is the forward kernel's number of value blocks (CTAs per (batch, head) and
-    segment); it is counted as at least 2, the value the plan was first tuned with on the H200.
-    """
-    if _SEG_LEN is not None:
-        seg = int(_SEG_LEN)
-    elif n_vblocks * B * H >= _SPLIT_BELOW:
-        seg = T
-    else:
-        want = -(-_TARGET_CTAS // (max(2, n_vblocks) * B * H))
-        seg = T if want <= 1 else max(_MIN_SEG, -(-T // want))
-        seg = -(-seg // 128) * 128
-    seg = max(seg, 1)
-    return seg, -(-T // seg)
-
-
-def _plan_for(q, v):
-    """The segment plan of one call, from the forward kernel's value blocks (shared by all passes)."""
-    B, T, H, DK = q.shape
-    DV = v.shape[3]
-    bv = _config(DK, DV, q.dtype == torch.float32)[1]
-    return _seg_plan(B, H, T, DV // bv)
-
-
-def _upcast(x):
-    # Triton's CPU interpreter (3.9) computes garbage for bf16 tl.dot: feed it fp32 copies of the
-    # bf16-rounded operands instead (same values, exact products).
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+    return kernels
 
 
 def _alloc(shape, dtype, device):
-    if _POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    """Every kernel output is allocated here (tests fill it with NaN to catch unwritten elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -148,55 +59,11 @@ def _empty_f32(like):
 
 
 def _strides3(x):
-    s = x.stride()
-    return s[0], s[1], s[2]
+    return x.stride()[:3]
 
 
 def _last_contig(x):
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _local_config(DK: int, DV: int, fp32: bool):
-    """(chunk, BV, num_warps, num_stages) of the segment-state kernel (one dot per chunk)."""
-    if _LOCAL_CONFIG_OVERRIDE is not None:
-        return _LOCAL_CONFIG_OVERRIDE
-    if fp32:
-        return _config(DK, DV, fp32)
-    return 64, min(DV, 128 if DK <= 128 else 64), 8, 2
-
-
-def _local_states(b, c, slope, seg_len, nseg, reverse):
-    """End states of segments ``0 .. nseg-2`` from a zero start: ``[B, H, nseg-1, DK, DV]`` fp32.
-
-    The last segment's state is never needed (a segment folds in only the ones before it), so its
-    ``b`` and ``c`` are not read a second time."""
-    K = _kernels()
-    B, T, H, DK = b.shape
-    DV = c.shape[3]
-    fp32 = b.dtype == torch.float32
-    ch, bv, nw, ns = _local_config(DK, DV, fp32)
-    if bv > DV or DV % bv:  # (only an override can get here: the grid would skip value columns)
-        raise ValueError(f"segment-state config: value block {bv} must divide the value width {DV}")
-    loc = _alloc((B, H, nseg - 1, DK, DV), torch.float32, b.device)
-    grid = (DV // bv, nseg - 1, B * H)
-    K._segment_state_kernel[grid](
-        b, c, slope, loc, T, H, seg_len,
-        *_strides3(b), *_strides3(c), *loc.stride(),
-        DK=DK, BV=bv, CH=ch, REVERSE=reverse, DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(b),
-        num_warps=nw, num_stages=ns,
-    )
-    return loc
-
-
-def _segment_states(b, c, slope, seg_len, nseg, reverse, fused):
-    """The local end states a multi-segment pass folds in (``None`` for one segment): computed by the
-    segment-state kernel, or with ``fused`` an empty buffer that the pass's own kernel fills."""
-    if nseg == 1:
-        return None
-    if fused:
-        B, _, H, DK = b.shape
-        return _alloc((B, H, nseg - 1, DK, c.shape[3]), torch.float32, b.device)
-    return _local_states(b, c, slope, seg_len, nseg, reverse)
 
 
 def _optional(t, stand_in, ndim):
@@ -204,196 +71,176 @@ def _optional(t, stand_in, ndim):
     return (t, t.stride()) if t is not None else (stand_in, (0,) * ndim)
 
 
-def _scale_value_tile(DK: int, fp32: bool) -> bool:
-    """Whether the generic kernel's state update scales the value tile (``SCALE_C``): only for 16-bit
-    inputs with state heights DK <= 128, the configurations timed and tested at full size on the H200.
-    At DK = 256 (the LRPE layer's forward, chunk 64, one stage) Triton 3.6's code for it faults with an
-    illegal memory access on the H200 from ~8x1024 tokens x 8 heads up (scripts/debug_illegal_access.py,
-    results/bench/NOTES-kernels.md); the key-scaled form does not, and fp32 inputs (one-stage configs
-    too) keep it. The segment-state kernel has its own configs and always scales the value tile; it has
-    run at full size at every benchmark shape (K=256 at 16K-32K, fp32 at T=131,072)."""
-    return _SCALE_C and DK <= 128 and not fp32
+def _precision(x):
+    """``DOT_PREC`` and ``UPCAST``: tf32 dots for 16-bit inputs, exact fp32 dots for fp32 inputs; on
+    the CPU bf16 operands go to the dots as fp32 copies (the interpreter's bf16 dot is wrong)."""
+    return dict(DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+                UPCAST=x.device.type == "cpu" and x.dtype == torch.bfloat16)
 
 
-def _epilogue_and_sync(grad_act, pre, local, fused_state, n_programs, stand_in):
-    """The launchers' optional kernel arguments: the pre-activation read by the derivative epilogue
-    (``E`` and its strides, or a stand-in), and for single-launch segment states (``FUSED_STATE``, only
-    with segments) a zeroed ``SYNC`` buffer: ticket counter + one flag per program."""
-    pre_t, se = (pre, _strides3(pre)) if grad_act else (stand_in, (0, 0, 0))
-    fused = bool(fused_state and local is not None)
-    sync = torch.zeros(1 + n_programs, dtype=torch.int32, device=stand_in.device) if fused else stand_in
-    return pre_t, se, fused, sync
+def _config(cfg: list[int], q, v) -> LaunchConfig:
+    """The call's launch config: ``cfg`` (``LaunchConfig.to_ints``), or empty for the default."""
+    if cfg:
+        return LaunchConfig.from_ints(cfg)
+    B, T, H, K = q.shape
+    return launch_config(B, T, H, K, v.shape[3], q.dtype)
 
 
-def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, nseg, out_dtype,
-          grad_act=0, pre=None, out=None, cfg=None, fused_state=False, queue=False):
-    """One pass of the generic kernel (see the module docstring of ``_lightning_kernels``).
+def _local_states(b, c, slope, cfg: LaunchConfig, reverse):
+    """End states of segments ``0 .. nseg-2`` from a zero start, ``[B, H, nseg-1, DK, DV]`` fp32, or
+    None for one segment (the last segment's state is never needed: a segment folds in earlier ones)."""
+    B, T, H, DK = b.shape
+    DV, nseg, t = c.shape[3], cfg.n_seg(T), cfg.state
+    if nseg == 1:
+        return None
+    if t.block_v > DV or DV % t.block_v:  # the grid would skip value columns
+        raise ValueError(f"segment-state config: value block {t.block_v} must divide the value width {DV}")
+    loc = _alloc((B, H, nseg - 1, DK, DV), torch.float32, b.device)
+    sb, sc, sl = _strides3(b), _strides3(c), loc.stride()
+    _kernels()._segment_state_kernel[(DV // t.block_v, nseg - 1, B * H)](
+        Bp=b, Cp=c, slope_ptr=slope, LOCAL=loc, T=T, H=H, seg_len=cfg.seg_len,
+        sb_b=sb[0], sb_t=sb[1], sb_h=sb[2], sc_b=sc[0], sc_t=sc[1], sc_h=sc[2],
+        sl_b=sl[0], sl_h=sl[1], sl_s=sl[2], sl_k=sl[3], sl_v=sl[4],
+        DK=DK, BV=t.block_v, CH=t.chunk, REVERSE=reverse, **_precision(b),
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    return loc
 
-    ``grad_act``: multiply the output by the q/k feature map's derivative at ``pre`` (``[B, T, H, DV]``,
-    see ``ACT_CODES``); ``out``: write into this (possibly strided) tensor instead of a new one;
-    ``cfg``: (chunk, BV, num_warps, num_stages) instead of ``_config``'s; ``fused_state``: ``local``
-    is an output, filled by this launch (see ``FUSED_STATE`` in the kernel); ``queue`` (with segments):
-    the same, by the work-queue launch ``_lightning_queue_kernel`` (``_QUEUE_STATE``)."""
-    K = _kernels()
+
+def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, out_dtype, tile: Tile,
+          grad_act=0, pre=None, out=None):
+    """One pass of the generic kernel (see :mod:`.kernels`); returns ``(o, final state or None)``.
+
+    ``local``: segment states to fold in (``seg_len`` tokens per segment); ``grad_act``: multiply
+    the output by the q/k feature map's derivative at ``pre`` (``[B, T, H, DV]``, see ``ACT_CODES``);
+    ``out``: write into this (possibly strided) tensor instead of a new one."""
     B, T, H, DK = a.shape
     DV = c.shape[3]
-    fp32 = a.dtype == torch.float32
-    ch, bv, nw, ns = cfg if cfg is not None else _config(DK, DV, fp32)
     o = _alloc((B, T, H, DV), out_dtype, a.device) if out is None else out
-    final_t, sf = _optional(_alloc((B, H, DK, DV), torch.float32, a.device) if want_final else None, o, 4)
+    final, sf = _optional(_alloc((B, H, DK, DV), torch.float32, a.device) if want_final else None, o, 4)
     init_t, si = _optional(init, o, 4)
     loc_t, sl = _optional(local, o, 5)
-    nv = DV // bv
-    strides = (*_strides3(a), *_strides3(b), *_strides3(c), *_strides3(o), *si, *sl, *sf)
-    meta = dict(DK=DK, BV=bv, CH=ch, HAS_INIT=init is not None, INIT_DECAY=init_decay, STORE_FINAL=want_final,
-                REVERSE=reverse, DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(a), GRAD_ACT=grad_act,
-                FAST=not interpreting(), SCALE_C=_scale_value_tile(DK, fp32), num_warps=nw, num_stages=ns)
-    if queue:
-        pre_t, se, _, _ = _epilogue_and_sync(grad_act, pre, None, False, 0, o)
-        lead = int(_QUEUE_LEAD)
-        sync = torch.zeros(1 + B * H * nseg * nv, dtype=torch.int32, device=a.device)  # ticket counter + flags
-        K._lightning_queue_kernel[(_n_programs(a.device, (nseg + lead) * 2 * B * H * nv),)](
-            a, b, c, o, init_t, local, final_t, slope, pre_t, sync, T, H, seg_len, nseg, B * H, lead,
-            *strides, *se, NV=nv, **meta)
-    else:
-        pre_t, se, fused, sync = _epilogue_and_sync(grad_act, pre, local, fused_state, B * H * nseg * nv, o)
-        K._lightning_kernel[(nv, nseg, B * H)](
-            a, b, c, o, init_t, loc_t, final_t, slope, pre_t, sync, T, H, seg_len, *strides, *se,
-            HAS_LOCAL=local is not None, FUSED_STATE=fused, **meta)
-    return o, (final_t if want_final else None)
+    pre_t, se = (pre, _strides3(pre)) if grad_act else (o, (0, 0, 0))
+    sa, sb, sc, so = _strides3(a), _strides3(b), _strides3(c), _strides3(o)
+    nseg = -(-T // seg_len)
+    _kernels()._lightning_kernel[(DV // tile.block_v, nseg, B * H)](
+        A=a, Bp=b, Cp=c, O=o, INIT=init_t, LOCAL=loc_t, FINAL=final, slope_ptr=slope, E=pre_t,
+        T=T, H=H, seg_len=seg_len, sa_b=sa[0], sa_t=sa[1], sa_h=sa[2], sb_b=sb[0], sb_t=sb[1], sb_h=sb[2],
+        sc_b=sc[0], sc_t=sc[1], sc_h=sc[2], so_b=so[0], so_t=so[1], so_h=so[2],
+        si_b=si[0], si_h=si[1], si_k=si[2], si_v=si[3], sl_b=sl[0], sl_h=sl[1], sl_s=sl[2], sl_k=sl[3],
+        sl_v=sl[4], sf_b=sf[0], sf_h=sf[1], sf_k=sf[2], sf_v=sf[3], se_b=se[0], se_t=se[1], se_h=se[2],
+        DK=DK, BV=tile.block_v, CH=tile.chunk, HAS_INIT=init is not None, INIT_DECAY=init_decay,
+        HAS_LOCAL=local is not None, STORE_FINAL=want_final, REVERSE=reverse, **_precision(a),
+        GRAD_ACT=grad_act, FAST=not interpreting(), SCALE_C=tile.scale_value,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return o, (final if want_final else None)
 
 
-def _n_programs(device, n_tickets: int) -> int:
-    """Programs of a queue launch: ``_QUEUE_PROGRAMS`` per SM (a few under the interpreter)."""
-    if device.type != "cuda":
-        return min(n_tickets, 3)
-    return min(n_tickets, _QUEUE_PROGRAMS * torch.cuda.get_device_properties(device).multi_processor_count)
-
-
-def _use_fused_dkdv(DK: int, DV: int, fp32: bool) -> bool:
-    """dk and dv in one sweep needs the whole state [DK, DV] in one CTA's registers."""
-    if not _FUSED_DKDV or DK > 128 or DV > 128:
-        return False
-    return not fp32 or DK * DV <= 64 * 64
-
-
-def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, nseg, grad_act=0, k_pre=None, dk=None, dv=None,
-          fused_state=False):
-    """dk and dv from one reverse-time kernel sharing the state D (see ``_dkdv_kernel``); with
+def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, tile: Tile, grad_act=0, k_pre=None,
+          dk=None, dv=None):
+    """dk and dv from one reverse-time sweep sharing the state D (see ``_dkdv_kernel``); with
     ``grad_act`` dk is taken through the feature map's derivative at ``k_pre``."""
-    K = _kernels()
     B, T, H, DK = q.shape
     DV = v.shape[3]
-    fp32 = q.dtype == torch.float32
-    nw = 8 if DK * DV >= 128 * 128 else 4
-    ch, ns = (32 if fp32 else 64), (1 if fp32 else 2)
-    if _DKDV_CONFIG_OVERRIDE is not None:
-        ch, nw, ns = _DKDV_CONFIG_OVERRIDE
     dk = _alloc((B, T, H, DK), k.dtype, q.device) if dk is None else dk
     dv = _alloc((B, T, H, DV), v.dtype, q.device) if dv is None else dv
     final, sf = _optional(_alloc((B, H, DK, DV), torch.float32, q.device) if need_ds0 else None, dk, 4)
     init_t, si = _optional(dfinal, dk, 4)
     loc_t, sl = _optional(local, dk, 5)
-    pre_t, se, fused, sync = _epilogue_and_sync(grad_act, k_pre, local, fused_state, B * H * nseg, dk)
-    K._dkdv_kernel[(1, nseg, B * H)](
-        q, k, v, do, dk, dv, init_t, loc_t, final, slope, pre_t, sync, T, H, seg_len,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
-        *si, *sl, *sf, *se,
-        DK=DK, DV=DV, CH=ch, HAS_INIT=dfinal is not None, HAS_LOCAL=local is not None,
-        STORE_FINAL=need_ds0, DOT_PREC="ieee" if fp32 else "tf32", UPCAST=_upcast(q),
-        GRAD_ACT=grad_act, FAST=not interpreting(), FUSED_STATE=fused, num_warps=nw, num_stages=ns,
-    )
+    pre_t, se = (k_pre, _strides3(k_pre)) if grad_act else (dk, (0, 0, 0))
+    sq, sk, sv, sd, sgk, sgv = (_strides3(x) for x in (q, k, v, do, dk, dv))
+    _kernels()._dkdv_kernel[(1, -(-T // seg_len), B * H)](
+        Q=q, K=k, V=v, DO=do, DK_out=dk, DV_out=dv, INIT=init_t, LOCAL=loc_t, FINAL=final, slope_ptr=slope,
+        E=pre_t, T=T, H=H, seg_len=seg_len, sq_b=sq[0], sq_t=sq[1], sq_h=sq[2], sk_b=sk[0], sk_t=sk[1],
+        sk_h=sk[2], sv_b=sv[0], sv_t=sv[1], sv_h=sv[2], sd_b=sd[0], sd_t=sd[1], sd_h=sd[2],
+        sgk_b=sgk[0], sgk_t=sgk[1], sgk_h=sgk[2], sgv_b=sgv[0], sgv_t=sgv[1], sgv_h=sgv[2],
+        si_b=si[0], si_h=si[1], si_k=si[2], si_v=si[3], sl_b=sl[0], sl_h=sl[1], sl_s=sl[2], sl_k=sl[3],
+        sl_v=sl[4], sf_b=sf[0], sf_h=sf[1], sf_k=sf[2], sf_v=sf[3], se_b=se[0], se_t=se[1], se_h=se[2],
+        DK=DK, DV=DV, CH=tile.chunk, HAS_INIT=dfinal is not None, HAS_LOCAL=local is not None,
+        STORE_FINAL=need_ds0, **_precision(q), GRAD_ACT=grad_act, FAST=not interpreting(),
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
     return dk, dv, (final if need_ds0 else None)
 
 
-def _forward_impl(q, k, v, slope, initial_state, output_final_state):
+def _forward_impl(q, k, v, slope, initial_state, output_final_state, cfg: LaunchConfig):
+    """``(o, final state or None, k/v segment states or None)``."""
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
-    seg_len, nseg = _plan_for(q, v)
-    queue = _QUEUE_STATE and nseg > 1
-    local = _segment_states(k, v, slope, seg_len, nseg, False, _FUSED_STATE or queue)
-    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, seg_len, nseg, v.dtype,
-                     fused_state=_FUSED_STATE, queue=queue)
+    local = _local_states(k, v, slope, cfg, False)
+    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, cfg.seg_len,
+                     v.dtype, cfg.forward)
     return o, final, local
 
 
-def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc_kv=None, grad_act=0, pre=None,
-                   grads=None):
-    """dq, dk, dv (and dS0). With ``grad_act`` and ``pre = (q_pre, k_pre)`` (q and k being the feature
-    map of those) dq and dk are the gradients of the pre-activations. ``grads``: three tensors (views
-    of one buffer in the packed path) to write dq, dk, dv into."""
+def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, cfg: LaunchConfig, loc_kv=None,
+                   grad_act=0, pre=None, grads=None):
+    """dq, dk, dv (and dS0). ``loc_kv``: the forward's k/v segment states (recomputed if None). With
+    ``grad_act`` and ``pre = (q_pre, k_pre)`` (q and k being the feature map of those) dq and dk are the
+    gradients of the pre-activations. ``grads``: three tensors (views of one buffer in the packed path)
+    to write dq, dk, dv into."""
     do = _last_contig(do.to(v.dtype))
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
     dq_out, dk_out, dv_out = grads if grads is not None else (None, None, None)
     q_pre, k_pre = pre if pre is not None else (None, None)
-    B, T, H, _ = q.shape
-    seg_len, nseg = _plan_for(q, v)  # the dk/dv passes' plan
-    multi = nseg > 1
-    # dq_t = dO_t S_t^T: forward in time, query dO, key v, value k, start S_{-1}^T. Its plan is the
-    # forward's, so the k/v segment states the forward kept serve here.
-    if not multi:
-        loc_kv = None
-    elif loc_kv is None or loc_kv.shape[2] != nseg - 1:  # not saved by the forward
-        loc_kv = _local_states(k, v, slope, seg_len, nseg, False)
+    seg, multi = cfg.seg_len, cfg.n_seg(q.shape[1]) > 1
+    # dq_t = dO_t S_t^T: forward in time, query dO, key v, value k, start S_{-1}^T; the forward's
+    # plan, so the k/v segment states it kept serve here
+    if multi and loc_kv is None:
+        loc_kv = _local_states(k, v, slope, cfg, False)
     s0t = initial_state.transpose(-1, -2) if initial_state is not None else None
-    dq, _ = _attn(do, v, k, slope, s0t, True, False, False,
-                  loc_kv.transpose(-1, -2) if loc_kv is not None else None, seg_len, nseg, q.dtype,
-                  grad_act=grad_act, pre=q_pre, out=dq_out, cfg=_DQ_CONFIG_OVERRIDE)
+    dq, _ = _attn(do, v, k, slope, s0t, True, False, False, loc_kv.transpose(-1, -2) if multi else None, seg,
+                  q.dtype, cfg.dq, grad_act=grad_act, pre=q_pre, out=dq_out)
     del loc_kv
     # D_t (reverse in time) from q^T dO, start G entering undecayed
-    fused_dkdv = _use_fused_dkdv(q.shape[3], v.shape[3], q.dtype == torch.float32)
-    loc_qdo = _segment_states(q, do, slope, seg_len, nseg, True, fused_dkdv and _FUSED_STATE)
-    if fused_dkdv:
-        dk, dv, d0 = _dkdv(q, k, v, do, slope, dfinal, need_ds0, loc_qdo, seg_len, nseg, grad_act, k_pre,
-                           dk_out, dv_out, fused_state=_FUSED_STATE)
+    loc_qdo = _local_states(q, do, slope, cfg, True)
+    if cfg.dkdv is not None:
+        dk, dv, d0 = _dkdv(q, k, v, do, slope, dfinal, need_ds0, loc_qdo, seg, cfg.dkdv, grad_act, k_pre,
+                           dk_out, dv_out)
     else:
-        dv, d0 = _attn(k, q, do, slope, dfinal, False, True, need_ds0, loc_qdo, seg_len, nseg, v.dtype, out=dv_out)
+        dv, d0 = _attn(k, q, do, slope, dfinal, False, True, need_ds0, loc_qdo, seg, v.dtype, cfg.dv, out=dv_out)
         gt = dfinal.transpose(-1, -2) if dfinal is not None else None
-        dk, _ = _attn(v, do, q, slope, gt, False, True, False,
-                      loc_qdo.transpose(-1, -2) if multi else None, seg_len, nseg, k.dtype,
-                      grad_act=grad_act, pre=k_pre, out=dk_out)
-    ds0 = None
-    if need_ds0:
-        ds0 = d0 * torch.exp(-slope.float())[None, :, None, None]
+        dk, _ = _attn(v, do, q, slope, gt, False, True, False, loc_qdo.transpose(-1, -2) if multi else None,
+                      seg, k.dtype, cfg.dk, grad_act=grad_act, pre=k_pre, out=dk_out)
+    ds0 = d0 * torch.exp(-slope.float())[None, :, None, None] if need_ds0 else None
     return dq, dk, dv, ds0
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library custom ops: opaque to torch.compile, with fake (meta) implementations
+# Custom ops: opaque to torch.compile, with fake (meta) implementations. ``config`` is
+# ``LaunchConfig.to_ints()`` or empty for the default (resolved from the shapes, also symbolic ones).
 # ----------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("tnlib::lightning_fwd", mutates_args=())
 def _lightning_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor,
-    initial_state: Optional[torch.Tensor], output_final_state: bool,
+    initial_state: Optional[torch.Tensor], output_final_state: bool, config: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(o, final state or empty, segment states or empty)``; the segment states of k, v
     are kept for the backward's dq pass, which needs exactly them."""
-    o, final, local = _forward_impl(q, k, v, slope, initial_state, output_final_state)
+    o, final, local = _forward_impl(q, k, v, slope, initial_state, output_final_state, _config(config, q, v))
     return o, (_empty_f32(q) if final is None else final), (_empty_f32(q) if local is None else local)
 
 
 @_lightning_fwd_op.register_fake
-def _(q, k, v, slope, initial_state, output_final_state):
+def _(q, k, v, slope, initial_state, output_final_state, config):
     B, T, H, K = q.shape
     V = v.shape[3]
-    o = v.new_empty((B, T, H, V))
     final = q.new_empty((B, H, K, V) if output_final_state else (0,), dtype=torch.float32)
-    nseg = _plan_for(q, v)[1]
+    nseg = _config(config, q, v).n_seg(T)
     local = q.new_empty((B, H, nseg - 1, K, V) if nseg > 1 else (0,), dtype=torch.float32)
-    return o, final, local
+    return v.new_empty((B, T, H, V)), final, local
 
 
 @torch.library.custom_op("tnlib::lightning_bwd", mutates_args=())
 def _lightning_bwd_op(
     do: torch.Tensor, dfinal: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, slope: torch.Tensor, initial_state: Optional[torch.Tensor], need_ds0: bool,
-    local_kv: Optional[torch.Tensor] = None,
+    local_kv: torch.Tensor, config: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    loc = local_kv if local_kv is not None and local_kv.dim() == 5 else None
-    dq, dk, dv, ds0 = _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, loc)
+    loc = local_kv if local_kv.dim() == 5 else None
+    dq, dk, dv, ds0 = _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, _config(config, q, v),
+                                     loc)
     if ds0 is None:
         ds0 = _empty_f32(q)
     elif initial_state is not None:
@@ -402,19 +249,15 @@ def _lightning_bwd_op(
 
 
 @_lightning_bwd_op.register_fake
-def _(do, dfinal, q, k, v, slope, initial_state, need_ds0, local_kv=None):
-    if need_ds0:
-        ds0 = initial_state.new_empty(initial_state.shape)
-    else:
-        ds0 = _empty_f32(q)
+def _(do, dfinal, q, k, v, slope, initial_state, need_ds0, local_kv, config):
+    ds0 = initial_state.new_empty(initial_state.shape) if need_ds0 else _empty_f32(q)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds0
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, slope, initial_state, output_final_state = inputs
-    ctx.has_init = initial_state is not None
-    ctx.output_final_state = output_final_state
-    ctx.save_for_backward(q, k, v, slope, initial_state if initial_state is not None else None, output[2])
+    q, k, v, slope, initial_state, output_final_state, config = inputs
+    ctx.has_init, ctx.output_final_state, ctx.config = initial_state is not None, output_final_state, config
+    ctx.save_for_backward(q, k, v, slope, initial_state, output[2])
 
 
 def _backward(ctx, do, dfinal, _dlocal):
@@ -424,10 +267,9 @@ def _backward(ctx, do, dfinal, _dlocal):
     if not ctx.output_final_state or dfinal is None or dfinal.numel() == 0:
         dfinal = None
     need_ds0 = ctx.has_init and ctx.needs_input_grad[4]
-    dq, dk, dv, ds0 = _lightning_bwd_op(
-        do, dfinal, q, k, v, slope, initial_state if ctx.has_init else None, need_ds0, local_kv
-    )
-    return dq, dk, dv, None, (ds0 if need_ds0 else None), None
+    dq, dk, dv, ds0 = _lightning_bwd_op(do, dfinal, q, k, v, slope, initial_state if ctx.has_init else None,
+                                        need_ds0, local_kv, ctx.config)
+    return dq, dk, dv, None, (ds0 if need_ds0 else None), None, None
 
 
 _lightning_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -436,9 +278,6 @@ _lightning_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # The packed path: q | k | v straight from the projection, the feature map's derivative in the kernels
 # ----------------------------------------------------------------------------------------------
-
-#: Feature-map codes (the kernels' GRAD_ACT argument; 0 = identity).
-ACT_CODES = {"none": 0, "silu": 1, "1+elu": 2}
 
 
 def _split_packed(x, n_heads: int):
@@ -470,33 +309,34 @@ def _feature_map(x, act: int):
     if act in (1, 2) and x.stride(-1) == 1 and x.stride(0) == T * x.stride(1):
         y = torch.empty((B, T, C), dtype=x.dtype, device=x.device)
         BR, BC = 4, 1024
-        _kernels()._feature_map_kernel[(triton.cdiv(B * T, BR), triton.cdiv(C, BC))](
-            x, y, B * T, C, x.stride(1), C, ACT=act, BR=BR, BC=BC, num_warps=4)
+        _kernels()._feature_map_kernel[(-(-B * T // BR), -(-C // BC))](
+            X=x, Y=y, n_rows=B * T, n_cols=C, sx=x.stride(1), sy=C, ACT=act, BR=BR, BC=BC, num_warps=4)
         return y
     return feature_map_reference(x, act)
 
 
 @torch.library.custom_op("tnlib::lightning_packed_fwd", mutates_args=())
-def _packed_fwd_op(qkv: torch.Tensor, slope: torch.Tensor, n_heads: int, act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _packed_fwd_op(qkv: torch.Tensor, slope: torch.Tensor, n_heads: int, act: int,
+                   config: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(o, phi(q | k) or empty, segment states of k, v or empty)`` for the pre-activation ``qkv``.
 
     The feature map is one elementwise pass over the q | k columns (applying it inside the Lightning
-    kernels was measured 2.5x slower there: each CTA recomputes it for its tiles on the special-function
-    units); its output is kept for the backward, like the unfused model's activations."""
+    kernels was measured slower: each CTA recomputes it for its tiles on the special-function units);
+    its output is kept for the backward, like the unfused model's activations."""
     q, k, v = _split_packed(qkv, n_heads)
     qk = None
     if act:
         qk = _feature_map(qkv[..., : 2 * (qkv.shape[-1] // 3)], act)
         q, k = _split_qk(qk, n_heads)
-    o, _, local = _forward_impl(q, k, v, slope, None, False)
+    o, _, local = _forward_impl(q, k, v, slope, None, False, _config(config, q, v))
     return o, (_empty_f32(qkv) if qk is None else qk), (_empty_f32(qkv) if local is None else local)
 
 
 @_packed_fwd_op.register_fake
-def _(qkv, slope, n_heads, act):
+def _(qkv, slope, n_heads, act, config):
     q, k, v = _split_packed(qkv, n_heads)
     B, T, H, D = q.shape
-    nseg = _plan_for(q, v)[1]
+    nseg = _config(config, q, v).n_seg(T)
     local = qkv.new_empty((B, H, nseg - 1, D, D) if nseg > 1 else (0,), dtype=torch.float32)
     qk = qkv.new_empty((B, T, 2 * H * D)) if act else _empty_f32(qkv)
     return qkv.new_empty((B, T, H, D)), qk, local
@@ -504,70 +344,42 @@ def _(qkv, slope, n_heads, act):
 
 @torch.library.custom_op("tnlib::lightning_packed_bwd", mutates_args=())
 def _packed_bwd_op(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor, slope: torch.Tensor, n_heads: int,
-                   act: int, local_kv: torch.Tensor) -> torch.Tensor:
+                   act: int, local_kv: torch.Tensor, config: list[int]) -> torch.Tensor:
     """The gradient of the packed ``qkv`` in one buffer: the kernels write its three column blocks
     directly (dq and dk already through the feature map's derivative), so nothing is concatenated."""
     dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
     q_pre, k_pre, v = _split_packed(qkv, n_heads)
     q, k = _split_qk(qk, n_heads) if act else (q_pre, k_pre)
     loc = local_kv if local_kv.dim() == 5 else None
-    _backward_impl(do, None, q, k, v, slope, None, False, loc, act, (q_pre, k_pre), _split_packed(dqkv, n_heads))
+    _backward_impl(do, None, q, k, v, slope, None, False, _config(config, q, v), loc, act, (q_pre, k_pre),
+                   _split_packed(dqkv, n_heads))
     return dqkv
 
 
 @_packed_bwd_op.register_fake
-def _(do, qkv, qk, slope, n_heads, act, local_kv):
+def _(do, qkv, qk, slope, n_heads, act, local_kv, config):
     return qkv.new_empty(qkv.shape)
 
 
 def _packed_setup_context(ctx, inputs, output):
-    qkv, slope, n_heads, act = inputs
-    ctx.n_heads, ctx.act = n_heads, act
+    qkv, slope, n_heads, act, config = inputs
+    ctx.n_heads, ctx.act, ctx.config = n_heads, act, config
     ctx.save_for_backward(qkv, output[1], slope, output[2])
 
 
 def _packed_backward(ctx, do, _dqk, _dlocal):
     qkv, qk, slope, local_kv = ctx.saved_tensors
-    return _packed_bwd_op(do, qkv, qk, slope, ctx.n_heads, ctx.act, local_kv), None, None, None
+    return _packed_bwd_op(do, qkv, qk, slope, ctx.n_heads, ctx.act, local_kv, ctx.config), None, None, None, None
 
 
 _packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
 
 
-def lightning_attention_packed(qkv, slope, n_heads: int, qk_act: str = "silu"):
-    """``lightning_attention(phi(q), phi(k), v, slope)`` for ``q | k | v`` packed in ``qkv``.
+# ----------------------------------------------------------------------------------------------
+# Public functions: input checks, then the kernel path or the PyTorch fallback
+# ----------------------------------------------------------------------------------------------
 
-    ``qkv: [B, T, 3*H*D]`` holds the pre-activation q, k and v column blocks side by side, as one
-    projection produces them; ``phi`` is ``qk_act`` (``"silu"``, ``"1+elu"`` or ``"none"``). Returns
-    ``o: [B, T, H, D]``. On the kernel path the backward writes the gradient of ``qkv`` as one buffer,
-    with the feature map's derivative applied inside the Lightning kernels, so the model needs no
-    separate activation-backward and concatenation pass. Elsewhere (float64, or a CPU without
-    the interpreter) it is the same computation in PyTorch. No initial or final state: this is the
-    training path; ``lightning_attention`` serves the rest.
-    """
-    if qk_act not in ACT_CODES:
-        raise ValueError(f"lightning_attention_packed: unknown qk_act {qk_act!r}; choose one of {sorted(ACT_CODES)}")
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
-        raise ValueError(f"lightning_attention_packed: qkv must be [B, T, 3*H*D], got "
-                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
-    W = qkv.shape[-1]
-    if n_heads < 1 or W % (3 * n_heads):
-        raise ValueError(f"lightning_attention_packed: last dim {W} is not 3 * n_heads ({n_heads}) * head_dim")
-    D = W // (3 * n_heads)
-    if D not in SUPPORTED_V:
-        raise ValueError(f"lightning_attention_packed: head dim {D} unsupported; supported {SUPPORTED_V}")
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
-    q, k, v = _split_packed(qkv, n_heads)
-    _check_inputs(q, k, v, slope, None, "lightning_attention_packed")
-    act = ACT_CODES[qk_act]
-    if not _use_kernel(qkv):
-        return _fallback(feature_map_reference(q, act), feature_map_reference(k, act), v, slope)
-    o, _, _ = _packed_fwd_op(qkv, slope.to(torch.float32), int(n_heads), act)
-    return o
-
-
-_VALIDATED: dict = {}
+_VALIDATED: dict = {}  # a cache of slope tensors whose values passed the check
 
 
 def _slope_validated(slope) -> bool:
@@ -599,22 +411,23 @@ def _check_inputs(q, k, v, slope, initial_state, name):
     return dims
 
 
-def _use_kernel(q: torch.Tensor) -> bool:
-    return q.dtype != torch.float64 and kernel_device(q)
+_use_kernel = use_triton  # (the name tnlib.nn.gla uses)
 
 
 def _fallback(q, k, v, slope, initial_state=None, output_final_state=False):
-    """The CPU path: Lightning Attention-2's block algorithm in PyTorch (differentiable)."""
+    """The PyTorch path: Lightning Attention-2's block algorithm (differentiable)."""
     return linear_attention_chunked(q, k, v, slope, initial_state, output_final_state, block_size=64)
 
 
-def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=False):
+def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=False,
+                        config: Optional[LaunchConfig] = None):
     """Causal linear attention with per-head decay ``exp(-slope)``, Triton Lightning Attention-2.
 
     ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``slope: [H]`` (fp32), ``initial_state:
     [B, H, K, V]`` (fp32). Returns ``o`` ``[B, T, H, V]`` in ``v``'s dtype, or ``(o, S_{T-1})``
     with the fp32 final state when ``output_final_state``. Supported head dims: K in
-    {16, 32, 64, 128, 256}, V in {16, 32, 64, 128}. Notebook: ``04_lightning_attention``.
+    {16, 32, 64, 128, 256}, V in {16, 32, 64, 128}. ``config``: launches instead of
+    ``plan.launch_config``'s (tuning, tests). Notebook: ``04_lightning_attention``.
     """
     if slope is None:
         raise ValueError("lightning_attention: slope [H] is required (use zeros for no decay)")
@@ -624,8 +437,41 @@ def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=F
             f"lightning_attention: unsupported head dims K={K}, V={V}; supported K in {SUPPORTED_K}, "
             f"V in {SUPPORTED_V} (pad the head dim or use tnlib.ops.linear_attention_chunked)"
         )
-    if not _use_kernel(q):
+    if not use_triton(q):
         return _fallback(q, k, v, slope, initial_state, output_final_state)
-    slope32 = slope.to(torch.float32)
-    o, final, _ = _lightning_fwd_op(q, k, v, slope32, initial_state, bool(output_final_state))
+    cfg = config.to_ints() if config is not None else []
+    o, final, _ = _lightning_fwd_op(q, k, v, slope.to(torch.float32), initial_state, bool(output_final_state), cfg)
     return (o, final) if output_final_state else o
+
+
+def lightning_attention_packed(qkv, slope, n_heads: int, qk_act: str = "silu",
+                               config: Optional[LaunchConfig] = None):
+    """``lightning_attention(phi(q), phi(k), v, slope)`` for ``q | k | v`` packed in ``qkv``.
+
+    ``qkv: [B, T, 3*H*D]`` holds the pre-activation q, k and v column blocks side by side, as one
+    projection produces them (read in place, with its row stride); ``phi`` is ``qk_act`` (``"silu"``,
+    ``"1+elu"`` or ``"none"``). Returns ``o: [B, T, H, D]``. On the kernel path the backward writes the
+    gradient of ``qkv`` as one buffer, with the feature map's derivative applied inside the Lightning
+    kernels, so the model needs no separate activation-backward and concatenation pass. Elsewhere it
+    is the same computation in PyTorch. No initial or final state: this is the training path;
+    ``lightning_attention`` serves the rest. ``config`` as in ``lightning_attention``.
+    """
+    if qk_act not in ACT_CODES:
+        raise ValueError(f"lightning_attention_packed: unknown qk_act {qk_act!r}; choose one of {sorted(ACT_CODES)}")
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        raise ValueError(f"lightning_attention_packed: qkv must be [B, T, 3*H*D], got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    W = qkv.shape[-1]
+    if n_heads < 1 or W % (3 * n_heads):
+        raise ValueError(f"lightning_attention_packed: last dim {W} is not 3 * n_heads ({n_heads}) * head_dim")
+    D = W // (3 * n_heads)
+    if D not in SUPPORTED_V:
+        raise ValueError(f"lightning_attention_packed: head dim {D} unsupported; supported {SUPPORTED_V}")
+    qkv = _last_contig(qkv)
+    q, k, v = _split_packed(qkv, n_heads)
+    _check_inputs(q, k, v, slope, None, "lightning_attention_packed")
+    act = ACT_CODES[qk_act]
+    if not use_triton(qkv):
+        return _fallback(feature_map_reference(q, act), feature_map_reference(k, act), v, slope)
+    cfg = config.to_ints() if config is not None else []
+    return _packed_fwd_op(qkv, slope.to(torch.float32), int(n_heads), act, cfg)[0]
