@@ -77,12 +77,12 @@ def _generic_tile(DK: int, DV: int, fp32: bool) -> Tile:
     return dataclasses.replace(t, scale_value=DK <= 128 and not fp32)
 
 
-def segment_plan(B: int, H: int, T: int, n_vblocks: int) -> int:
-    """Segment length: ``T`` when ``n_vblocks * B * H`` CTAs fill the GPU, else about ``TARGET_CTAS``
+def segment_plan(B: int, H: int, T: int, n_vblocks: int, target_ctas: int = TARGET_CTAS) -> int:
+    """Segment length: ``T`` when ``n_vblocks * B * H`` CTAs fill the GPU, else about ``target_ctas``
     CTAs' worth of segments (``n_vblocks`` counted as at least 2, the value the plan was tuned with)."""
     if n_vblocks * B * H >= SPLIT_BELOW:
         return max(T, 1)
-    want = -(-TARGET_CTAS // (max(2, n_vblocks) * B * H))
+    want = -(-target_ctas // (max(2, n_vblocks) * B * H))
     seg = T if want <= 1 else max(MIN_SEG, -(-T // want))
     return max(-(-seg // 128) * 128, 1)
 
