@@ -2,13 +2,14 @@
 
 At batch 1, a decode step multiplies one token's activations by every weight matrix of the model, so
 its cost is reading the weights. cuBLAS picks GEMM tiles for these ``[1, K] x [K, N]`` products that
-read the weights well below the memory bandwidth (``results/bench/NOTES-kernels.md``). The kernel streams each
-weight matrix exactly once, in its natural ``[N, K]`` row-major layout (loads contiguous along K),
+read the weights well below the memory bandwidth (``results/bench/NOTES-kernels.md``). The kernel
+streams each weight matrix exactly once, in its natural ``[N, K]`` row-major layout (loads contiguous along K),
 for up to ``GEMV_MAX_ROWS`` rows at a time, accumulating in fp32.
 
-``gemv(x, weight)`` checks its inputs and calls ``gemv_op``, the unchecked ``torch.library`` custom op
-(``torch.compile`` and CUDA-graph capture treat it as one opaque kernel); ``tnlib.nn.Linear`` calls it for inference on few rows and
-falls back to ``F.linear`` everywhere else (training, many rows, CPU, biases).
+``gemv(x, weight)`` checks its inputs and calls ``gemv_op``, the unchecked ``torch.library`` custom
+op (``torch.compile`` and CUDA-graph capture treat it as one opaque kernel); ``tnlib.nn.Linear``
+calls it for inference on few rows and falls back to ``F.linear`` everywhere else (training, many
+rows, CPU, biases).
 """
 from __future__ import annotations
 

@@ -114,7 +114,8 @@ def xent_grad_(logits: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
     gradient of ``scale * sum(nll)``. Arithmetic in fp32 whatever the logits' dtype. A target outside
     ``[0, V)`` gives a NaN loss for its row. The kernel alone (eager; ``config`` instead of
     ``xent_config``'s): CUDA, or CPU with ``TRITON_INTERPRET=1``."""
-    if logits.dim() != 2 or logits.stride(1) != 1 or targets.shape != (logits.shape[0],) or targets.dtype != torch.long:
+    if (logits.dim() != 2 or logits.stride(1) != 1 or targets.shape != (logits.shape[0],)
+            or targets.dtype != torch.long):
         raise ValueError(f"xent_grad_: logits [n, V] (contiguous rows) and long targets [n] expected, got "
                          f"{tuple(logits.shape)} and {tuple(targets.shape)} {targets.dtype}")
     if not use_triton(logits) or targets.device != logits.device:
@@ -174,7 +175,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (dh * grad_out).to(h_dtype), (dw * grad_out).to(w_dtype), None, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int = 8192) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``targets``, without materializing the logits.
 
     ``h``: ``[N, d]`` final hidden states; ``weight``: ``[V, d]`` (the LM head); ``targets``: ``[N]``

@@ -160,8 +160,8 @@ def _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC: tl.constexpr, UPCAST: 
 @triton.jit
 def _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                    SCALE_C: tl.constexpr):
-    """End of a chunk of length ``m``: the inclusive state ``U = lambda^(m-1) P + (diag(lambda^(m-1-c)) B)^T C``
-    and the next start state ``P = lambda U``."""
+    """End of a chunk of length ``m``: the inclusive state
+    ``U = lambda^(m-1) P + (diag(lambda^(m-1-c)) B)^T C`` and the next start state ``P = lambda U``."""
     U = P * tl.exp(-slope * (m - 1).to(tl.float32))
     U += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST, SCALE_C)
     return U, U * lam
@@ -262,7 +262,8 @@ def _lightning_kernel(
         o += _dot(s.to(ct.dtype), ct, DOT_PREC, UPCAST)
         if GRAD_ACT != 0:
             o = o * _act_grad(et, GRAD_ACT, FAST)
-        tl.store(o_base + t_phys[:, None] * so_t + offs_v[None, :], o.to(O.dtype.element_ty), mask=valid[:, None])
+        tl.store(o_base + t_phys[:, None] * so_t + offs_v[None, :], o.to(O.dtype.element_ty),
+                 mask=valid[:, None])
         U, P = _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC, UPCAST, SCALE_C)
 
     if STORE_FINAL:

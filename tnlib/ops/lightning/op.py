@@ -197,7 +197,8 @@ def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, cfg: Lau
         dk, dv, d0 = _dkdv(q, k, v, do, slope, dfinal, need_ds0, loc_qdo, seg, cfg.dkdv, grad_act, k_pre,
                            dk_out, dv_out)
     else:
-        dv, d0 = _attn(k, q, do, slope, dfinal, False, True, need_ds0, loc_qdo, seg, v.dtype, cfg.dv, out=dv_out)
+        dv, d0 = _attn(k, q, do, slope, dfinal, False, True, need_ds0, loc_qdo, seg, v.dtype, cfg.dv,
+                       out=dv_out)
         gt = dfinal.transpose(-1, -2) if dfinal is not None else None
         dk, _ = _attn(v, do, q, slope, gt, False, True, False, loc_qdo.transpose(-1, -2) if multi else None,
                       seg, k.dtype, cfg.dk, grad_act=grad_act, pre=k_pre, out=dk_out)
@@ -239,8 +240,8 @@ def _lightning_bwd_op(
     local_kv: torch.Tensor, config: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loc = local_kv if local_kv.dim() == 5 else None
-    dq, dk, dv, ds0 = _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, _config(config, q, v),
-                                     loc)
+    cfg = _config(config, q, v)
+    dq, dk, dv, ds0 = _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, cfg, loc)
     if ds0 is None:
         ds0 = _empty_f32(q)
     elif initial_state is not None:
@@ -369,7 +370,8 @@ def _packed_setup_context(ctx, inputs, output):
 
 def _packed_backward(ctx, do, _dqk, _dlocal):
     qkv, qk, slope, local_kv = ctx.saved_tensors
-    return _packed_bwd_op(do, qkv, qk, slope, ctx.n_heads, ctx.act, local_kv, ctx.config), None, None, None, None
+    dqkv = _packed_bwd_op(do, qkv, qk, slope, ctx.n_heads, ctx.act, local_kv, ctx.config)
+    return dqkv, None, None, None, None
 
 
 _packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
@@ -440,7 +442,8 @@ def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=F
     if not use_triton(q):
         return _fallback(q, k, v, slope, initial_state, output_final_state)
     cfg = config.to_ints() if config is not None else []
-    o, final, _ = _lightning_fwd_op(q, k, v, slope.to(torch.float32), initial_state, bool(output_final_state), cfg)
+    o, final, _ = _lightning_fwd_op(q, k, v, slope.to(torch.float32), initial_state, bool(output_final_state),
+                                    cfg)
     return (o, final) if output_final_state else o
 
 
@@ -457,7 +460,8 @@ def lightning_attention_packed(qkv, slope, n_heads: int, qk_act: str = "silu",
     ``lightning_attention`` serves the rest. ``config`` as in ``lightning_attention``.
     """
     if qk_act not in ACT_CODES:
-        raise ValueError(f"lightning_attention_packed: unknown qk_act {qk_act!r}; choose one of {sorted(ACT_CODES)}")
+        raise ValueError(f"lightning_attention_packed: unknown qk_act {qk_act!r}; "
+                         f"choose one of {sorted(ACT_CODES)}")
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
         raise ValueError(f"lightning_attention_packed: qkv must be [B, T, 3*H*D], got "
                          f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")

@@ -72,8 +72,8 @@ def _generic_tile(DK: int, DV: int, fp32: bool) -> Tile:
         t = Tile(64, min(DV, 32), 4, 1)
     else:
         t = Tile(64, min(DV, 64), 4, 2)
-    # the value-scaled update spills less; Triton 3.6 builds it wrongly at DK = 256 (illegal access)
-    # and it was never run at scale in fp32, so those keep the key-scaled form
+    # the value-scaled update spills less, but its build faulted at DK = 256 on the GPU and it was
+    # never run at scale in fp32: those keep the key-scaled form (results/bench/NOTES-kernels.md)
     return dataclasses.replace(t, scale_value=DK <= 128 and not fp32)
 
 
