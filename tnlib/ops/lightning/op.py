@@ -26,6 +26,7 @@ gradient from the kernel path (it is a fixed buffer in TransNormerLLM).
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Optional
 
@@ -78,12 +79,17 @@ def _precision(x):
                 UPCAST=x.device.type == "cpu" and x.dtype == torch.bfloat16)
 
 
+_cached_config = functools.lru_cache(maxsize=256)(launch_config)  # a cache: ~20 us per call otherwise
+
+
 def _config(cfg: list[int], q, v) -> LaunchConfig:
     """The call's launch config: ``cfg`` (``LaunchConfig.to_ints``), or empty for the default."""
     if cfg:
         return LaunchConfig.from_ints(cfg)
-    B, T, H, K = q.shape
-    return launch_config(B, T, H, K, v.shape[3], q.dtype)
+    dims = (*q.shape, v.shape[3])
+    if all(isinstance(d, int) for d in dims):
+        return _cached_config(*dims, q.dtype)
+    return launch_config(*dims, q.dtype)  # symbolic sizes: a fake implementation under torch.compile
 
 
 def _local_states(b, c, slope, cfg: LaunchConfig, reverse):
