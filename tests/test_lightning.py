@@ -210,6 +210,16 @@ def test_clear_errors(change, err, match):
         lightning_attention(q, k, v, slope, S0)
 
 
+@triton_test
+def test_bad_launch_config_raises_before_launch(device):
+    q, k, v, slope, _, _, _ = _inputs(1, 10, 2, 16, 32, torch.float32, device, init=False)
+    bad = _cfg(q, v, forward=plan.Tile(64, 24, 4, 1))  # 24 does not divide V = 32
+    with pytest.raises(ValueError, match="forward.block_v = 24"):
+        lightning_attention(q, k, v, slope, config=bad)
+    with pytest.raises(ValueError, match="seg_len"):
+        lightning_attention(q, k, v, slope, config=_cfg(q, v, seg=0))
+
+
 def test_slope_values_checked_again_after_in_place_change():
     q, k, v, slope, _, _, _ = _inputs(1, 10, 2, 16, 16, torch.float32, "cpu", init=False)
     lightning_attention(q, k, v, slope)  # validated and remembered

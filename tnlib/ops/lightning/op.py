@@ -99,8 +99,6 @@ def _local_states(b, c, slope, cfg: LaunchConfig, reverse):
     DV, nseg, t = c.shape[3], cfg.n_seg(T), cfg.state
     if nseg == 1:
         return None
-    if t.block_v > DV or DV % t.block_v:  # the grid would skip value columns
-        raise ValueError(f"segment-state config: value block {t.block_v} must divide the value width {DV}")
     loc = _alloc((B, H, nseg - 1, DK, DV), torch.float32, b.device)
     sb, sc, sl = _strides3(b), _strides3(c), loc.stride()
     _kernels()._segment_state_kernel[(DV // t.block_v, nseg - 1, B * H)](
@@ -447,6 +445,8 @@ def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=F
         )
     if not use_triton(q):
         return _fallback(q, k, v, slope, initial_state, output_final_state)
+    if config is not None:
+        config.check(K, V)
     cfg = config.to_ints() if config is not None else []
     o, final, _ = _lightning_fwd_op(q, k, v, slope.to(torch.float32), initial_state, bool(output_final_state),
                                     cfg)
@@ -483,5 +483,7 @@ def lightning_attention_packed(qkv, slope, n_heads: int, qk_act: str = "silu",
     act = ACT_CODES[qk_act]
     if not use_triton(qkv):
         return _fallback(feature_map_reference(q, act), feature_map_reference(k, act), v, slope)
+    if config is not None:
+        config.check(D, D)
     cfg = config.to_ints() if config is not None else []
     return _packed_fwd_op(qkv, slope.to(torch.float32), int(n_heads), act, cfg)[0]

@@ -53,6 +53,16 @@ class LaunchConfig:
     def n_seg(self, T: int) -> int:
         return -(-T // self.seg_len)
 
+    def check(self, K: int, V: int) -> None:
+        """Raise ``ValueError`` unless each generic pass's value block divides its value width (else the
+        grid would skip value columns) and segments are at least one token."""
+        for name, width in (("forward", V), ("dq", K), ("state", V), ("dv", V), ("dk", K)):
+            bv = getattr(self, name).block_v
+            if bv < 1 or width % bv:
+                raise ValueError(f"launch config: {name}.block_v = {bv} must divide the value width {width}")
+        if self.seg_len < 1:
+            raise ValueError(f"launch config: seg_len must be >= 1, got {self.seg_len}")
+
     def to_ints(self) -> list[int]:
         """Flat ints (custom ops take no dataclasses); a missing ``dkdv`` is chunk 0."""
         tiles = (self.forward, self.dq, self.state, self.dkdv or Tile(0, 0, 0, 0), self.dv, self.dk)
