@@ -8,8 +8,6 @@ segment length, timing the packed forward and forward+backward for each. Writes 
 """
 import argparse
 import dataclasses
-import json
-import math
 import os
 import sys
 

@@ -8,7 +8,6 @@ against PyTorch before timing. Writes xent-<gpu>.json under --out.
     python3 scripts/tune_xent.py --out $OUT
 """
 import argparse
-import json
 import os
 import sys
 
