@@ -230,50 +230,49 @@ def run_shape(impls, checks, H, K, V, lens, tokens, dtype, rows):
 
 
 def variants(tokens, dtype, shapes=((16, 128, 128),), lens=(1024, 32768), targets=(256, 512, 1024)):
-    """tnlib's segment-plan alternatives (``_TARGET_CTAS``, and the segment states computed in the
-    output kernel, ``_FUSED_STATE``) per shape and T, each checked against the default plan's output,
-    plus a per-kernel breakdown of the default plan."""
+    """tnlib's segment-plan alternatives (``plan.segment_plan``'s ``target_ctas``) per shape and T, each
+    checked against the default plan's output, plus a per-kernel breakdown of the default plan."""
+    import dataclasses
+
     from triton.testing import do_bench
 
-    from tnlib.ops import lightning as L
+    from tnlib.ops.lightning import lightning_attention, op, plan
 
     out = []
-    fn = lambda q, k, v, s_: L.lightning_attention(q, k, v, s_)
-    default, default_fused = L._TARGET_CTAS, L._FUSED_STATE
     for H, K, V in shapes:
         s = slopes(H).to(DEV)
         for T in lens:
             B = tokens // T
             q, k, v, do = inputs(B, T, H, K, V, "bthd", dtype, seed=3)
+            cfg = plan.launch_config(B, T, H, K, V, dtype)
             with torch.no_grad():
-                ref = fn(q, k, v, s).float()
-            for tgt, fused in ((t_, f_) for t_ in targets for f_ in (False, True)):
-                L._TARGET_CTAS, L._FUSED_STATE = tgt, fused
+                ref = lightning_attention(q, k, v, s).float()
+            for tgt in targets:
+                seg = plan.segment_plan(B, H, T, V // cfg.forward.block_v, target_ctas=tgt)
+                c = dataclasses.replace(cfg, seg_len=seg)
+                fn = lambda q, k, v, s_, c=c: lightning_attention(q, k, v, s_, config=c)  # noqa: E731
                 try:
                     with torch.no_grad():
                         err = ((fn(q, k, v, s).float() - ref).abs().max() / ref.abs().max()).item()
                     f, fb, pk = time_one(fn, q, k, v, s, do)
-                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, fused_state=fused, seg=L._plan_for(q, v),
+                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, seg=(seg, c.n_seg(T)),
                                rel_err_vs_default=err, fwd_ms=round(f, 4), fwdbwd_ms=round(fb, 4), peak_gb=round(pk, 3))
                 except Exception as e:  # noqa: BLE001
-                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, fused_state=fused, error=repr(e)[:200])
-                finally:
-                    L._TARGET_CTAS, L._FUSED_STATE = default, default_fused
+                    row = dict(H=H, K=K, V=V, T=T, B=B, target_ctas=tgt, error=repr(e)[:200])
                 out.append(row)
                 print("variant", row, flush=True)
             # breakdown of the default plan: segment-state kernel, main forward kernel, backward
-            seg_len, nseg = L._plan_for(q, v)
             qd, kd, vd, dod = (x.detach() for x in (q, k, v, do))
-            loc = L._local_states(kd, vd, s, seg_len, nseg, False) if nseg > 1 else None
-            t_main = do_bench(lambda: L._attn(qd, kd, vd, s, None, True, False, False, loc, seg_len, nseg, dtype),
-                              warmup=25, rep=100, return_mode="median")
-            t_loc = (do_bench(lambda: L._local_states(kd, vd, s, seg_len, nseg, False), warmup=25, rep=100,
-                              return_mode="median") if nseg > 1 else 0.0)
-            t_bwd = do_bench(lambda: L._backward_impl(dod, None, qd, kd, vd, s, None, False, loc), warmup=25,
+            loc = op._local_states(kd, vd, s, cfg, False)
+            t_main = do_bench(lambda: op._attn(qd, kd, vd, s, None, True, False, False, loc, cfg.seg_len, dtype,
+                                               cfg.forward), warmup=25, rep=100, return_mode="median")
+            t_loc = (do_bench(lambda: op._local_states(kd, vd, s, cfg, False), warmup=25, rep=100,
+                              return_mode="median") if loc is not None else 0.0)
+            t_bwd = do_bench(lambda: op._backward_impl(dod, None, qd, kd, vd, s, None, False, cfg, loc), warmup=25,
                              rep=100, return_mode="median")
             out.append(dict(H=H, K=K, V=V, T=T, breakdown=dict(
                 main_fwd_kernel_ms=round(t_main, 4), segment_state_kernel_ms=round(t_loc, 4),
-                backward_kernels_ms=round(t_bwd, 4), seg=(seg_len, nseg))))
+                backward_kernels_ms=round(t_bwd, 4), seg=(cfg.seg_len, cfg.n_seg(T)))))
             print("breakdown", out[-1], flush=True)
             del q, k, v, do, qd, kd, vd, dod, loc, ref
             torch.cuda.empty_cache()
@@ -325,10 +324,8 @@ def main():
     ap.add_argument("--impls", default=None, help="comma list of contenders to run (default: all)")
     ap.add_argument("--variants", action="store_true", help="also time tnlib's segment-plan variants")
     ap.add_argument("--variants-only", action="store_true", help="only the variants (written to variants-<gpu>.json)")
-    ap.add_argument("--targets", default="256,512,1024", help="_TARGET_CTAS values for the variants")
+    ap.add_argument("--targets", default="256,512,1024", help="segment-plan target CTAs for the variants")
     ap.add_argument("--replot", default=None, help="only redraw the PNG from this JSON file (no GPU needed)")
-    ap.add_argument("--set", default="", help="module switches for the whole run, e.g. "
-                    "tnlib.ops.lightning._QUEUE_STATE=true (JSON values; recorded in the header)")
     a = ap.parse_args()
     if a.replot:
         with open(a.replot) as fh:
@@ -341,10 +338,6 @@ def main():
     from tnlib.provenance import gpu_slug, provenance
 
     dtype = torch.bfloat16
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_model import apply_switches
-
-    switches = apply_switches(a.set.split(","))
     impls, versions, notes = make_impls()
     if a.impls:
         impls = {n: f for n, f in impls.items() if n in a.impls.split(",")}
@@ -362,32 +355,24 @@ def main():
         head = provenance({"fla": versions.get("fla"), "lightning-attn": versions.get("lightning-attn"),
                            "dtype": "bfloat16", "tokens": a.tokens, "bandwidth_Bps": BW,
                            "seconds": round(time.time() - t0, 1), "notes": notes, "partial": partial,
-                           "switches": switches,
                            "method": "do_bench median (warmup 25 ms, rep 100 ms), grad_to_none; peak = "
                                      "max_memory_allocated during one fwd+bwd minus allocated before"})
         with open(path, "w") as fh:
             json.dump({"header": head, "checks": checks, "long_T_check": long, "variants": var, "rows": rows},
                       fh, indent=1)
 
-    # the fused dk/dv backward kernel is checked against the two-pass one; a failure falls back
-    from tnlib.ops import lightning as L
+    # the fused dk/dv backward kernel is checked against the two-pass one (dk/dv as generic passes)
+    import dataclasses
 
-    try:
-        q, k, v, do = inputs(2, 3000, 4, 128, 128, "bthd", dtype, seed=11)
-        s4 = slopes(4).to(DEV)
-        got = L._backward_impl(do, None, q.detach(), k.detach(), v.detach(), s4, None, False)
-        L._FUSED_DKDV = False
-        want = L._backward_impl(do, None, q.detach(), k.detach(), v.detach(), s4, None, False)
-        L._FUSED_DKDV = True
-        from tnlib.testing import rel_err
+    from tnlib.ops.lightning import op, plan
+    from tnlib.testing import rel_err
 
-        e = max(rel_err(a_, b_) for a_, b_ in zip(got[:3], want[:3]))
-        notes["fused_dkdv_vs_two_pass_rel_err"] = e
-        if not e < 1e-2:
-            raise RuntimeError(f"fused dk/dv differs from two-pass by {e}")
-    except Exception as e:  # noqa: BLE001
-        L._FUSED_DKDV = False
-        notes["fused_dkdv"] = f"disabled: {e!r}"[:300]
+    q, k, v, do = (x.detach() for x in inputs(2, 3000, 4, 128, 128, "bthd", dtype, seed=11))
+    s4 = slopes(4).to(DEV)
+    cfg = plan.launch_config(2, 3000, 4, 128, 128, dtype)
+    got = op._backward_impl(do, None, q, k, v, s4, None, False, cfg)
+    want = op._backward_impl(do, None, q, k, v, s4, None, False, dataclasses.replace(cfg, dkdv=None))
+    notes["fused_dkdv_vs_two_pass_rel_err"] = max(rel_err(a_, b_) for a_, b_ in zip(got[:3], want[:3]))
     print("fused dkdv:", notes, flush=True)
     if a.long_first and not a.no_long_check:
         long.extend(long_check(a.long_heads))

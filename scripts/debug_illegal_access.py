@@ -1,17 +1,18 @@
 """GPU triage of an illegal memory access: run each Lightning case in its own process (a CUDA fault
-poisons the context) with CUDA_LAUNCH_BLOCKING=1, so the failing launch is the one reported.
+poisons the context) with CUDA_LAUNCH_BLOCKING=1, so the failing launch is the one reported. Each case
+sets the forward's state update (value-scaled or not) and optionally its tile (chunk, BV, warps, stages).
 
   python3 scripts/debug_illegal_access.py [--sanitize]
 """
 import json, os, subprocess, sys, shutil
 
 CASE = r'''
-import sys, json, torch
+import dataclasses, sys, json, torch
 from tnlib.ops import lightning as L
-B, T, H, K, V, what, scale_c, cfg = json.loads(sys.argv[1])
-L._SCALE_C = scale_c
-if cfg:
-    L._CONFIG_OVERRIDE[(K, V, False)] = tuple(cfg)
+B, T, H, K, V, what, scale_c, tile = json.loads(sys.argv[1])
+cfg = L.launch_config(B, T, H, K, V, torch.bfloat16)
+fwd = L.Tile(*tile) if tile else cfg.forward
+cfg = dataclasses.replace(cfg, forward=dataclasses.replace(fwd, scale_value=scale_c))
 g = torch.Generator(device="cuda").manual_seed(0)
 q = (torch.randn(B, T, H, K, device="cuda", generator=g) / K**0.5).bfloat16().requires_grad_()
 k = (torch.randn(B, T, H, K, device="cuda", generator=g) / K**0.5).bfloat16().requires_grad_()
@@ -19,16 +20,16 @@ v = torch.randn(B, T, H, V, device="cuda", generator=g).bfloat16().requires_grad
 s = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], device="cuda")
 if what == "fwd":
     with torch.no_grad():
-        o = L.lightning_attention(q, k, v, s)
+        o = L.lightning_attention(q, k, v, s, config=cfg)
 else:
-    o = L.lightning_attention(q, k, v, s)
+    o = L.lightning_attention(q, k, v, s, config=cfg)
     o.backward(torch.randn_like(o))
 torch.cuda.synchronize()
 # check against the chunked reference on one batch row
 from tnlib.ops.reference import linear_attention_chunked as ref
 r = ref(q[:1].double(), k[:1].double(), v[:1].double(), s.double())
 err = ((o[:1].double() - r).abs().max() / r.abs().max()).item()
-print("OK rel_err", round(err, 5), "seg", L._plan_for(q, v))
+print("OK rel_err", round(err, 5), "seg", cfg.seg_len)
 '''
 
 

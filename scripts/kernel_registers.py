@@ -15,15 +15,16 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tnlib.ops import _lightning_kernels as K  # noqa: E402
-from tnlib.ops._sm90 import BF16, FP32, I32, compile_sm90, lightning_launch_ints, ptxas_usage  # noqa: E402
+from tnlib.ops.lightning import kernels as K  # noqa: E402
+from tnlib.ops._sm90 import BF16, FP32, compile_sm90, lightning_launch_ints, ptxas_usage  # noqa: E402
 
-MAIN_PTRS = dict(A=BF16, Bp=BF16, Cp=BF16, O=BF16, INIT=FP32, LOCAL=FP32, FINAL=FP32, slope_ptr=FP32, E=BF16, SYNC=I32)
+MAIN_PTRS = dict(A=BF16, Bp=BF16, Cp=BF16, O=BF16, INIT=FP32, LOCAL=FP32, FINAL=FP32, slope_ptr=FP32, E=BF16)
 MAIN_BASE = dict(DK=128, BV=64, CH=64, HAS_INIT=False, INIT_DECAY=True, HAS_LOCAL=False, STORE_FINAL=False,
-                 REVERSE=False, DOT_PREC="tf32", UPCAST=False)
+                 REVERSE=False, DOT_PREC="tf32", UPCAST=False, GRAD_ACT=0, FAST=True, SCALE_C=True)
 DKDV_PTRS = dict(Q=BF16, K=BF16, V=BF16, DO=BF16, DK_out=BF16, DV_out=BF16, INIT=FP32, LOCAL=FP32, FINAL=FP32,
-                 slope_ptr=FP32, E=BF16, SYNC=I32)
-DKDV_BASE = dict(DK=128, DV=128, CH=64, HAS_INIT=False, HAS_LOCAL=False, STORE_FINAL=False, DOT_PREC="tf32", UPCAST=False)
+                 slope_ptr=FP32, E=BF16)
+DKDV_BASE = dict(DK=128, DV=128, CH=64, HAS_INIT=False, HAS_LOCAL=False, STORE_FINAL=False, DOT_PREC="tf32",
+                 UPCAST=False, GRAD_ACT=0, FAST=True)
 
 # Representative integer arguments (strides, lengths) of tnl-385m's attention at T=2K on the packed path
 # (B=16, H=8, D=128; q, k from the [B, T, 2*H*D] activation buffer, v and the gradients in [B, T, 3*H*D]):
@@ -34,33 +35,22 @@ _INTS = lightning_launch_ints(B, T, H, D)
 FWD_INTS, DQ_INTS, DKDV_INTS, STATE_INTS = _INTS["forward"], _INTS["dq"], _INTS["dkdv"], _INTS["state"]
 
 # (label, kernel, constexprs on top of the base, num_warps, num_stages); the first of each kernel is
-# what tnlib launches for bf16 D=128 (tnlib.ops.lightning._config / _dkdv)
+# what tnlib launches for bf16 D=128 (tnlib.ops.lightning.plan.launch_config)
 CASES = [
     ("forward (default 64/64/w4/s2)", "main", {}, 4, 2),
     ("forward, segments", "main", dict(HAS_LOCAL=True), 4, 2),
-    ("forward, single-launch states", "main", dict(HAS_LOCAL=True, FUSED_STATE=True), 4, 2),
     ("dq pass + SiLU derivative", "main", dict(GRAD_ACT=1), 4, 2),
     ("forward 8 warps", "main", {}, 8, 2),
     ("forward BV=32", "main", dict(BV=32), 4, 2),
     ("forward BV=128, 8 warps", "main", dict(BV=128), 8, 2),
     ("forward chunk 32", "main", dict(CH=32), 4, 2),
     ("LRPE shape K=256 BV=32", "main", dict(DK=256, BV=32), 4, 1),
+    ("LRPE shape K=256 BV=32, key-scaled (launched)", "main", dict(DK=256, BV=32, SCALE_C=False), 4, 1),
     ("dk/dv (default 64/w8/s2)", "dkdv", {}, 8, 2),
     ("dk/dv + SiLU derivative", "dkdv", dict(GRAD_ACT=1), 8, 2),
     ("dk/dv chunk 32", "dkdv", dict(CH=32), 8, 2),
     ("segment state (64/128/w8/s2)", "state", {}, 8, 2),
-    ("forward, work queue (32K layout)", "queue", {}, 4, 2),
 ]
-
-# the queue kernel at the kernel benchmark's 32K shape: contiguous [B, T, H, D] q, k, v, o (B=2, T=32768,
-# H=16, D=128), 8 segments of 4,096 tokens
-_QB, _QT, _QH = 2, 32768, 16
-_qs = dict(b=_QT * _QH * D, t=_QH * D, h=D)  # batch, time and head strides of every tensor
-QUEUE_INTS = dict(T=_QT, H=_QH, seg_len=4096, n_seg=8, n_bh=_QB * _QH, lead=2,
-                  **{f"s{x}_{k}": _qs[k] for x in "abco" for k in "bth"},
-                  si_b=0, si_h=0, si_k=0, si_v=0, sl_b=_QH * 7 * D * D, sl_h=7 * D * D, sl_s=D * D, sl_k=D, sl_v=1,
-                  sf_b=0, sf_h=0, sf_k=0, sf_v=0, se_b=0, se_t=0, se_h=0)
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
@@ -75,9 +65,6 @@ def main():
         if kind == "main":
             ints = DQ_INTS if extra.get("GRAD_ACT") else FWD_INTS
             k = compile_sm90(K._lightning_kernel, {**MAIN_BASE, **extra}, MAIN_PTRS, nw, ns, ints)
-        elif kind == "queue":
-            base = {k: v for k, v in MAIN_BASE.items() if k != "HAS_LOCAL"}
-            k = compile_sm90(K._lightning_queue_kernel, {**base, "NV": 2, **extra}, MAIN_PTRS, nw, ns, QUEUE_INTS)
         elif kind == "dkdv":
             k = compile_sm90(K._dkdv_kernel, {**DKDV_BASE, **extra}, DKDV_PTRS, nw, ns, DKDV_INTS)
         else:

@@ -3,9 +3,10 @@
 Usage (on the GPU machine): python3 scripts/tune_lightning.py --out DIR
 Prints the relative errors of outputs, final state and all gradients against a float64 reference
 (including T=131072, B=1), then times the main kernel per state shape [DK, DV] for a grid of
-(chunk, BV, num_warps, num_stages) and prints the winners as a dict to paste into _config().
+(chunk, BV, num_warps, num_stages) and prints the winners (defaults: tnlib.ops.lightning.plan._generic_tile).
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import torch
 from triton.testing import do_bench
 
 from tnlib.ops import lightning as L
+from tnlib.ops.lightning import op, plan
 from tnlib.ops.reference import linear_attention_chunked
 from tnlib.testing import rel_err
 
@@ -31,7 +33,8 @@ DEV = "cuda"
 
 
 def check(B, T, H, K, V, dtype, slope, init=True, seg=None):
-    L._SEG_LEN = seg
+    cfg = plan.launch_config(B, T, H, K, V, dtype)
+    cfg = cfg if seg is None else dataclasses.replace(cfg, seg_len=seg)
     dev = DEV
     g = torch.Generator(device=dev).manual_seed(T + K)
     q, k = (torch.randn(B, T, H, K, device=dev, generator=g) / K**0.5 for _ in range(2))
@@ -41,7 +44,7 @@ def check(B, T, H, K, V, dtype, slope, init=True, seg=None):
     G = torch.randn(B, H, K, V, device=dev, generator=g)
     xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
     s0 = S0.clone().requires_grad_() if init else None
-    o, S = L.lightning_attention(*xs, slope, s0, True)
+    o, S = L.lightning_attention(*xs, slope, s0, True, config=cfg)
     ((o.float() * do).sum() + (S * G).sum()).backward()
     xr = [x.detach().double().requires_grad_() for x in xs]
     s0r = S0.double().requires_grad_() if init else None
@@ -51,7 +54,6 @@ def check(B, T, H, K, V, dtype, slope, init=True, seg=None):
                 dk=rel_err(xs[1].grad, xr[1].grad), dv=rel_err(xs[2].grad, xr[2].grad))
     if init:
         errs["dS0"] = rel_err(s0.grad, s0r.grad)
-    L._SEG_LEN = None
     return errs
 
 
@@ -67,10 +69,11 @@ def sweep(DK, DV, H, T, dtype, configs):
         ch, bv, nw, ns = cfg
         if bv > DV or DK * bv > 256 * 64 or (ch == 128 and DK * bv > 128 * 64):
             continue
-        L._CONFIG_OVERRIDE[(DK, DV, False)] = cfg
+        tile = dataclasses.replace(plan.launch_config(B, T, H, DK, DV, dtype).forward, chunk=ch, block_v=bv,
+                                   num_warps=nw, num_stages=ns)
         try:
             t0 = time.time()
-            fn = lambda: L._attn(a, b, c, s, None, True, False, False, None, T, 1, dtype)
+            fn = lambda: op._attn(a, b, c, s, None, True, False, False, None, T, dtype, tile)  # noqa: E731
             fn()
             torch.cuda.synchronize()
             ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
@@ -78,7 +81,6 @@ def sweep(DK, DV, H, T, dtype, configs):
             print(f"  DK={DK} DV={DV} cfg={cfg} {ms:.3f} ms (compile+first {time.time()-t0:.1f}s)", flush=True)
         except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of shared memory)
             print(f"  DK={DK} DV={DV} cfg={cfg} failed: {str(e)[:100]}", flush=True)
-        L._CONFIG_OVERRIDE.pop((DK, DV, False), None)
     res.sort()
     return res
 
@@ -117,15 +119,16 @@ def main():
         q, k, v = (torch.randn(B, T, H, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         do = torch.randn_like(v)
         s = slopes(H).cuda()
+        cfg = plan.launch_config(B, T, H, 128, 128, torch.bfloat16)
         for tgt in (132, 264, 512, 1024, 2048):
-            L._TARGET_CTAS = tgt
-            f = do_bench(lambda: L.lightning_attention(q, k, v, s), warmup=10, rep=40, return_mode="median")
-            fb = do_bench(lambda: L.lightning_attention(q, k, v, s).backward(do), warmup=10, rep=40, return_mode="median")
-            print(f"target_ctas={tgt} seg={L._seg_plan(B, H, T)} fwd {f:.3f} fwdbwd {fb:.3f}", flush=True)
+            c = dataclasses.replace(cfg, seg_len=plan.segment_plan(B, H, T, 128 // cfg.forward.block_v, tgt))
+            f = do_bench(lambda: L.lightning_attention(q, k, v, s, config=c), warmup=10, rep=40, return_mode="median")
+            fb = do_bench(lambda: L.lightning_attention(q, k, v, s, config=c).backward(do), warmup=10, rep=40,
+                          return_mode="median")
+            print(f"target_ctas={tgt} seg={c.seg_len} fwd {f:.3f} fwdbwd {fb:.3f}", flush=True)
             report["sweep"][f"target{tgt}"] = (f, fb)
     try:  # a quick look at fla on the same shape, for orientation only (the benchmark is bench_kernels.py)
         from fla.ops.simple_gla import chunk_simple_gla
-        L._TARGET_CTAS = 512
         for T in (4096, 32768):
             B, H = 65536 // T, 16
             q, k, v = (torch.randn(B, T, H, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

@@ -7,8 +7,7 @@ the main kernel's (chunk, BV, warps, stages), the dk/dv kernel's (chunk, warps, 
 segment length, timing the packed forward and forward+backward for each. Writes tune-packed-<gpu>.json.
 """
 import argparse
-import json
-import math
+import dataclasses
 import os
 import sys
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from tnlib.ops import lightning as L  # noqa: E402
+from tnlib.ops.lightning import Tile, launch_config  # noqa: E402
 from tnlib.ops.reference import linear_attention_chunked  # noqa: E402
 from tnlib.provenance import gpu_slug, write_results  # noqa: E402
 from tnlib.testing import rel_err  # noqa: E402
@@ -59,14 +59,17 @@ def main():
     print("rel. errors vs float64:", {k_: f"{v_:.2e}" for k_, v_ in errs.items()}, flush=True)
     del xr, q, k, v, qa, ka, orf
 
+    default = launch_config(B, T, H, D, D, dt)
+    cfg = [default]  # the launch config the packed runs use
+
     def packed_fwd():
-        return L.lightning_attention_packed(qkv, slope, H)
+        return L.lightning_attention_packed(qkv, slope, H, config=cfg[0])
 
     xg = qkv.clone().requires_grad_()
 
     def packed_fwdbwd():
         xg.grad = None
-        L.lightning_attention_packed(xg, slope, H).backward(do)
+        L.lightning_attention_packed(xg, slope, H, config=cfg[0]).backward(do)
 
     def unfused_fwdbwd():  # what the model did before: split, SiLU (materialized), attention, grads concatenated
         xg.grad = None
@@ -88,28 +91,26 @@ def main():
         ms = bench(fn)
         rows.append(dict(kind="path", name=name, ms=ms))
         print(f"{name:18s} {ms:.3f} ms", flush=True)
-    for cfg in MAIN_GRID:
-        L._CONFIG_OVERRIDE[(D, D, False)] = cfg
+    for c in MAIN_GRID:  # the forward and the dq pass
+        tile = Tile(*c, scale_value=default.forward.scale_value)
+        cfg[0] = dataclasses.replace(default, forward=tile, dq=tile)
         try:
-            r = dict(kind="main", cfg=cfg, fwd_ms=bench(packed_fwd), fwdbwd_ms=bench(packed_fwdbwd))
+            r = dict(kind="main", cfg=c, fwd_ms=bench(packed_fwd), fwdbwd_ms=bench(packed_fwdbwd))
         except Exception as e:  # noqa: BLE001 (e.g. out of shared memory): report and go on
-            r = dict(kind="main", cfg=cfg, error=str(e)[:120])
-        L._CONFIG_OVERRIDE.clear()
+            r = dict(kind="main", cfg=c, error=str(e)[:120])
         rows.append(r)
         print(r, flush=True)
-    for cfg in DKDV_GRID:
-        L._DKDV_CONFIG_OVERRIDE = cfg
+    for ch, nw, ns in DKDV_GRID:
+        cfg[0] = dataclasses.replace(default, dkdv=Tile(ch, D, nw, ns))
         try:
-            r = dict(kind="dkdv", cfg=cfg, fwdbwd_ms=bench(packed_fwdbwd))
+            r = dict(kind="dkdv", cfg=(ch, nw, ns), fwdbwd_ms=bench(packed_fwdbwd))
         except Exception as e:  # noqa: BLE001
-            r = dict(kind="dkdv", cfg=cfg, error=str(e)[:120])
-        L._DKDV_CONFIG_OVERRIDE = None
+            r = dict(kind="dkdv", cfg=(ch, nw, ns), error=str(e)[:120])
         rows.append(r)
         print(r, flush=True)
     for seg in SEGS:
-        L._SEG_LEN = seg
+        cfg[0] = default if seg is None else dataclasses.replace(default, seg_len=seg)
         r = dict(kind="seg", seg_len=seg, fwd_ms=bench(packed_fwd), fwdbwd_ms=bench(packed_fwdbwd))
-        L._SEG_LEN = None
         rows.append(r)
         print(r, flush=True)
     os.makedirs(a.out, exist_ok=True)

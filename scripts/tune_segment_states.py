@@ -1,21 +1,21 @@
-"""Time the segment-state kernel (tnlib.ops.lightning._local_states) per (chunk, BV, warps, stages).
+"""Time the segment-state kernel (tnlib.ops.lightning.op._local_states) per (chunk, BV, warps, stages).
 
 At T >= 16K the forward and the backward each pay one pass that reads k and v (q and dO) once more to
-make the segments' start states: 0.147 ms at H=16 D=128 T=32K, i.e. ~3.2 TB/s for 0.47 GB against a
-copy rate of ~4.3 TB/s. This sweeps the kernel's launch configuration at the benchmark's long shapes,
+make the segments' start states (its time and bandwidth: results/bench/NOTES-kernels.md). This sweeps the kernel's launch configuration at the benchmark's long shapes,
 checks each against the default's states, and reports the effective bandwidth. Writes
 segment-states-<gpu>.json under --out.
 
     python3 scripts/tune_segment_states.py --out $OUT
 """
 import argparse
+import dataclasses
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tnlib.ops import lightning as L  # noqa: E402
+from tnlib.ops.lightning import Tile, launch_config, op  # noqa: E402
 from tnlib.provenance import gpu_slug, write_results  # noqa: E402
 
 CONFIGS = "default,64:128:8:3,64:128:8:4,32:128:4:3,32:128:8:3,128:128:8:2,64:64:4:3,64:64:8:3,32:64:4:4"
@@ -39,29 +39,29 @@ def main():
         k = (torch.randn(B, T, H, K, device=dev, generator=g) / K**0.5).bfloat16()
         v = torch.randn(B, T, H, V, device=dev, generator=g).bfloat16()
         s = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], device=dev)
-        L._LOCAL_CONFIG_OVERRIDE = None
-        seg_len, nseg = L._plan_for(k, v)
+        default = launch_config(B, T, H, K, V, k.dtype)
+        seg_len, nseg = default.seg_len, default.n_seg(T)
         if nseg == 1:
             print(f"H={H} K={K} T={T}: one segment, no state pass")
             continue
-        ref = L._local_states(k, v, s, seg_len, nseg, False)
+        ref = op._local_states(k, v, s, default, False)
         nbytes = (k.numel() + v.numel()) * 2 * (nseg - 1) / nseg
         for c in a.configs.split(","):
-            L._LOCAL_CONFIG_OVERRIDE = None if c == "default" else tuple(int(x) for x in c.split(":"))
-            row = dict(H=H, K=K, V=V, T=T, B=B, seg=(seg_len, nseg), config=c,
-                       cfg=L._local_config(K, V, False))
+            cfg = default if c == "default" else dataclasses.replace(
+                default, state=Tile(*(int(x) for x in c.split(":")), scale_value=True))
+            row = dict(H=H, K=K, V=V, T=T, B=B, seg=(seg_len, nseg), config=c, cfg=dataclasses.astuple(cfg.state))
             try:
-                out = L._local_states(k, v, s, seg_len, nseg, False)
+                cfg.check(K, V)  # a value block that does not divide V would skip columns
+                out = op._local_states(k, v, s, cfg, False)
                 row["rel_err"] = ((out - ref).abs().max() / ref.abs().max()).item()
                 if dev == "cuda":
-                    ms = do_bench(lambda: L._local_states(k, v, s, seg_len, nseg, False), warmup=25, rep=100,
+                    ms = do_bench(lambda: op._local_states(k, v, s, cfg, False), warmup=25, rep=100,
                                   return_mode="median")
                     row.update(ms=round(ms, 4), tb_per_s=round(nbytes / ms / 1e9, 2))
             except Exception as e:  # noqa: BLE001
                 row["error"] = repr(e)[:200]
             rows.append(row)
             print(row, flush=True)
-        L._LOCAL_CONFIG_OVERRIDE = None
     os.makedirs(a.out, exist_ok=True)
     write_results(os.path.join(a.out, f"segment-states-{gpu_slug() if dev == 'cuda' else 'cpu'}.json"), rows,
                   {"tokens": a.tokens})

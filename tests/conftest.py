@@ -27,6 +27,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same global RNG state (tests that draw without a generator)."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every Lightning kernel output starts as NaN, so an element a kernel fails to write fails the test."""
+    from tnlib.ops.lightning import op
+
+    monkeypatch.setattr(op, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                              device=device))
+
+
 @pytest.fixture
 def device():
     """Where kernel tests put their tensors: the GPU if present, else the CPU (interpreter)."""

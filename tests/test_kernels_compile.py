@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="kernels are interpreter functions under TRITON_INTERPRET=1")
 triton = pytest.importorskip("triton")
 
-from tnlib.ops._sm90 import BF16 as BF, FP32 as F32, I32  # noqa: E402
+from tnlib.ops._sm90 import BF16 as BF, FP32 as F32  # noqa: E402
 from tnlib.ops._sm90 import compile_sm90 as _compile  # noqa: E402
 from tnlib.ops._sm90 import lightning_launch_ints  # noqa: E402
 
@@ -28,24 +28,22 @@ def compile_sm90(fn, constexprs, ptr_types, num_warps=4, num_stages=2, int_value
         pytest.skip(f"no CUDA compiler in this Triton build: {e}")
 
 
-MAIN = dict(A=BF, Bp=BF, Cp=BF, O=BF, INIT=F32, LOCAL=F32, FINAL=F32, slope_ptr=F32, E=BF, SYNC=I32)
+MAIN = dict(A=BF, Bp=BF, Cp=BF, O=BF, INIT=F32, LOCAL=F32, FINAL=F32, slope_ptr=F32, E=BF)
 MAIN_BASE = dict(DK=128, BV=64, CH=64, HAS_INIT=False, INIT_DECAY=True, HAS_LOCAL=False, STORE_FINAL=False,
-                 REVERSE=False, DOT_PREC="tf32", UPCAST=False)
+                 REVERSE=False, DOT_PREC="tf32", UPCAST=False, GRAD_ACT=0, FAST=True, SCALE_C=True)
 MAIN_CASES = {
     "forward": dict(),
     "forward, init + segments + final": dict(HAS_INIT=True, HAS_LOCAL=True, STORE_FINAL=True),
     "dq pass with the SiLU derivative": dict(GRAD_ACT=1),
     "dq pass with the 1+elu derivative, exact sigmoid": dict(GRAD_ACT=2, FAST=False),
     "reverse pass (two-pass dk/dv)": dict(REVERSE=True, INIT_DECAY=False, HAS_INIT=True, STORE_FINAL=True),
-    "LRPE shape K=256": dict(DK=256, BV=32),
-    "single-launch segment states": dict(HAS_LOCAL=True, FUSED_STATE=True),
-    "single-launch segment states, reverse": dict(HAS_LOCAL=True, FUSED_STATE=True, REVERSE=True),
+    "LRPE shape K=256": dict(DK=256, BV=32, SCALE_C=False),
 }
 
 
 @pytest.mark.parametrize("case", list(MAIN_CASES))
 def test_lightning_kernel_compiles_for_sm90(case):
-    from tnlib.ops import _lightning_kernels as K
+    from tnlib.ops.lightning import kernels as K
 
     # with the model's strides (aligned: the loads are vectorized and software-pipelined, as at a
     # real launch) and without any integer specialization (the general code)
@@ -57,35 +55,33 @@ def test_lightning_kernel_compiles_for_sm90(case):
 
 
 def test_lightning_kernel_fp32_compiles_for_sm90():
-    from tnlib.ops import _lightning_kernels as K
+    from tnlib.ops.lightning import kernels as K
 
     ptrs = {k: (F32 if v == BF else v) for k, v in MAIN.items()}
-    compile_sm90(K._lightning_kernel, {**MAIN_BASE, "BV": 32, "CH": 32, "DOT_PREC": "ieee"}, ptrs, num_stages=1)
+    compile_sm90(K._lightning_kernel, {**MAIN_BASE, "BV": 32, "CH": 32, "DOT_PREC": "ieee", "SCALE_C": False}, ptrs,
+                 num_stages=1)
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(GRAD_ACT=1), dict(HAS_LOCAL=True, HAS_INIT=True, STORE_FINAL=True),
-                                   dict(HAS_LOCAL=True, FUSED_STATE=True, GRAD_ACT=1)],
-                         ids=["plain", "k derivative", "segments", "single-launch segment states"])
+@pytest.mark.parametrize("extra", [dict(), dict(GRAD_ACT=1), dict(HAS_LOCAL=True, HAS_INIT=True, STORE_FINAL=True)],
+                         ids=["plain", "k derivative", "segments"])
 def test_dkdv_kernel_compiles_for_sm90(extra):
-    from tnlib.ops import _lightning_kernels as K
+    from tnlib.ops.lightning import kernels as K
 
-    ptrs = dict(Q=BF, K=BF, V=BF, DO=BF, DK_out=BF, DV_out=BF, INIT=F32, LOCAL=F32, FINAL=F32, slope_ptr=F32, E=BF,
-                SYNC=I32)
-    base = dict(DK=128, DV=128, CH=64, HAS_INIT=False, HAS_LOCAL=False, STORE_FINAL=False, DOT_PREC="tf32", UPCAST=False)
+    ptrs = dict(Q=BF, K=BF, V=BF, DO=BF, DK_out=BF, DV_out=BF, INIT=F32, LOCAL=F32, FINAL=F32, slope_ptr=F32, E=BF)
+    base = dict(DK=128, DV=128, CH=64, HAS_INIT=False, HAS_LOCAL=False, STORE_FINAL=False, DOT_PREC="tf32",
+                UPCAST=False, GRAD_ACT=0, FAST=True)
     for int_values in (INTS["dkdv"], None):
         compile_sm90(K._dkdv_kernel, {**base, **extra}, ptrs, num_warps=8, int_values=int_values)
 
 
 def test_small_kernels_compile_for_sm90():
-    from tnlib.ops import _lightning_kernels as K
     from tnlib.ops import loss, srmsnorm
+    from tnlib.ops.lightning import kernels as K
 
     compile_sm90(K._segment_state_kernel, dict(DK=128, BV=128, CH=64, REVERSE=True, DOT_PREC="tf32", UPCAST=False),
                  dict(Bp=BF, Cp=BF, slope_ptr=F32, LOCAL=F32), num_warps=8)
     for act in (1, 2):
         compile_sm90(K._feature_map_kernel, dict(ACT=act, BR=4, BC=1024), dict(X=BF, Y=BF))
     compile_sm90(loss._xent_grad_kernel, dict(BLOCK=4096), dict(L=F32, TGT="*i64", NLL=F32, scale="fp32"), num_warps=8)
-    compile_sm90(loss._xent_grad_row_kernel, dict(BLOCK=65536), dict(L=BF, TGT="*i64", NLL=F32, scale="fp32"),
-                 num_warps=32)
     compile_sm90(srmsnorm._srms_fwd_kernel, dict(BLOCK=1024), dict(X=BF, Y=BF, RSTD=F32, eps="fp32"))
     compile_sm90(srmsnorm._srms_bwd_kernel, dict(BLOCK=1024), dict(X=BF, DY=BF, DX=BF, RSTD=F32))

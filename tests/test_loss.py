@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import tnlib
-from tnlib.ops.loss import linear_cross_entropy
-from tnlib.testing import assert_close
+from tnlib.ops.loss import XentConfig, linear_cross_entropy, xent_grad_
+from tnlib.testing import KERNEL_TOLERANCE, assert_close
 
 
 @pytest.mark.parametrize("N,chunk", [(1, 4), (37, 10), (64, 64), (65, 8192)])
@@ -74,19 +74,10 @@ def test_model_forward_with_targets(preset):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("chunk_op", [True, False], ids=["chunk-op", "in-place-op"])
-@pytest.mark.parametrize("dw_fp32", [False, True], ids=["dw-cast-add", "dw-fp32-gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_path_matches_float64(dtype, device, monkeypatch, dw_fp32, chunk_op):
-    """The Triton chunk kernel (loss and gradient in one pass) against float64 autograd on the same
-    rounded logits; chunks of uneven size, a vocabulary that is not a power of two. ``dw_fp32``: the
-    weight gradient accumulated by mixed-precision GEMMs (``loss._DW_FP32_GEMM``; CUDA only, so on a
-    CPU both ids run the same path); ``chunk_op``: each chunk as one op returning new tensors
-    (``loss._CHUNK_OP``, the default) or the in-place kernel op between PyTorch products."""
-    from tnlib.ops import loss as L
-
-    monkeypatch.setattr(L, "_DW_FP32_GEMM", dw_fp32)
-    monkeypatch.setattr(L, "_CHUNK_OP", chunk_op)
+def test_kernel_path_matches_float64(dtype, device):
+    """The Triton chunk op (products, loss and gradient) against float64 autograd on the same rounded
+    logits; chunks of uneven size, a vocabulary that is not a power of two."""
     g = torch.Generator().manual_seed(3)
     h = torch.randn(37, 24, dtype=torch.float64, generator=g)
     W = torch.randn(70, 24, dtype=torch.float64, generator=g) / 3
@@ -98,30 +89,25 @@ def test_kernel_path_matches_float64(dtype, device, monkeypatch, dw_fp32, chunk_
     logits = F.linear(h2, W2).to(dtype).double()  # the kernel sees logits rounded to the compute dtype
     ref = F.cross_entropy(logits, y)
     ref.backward()
-    assert_close(loss, ref, dtype=dtype, name="loss")
-    assert_close(hd.grad, h2.grad, dtype=dtype, tol=3e-2 if dtype == torch.bfloat16 else None, name="dh")
-    assert_close(Wd.grad, W2.grad, dtype=dtype, tol=3e-2 if dtype == torch.bfloat16 else None, name="dW")
+    tol = KERNEL_TOLERANCE[dtype]
+    assert_close(loss, ref, dtype=dtype, tol=tol, name="loss")
+    assert_close(hd.grad, h2.grad, dtype=dtype, tol=tol, name="dh")
+    assert_close(Wd.grad, W2.grad, dtype=dtype, tol=tol, name="dW")
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("config", [None, (128, 4), ("row", 4)], ids=["default", "block128", "one-read-row"])
-def test_xent_grad_kernel_in_place_and_bad_target(device, monkeypatch, config):
-    """Every kernel configuration (``loss._XENT_CONFIG``): blocks over the row, several blocks, and the
-    one-read kernel that holds the row in registers."""
-    from tnlib.ops import loss as L
-    from tnlib.ops.loss import xent_grad_
-
-    monkeypatch.setattr(L, "_XENT_CONFIG", config)
-
+@pytest.mark.parametrize("config", [None, XentConfig(128, 4)], ids=["default", "block128"])
+def test_xent_grad_kernel_in_place_and_bad_target(device, config):
+    """The kernel with the row in one block (default) and in several blocks (online log-sum-exp)."""
     logits = torch.randn(5, 300, dtype=torch.float64)
     t = torch.tensor([0, 299, 17, 3, 300])  # the last id is out of range
     lg = logits.float().to(device)
-    nll = xent_grad_(lg, t.to(device), scale=0.5)
+    nll = xent_grad_(lg, t.to(device), scale=0.5, config=config)
     ref = F.cross_entropy(logits[:4], t[:4], reduction="none")
-    assert_close(nll[:4], ref, dtype=torch.float32, name="nll")
+    assert_close(nll[:4], ref, tol=KERNEL_TOLERANCE[torch.float32], name="nll")
     assert torch.isnan(nll[4])
     want = 0.5 * (torch.softmax(logits[:4], -1) - F.one_hot(t[:4], 300))
-    assert_close(lg[:4], want, dtype=torch.float32, name="grad in place")
+    assert_close(lg[:4], want, tol=KERNEL_TOLERANCE[torch.float32], name="grad in place")
     with pytest.raises(ValueError, match="long targets"):
         xent_grad_(lg, t.int().to(device))
 

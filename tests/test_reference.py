@@ -14,8 +14,8 @@ from tnlib.testing import assert_close, rel_err
 F64 = torch.float64
 
 
-def make_inputs(B, T, H, K, V, dtype=F64, seed=None, with_state=True):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+def make_inputs(B, T, H, K, V, dtype=F64, seed=0, with_state=True):
+    g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, T, H, d, generator=g, dtype=dtype) * d**-0.5 for d in (K, K, V))
     slope = torch.rand(H, generator=g, dtype=torch.float32) * 0.5 + 0.01
     s0 = torch.randn(B, H, K, V, generator=g, dtype=dtype) if with_state else None
@@ -39,9 +39,10 @@ def reference_pair(T, H):
     key = (T, H)
     if key not in _cache:
         B, K, V = 2, 8, 5
-        q, k, v, slope, s0 = make_inputs(B, T, H, K, V)
-        go = torch.randn(B, T, H, V, dtype=F64)
-        gs = torch.randn(B, H, K, V, dtype=F64)
+        q, k, v, slope, s0 = make_inputs(B, T, H, K, V, seed=T * 10 + H)
+        g = torch.Generator().manual_seed(T * 10 + H + 1)
+        go = torch.randn(B, T, H, V, dtype=F64, generator=g)
+        gs = torch.randn(B, H, K, V, dtype=F64, generator=g)
         args = (q, k, v, slope, s0, go, gs)
         _cache[key] = (args, run_with_grads(linear_attention_quadratic, *args), run_with_grads(linear_attention_recurrent, *args))
     return _cache[key]

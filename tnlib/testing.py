@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rel_err", "TOLERANCE", "assert_close", "stepwise_logits"]
+__all__ = ["rel_err", "TOLERANCE", "KERNEL_TOLERANCE", "assert_close", "stepwise_logits"]
 
-#: Relative-error budget ||a - b|| / ||b|| for a result computed in a given input dtype.
+#: Relative-error budget ||a - b|| / ||b|| (the RMS ratio) for a composite computation (a layer, a
+#: model, paths that sum in different orders) in a given input dtype.
 TOLERANCE = {
     torch.float64: 1e-10,
-    torch.float32: 1e-4,  # covers tf32 tensor-core dots in kernels (~3e-4 worst seen is for raw dots)
+    torch.float32: 1e-4,
     torch.float16: 5e-3,
     torch.bfloat16: 2e-2,
+}
+#: The same for one Triton kernel against float64 on the same (rounded) inputs, just above the worst
+#: error measured in tests/ (the numbers: results/bench/NOTES-kernels.md). fp32 kernels use exact
+#: fp32 dots; 16-bit ones round their tensor-core operands (scores, states) to the input dtype, and
+#: one bf16 rounding alone is a 1.7e-3 RMS ratio.
+KERNEL_TOLERANCE = {
+    torch.float32: 2e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-2,
 }
 
 

@@ -1,4 +1,9 @@
-"""Functional attention ops: the pure-PyTorch reference ladder (and, later, Triton kernels)."""
+"""Functional ops: the pure-PyTorch attention references and the Triton kernels.
+
+``reference`` (the correctness ladder), ``lightning`` (Lightning Attention: plan, custom ops, kernels),
+``srmsnorm``, ``loss`` (LM head + cross-entropy in chunks) and ``gemv`` (decode products); every
+Triton op runs where ``_triton.use_triton`` says a kernel can take its tensors.
+"""
 from .reference import (
     decay_mask,
     linear_attention_chunked,

@@ -1,9 +1,8 @@
-"""What the Triton-backed ops share: whether Triton is importable, and where its kernels can run.
+"""The one rule for every Triton-backed op: can a kernel take this tensor here?
 
-Triton is optional at import time so that CPU-only installs without it still work; modules that
-define kernels do ``from ._triton import HAS_TRITON, tl, triton`` and guard their definitions with
-``if HAS_TRITON:``. Kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set
-before Triton was imported (its interpreter; how the tests run them on a machine without a GPU).
+Kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton
+was imported (its interpreter; how the tests run them on a machine without a GPU). Each op adds
+only what is its own (the GEMV's row count, SRMSNorm leaving ``torch.compile`` to Inductor).
 """
 from __future__ import annotations
 
@@ -11,16 +10,10 @@ import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+__all__ = ["KERNEL_DTYPES", "interpreting", "use_triton"]
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    triton = tl = None
-    HAS_TRITON = False
-
-__all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "kernel_device"]
+#: Input dtypes the kernels take (float64 goes to the PyTorch paths, which are exact references).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def interpreting() -> bool:
@@ -28,6 +21,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernel_device(t: torch.Tensor) -> bool:
-    """Whether a Triton kernel can take ``t``: Triton installed and ``t`` on CUDA (or the CPU, interpreted)."""
-    return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and interpreting()))
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether a Triton kernel can take ``t``: fp16/bf16/fp32 on CUDA, or on the CPU interpreted."""
+    return t.dtype in KERNEL_DTYPES and (t.is_cuda or (t.device.type == "cpu" and interpreting()))

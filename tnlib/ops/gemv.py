@@ -1,21 +1,23 @@
 """``x @ W.T`` for a handful of rows: a Triton matrix-vector kernel for decoding.
 
 At batch 1, a decode step multiplies one token's activations by every weight matrix of the model, so
-its cost is reading the weights (385M bf16 parameters: 0.77 GB, about 0.16 ms on an H200). cuBLAS
-picks GEMM tiles for these ``[1, K] x [K, N]`` products that read the weights at about a third of
-the memory bandwidth (profile: ``results/bench/profile-decode-*.txt``). The kernel here streams each
-weight matrix exactly once, in its natural ``[N, K]`` row-major layout (loads contiguous along K),
+its cost is reading the weights. cuBLAS picks GEMM tiles for these ``[1, K] x [K, N]`` products that
+read the weights well below the memory bandwidth (``results/bench/NOTES-kernels.md``). The kernel
+streams each weight matrix exactly once, in its natural ``[N, K]`` row-major layout (loads contiguous along K),
 for up to ``GEMV_MAX_ROWS`` rows at a time, accumulating in fp32.
 
-``gemv(x, weight)`` checks its inputs and calls ``gemv_op``, the unchecked ``torch.library`` custom op
-(``torch.compile`` and CUDA-graph capture treat it as one opaque kernel); ``tnlib.nn.Linear`` calls it for inference on few rows and
-falls back to ``F.linear`` everywhere else (training, many rows, CPU, biases).
+``gemv(x, weight)`` checks its inputs and calls ``gemv_op``, the unchecked ``torch.library`` custom
+op (``torch.compile`` and CUDA-graph capture treat it as one opaque kernel); ``tnlib.nn.Linear``
+calls it for inference on few rows and falls back to ``F.linear`` everywhere else (training, many
+rows, CPU, biases).
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import HAS_TRITON, interpreting, kernel_device, tl, triton
+from ._triton import interpreting, use_triton
 
 __all__ = ["gemv", "gemv_op", "gemv_supported", "GEMV_MAX_ROWS"]
 
@@ -23,47 +25,43 @@ __all__ = ["gemv", "gemv_op", "gemv_supported", "GEMV_MAX_ROWS"]
 GEMV_MAX_ROWS = 4
 
 
+def _configs():
+    if interpreting():  # the interpreter is slow: one small configuration
+        return [triton.Config({"BLOCK_N": 8, "BLOCK_K": 32}, num_warps=1)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in ((4, 256, 2, 4), (4, 512, 4, 3), (8, 256, 4, 4), (8, 512, 4, 3),
+                                 (8, 512, 8, 3), (16, 256, 4, 4), (16, 256, 8, 3), (16, 128, 4, 4),
+                                 (32, 128, 4, 4), (32, 256, 8, 3), (2, 1024, 4, 3), (4, 1024, 8, 2))]
 
-if HAS_TRITON:
 
-    def _configs():
-        if interpreting():  # the interpreter is slow: one small configuration
-            return [triton.Config({"BLOCK_N": 8, "BLOCK_K": 32}, num_warps=1)]
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                for bn, bk, w, s in ((4, 256, 2, 4), (4, 512, 4, 3), (8, 256, 4, 4), (8, 512, 4, 3),
-                                     (8, 512, 8, 3), (16, 256, 4, 4), (16, 256, 8, 3), (16, 128, 4, 4),
-                                     (32, 128, 4, 4), (32, 256, 8, 3), (2, 1024, 4, 3), (4, 1024, 8, 2))]
-
-    @triton.autotune(configs=_configs(), key=["N", "K", "BLOCK_M"])
-    @triton.jit
-    def _gemv_kernel(X, W, Y, M, N, K, stride_xm, stride_wn, stride_ym,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """``Y[m, n] = sum_k X[m, k] W[n, k]``: one program per ``BLOCK_N`` output columns, all rows."""
-        pid = tl.program_id(0)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        mask_m, mask_n = offs_m < M, offs_n < N
-        w_ptr = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-        x_ptr = X + offs_m[:, None] * stride_xm + offs_k[None, :]
-        # elementwise fp32 partial sums, reduced once at the end (no shuffles inside the loop)
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = (k0 + offs_k) < K
-            w = tl.load(w_ptr + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            acc += x[:, None, :] * w[None, :, :]
-        y = tl.sum(acc, axis=2)
-        y_ptr = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+@triton.autotune(configs=_configs(), key=["N", "K", "BLOCK_M"])
+@triton.jit
+def _gemv_kernel(X, W, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``Y[m, n] = sum_k X[m, k] W[n, k]``: one program per ``BLOCK_N`` output columns, all rows."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    w_ptr = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    x_ptr = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+    # elementwise fp32 partial sums, reduced once at the end (no shuffles inside the loop)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        w = tl.load(w_ptr + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        acc += x[:, None, :] * w[None, :, :]
+    y = tl.sum(acc, axis=2)
+    y_ptr = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``gemv`` takes this product: CUDA (or the Triton interpreter on CPU), fp16/bf16/fp32
     ``x`` and ``weight`` of one dtype, at most ``GEMV_MAX_ROWS`` rows, no autograd."""
-    if x.dtype != weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    if not kernel_device(x) or weight.device != x.device:
+    if x.dtype != weight.dtype or not use_triton(x) or weight.device != x.device:
         return False
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or weight.stride(1) != 1:
         return False
@@ -83,7 +81,8 @@ def gemv_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     block_m = max(1, triton.next_power_of_2(M))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _gemv_kernel[grid](x2, weight, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), BLOCK_M=block_m)
+    _gemv_kernel[grid](X=x2, W=weight, Y=y, M=M, N=N, K=K, stride_xm=x2.stride(0), stride_wn=weight.stride(0),
+                       stride_ym=y.stride(0), BLOCK_M=block_m)
     return y.reshape(*x.shape[:-1], N)
 
 

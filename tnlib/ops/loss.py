@@ -9,142 +9,85 @@ arithmetic is the usual one: logits rounded to the compute dtype exactly as an a
 would, then fp32 log-sum-exp; the same three matrix products as autograd would run.
 
 On a GPU (or the CPU under ``TRITON_INTERPRET=1``) each chunk's softmax, loss and gradient are one
-Triton kernel (``xent_grad_``) that reads the chunk's logits twice and overwrites them with the
-gradient: about 2.5 ms per 32,768 x 50,272 step on an H200 instead of the ~30 ms of separate PyTorch
-passes (cast, max, subtract, exp, sum, gather, scatter, scale, cast) that the CPU path runs. The chunk's
-three products and the kernel run as one opaque custom op (``tnlib::head_xent_chunk``), so that
-``torch.compile`` neither copies the logits before the in-place kernel nor decomposes the weight
-gradient's mixed-precision GEMM.
+Triton kernel that reads the chunk's logits twice and overwrites them with the gradient, instead of
+the separate PyTorch passes (cast, max, subtract, exp, sum, gather, scatter, scale, cast) that the
+CPU path runs. The chunk's three products and the kernel run as one opaque custom op
+(``tnlib::head_xent_chunk``) returning new tensors, so that ``torch.compile`` neither copies the
+logits before the in-place kernel nor decomposes the weight gradient's mixed-precision GEMM.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
+import triton
+import triton.language as tl
 
-from ._triton import HAS_TRITON, kernel_device, tl, triton
+from ._triton import use_triton
 
-__all__ = ["linear_cross_entropy", "xent_grad_"]
+__all__ = ["linear_cross_entropy", "xent_grad_", "XentConfig", "xent_config"]
 
 
-if HAS_TRITON:
-
-    @triton.jit
-    def _store_nll(NLL, row, base, tgt, ok, lse):
-        """The row's loss ``lse - l[t]`` (NaN for a target outside ``[0, V)``)."""
-        xt = tl.load(base + tgt, mask=ok, other=0.0).to(tl.float32)
-        tl.store(NLL + row, tl.where(ok, lse - xt, float("nan")))
-
-    @triton.jit
-    def _grad_tile(x, cols, tgt, lse, scale):
-        """``scale * (softmax - onehot(t))`` over the columns ``cols`` of the row (``x`` in fp32)."""
-        g = tl.exp(x - lse)
-        return tl.where(cols == tgt, g - 1.0, g) * scale
-
-    @triton.jit
-    def _xent_grad_kernel(L, TGT, NLL, stride_l, V, scale, BLOCK: tl.constexpr):
-        """One row: ``lse = logsumexp(l)`` (online, fp32), ``nll = lse - l[t]``, then ``l <- scale *
-        (softmax(l) - onehot(t))`` in place (the gradient of ``scale * nll`` with respect to ``l``)."""
-        row = tl.program_id(0).to(tl.int64)
-        base = L + row * stride_l
-        tgt = tl.load(TGT + row)
-        ok = (tgt >= 0) & (tgt < V)
-        m = tl.full([], float("-inf"), tl.float32)
-        ssum = tl.zeros([], tl.float32)
-        for v0 in range(0, V, BLOCK):
-            cols = v0 + tl.arange(0, BLOCK)
-            x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            ssum = ssum * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
-        lse = m + tl.log(ssum)
-        _store_nll(NLL, row, base, tgt, ok, lse)
-        for v0 in range(0, V, BLOCK):
-            cols = v0 + tl.arange(0, BLOCK)
-            mask = cols < V
-            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(base + cols, _grad_tile(x, cols, tgt, lse, scale).to(L.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _xent_grad_row_kernel(L, TGT, NLL, stride_l, V, scale, BLOCK: tl.constexpr):
-        """``_xent_grad_kernel`` with the whole row held in registers (``BLOCK >= V``): one read of the
-        logits instead of two. Meant for wide programs (32 warps: 64 values per thread at V = 50,272)."""
-        row = tl.program_id(0).to(tl.int64)
-        base = L + row * stride_l
-        tgt = tl.load(TGT + row)
-        ok = (tgt >= 0) & (tgt < V)
-        cols = tl.arange(0, BLOCK)
+@triton.jit
+def _xent_grad_kernel(L, TGT, NLL, stride_l, V, scale, BLOCK: tl.constexpr):
+    """One row: ``lse = logsumexp(l)`` (online, fp32), ``nll = lse - l[t]`` (NaN for a target outside
+    ``[0, V)``), then ``l <- scale * (softmax(l) - onehot(t))`` in place (the gradient of ``scale * nll``
+    with respect to ``l``)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = L + row * stride_l
+    tgt = tl.load(TGT + row)
+    ok = (tgt >= 0) & (tgt < V)
+    m = tl.full([], float("-inf"), tl.float32)
+    ssum = tl.zeros([], tl.float32)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        ssum = ssum * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(ssum)
+    xt = tl.load(base + tgt, mask=ok, other=0.0).to(tl.float32)
+    tl.store(NLL + row, tl.where(ok, lse - xt, float("nan")))
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
         mask = cols < V
-        x = tl.load(base + cols, mask=mask, other=float("-inf"))
-        m = tl.max(x, axis=0).to(tl.float32)
-        lse = m + tl.log(tl.sum(tl.exp(x.to(tl.float32) - m), axis=0))
-        _store_nll(NLL, row, base, tgt, ok, lse)
-        tl.store(base + cols, _grad_tile(x.to(tl.float32), cols, tgt, lse, scale).to(L.dtype.element_ty), mask=mask)
+        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse)
+        g = tl.where(cols == tgt, g - 1.0, g) * scale
+        tl.store(base + cols, g.to(L.dtype.element_ty), mask=mask)
 
 
-#: Tuning hook: (BLOCK, num_warps) of the cross-entropy kernel instead of the defaults (None).
-#: Fewer, wider programs keep fewer rows in flight, so that the second read of each row (the gradient
-#: pass) can come from L2 rather than memory; ``("row", num_warps)`` holds each row in registers and
-#: reads it once (``_xent_grad_row_kernel``, rows up to 65,536 wide; ptxas: 64 registers and 76 B/thread
-#: of spills at 32 warps). ``scripts/tune_xent.py`` times the choices (H200: see ``_default_xent_config``).
-_XENT_CONFIG = None
+@dataclass(frozen=True)
+class XentConfig:
+    """Launch of the cross-entropy kernel: ``block`` columns per step, ``num_warps`` per row."""
+
+    block: int
+    num_warps: int
 
 
-def _default_xent_config(V: int):
-    # H200, 8,192 x 50,272 bf16 rows (results/bench/xent-h200.json): 8192/16 warps 0.651 ms, 4096/8 0.707,
-    # the one-read row kernel 0.883 (32 warps) / 0.947 (16)
+def xent_config(V: int) -> XentConfig:
+    """The default launch for rows of ``V`` logits (wide programs: fewer rows in flight, so the
+    gradient pass's second read of a row comes from L2; tuned by ``scripts/tune_xent.py``)."""
     block = min(8192, triton.next_power_of_2(V))
-    return block, (16 if block >= 8192 else 8 if block >= 2048 else 4)
+    return XentConfig(block, 16 if block >= 8192 else 8 if block >= 2048 else 4)
 
 
-def _xent_config(V: int):
-    """(BLOCK or "row", num_warps) of the cross-entropy kernel for rows of ``V`` logits."""
-    return _XENT_CONFIG if _XENT_CONFIG is not None else _default_xent_config(V)
-
-
-#: LM head weight gradient: accumulate each chunk's ``g^T x`` straight into the fp32 buffer with one
-#: mixed-precision GEMM (``torch.addmm(..., out_dtype=float32)``, CUDA) instead of a bf16 product, a cast
-#: and an add (about 0.6 GB less traffic per chunk, and no bf16 rounding of each chunk's product).
-#: Runs inside the chunk op below; traced by torch.compile (the in-place path) it falls back to the cast
-#: and add, as Inductor's decomposition of that addmm fails (torch 2.11).
-_DW_FP32_GEMM = True
-#: Each chunk's products and kernel as one opaque op (``tnlib::head_xent_chunk``) that returns new
-#: tensors. With False the chunk loop calls the in-place ``xent_grad_`` op between PyTorch products;
-#: under torch.compile Inductor then copies every chunk's logits before the in-place kernel (381 us per
-#: 8,192 x 50,272 chunk on the H200, 1.5 ms per 32,768-token step; profile of 2026-11-30).
-_CHUNK_OP = True
-
-
-def _use_kernel(t: torch.Tensor) -> bool:
-    return t.dtype in (torch.float16, torch.bfloat16, torch.float32) and kernel_device(t)
-
-
-def _xent_launch(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+def _xent_launch(logits: torch.Tensor, targets: torch.Tensor, scale: float,
+                 config: Optional[XentConfig] = None) -> torch.Tensor:
     n, V = logits.shape
     nll = torch.empty(n, dtype=torch.float32, device=logits.device)
-    block, warps = _xent_config(V)
-    if block == "row" and V <= 65536:
-        _xent_grad_row_kernel[(n,)](logits, targets, nll, logits.stride(0), V, scale,
-                                    BLOCK=triton.next_power_of_2(V), num_warps=warps)
-        return nll
-    if block == "row":
-        block, warps = _default_xent_config(V)  # rows too wide for the one-read kernel
-    _xent_grad_kernel[(n,)](logits, targets, nll, logits.stride(0), V, scale, BLOCK=block, num_warps=warps)
+    c = config or xent_config(V)
+    _xent_grad_kernel[(n,)](L=logits, TGT=targets, NLL=nll, stride_l=logits.stride(0), V=V, scale=scale,
+                            BLOCK=c.block, num_warps=c.num_warps)
     return nll
 
 
-@torch.library.custom_op("tnlib::xent_grad_", mutates_args=("logits",))
-def _xent_grad_op(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
-    return _xent_launch(logits, targets, scale)
-
-
-@_xent_grad_op.register_fake
-def _(logits, targets, scale):
-    return logits.new_empty((logits.shape[0],), dtype=torch.float32)
-
-
 def _accumulate_dw(dw: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``dw + g^T x`` with ``dw`` in the accumulation dtype: one mixed-precision GEMM on CUDA
-    (``_DW_FP32_GEMM``), else the product in the inputs' dtype, cast and added."""
-    if _DW_FP32_GEMM and dw.dtype != g.dtype and g.is_cuda and not torch.compiler.is_compiling():
+    """``dw + g^T x`` with ``dw`` in the accumulation dtype: on CUDA one mixed-precision GEMM straight
+    into ``dw`` (no product in the inputs' dtype, cast and add); traced by torch.compile, where
+    Inductor's decomposition of that GEMM fails, and on the CPU, the product cast and added."""
+    if dw.dtype != g.dtype and g.is_cuda and not torch.compiler.is_compiling():
         return torch.addmm(dw, g.t(), x, out_dtype=dw.dtype)
     return dw + (g.t() @ x).to(dw.dtype)
 
@@ -164,18 +107,21 @@ def _(x, w, targets, scale, dw):
     return x.new_empty((x.shape[0],), dtype=torch.float32), torch.empty_like(x), torch.empty_like(dw)
 
 
-def xent_grad_(logits: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def xent_grad_(logits: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
+               config: Optional[XentConfig] = None) -> torch.Tensor:
     """Per-row cross-entropy of ``logits`` (``[n, V]``, rows contiguous) against ``targets`` (``[n]``
     long), returned in fp32; ``logits`` is overwritten with ``scale * (softmax - onehot)``, the
     gradient of ``scale * sum(nll)``. Arithmetic in fp32 whatever the logits' dtype. A target outside
-    ``[0, V)`` gives a NaN loss for its row. Triton: CUDA, or CPU with ``TRITON_INTERPRET=1``."""
-    if logits.dim() != 2 or logits.stride(1) != 1 or targets.shape != (logits.shape[0],) or targets.dtype != torch.long:
+    ``[0, V)`` gives a NaN loss for its row. The kernel alone (eager; ``config`` instead of
+    ``xent_config``'s): CUDA, or CPU with ``TRITON_INTERPRET=1``."""
+    if (logits.dim() != 2 or logits.stride(1) != 1 or targets.shape != (logits.shape[0],)
+            or targets.dtype != torch.long):
         raise ValueError(f"xent_grad_: logits [n, V] (contiguous rows) and long targets [n] expected, got "
                          f"{tuple(logits.shape)} and {tuple(targets.shape)} {targets.dtype}")
-    if not _use_kernel(logits) or targets.device != logits.device:
+    if not use_triton(logits) or targets.device != logits.device:
         raise ValueError("xent_grad_: needs fp16/bf16/fp32 logits and targets on one CUDA device "
                          "(or the CPU with TRITON_INTERPRET=1)")
-    return _xent_grad_op(logits, targets, float(scale))
+    return _xent_launch(logits, targets, float(scale), config)
 
 
 def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -203,23 +149,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(dtype, torch.float32)
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         total = torch.zeros((), dtype=acc, device=h.device)
-        kernel = _use_kernel(hc)
+        kernel = use_triton(hc)
         for s in range(0, N, chunk):
             x, tgt = hc[s : s + chunk], targets[s : s + chunk]
-            if kernel and _CHUNK_OP:  # products and kernel in one op that returns new tensors
+            if kernel:  # products and kernel in one op that returns new tensors
                 nll, dh[s : s + chunk], dw = _head_xent_chunk_op(x, wc, tgt, 1.0 / N, dw)
                 total = total + nll.sum()
                 continue
-            if kernel:  # one Triton pass: the loss, and the gradient written over the logits
-                g = x @ wc.t()
-                total = total + xent_grad_(g, tgt, 1.0 / N).sum()
-            else:
-                logits = _chunk_logits(x, wc)
-                nll, lse = _chunk_nll(logits, tgt)
-                total = total + nll
-                g = torch.exp(logits - lse[:, None])  # softmax, in place of the logits
-                g.scatter_add_(1, tgt[:, None], torch.full_like(tgt[:, None], -1, dtype=g.dtype))
-                g = (g / N).to(dtype)
+            logits = _chunk_logits(x, wc)
+            nll, lse = _chunk_nll(logits, tgt)
+            total = total + nll
+            g = torch.exp(logits - lse[:, None])  # softmax, in place of the logits
+            g.scatter_add_(1, tgt[:, None], torch.full_like(tgt[:, None], -1, dtype=g.dtype))
+            g = (g / N).to(dtype)
             dh[s : s + chunk] = g @ wc
             dw = _accumulate_dw(dw, g, x)
         ctx.save_for_backward(dh, dw)
@@ -233,7 +175,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (dh * grad_out).to(h_dtype), (dw * grad_out).to(w_dtype), None, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int = 8192) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``targets``, without materializing the logits.
 
     ``h``: ``[N, d]`` final hidden states; ``weight``: ``[V, d]`` (the LM head); ``targets``: ``[N]``

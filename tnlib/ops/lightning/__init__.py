@@ -1,0 +1,18 @@
+"""Lightning Attention (spec section 6.3): Triton forward and hand-derived backward.
+
+``plan`` chooses the launches (tiles, segments), ``op`` holds the custom ops with their autograd
+and the launchers, ``kernels`` the Triton kernels. Notebook: ``04_lightning_attention``.
+"""
+from .op import (
+    ACT_CODES,
+    SUPPORTED_K,
+    SUPPORTED_V,
+    _use_kernel,
+    feature_map_reference,
+    lightning_attention,
+    lightning_attention_packed,
+)
+from .plan import LaunchConfig, Tile, launch_config
+
+__all__ = ["lightning_attention", "lightning_attention_packed", "SUPPORTED_K", "SUPPORTED_V", "ACT_CODES",
+           "feature_map_reference", "LaunchConfig", "Tile", "launch_config"]
