@@ -5,3 +5,7 @@ from . import nn, ops, testing  # noqa: E402
 from .models import ModelConfig, create_model, load_model, save_model  # noqa: E402
 
 __all__ = ["nn", "ops", "testing", "ModelConfig", "create_model", "load_model", "save_model", "__version__"]
+
+from .official import load_official, save_official  # noqa: E402
+
+__all__ += ["load_official", "save_official"]
