@@ -188,6 +188,27 @@ def test_tied_head_must_equal_embedding(tmp_path):
     assert torch.equal(m.lm_head.weight, 2 * m.embed.weight)
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_tied_head_in_an_earlier_shard(tmp_path, scale):
+    """A tied head read before its embedding is held until the embedding arrives, then compared."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "A"
+    d.mkdir()
+    shutil.copyfile(os.path.join(DATA, "A", "config.json"), d / "config.json")
+    sd = load_file(os.path.join(DATA, "A", "model.safetensors"))
+    head = {"lm_head.weight": sd.pop("lm_head.weight") * scale}
+    save_file(head, str(d / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(sd, str(d / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {**{k: "model-00002-of-00002.safetensors" for k in sd}, "lm_head.weight": "model-00001-of-00002.safetensors"}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if scale == 1.0:
+        assert _state_equal(O.load_official(str(d)), O.load_official(os.path.join(DATA, "A")))
+    else:
+        with pytest.raises(ValueError, match="lm_head.weight differs"):
+            O.load_official(str(d))
+
+
 def test_no_config_or_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         O.load_official(str(tmp_path))

@@ -385,23 +385,31 @@ def load_official(path: str, dtype=None, device=None) -> TransNormerLLM:
         raise ValueError(f"{path}: the checkpoint lacks {missing}")
 
     # load: one shard at a time; each tensor is converted and assigned before the next is read
-    from_head = None
+    def check_tied(head):
+        if not torch.equal(head.to(device=device, dtype=model.embed.weight.dtype), model.embed.weight.detach()):
+            raise ValueError(f"{path}: lm_head.weight differs from model.embed_tokens.weight, but the config ties "
+                             f"them (add \"tie_word_embeddings\": false to config.json to load them untied)")
+
+    pending_head = None  # a tied head read before its embedding (held only until the embedding arrives)
     for shard in shards:
-        keys = [k for k, _ in plan[shard.path]]
-        names = dict(plan[shard.path])
-        for key, t in shard.tensors(keys):
+        # a tied head last in its shard, so that it is compared as soon as it is read when it can be
+        entries = sorted(plan[shard.path], key=lambda e: e[0] == "lm_head.weight")
+        names = dict(entries)
+        for key, t in shard.tensors([k for k, _ in entries]):
             name = names[key]
+            if key == "lm_head.weight" and name == "embed.weight" and "model.embed_tokens.weight" in seen:
+                if model.embed.weight.is_meta:
+                    pending_head = t
+                else:
+                    check_tied(t)
+                continue
             t = t.to(device=device, dtype=dtype or t.dtype, copy=not shard.safetensors)
             if _is_theta(name):
                 t = t.reshape(t.shape[0], t.shape[2])
-            if key == "lm_head.weight" and name == "embed.weight":
-                if "model.embed_tokens.weight" in seen:  # compare once both are read
-                    from_head = t
-                    continue
             model.load_state_dict({name: t}, strict=False, assign=True)
-    if from_head is not None and not torch.equal(from_head, model.embed.weight.detach()):
-        raise ValueError(f"{path}: lm_head.weight differs from model.embed_tokens.weight, but the config ties "
-                         f"them (add \"tie_word_embeddings\": false to config.json to load them untied)")
+            del t
+    if pending_head is not None:
+        check_tied(pending_head)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:  # pragma: no cover - the plan covers every expected key
         raise RuntimeError(f"load_official: parameters left unloaded: {left}")
