@@ -336,7 +336,8 @@ def load_official(path: str, dtype=None, device=None) -> TransNormerLLM:
 
     ``path`` holds ``config.json`` and ``model.safetensors`` | ``pytorch_model.bin`` | either sharded
     with its ``*.index.json``. ``dtype`` (a torch dtype or its name): the parameters' dtype, by default
-    the config's ``torch_dtype`` (else as stored); ``device``: where they live (default CPU).
+    the config's ``torch_dtype`` (else as stored), except LRPE's theta, which stays at least fp32 (tnlib
+    forms the angles in fp64; a bf16 theta would move them); ``device``: where they live (default CPU).
 
     Everything is checked before any weight is read: config values tnlib cannot express, missing
     shards, unknown or missing keys and wrong shapes raise ``ValueError``/``FileNotFoundError`` naming
@@ -403,9 +404,11 @@ def load_official(path: str, dtype=None, device=None) -> TransNormerLLM:
                 else:
                     check_tied(t)
                 continue
-            t = t.to(device=device, dtype=dtype or t.dtype, copy=not shard.safetensors)
-            if _is_theta(name):
+            want = dtype or t.dtype
+            if _is_theta(name):  # LRPE's theta stays >= fp32: in bf16 the angle theta*t would be off by
+                want = torch.promote_types(want, torch.float32)  # up to 0.4% of itself (radians at t ~ 100)
                 t = t.reshape(t.shape[0], t.shape[2])
+            t = t.to(device=device, dtype=want, copy=not shard.safetensors)
             model.load_state_dict({name: t}, strict=False, assign=True)
             del t
     if pending_head is not None:
