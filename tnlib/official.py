@@ -278,7 +278,9 @@ class _Shard:
 
             with safe_open(self.path, framework="pt") as f:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        return {k: tuple(v.shape) for k, v in self._load_bin().items()}
+        shapes = {k: tuple(v.shape) for k, v in self._load_bin().items()}
+        self._bin = None  # read again by tensors(): a legacy (unmapped) shard is never held during planning
+        return shapes
 
     def tensors(self, keys):
         """Yield ``(key, tensor)`` for ``keys`` (CPU tensors, one at a time); releases the shard after."""
