@@ -55,6 +55,10 @@ _METADATA = ("architectures", "auto_map", "model_type", "torch_dtype", "transfor
              "tokenizer_class", "_from_model_config", "output_attentions", "output_hidden_states", "return_dict")
 #: official ``linear_act_fun`` -> ModelConfig.qk_act ("swish" is the official alias of SiLU)
 _ACT = {"silu": "silu", "swish": "silu", "1+elu": "1+elu", "none": "none"}
+#: the official TransnormerConfig's defaults, for fields a config.json leaves out
+_DEFAULTS = {"vocab_size": 64000, "decoder_embed_dim": 1024, "decoder_layers": 24, "decoder_attention_heads": 8,
+             "glu_dim": 2816, "hidden_dim": 1024, "no_scale_embedding": False, "norm_type": "simplermsnorm",
+             "linear_act_fun": "silu", "bias": False, "init_std": 0.02, "linear_use_lrpe_list": []}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _AUTO_MAP = {"AutoConfig": "configuration_transnormer.TransnormerConfig",
              "AutoModelForCausalLM": "modeling_transnormer.TransnormerForCausalLM"}
@@ -66,14 +70,13 @@ def _refuse(field, value, why):
 
 
 def official_to_config(cfg: dict, name: str = "official") -> ModelConfig:
-    """The :class:`ModelConfig` of an official ``config.json`` (a dict); a value tnlib cannot express
-    raises ``ValueError`` naming the field and the value."""
+    """The :class:`ModelConfig` of an official ``config.json`` (a dict; absent fields take the official
+    defaults); a value tnlib cannot express raises ``ValueError`` naming the field and the value."""
     for key, value in cfg.items():
         if key not in _MAPPED and key not in _METADATA:
             _refuse(key, value, "unknown to tnlib's converter (not a field of the official TransnormerConfig)")
+    cfg = {**_DEFAULTS, **cfg}
     for key in ("vocab_size", "decoder_embed_dim", "decoder_layers", "decoder_attention_heads"):
-        if key not in cfg:
-            raise ValueError(f"official config: the field {key!r} is missing")
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             _refuse(key, cfg[key], "must be a positive integer")
     d, L, H = cfg["decoder_embed_dim"], cfg["decoder_layers"], cfg["decoder_attention_heads"]
@@ -81,21 +84,21 @@ def official_to_config(cfg: dict, name: str = "official") -> ModelConfig:
         _refuse("decoder_attention_heads", H, f"does not divide decoder_embed_dim={d}")
     if L < 2:
         _refuse("decoder_layers", L, "the official decay factor 1 - i/(L-1) needs at least 2 layers")
-    if cfg.get("hidden_dim", 1024) != d:  # the official default is 1024
-        _refuse("hidden_dim", cfg.get("hidden_dim", 1024), f"tnlib's token mixer has width decoder_embed_dim={d}")
-    glu = cfg.get("glu_dim", 2816)
+    if cfg["hidden_dim"] != d:
+        _refuse("hidden_dim", cfg["hidden_dim"], f"tnlib's token mixer has width decoder_embed_dim={d}")
+    glu = cfg["glu_dim"]
     glu = d if glu == -1 else glu  # official: -1 means the model width
     if not isinstance(glu, int) or glu < 1:
-        _refuse("glu_dim", cfg.get("glu_dim"), "must be a positive integer or -1")
-    if cfg.get("bias", False):
+        _refuse("glu_dim", cfg["glu_dim"], "must be a positive integer or -1")
+    if cfg["bias"]:
         _refuse("bias", cfg["bias"], "tnlib's projections have no biases")
-    act = cfg.get("linear_act_fun", "silu")
+    act = cfg["linear_act_fun"]
     if act not in _ACT:
         _refuse("linear_act_fun", act, f"tnlib supports {sorted(_ACT)}")
-    norm_type = cfg.get("norm_type", "simplermsnorm")
+    norm_type = cfg["norm_type"]
     # the official code builds SimpleRMSNorm for "simplermsnorm" and nn.LayerNorm (eps 1e-5) for any other value
     norm, eps = ("srms", _SRMS_EPS) if norm_type == "simplermsnorm" else ("layer", _LAYERNORM_EPS)
-    flags = cfg.get("linear_use_lrpe_list") or []
+    flags = cfg["linear_use_lrpe_list"] or []
     if not flags:  # an empty list: the official code uses the scalar flag on every layer
         if "linear_use_lrpe" not in cfg:
             raise ValueError("official config: linear_use_lrpe_list is empty and linear_use_lrpe is missing")
@@ -116,8 +119,8 @@ def official_to_config(cfg: dict, name: str = "official") -> ModelConfig:
         arch="tnl", vocab_size=cfg["vocab_size"], d_model=d, n_layers=L, n_heads=H, glu_dim=glu,
         positional=positional, decay_formula="official", layer_temperature=True, lrpe_learnable=True, gate=True,
         qk_act=_ACT[act], glu_act="none", norm=norm, norm_eps=eps,
-        scale_embedding=not cfg.get("no_scale_embedding", False),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), init_std=float(cfg.get("init_std", 0.02)),
+        scale_embedding=not cfg["no_scale_embedding"],
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), init_std=float(cfg["init_std"]),
         name=name,
     )
 
