@@ -9,6 +9,9 @@ line per row; float32 rows say whether they meet the CPU tests' tolerances (logi
 tokens equal where the golden top-1 margin > 1e-4). Run from the repository root:
 
     PYTHONPATH=$PWD python3 scripts/check_official.py --out $OUT/official-check-h200.json
+
+On a CPU it runs the PyTorch fallbacks, or the Triton kernels in their interpreter with
+``TRITON_INTERPRET=1`` (slow: use ``--dtypes float32``).
 """
 import argparse
 import json
@@ -67,14 +70,18 @@ def check(name, dtype, device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "results"), "official-check.json"))
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    from tnlib.ops._triton import kernel_device
+
+    extra = {"device": device, "triton_kernels": kernel_device(torch.zeros(1, device=device))}
     results = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (getattr(torch, d) for d in a.dtypes):
         for name in ("A", "B"):
             results.append(check(name, dtype, device))
             print(json.dumps(results[-1]), flush=True)
-            write_results(a.out, results, {"device": device})
+            write_results(a.out, results, extra)
 
 
 if __name__ == "__main__":
