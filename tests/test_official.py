@@ -200,7 +200,8 @@ def test_tied_head_in_an_earlier_shard(tmp_path, scale):
     head = {"lm_head.weight": sd.pop("lm_head.weight") * scale}
     save_file(head, str(d / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
     save_file(sd, str(d / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
-    weight_map = {**{k: "model-00002-of-00002.safetensors" for k in sd}, "lm_head.weight": "model-00001-of-00002.safetensors"}
+    weight_map = {k: "model-00002-of-00002.safetensors" for k in sd}
+    weight_map["lm_head.weight"] = "model-00001-of-00002.safetensors"
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     if scale == 1.0:
         assert _state_equal(O.load_official(str(d)), O.load_official(os.path.join(DATA, "A")))
@@ -307,7 +308,8 @@ def test_dtype_and_device_arguments():
     assert all(p.dtype == torch.bfloat16 for p in m.parameters() if p is not theta)
     assert m.layers[0].token_mixer.slope.dtype == torch.float32  # recomputed from the config, not stored
     # theta kept in fp32: a bf16 theta moves the angles theta*t by up to 0.4% (max_rel 0.30 at T=200)
-    assert theta.dtype == torch.float32 and torch.equal(theta, O.load_official(os.path.join(DATA, "A")).layers[0].token_mixer.lrpe.theta)
+    theta32 = O.load_official(os.path.join(DATA, "A")).layers[0].token_mixer.lrpe.theta
+    assert theta.dtype == torch.float32 and torch.equal(theta, theta32)
     s = golden("A")["sequences"][3]
     with torch.no_grad():
         rel = max_rel(m(torch.tensor([s["input_ids"]]))[0, s["logits_first_row"]:], s["logits"])

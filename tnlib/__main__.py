@@ -131,7 +131,8 @@ def cmd_convert(a):
 def _add_convert_parser(sub):
     p = sub.add_parser("convert", help="convert between the official TransNormerLLM checkpoint layout and tnlib's")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-official", metavar="DIR", help="an official checkpoint directory -> tnlib's save_model format")
+    src.add_argument("--from-official", metavar="DIR",
+                     help="an official checkpoint directory -> tnlib's save_model format")
     src.add_argument("--to-official", metavar="DIR", help="a save_model directory -> the official layout (safetensors)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],

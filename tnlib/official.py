@@ -366,7 +366,8 @@ def load_official(path: str, dtype=None, device=None) -> TransNormerLLM:
     plan, seen = {s.path: [] for s in shards}, {}
     for shard in shards:
         shapes = shard.shapes()
-        keys = shapes if weight_map is None else [k for k, v in weight_map.items() if os.path.join(path, v) == shard.path]
+        keys = (shapes if weight_map is None else
+                [k for k, v in weight_map.items() if os.path.join(path, v) == shard.path])
         for key in keys:
             if key not in shapes:
                 raise ValueError(f"{shard.path}: the index lists {key!r} in this shard but the file does not hold it")
