@@ -111,11 +111,15 @@ def cmd_convert(a):
     import torch
 
     from .models import load_model, save_model
-    from .official import load_official, save_official
+    from .official import is_official_dir, load_official, save_official
 
     src = a.from_official or a.to_official
     if os.path.abspath(src) == os.path.abspath(a.out):
         raise SystemExit("--out must differ from the input directory")
+    if os.path.isfile(os.path.join(src, "config.json")) and is_official_dir(src) != bool(a.from_official):
+        flag, other = ("--from-official", "--to-official") if a.from_official else ("--to-official", "--from-official")
+        layout = "the official layout" if is_official_dir(src) else "tnlib's save_model format"
+        raise SystemExit(f"{flag} {src}: that directory is in {layout}; did you mean {other}?")
     if a.from_official:
         model = load_official(a.from_official, dtype=a.dtype)
         save_model(model, a.out)
