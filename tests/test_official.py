@@ -345,6 +345,10 @@ def test_cli_convert_both_ways(tmp_path, capsys):
     main(["convert", "--to-official", str(tmp_path / "tn"), "--out", str(tmp_path / "off"), "--max-shard-size", "1MB"])
     assert O.is_official_dir(str(tmp_path / "off")) and not O.is_official_dir(str(tmp_path / "tn"))
     assert _state_equal(O.load_official(str(tmp_path / "off")), mo)
+    with pytest.raises(SystemExit, match="did you mean --from-official"):
+        main(["convert", "--to-official", a, "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="did you mean --to-official"):
+        main(["convert", "--from-official", str(tmp_path / "tn"), "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit):
         main(["convert", "--from-official", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     assert "config.json is missing" in capsys.readouterr().err
