@@ -71,17 +71,16 @@ def cmd_generate(a):
 
     from .data import load_tokenizer
     from .generation import stream_generate
-    from .models import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(a.checkpoint, device=device)
-    tok = load_tokenizer(a.tokenizer)
+    model, official_eos = _load_any_checkpoint(a.checkpoint, device)
+    tok = load_tokenizer(a.tokenizer or a.checkpoint)
     if tok.get_vocab_size() > model.config.vocab_size:
         raise SystemExit(f"tokenizer has {tok.get_vocab_size()} tokens but the model only {model.config.vocab_size}")
     ids = tok.encode(a.prompt).ids
     if not ids:
         raise SystemExit("the prompt encodes to no tokens")
-    eot = tok.token_to_id("<|endoftext|>")
+    eot = official_eos if official_eos is not None else tok.token_to_id("<|endoftext|>")
     g = torch.Generator(device=device).manual_seed(a.seed)
     print(a.prompt, end="", flush=True)
     out = []
@@ -93,6 +92,57 @@ def cmd_generate(a):
         text = tok.decode(out)
         print(text[len(tok.decode(out[:-1])):], end="", flush=True)
     print()
+
+
+def _load_any_checkpoint(path, device):
+    """``(model, eos_token_id)`` from a ``save_model`` directory or an official TransNormerLLM one (told
+    apart by its ``config.json``); the end token id is the official config's (``None`` for tnlib's)."""
+    from .models import load_model
+    from .official import is_official_dir, load_official
+
+    if is_official_dir(path):
+        with open(os.path.join(path, "config.json")) as f:
+            eos = json.load(f).get("eos_token_id")
+        return load_official(path, device=device), eos
+    return load_model(path, device=device), None
+
+
+def cmd_convert(a):
+    import torch
+
+    from .models import load_model, save_model
+    from .official import is_official_dir, load_official, save_official
+
+    src = a.from_official or a.to_official
+    if os.path.abspath(src) == os.path.abspath(a.out):
+        raise SystemExit("--out must differ from the input directory")
+    if os.path.isfile(os.path.join(src, "config.json")) and is_official_dir(src) != bool(a.from_official):
+        flag, other = ("--from-official", "--to-official") if a.from_official else ("--to-official", "--from-official")
+        layout = "the official layout" if is_official_dir(src) else "tnlib's save_model format"
+        raise SystemExit(f"{flag} {src}: that directory is in {layout}; did you mean {other}?")
+    if a.from_official:
+        model = load_official(a.from_official, dtype=a.dtype)
+        save_model(model, a.out)
+        print(f"wrote {a.out} (tnlib save_model format; python -m tnlib generate --checkpoint {a.out} ...)")
+    else:
+        model = load_model(a.to_official)
+        if a.dtype:
+            model = model.to(getattr(torch, a.dtype))
+        save_official(model, a.out, max_shard_size=a.max_shard_size)
+        print(f"wrote {a.out} (official TransNormerLLM layout)")
+
+
+def _add_convert_parser(sub):
+    p = sub.add_parser("convert", help="convert between the official TransNormerLLM checkpoint layout and tnlib's")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-official", metavar="DIR",
+                     help="an official checkpoint directory -> tnlib's save_model format")
+    src.add_argument("--to-official", metavar="DIR", help="a save_model directory -> the official layout (safetensors)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="parameter dtype of the output (default: as stored)")
+    p.add_argument("--max-shard-size", default="5GB", help="--to-official: largest safetensors shard (e.g. 2GB)")
+    p.set_defaults(fn=cmd_convert)
 
 
 def cmd_compare(a):
@@ -166,8 +216,9 @@ def main(argv=None):
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("generate", help="generate text from a saved model")
-    p.add_argument("--checkpoint", required=True, help="a directory written by save_model (e.g. RUN/final)")
-    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="a directory written by save_model (e.g. RUN/final) or an official TransNormerLLM one")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one inside --checkpoint)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -176,6 +227,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fused", action="store_true", help="GPU: compile the CUDA-graph decode step (faster per token)")
     p.set_defaults(fn=cmd_generate)
+
+    _add_convert_parser(sub)
 
     p = sub.add_parser("compare", help="summary.json + curves.png of several runs")
     p.add_argument("--runs", nargs="+", required=True, help="name=RUN_DIR (or name=metrics.jsonl)")
