@@ -22,16 +22,6 @@ DEFAULT_STEPS = 300
 DEFAULT_THREADS = 2
 
 
-def _quiet_datasets() -> None:
-    """No "Generating train split" bars or info lines from ``datasets`` (our own bars stay)."""
-    try:
-        import datasets
-    except ImportError:  # the sample is then read directly, silently
-        return
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-
-
 def quickstart(out: str = "runs/quickstart", steps: int = DEFAULT_STEPS, work: str = "runs/quickstart",
                threads: int = DEFAULT_THREADS) -> dict:
     """Prepare the sample, train both tiny models for ``steps`` steps on ``threads`` CPU threads, write
@@ -56,13 +46,15 @@ def quickstart(out: str = "runs/quickstart", steps: int = DEFAULT_STEPS, work: s
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _quiet_datasets()
         print(f"[1/3] tokenizing the shipped sample into {data_dir}")
         prepare_data(SAMPLE_CORPUS, data_dir, tokenizer=SAMPLE_TOKENIZER, eval_sets=SAMPLE_EVALS, force=True)
         runs = {}
         for i, cfg in enumerate(cfgs):
             print(f"[{i + 2}/3] training {cfg.preset} for {steps} steps on the same tokens ({threads} CPU threads)")
-            train(cfg)
+            res = train(cfg)
+            if res.get("interrupted"):  # Ctrl-C / SIGTERM: train() checkpointed and returned; stop here too
+                raise SystemExit(f"quickstart interrupted ({res['interrupted']}) while training {cfg.preset}; "
+                                 f"its checkpoint is in {os.path.join(cfg.out, 'checkpoint')}")
             runs[cfg.preset] = os.path.join(cfg.out, "metrics.jsonl")
     finally:
         torch.set_num_threads(threads_before)

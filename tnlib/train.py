@@ -286,7 +286,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             res.update({f"{name}_loss": r["loss"], f"{name}_ppl": r["ppl"], f"{name}_bpb": r["bpb"]})
         return res
 
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.preset}", disable=not (cfg.progress and rank == 0),
                dynamic_ncols=True)
