@@ -191,3 +191,19 @@ def test_every_option_has_help_and_shows_its_default():
 def test_quickstart_writes_under_runs_by_default():
     a = cli.build_parser().parse_args(["quickstart"])
     assert a.out.startswith("runs/") and a.work.startswith("runs/") and a.threads == 2
+
+
+def test_make_help_lists_every_target():
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    makefile = open(os.path.join(root, "Makefile")).read()
+    phony = re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split()
+    out = subprocess.run(["make", "-s", "help"], cwd=root, capture_output=True, text=True, check=True).stdout
+    listed = {line.split()[0] for line in out.splitlines()[1:] if line.startswith("  ")}
+    assert not set(phony) - listed, f"make help does not list {sorted(set(phony) - listed)}"
