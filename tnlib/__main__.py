@@ -152,6 +152,8 @@ def _number(kind, lo=None, hi=None, lo_open=False, none_ok=False):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if v != v:  # NaN passes every comparison below
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
         if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
             rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
             raise argparse.ArgumentTypeError(f"{text} is outside {rng.replace('inf]', 'inf)')}")
@@ -167,7 +169,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         d = action.default
-        if action.required or d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, (str, list)) and not d):
+        nothing = d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, (str, list)) and not d)
+        if action.required or nothing:
             return action.help
         return super()._get_help_string(action)
 

@@ -50,7 +50,8 @@ def quickstart(out: str = "runs/quickstart", steps: int = DEFAULT_STEPS, work: s
         prepare_data(SAMPLE_CORPUS, data_dir, tokenizer=SAMPLE_TOKENIZER, eval_sets=SAMPLE_EVALS, force=True)
         runs = {}
         for i, cfg in enumerate(cfgs):
-            print(f"[{i + 2}/3] training {cfg.preset} for {steps} steps on the same tokens ({threads} CPU threads)")
+            print(f"[{i + 2}/3] training {cfg.preset} for {steps} steps on the same tokens "
+                  f"({threads} CPU thread{'s' * (threads > 1)})")
             res = train(cfg)
             if res.get("interrupted"):  # Ctrl-C / SIGTERM: train() checkpointed and returned; stop here too
                 raise SystemExit(f"quickstart interrupted ({res['interrupted']}) while training {cfg.preset}; "
@@ -62,12 +63,12 @@ def quickstart(out: str = "runs/quickstart", steps: int = DEFAULT_STEPS, work: s
                        {"steps": steps, "sample": SAMPLE_CORPUS, "threads": threads})
     print(open(os.path.join(out, "summary.md")).read())
     for preset in presets:
-        print(f"{preset}: median {doc[preset]['tokens_per_s']:,.0f} tokens/s (over the steps after the first 5)")
-    print(f"\nplot:        {os.path.join(out, 'curves.png')}")
-    print(f"summary:     {os.path.join(out, 'summary.md')} (and summary.json, with provenance)")
+        print(f"{preset}: median {doc[preset]['tokens_per_s']:,.0f} tokens/s (the first 5 steps are warm-up, left out)")
+    print(f"\nplot:             {os.path.join(out, 'curves.png')}")
+    print(f"summary:          {os.path.join(out, 'summary.md')} (and summary.json, with provenance)")
     for preset in presets:
         run = os.path.join(work, preset)
-        print(f"{preset + ':':<17}{os.path.join(run, 'final')} (saved model), {os.path.join(run, 'checkpoint')} "
+        print(f"{preset + ':':<18}{os.path.join(run, 'final')} (saved model), {os.path.join(run, 'checkpoint')} "
               f"(resumable), {os.path.join(run, 'metrics.jsonl')}")
-    print(f"try:         make generate CKPT={os.path.join(work, presets[0], 'final')} PROMPT=\"It was\"")
+    print(f"try:              make generate CKPT={os.path.join(work, presets[0], 'final')} PROMPT=\"It was\"")
     return doc
