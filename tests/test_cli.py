@@ -207,3 +207,28 @@ def test_make_help_lists_every_target():
     out = subprocess.run(["make", "-s", "help"], cwd=root, capture_output=True, text=True, check=True).stdout
     listed = {line.split()[0] for line in out.splitlines()[1:] if line.startswith("  ")}
     assert not set(phony) - listed, f"make help does not list {sorted(set(phony) - listed)}"
+
+
+def test_progress_bars_are_text_unless_a_live_notebook(monkeypatch):
+    import sys
+
+    import tqdm.auto
+    import tqdm.std
+
+    from tnlib import progress
+
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    bar = progress.tqdm(total=1, disable=True)
+    assert type(bar) is tqdm.std.tqdm  # headless (nbconvert, nbval, scripts): text, never a widget
+    monkeypatch.setenv("JPY_SESSION_NAME", "notebooks/01.ipynb")
+    monkeypatch.setitem(sys.modules, "ipykernel", sys.modules.get("ipykernel", object()))
+    assert progress.interactive_notebook()
+    assert progress.tqdm.__module__ == "tnlib.progress" and tqdm.auto.tqdm is not None
+
+
+def test_triton_fp_fusion_default_is_stated():
+    import os
+
+    import tnlib.ops  # noqa: F401  (imports Triton through tnlib.ops._triton)
+
+    assert os.environ.get("TRITON_DEFAULT_FP_FUSION") in ("0", "1")  # set by us, or by the user first
