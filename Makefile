@@ -12,14 +12,14 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate train-385m bench-kernels bench-model bench-srmsnorm bench-inference clean help
 
-help:
-	@echo "make setup      create $(VENV) and install tnlib with its tools (idempotent)"
-	@echo "make test       unit tests, then nbval over every notebook"
-	@echo "make lab        JupyterLab on notebooks/ (widgets enabled)"
-	@echo "make notebooks  re-execute every notebook in place (fresh committed outputs)"
-	@echo "make walkthrough  set up and execute the whole notebook walk-through"
+# `make help` lists every target that has a `## description` on its rule line (tests/test_cli.py
+# checks that every .PHONY target has one).
+help: ## this list (the default target)
+	@echo "usage: make TARGET [VAR=value ...]"
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | \
+	  sed -E 's/^([a-zA-Z0-9_-]+):.*## (.*)$$/\1\t\2/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
 
-setup: $(STAMP)
+setup: $(STAMP) ## create .venv and install tnlib with its tools (idempotent)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,9 +35,9 @@ endif
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
-test: test-unit test-notebooks
+test: test-unit test-notebooks ## unit tests, then nbval over every notebook
 
-test-unit: setup
+test-unit: setup ## unit tests only (Triton kernel tests under the interpreter on a CPU)
 ifeq ($(HAS_GPU),1)
 	$(BIN)/python -m pytest tests
 else
@@ -47,32 +47,40 @@ else
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -m triton
 endif
 
-test-notebooks: setup
+test-notebooks: setup ## execute every notebook under nbval (their own assertions)
 	@# notebooks that run Triton kernels switch the interpreter on themselves when there is no GPU
 	$(BIN)/python -m pytest --nbval-lax -p no:cacheprovider notebooks
 
-lab: setup
-	$(BIN)/jupyter lab notebooks/
+# as root (containers) JupyterLab refuses to start without --allow-root; LAB_ARGS passes anything else,
+# e.g. make lab LAB_ARGS="--no-browser --ip=0.0.0.0 --port=8888"
+LAB_ARGS ?=
+ROOT_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root)
+lab: setup ## JupyterLab on notebooks/ (widgets enabled; LAB_ARGS="--no-browser --port=8888" ...)
+	$(BIN)/jupyter lab notebooks/ $(ROOT_ARGS) $(LAB_ARGS)
 
-notebooks: setup
-	@for nb in notebooks/[0-9]*.ipynb; do \
+notebooks: setup ## re-execute every notebook in place; lists every one that failed
+	@# every notebook is executed even when one fails; the failures are listed at the end
+	@failed=""; for nb in notebooks/[0-9]*.ipynb; do \
 	  echo "executing $$nb"; \
 	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-	    --ExecutePreprocessor.timeout=600 "$$nb" || exit 1; \
-	done
+	    --ExecutePreprocessor.timeout=600 "$$nb" || failed="$$failed $$nb"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi; echo "all notebooks executed"
 
-walkthrough: notebooks
+walkthrough: notebooks ## set up and execute the whole notebook walk-through (= notebooks)
 
-# tiny TNL vs tiny Transformer on the shipped sample: CPU, a few minutes -> results/quickstart/
-quickstart: setup
-	$(BIN)/python -m tnlib quickstart
+# tiny TNL vs tiny Transformer on the shipped sample: CPU, a few minutes -> runs/quickstart/ (the committed
+# example results/quickstart/ is rewritten only with QUICKSTART_ARGS="--out results/quickstart")
+QUICKSTART_ARGS ?=
+quickstart: setup ## tiny TNL vs tiny Transformer on the shipped sample -> runs/quickstart (CPU, minutes)
+	$(BIN)/python -m tnlib quickstart $(QUICKSTART_ARGS)
 
 # the full open corpus (../shared/data by default) -> $(DATA_DIR) with a 50,272-token BPE. The BPE is
 # trained on the first 300 training books unless $(BPE_50K) exists (the committed one, for identical data).
 CORPUS ?= ../shared/data/corpus-gutenberg-*.txt.xz
 DATA_DIR ?= data/full
 BPE_50K ?= data/tokenizer-gutenberg-50272.json
-data: setup
+data: setup ## tokenize the full corpus -> data/full (FORCE=--force to redo)
 	@if [ -f $(DATA_DIR)/meta.json ] && [ -z "$(FORCE)" ]; then echo "$(DATA_DIR) is prepared (FORCE=--force to redo)"; \
 	else $(BIN)/python -m tnlib prepare --corpus "$(CORPUS)" --out $(DATA_DIR) --vocab-size 50272 --val-permille 10 \
 	  $$( [ -f $(BPE_50K) ] && echo --tokenizer $(BPE_50K) || echo --tokenizer-docs 300 ) $(FORCE) \
@@ -91,7 +99,7 @@ RUNS ?= runs/385m
 EVALS := val,eval-heldout,eval-wikitext-valid,eval-wikitext-test
 STEPS = $(shell echo $$(( $(TOKENS) / ($(SEQ) * $(BATCH) * $(ACCUM) * $(NGPU)) )))
 LAUNCH = $(if $(filter 1,$(NGPU)),$(BIN)/python,$(BIN)/torchrun --nproc_per_node $(NGPU))
-train-385m: setup data
+train-385m: setup data ## TNL-385M vs Transformer-385M on the same tokens (GPUs; NGPU=, TOKENS=)
 	@echo "training each model for $(STEPS) steps of $$(( $(SEQ) * $(BATCH) * $(ACCUM) * $(NGPU) )) tokens"
 	@for m in tnl-385m transformer-385m; do \
 	  resume=$$( [ -d $(RUNS)/$$m/checkpoint ] && echo --resume ); \
@@ -108,26 +116,26 @@ train-385m: setup data
 CKPT ?= runs/quickstart/tnl-tiny/final
 TOKENIZER ?= data/sample/tokenizer.json
 PROMPT ?= It was a dark and stormy night
-generate: setup
+generate: setup ## sample from a saved model: CKPT=RUN/final PROMPT="..."
 	$(BIN)/python -m tnlib generate --checkpoint $(CKPT) --tokenizer $(TOKENIZER) --prompt "$(PROMPT)"
 
 # GPU benchmarks: write results/bench/*-<gpu>.json with provenance (command, commit, versions, date)
-bench-model: setup
+bench-model: setup ## GPU: training tokens/s of the 385M models -> results/bench
 	$(BIN)/python scripts/bench_model.py --compile-scope model --compile-mode reduce-overhead --set tnlib.nn.gla.FUSED_SGLU=true
 
-bench-srmsnorm: setup
+bench-srmsnorm: setup ## GPU: SRMSNorm kernel vs eager and compiled PyTorch -> results/bench
 	$(BIN)/python scripts/bench_srmsnorm.py
 
-bench-inference: setup
+bench-inference: setup ## GPU: decode speed vs context length -> results/bench
 	$(BIN)/python scripts/bench_inference.py
 
 # Lightning Attention kernels vs fla, lightning-attn, SDPA, naive (needs a GPU; no setup step, so it
 # also runs on a GPU box without internet using its own python3 and carried wheels)
-bench-kernels:
+bench-kernels: ## GPU: Lightning Attention kernels vs fla, lightning-attn, SDPA -> results/bench
 	@PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3); \
 	  $$PY scripts/bench_kernels.py --out results/bench
 
-clean:
+clean: ## remove .venv and caches
 	rm -rf $(VENV) .pytest_cache **/__pycache__
 
 # the paper's ablation tables at small scale (configs/ablations.toml; resumable) -> results/ablation/

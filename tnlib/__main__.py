@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from .quickstart import DEFAULT_STEPS as QUICKSTART_STEPS
+
 DEFAULT_CORPUS = "../shared/data/corpus-gutenberg-*.txt.xz"
 SHARED_EVALS = {
     "heldout": "../shared/data/gutenberg-heldout.txt.xz",
@@ -21,18 +23,41 @@ SAMPLE = {
 }
 
 
-def _kv(items):
-    """``["lr=3e-4", "compile=true"]`` -> ``{"lr": 3e-4, "compile": True}`` (JSON values, else strings)."""
+def _kv(items, parse_json: bool = True):
+    """``["lr=3e-4", "compile=true"]`` -> ``{"lr": 3e-4, "compile": True}`` (JSON values, else strings).
+
+    With ``parse_json=False`` the values stay strings: config fields parse them into their declared
+    types themselves (``tnlib.fields``), so ``gate=False`` and ``gate=false`` both mean False and
+    ``gate=maybe`` is an error instead of a truthy string."""
     out = {}
     for item in items or []:
         if "=" not in item:
             raise SystemExit(f"expected key=value, got {item!r}")
         k, v = item.split("=", 1)
+        if not parse_json:
+            out[k] = v
+            continue
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
             out[k] = v
     return out
+
+
+def _train_config(a):
+    """The TrainConfig of ``train``'s arguments, every field type-checked (raises before any work)."""
+    from .train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    kw = _kv(a.set, parse_json=False)
+    bad = set(kw) - fields
+    if bad:
+        raise SystemExit(f"unknown training options {sorted(bad)}; choose from {sorted(fields)}")
+    own_flag = {"model_overrides": "--model k=v ...", "preset": "--preset", "data": "--data", "out": "--out"}
+    clash = sorted(set(kw) & set(own_flag))
+    if clash:
+        raise SystemExit(f"set {clash[0]} with {own_flag[clash[0]]}, not --set")
+    return TrainConfig(preset=a.preset, data=a.data, out=a.out, model_overrides=_kv(a.model, parse_json=False), **kw)
 
 
 def cmd_prepare(a):
@@ -48,25 +73,31 @@ def cmd_prepare(a):
 
 
 def cmd_train(a):
-    from .train import TrainConfig, train
+    from .train import train
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    kw = _kv(a.set)
-    bad = set(kw) - fields
-    if bad:
-        raise SystemExit(f"unknown training options {sorted(bad)}; choose from {sorted(fields)}")
-    own_flag = {"model_overrides": "--model k=v ...", "preset": "--preset", "data": "--data", "out": "--out"}
-    clash = sorted(set(kw) & set(own_flag))
-    if clash:
-        raise SystemExit(f"set {clash[0]} with {own_flag[clash[0]]}, not --set")
-    if "eval_sets" in kw and isinstance(kw["eval_sets"], str):
-        kw["eval_sets"] = tuple(kw["eval_sets"].split(","))
-    cfg = TrainConfig(preset=a.preset, data=a.data, out=a.out, model_overrides=_kv(a.model), **kw)
+    cfg = _train_config(a)
     res = train(cfg, resume=a.resume)
     print(json.dumps(res, indent=1))
 
 
+def _check_checkpoint_dir(path: str) -> None:
+    """A directory written by save_model, or an error that says where one is (e.g. ``RUN/final``)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    hint = ""
+    for sub in ("final", "checkpoint"):
+        if os.path.isfile(os.path.join(path, sub, "config.json")):
+            hint = f"; did you mean {os.path.join(path, sub)} (the run's saved model)?"
+            break
+    what = "does not exist" if not os.path.exists(path) else "has no config.json"
+    raise SystemExit(f"error: --checkpoint {path} {what}{hint}")
+
+
 def cmd_generate(a):
+    _check_checkpoint_dir(a.checkpoint)
+    if not os.path.isfile(a.tokenizer):
+        raise SystemExit(f"error: --tokenizer {a.tokenizer} does not exist")
+
     import torch
 
     from .data import load_tokenizer
@@ -157,7 +188,7 @@ def cmd_compare(a):
 def cmd_quickstart(a):
     from .quickstart import quickstart
 
-    quickstart(out=a.out, steps=a.steps, work=a.work)
+    quickstart(out=a.out, steps=a.steps, work=a.work, threads=a.threads)
 
 
 def cmd_sweep(a):
@@ -191,40 +222,89 @@ def _add_sweep_parser(sub):
     p.set_defaults(fn=cmd_sweep)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m tnlib", description="TransNormerLLM, step by step")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def _number(kind, lo=None, hi=None, lo_open=False, none_ok=False):
+    """An argparse ``type`` that parses ``kind`` and checks its range, so bad values stop the command
+    at parse time, before anything is loaded or printed."""
+
+    def parse(text):
+        if none_ok and text.strip().lower() in ("none", "null"):
+            return None
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if v != v:  # NaN passes every comparison below
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+        if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
+            rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {rng.replace('inf]', 'inf)')}")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` to each option's help, except where there is nothing to show
+    (required options, flags, empty or None defaults: their help text says what happens)."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        nothing = d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, (str, list)) and not d)
+        if action.required or nothing:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command shows each option's default in ``--help``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m tnlib`` parser (every option has help text; ``tests/test_cli.py`` checks)."""
+    ap = _Parser(prog="python -m tnlib", description="TransNormerLLM, step by step")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     p = sub.add_parser("prepare", help="tokenize a corpus into flat uint16 token files + meta.json")
     p.add_argument("--corpus", nargs="+", default=[DEFAULT_CORPUS], help="files, dirs, globs or hub:<id>")
-    p.add_argument("--out", required=True)
-    p.add_argument("--vocab-size", type=int, default=50272)
-    p.add_argument("--val-permille", type=int, default=5, help="documents per 1000 held out for val")
+    p.add_argument("--out", required=True, help="output directory (token files, tokenizer.json, meta.json)")
+    p.add_argument("--vocab-size", type=_number(int, lo=256), default=50272, help="BPE vocabulary size to train")
+    p.add_argument("--val-permille", type=_number(int, lo=0, hi=1000), default=5,
+                   help="documents per 1000 held out for val")
     p.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
-    p.add_argument("--tokenizer-docs", type=int, default=None, help="train the tokenizer on the first N train docs")
+    p.add_argument("--tokenizer-docs", type=_number(int, lo=1), default=None,
+                   help="train the tokenizer on the first N train docs (default: all)")
     p.add_argument("--eval", nargs="*", default=[], help="name=path held-out sets to tokenize too")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     p.set_defaults(fn=cmd_prepare)
 
     p = sub.add_parser("train", help="train a preset on prepared data")
-    p.add_argument("--preset", default="tnl-tiny")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--set", nargs="*", default=[], help="TrainConfig fields, e.g. max_steps=1000 lr=6e-4")
-    p.add_argument("--model", nargs="*", default=[], help="model config overrides, e.g. gate=false")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--preset", default="tnl-tiny", help="model preset (tnlib.models.PRESETS)")
+    p.add_argument("--data", required=True, help="a directory written by `prepare`")
+    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoint/, final/")
+    p.add_argument("--set", nargs="*", default=[],
+                   help="TrainConfig fields as key=value, type-checked, e.g. max_steps=1000 lr=6e-4 compile=true")
+    p.add_argument("--model", nargs="*", default=[],
+                   help="ModelConfig overrides as key=value, type-checked, e.g. gate=false positional=decay")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same config)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("generate", help="generate text from a saved model")
     p.add_argument("--checkpoint", required=True,
                    help="a directory written by save_model (e.g. RUN/final) or an official TransNormerLLM one")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one inside --checkpoint)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=_number(int, lo=1), default=100, help="tokens to generate (>= 1)")
+    p.add_argument("--temperature", type=_number(float, lo=0), default=0.8, help="0 = greedy; >= 0")
+    p.add_argument("--top-k", type=_number(int, lo=1, none_ok=True), default=None,
+                   help="sample among the k most likely tokens (>= 1; default: no limit)")
+    p.add_argument("--top-p", type=_number(float, lo=0, hi=1, lo_open=True, none_ok=True), default=0.95,
+                   help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--fused", action="store_true", help="GPU: compile the CUDA-graph decode step (faster per token)")
     p.set_defaults(fn=cmd_generate)
 
@@ -232,19 +312,27 @@ def main(argv=None):
 
     p = sub.add_parser("compare", help="summary.json + curves.png of several runs")
     p.add_argument("--runs", nargs="+", required=True, help="name=RUN_DIR (or name=metrics.jsonl)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--title", default="")
-    p.add_argument("--evals", nargs="*", default=["val"])
+    p.add_argument("--out", required=True, help="output directory for summary.{json,md} and curves.png")
+    p.add_argument("--title", default="", help="plot and summary title")
+    p.add_argument("--evals", nargs="*", default=["val"], help="held-out sets to report")
     p.add_argument("--extra", nargs="*", default=[], help="key=value added to summary.json")
     p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("quickstart", help="tiny TNL vs Transformer on the shipped sample (CPU, minutes)")
-    p.add_argument("--out", default="results/quickstart")
-    p.add_argument("--work", default="runs/quickstart")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--out", default="runs/quickstart",
+                   help="where the plot and summary go (results/quickstart updates the committed example)")
+    p.add_argument("--work", default="runs/quickstart", help="prepared data and the two training runs")
+    p.add_argument("--steps", type=_number(int, lo=1), default=QUICKSTART_STEPS, help="training steps per model")
+    p.add_argument("--threads", type=_number(int, lo=1), default=2,
+                   help="CPU threads for torch (fixed, so the run is comparable across machines)")
     p.set_defaults(fn=cmd_quickstart)
 
     _add_sweep_parser(sub)
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     a = ap.parse_args(argv)
     try:
         a.fn(a)

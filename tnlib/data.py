@@ -93,6 +93,10 @@ def read_documents(paths, text_column: str = "text") -> list[str]:
     """
     try:
         from datasets import load_dataset
+
+        from .progress import quiet_datasets
+
+        quiet_datasets()  # no "Generating train split" bars for files that load in a second
     except ImportError:
         load_dataset = None
 
@@ -178,7 +182,7 @@ def _is_val(doc: str, val_permille: int) -> bool:
 
 def _encode_to_file(tok, docs, path: str, desc: str, batch: int = 64) -> tuple[int, int]:
     """Tokenize documents (multi-threaded in batches, tqdm bar) and append ``EOT`` after each."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     eot = tok.token_to_id(EOT)
     n_tokens = n_bytes = 0

@@ -21,14 +21,28 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataError, TokenFile
+from .fields import check_fields
 from .models import build_model, get_config
 from .provenance import provenance
 
-__all__ = ["TrainConfig", "train", "evaluate", "lr_at", "batch_at"]
+__all__ = ["TrainConfig", "TRAIN_CHOICES", "train", "evaluate", "lr_at", "batch_at"]
+
+#: allowed values of TrainConfig's string-valued switches
+TRAIN_CHOICES = {
+    "dtype": ("auto", "bf16", "fp32"),
+    "compile_scope": ("blocks", "model"),
+}
+#: TrainConfig fields that must be >= 1 (counts and sizes)
+_AT_LEAST_ONE = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_tokens", "ckpt_every")
 
 
 @dataclass
 class TrainConfig:
+    """Everything one training run needs. Every field is parsed into its declared type when the
+    config is built (strings from ``--set`` included; ``tnlib.fields``), string switches are checked
+    against ``TRAIN_CHOICES``, and ``model_overrides`` against the preset's ``ModelConfig``: a wrong
+    value fails here, before any data is read or a model is built."""
+
     preset: str = "tnl-tiny"
     model_overrides: dict = field(default_factory=dict)
     data: str = "data/sample/prepared"
@@ -67,6 +81,19 @@ class TrainConfig:
     peak_tflops: float | None = None  # for MFU; None: measured once on CUDA, not reported on CPU
     device: str = "auto"
     progress: bool = True
+
+    def __post_init__(self):
+        check_fields(self, TRAIN_CHOICES)
+        for key in _AT_LEAST_ONE:
+            if getattr(self, key) < 1:
+                raise ValueError(f"TrainConfig.{key}={getattr(self, key)!r}: expected an integer >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps!r}: expected an integer >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr={self.lr!r}: expected a number > 0")
+        # the model overrides, parsed as the model config will see them (preset and field names too)
+        mcfg = get_config(self.preset, **self.model_overrides)
+        self.model_overrides = {k: getattr(mcfg, k) for k in self.model_overrides}
 
     @property
     def tokens_per_step(self) -> int:
@@ -172,8 +199,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train (or resume) one model; returns the final metrics dict. Writes ``cfg.out``/metrics.jsonl,
     ``checkpoint/`` and ``final/`` (safetensors + config)."""
     rank, world = _world()
-    if cfg.compile_scope not in ("model", "blocks"):
-        raise ValueError(f"compile_scope must be 'model' or 'blocks', got {cfg.compile_scope!r}")
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
@@ -263,7 +288,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             res.update({f"{name}_loss": r["loss"], f"{name}_ppl": r["ppl"], f"{name}_bpb": r["bpb"]})
         return res
 
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.preset}", disable=not (cfg.progress and rank == 0),
                dynamic_ncols=True)

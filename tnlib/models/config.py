@@ -9,6 +9,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from ..fields import check_fields
+
 __all__ = ["ModelConfig", "PRESETS", "get_config", "glu_dim_for", "CHOICES"]
 
 #: allowed values of the string-valued switches
@@ -69,9 +71,9 @@ class ModelConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
-        for key, allowed in CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"ModelConfig.{key}={getattr(self, key)!r}: choose one of {allowed}")
+        # every field parsed into its declared type (strings from the command line included) and string
+        # switches checked against CHOICES: tnlib.fields
+        check_fields(self, CHOICES)
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "glu_dim", "max_seq_len"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:

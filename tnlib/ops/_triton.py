@@ -12,6 +12,12 @@ import torch
 
 __all__ = ["KERNEL_DTYPES", "interpreting", "use_triton"]
 
+# Triton 3.9 warns at the first compile of every process that TRITON_DEFAULT_FP_FUSION is unset: its
+# default (fused multiply-adds on) flips to off in 3.10. Our kernels were tested and timed with fusion
+# on (the default of every Triton before 3.10), so we state that default here, before any kernel
+# compiles (it is read at compile time); a value the user exported wins.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 #: Input dtypes the kernels take (float64 goes to the PyTorch paths, which are exact references).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
