@@ -53,6 +53,11 @@ def _qk_activation(name: str):
     return functools.partial(_ops.lightning.feature_map_reference, act=_ops.lightning.ACT_CODES[name])
 
 
+def _is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed`` DTensor (a weight split by ``tnlib.parallel``)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
 def attention_backend():
     """The decayed linear attention used by the model: the Triton kernel when available, else chunked."""
     fn = getattr(_ops, "lightning_attention", None)
@@ -95,6 +100,7 @@ class GatedLinearAttention(nn.Module):
         B, T, d = x.shape
         H, D = self.n_heads, self.head_dim
         if (USE_PACKED and self.lrpe is None and state is None and not return_state and pad_mask is None
+                and not _is_dtensor(self.qkvu_proj.weight)  # tensor parallel: the projection's hooks split heads
                 and _ops.lightning._use_kernel(x) and attention_backend() is _ops.lightning_attention):
             return self._forward_packed(x)
         parts = self.qkvu_proj(x).chunk(4 if self.gate else 3, dim=-1)
@@ -112,7 +118,7 @@ class GatedLinearAttention(nn.Module):
             o, state = attention_backend()(q, k, v, slope, initial_state=state, output_final_state=True)
         else:
             o, state = attention_backend()(q, k, v, slope), None
-        o = self.norm(o.reshape(B, T, d))
+        o = self.norm(o.reshape(B, T, H * D))  # H * D < d when tensor parallelism gave this rank H of the heads
         if self.gate:
             o = o * parts[3]
         out = self.out_proj(o)
