@@ -110,6 +110,12 @@ def cmd_quickstart(a):
     quickstart(out=a.out, steps=a.steps, work=a.work)
 
 
+def cmd_consolidate(a):
+    from .parallel import consolidate
+
+    print(consolidate(a.checkpoint, a.out))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tnlib", description="TransNormerLLM, step by step")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -159,6 +165,11 @@ def main(argv=None):
     p.add_argument("--work", default="runs/quickstart")
     p.add_argument("--steps", type=int, default=300)
     p.set_defaults(fn=cmd_quickstart)
+
+    p = sub.add_parser("consolidate", help="one-file model (save_model format) from a training checkpoint, sharded or not")
+    p.add_argument("--checkpoint", required=True, help="RUN/checkpoint (written by train, e.g. with parallel=fsdp)")
+    p.add_argument("--out", required=True, help="directory for model.safetensors + config.json (tnlib.load_model)")
+    p.set_defaults(fn=cmd_consolidate)
 
     a = ap.parse_args(argv)
     try:

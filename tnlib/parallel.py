@@ -275,7 +275,7 @@ def load_sharded(path: str, model: nn.Module, opt) -> None:
 
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=os.path.join(path, SHARDED_DIR))
+    dcp.load(state, checkpoint_id=os.path.join(path, SHARDED_DIR), no_dist=not torch.distributed.is_initialized())
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -300,7 +300,7 @@ def consolidate(checkpoint: str, out: str) -> str:
     else:
         model = build_model(ModelConfig.from_dict(saved["model"]))
         sd = {k: v for k, v in model.state_dict().items()}
-        dcp.load({"model": sd}, checkpoint_id=os.path.join(checkpoint, SHARDED_DIR))  # no process group needed
+        dcp.load({"model": sd}, checkpoint_id=os.path.join(checkpoint, SHARDED_DIR), no_dist=True)  # one process
         tp = int(saved["train"].get("tensor_parallel", 1))
         if tp > 1:
             for name, m in model.named_modules():
