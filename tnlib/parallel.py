@@ -169,10 +169,12 @@ class ShardedSRMSNorm(nn.Module):
         return f"{self.full_dim} over the tp group, eps={self.eps}"
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, tp_mesh, src_data_rank: int | None = 0) -> nn.Module:
     """Shard every block of a TransNormerLLM over ``tp_mesh`` (1-D) with ``parallelize_module`` (the plan
     of the module docstring). The embedding, final norm and head stay replicated. Works in place on a
-    model whose weights are the canonical ones (e.g. freshly built or loaded); returns it."""
+    model whose weights are the canonical ones (e.g. freshly built or loaded); returns it. The shards are
+    scattered from rank ``src_data_rank`` of the group (``None``: every rank cuts its own from identical
+    weights, no communication)."""
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -187,7 +189,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
         with torch.no_grad():  # heads grouped per rank (see the module docstring)
             gla.qkvu_proj.weight.copy_(gla.qkvu_proj.weight[qkvu_rank_order(d, parts, tp).to(gla.qkvu_proj.weight.device)])
         gla.tp_size = tp  # read by canonical_state_dict
-        parallelize_module(block, tp_mesh, {
+        parallelize_module(block, tp_mesh, src_data_rank=src_data_rank, parallelize_plan={
             "token_mixer.qkvu_proj": ColwiseParallel(),
             "token_mixer.out_proj": RowwiseParallel(),
             "channel_mixer.l1": ColwiseParallel(),
@@ -201,27 +203,34 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
         if gla.lrpe is not None:
             theta = gla.lrpe.theta
             if isinstance(theta, nn.Parameter):
-                gla.lrpe.theta = nn.Parameter(distribute_tensor(theta.data, tp_mesh, [Shard(0)]),
+                gla.lrpe.theta = nn.Parameter(distribute_tensor(theta.data, tp_mesh, [Shard(0)], src_data_rank=src_data_rank),
                                               requires_grad=theta.requires_grad)
             else:
                 gla.lrpe.theta = theta[h0:h1].clone()
         norm = gla.norm
         weight = None
         if getattr(norm, "weight", None) is not None:  # RMSNorm's gain: split like o
-            weight = nn.Parameter(distribute_tensor(norm.weight.data, tp_mesh, [Shard(0)]))
+            weight = nn.Parameter(distribute_tensor(norm.weight.data, tp_mesh, [Shard(0)], src_data_rank=src_data_rank))
         gla.norm = ShardedSRMSNorm(d, norm.eps, group, weight)
     return model
 
 
 def clip_grad_norm(params, max_norm: float) -> float:
-    """``clip_grad_norm_`` for any mix of plain, FSDP-sharded and tensor-parallel (DTensor) gradients;
+    """``clip_grad_norm_`` for plain, FSDP-sharded and tensor-parallel (DTensor) gradients, also mixed;
     returns the total norm before clipping as a float (a replicated gradient counts once)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
     if not grads:
         return 0.0
-    if not any(hasattr(g, "full_tensor") for g in grads):
-        return torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm).item()
-    sq = None
+    meshes = {g.device_mesh for g in grads if hasattr(g, "device_mesh")}
+    if not meshes:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    if len(meshes) == 1 and all(hasattr(g, "device_mesh") for g in grads):  # FSDP: one mesh, torch's foreach norms
+        total = torch.nn.utils.get_total_norm(grads)
+        total = total.full_tensor() if hasattr(total, "full_tensor") else total
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total.item()
+    sq = None  # plain (replicated) and sharded gradients mixed: one norm at a time
     for g in grads:
         n = torch.linalg.vector_norm(g, dtype=torch.float32)
         n = n.full_tensor() if hasattr(n, "full_tensor") else n  # a DTensor's norm sums over its shards
