@@ -10,6 +10,7 @@ provenance after every run, so an interrupted benchmark keeps what it measured.
     PYTHONPATH=$PWD python3 scripts/bench_fsdp1.py --preset tnl-tiny --seq-len 64 --tokens 256 --steps 4 --out /tmp/b
 """
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import sys
 import tempfile
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tnlib.models import get_config  # noqa: E402
@@ -49,7 +51,8 @@ def main():
     if a.steps <= a.warmup:
         raise SystemExit("--steps must exceed --warmup")
     vocab = get_config(a.preset).vocab_size
-    work = tempfile.mkdtemp(prefix="bench_fsdp1-")
+    # checkpoints of a 385M model are GBs: write them to memory where there is a tmpfs
+    work = tempfile.mkdtemp(prefix="bench_fsdp1-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     out_file = os.path.join(a.out, f"fsdp1-{gpu_slug()}.json")
     rows = []
     try:
@@ -60,6 +63,10 @@ def main():
                 cfg = TrainConfig(preset=a.preset, data=os.path.join(work, "data"), out=run_dir, seq_len=a.seq_len,
                                   batch_size=a.tokens // a.seq_len, max_steps=a.steps, warmup_steps=a.warmup,
                                   eval_sets=(), eval_every=10**9, ckpt_every=10**9, parallel=mode, progress=False)
+                gc.collect()
+                if torch.cuda.is_available():  # each run's own peak memory
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
                 train(cfg)
                 with open(os.path.join(run_dir, "metrics.jsonl")) as f:
                     steps = [r for r in map(json.loads, f) if "tokens_per_s" in r]
@@ -68,7 +75,7 @@ def main():
                              "tokens_per_s": statistics.median(timed), "tokens_per_s_all": timed,
                              "mem_gb": steps[-1].get("mem_gb"), "final_loss": steps[-1]["loss"]})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens_per_s_all"}), flush=True)
-                shutil.rmtree(run_dir)  # checkpoints of a 385M model are GBs
+                shutil.rmtree(run_dir)
                 summary = {}
                 for m in ("default", "fsdp-1rank"):
                     vals = [r["tokens_per_s"] for r in rows if r["mode"] == m]
