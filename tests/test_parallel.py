@@ -66,15 +66,17 @@ def reference(data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fsdp_run(data, tmp_path_factory):
     """2 ranks x 2 sequences with parallel=fsdp (and activation checkpointing): stops after 3 steps
-    (max_tokens), leaving a sharded checkpoint and final/."""
-    out = str(tmp_path_factory.mktemp("fsdp") / "run")
+    (max_tokens), leaving a sharded checkpoint and final/. The same 2 processes first run the
+    tensor-parallel comparison (one launch less: starting processes is most of the time here)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    out, tp_json = str(tmp / "run"), str(tmp / "tp.json")
     cfg = config(data, out, batch_size=2, parallel="fsdp", checkpointing=True, max_tokens=3 * 4 * 32)
-    torchrun("train", json.dumps({"cfg": cfg, "resume": False}), 29631)
-    return out, cfg
+    torchrun("train", json.dumps({"cfg": cfg, "resume": False, "tp_check": tp_json}), 29631)
+    return out, cfg, tp_json
 
 
 def test_fsdp_matches_single_process_and_resumes_on_1_and_2_ranks(reference, fsdp_run, tmp_path):
-    out, cfg = fsdp_run
+    out, cfg, _ = fsdp_run
     assert os.path.isdir(os.path.join(out, "checkpoint", "sharded"))
     saved = losses(out)
     assert sorted(saved) == [1, 2, 3]
@@ -97,17 +99,15 @@ def test_consolidate_gives_one_file_model(fsdp_run, tmp_path):
     import tnlib
     from tnlib.__main__ import main
 
-    out, _ = fsdp_run
+    out, _, _ = fsdp_run
     main(["consolidate", "--checkpoint", os.path.join(out, "checkpoint"), "--out", str(tmp_path / "one")])
     one, final = tnlib.load_model(str(tmp_path / "one")), tnlib.load_model(os.path.join(out, "final"))
     for (k, a), (k2, b) in zip(one.state_dict().items(), final.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
 
 
-def test_tensor_parallel_matches_single_process(tmp_path):
-    res = str(tmp_path / "tp.json")
-    torchrun("tp", res, 29633)
-    with open(res) as f:
+def test_tensor_parallel_matches_single_process(fsdp_run):
+    with open(fsdp_run[2]) as f:
         out = json.load(f)
     for case, r in out.items():
         assert r["logits"] < 1e-5, (case, r["logits"])
@@ -176,19 +176,19 @@ def _tp_case(overrides, seed):
 
 
 def _worker(mode, arg):
-    if mode == "train":
-        a = json.loads(arg)
-        cfg = a["cfg"]
-        cfg["eval_sets"] = tuple(cfg["eval_sets"])
-        train(TrainConfig(**cfg), resume=a["resume"])
-    elif mode == "tp":
-        torch.distributed.init_process_group("gloo")
+    assert mode == "train"
+    a = json.loads(arg)
+    torch.distributed.init_process_group("gloo")
+    if a.get("tp_check"):
         res = {"default": _tp_case({}, 0), "rms+lrpe-d+1+elu": _tp_case({"norm": "rms", "positional": "lrpe-d",
                                                                           "qk_act": "1+elu"}, 1)}
         if torch.distributed.get_rank() == 0:
-            with open(arg, "w") as f:
+            with open(a["tp_check"], "w") as f:
                 json.dump(res, f)
-        torch.distributed.destroy_process_group()
+    cfg = a["cfg"]
+    cfg["eval_sets"] = tuple(cfg["eval_sets"])
+    train(TrainConfig(**cfg), resume=a["resume"])
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
