@@ -106,7 +106,8 @@ def apply_fsdp(model: nn.Module, mesh, compute_dtype=None) -> nn.Module:
     ``compute_dtype`` (bf16 on a GPU) is the parameters' dtype in forward and backward; master weights,
     Adam state and the gradient reduction stay fp32. LRPE's ``theta`` gets its own fp32 group. Blocks
     compiled before (``compile_blocks``) stay compiled; activation checkpointing (``run_blocks``) wraps
-    the block call, FSDP's hooks included, which FSDP2 supports (the recompute does not all-gather twice).
+    the block call, FSDP's hooks included, which FSDP2 supports (the recompute in the backward runs on the
+    weights the backward gathered).
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -244,19 +245,21 @@ def clip_grad_norm(params, max_norm: float) -> float:
 
 
 def canonical_state_dict(model: nn.Module) -> dict:
-    """The whole model's state dict as plain CPU tensors in the single-GPU layout (collective: every rank
-    calls it; every rank gets the full dict), whatever sharding ``model`` has."""
+    """The whole model's state dict as plain CPU tensors in the single-GPU layout, whatever sharding
+    ``model`` has. Collective: every rank calls it; rank 0 gets the dict, the others an empty one (a
+    gathered 7B model is 28 GB of host memory: once is enough)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
     if dist_on:
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-        sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in sd.items()}
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if torch.distributed.get_rank() != 0:
+            return {}
     else:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for name, m in model.named_modules():
         tp = getattr(m, "tp_size", 1)
-        if tp > 1:
+        if tp > 1 and sd:
             _ungroup_qkvu(sd, name.replace("_fsdp_wrapped_module.", "") + ".qkvu_proj.weight", m.out_proj.in_features, tp)
     return sd
 

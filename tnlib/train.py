@@ -397,8 +397,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             if sharded:  # gather the whole model (collective), written by rank 0 as one file
                 full = canonical_state_dict(raw_model)
                 if rank == 0:
-                    plain = build_model(mcfg)
-                    plain.load_state_dict(full)
+                    with torch.device("meta"):  # no second initialisation: the gathered tensors are assigned
+                        plain = build_model(mcfg)
+                    plain.load_state_dict(full, assign=True)
                     save_model(plain, os.path.join(cfg.out, "final"))
             elif rank == 0:
                 save_model(raw_model, os.path.join(cfg.out, "final"))
