@@ -51,8 +51,9 @@ def main():
     if a.steps <= a.warmup:
         raise SystemExit("--steps must exceed --warmup")
     vocab = get_config(a.preset).vocab_size
-    # checkpoints of a 385M model are GBs: write them to memory where there is a tmpfs
-    work = tempfile.mkdtemp(prefix="bench_fsdp1-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    # the runs' checkpoints (GBs for a 385M model, deleted after each run) go to memory where a tmpfs has room
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 32e9 else None
+    work = tempfile.mkdtemp(prefix="bench_fsdp1-", dir=shm)
     out_file = os.path.join(a.out, f"fsdp1-{gpu_slug()}.json")
     rows = []
     try:
