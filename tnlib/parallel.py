@@ -38,10 +38,10 @@ from torch import nn
 
 __all__ = ["PARALLEL_MODES", "check_parallel", "init_distributed", "build_mesh", "apply_fsdp",
            "apply_tensor_parallel", "qkvu_rank_order", "ShardedSRMSNorm", "clip_grad_norm",
-           "canonical_state_dict", "save_sharded", "load_sharded", "consolidate", "placement_table"]
+           "canonical_state_dict", "save_sharded", "load_sharded", "consolidate"]
 
 PARALLEL_MODES = ("ddp", "fsdp")
-#: the file next to the sharded weights that says how the checkpoint was written
+#: the folder of a checkpoint that holds the shards written by torch.distributed.checkpoint
 SHARDED_DIR = "sharded"
 
 
@@ -321,15 +321,3 @@ def consolidate(checkpoint: str, out: str) -> str:
         set_model_state_dict(model, sd, options=StateDictOptions(strict=True))
     save_model(model, out)
     return out
-
-
-def placement_table(model: nn.Module) -> list[dict]:
-    """For each parameter: its name, global shape, and the part this rank holds (``local_shape``,
-    ``placements``): what the notebook draws."""
-    rows = []
-    for name, p in model.named_parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        rows.append({"name": name.replace("_fsdp_wrapped_module.", ""), "shape": tuple(p.shape),
-                     "local_shape": tuple(local.shape),
-                     "placements": [str(x) for x in getattr(p, "placements", ())] or ["whole"]})
-    return rows
