@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tnlib.generate import generate  # noqa: E402
+from tnlib import generate  # noqa: E402
 from tnlib.official import load_official  # noqa: E402
 from tnlib.provenance import write_results  # noqa: E402
 
@@ -55,7 +55,7 @@ def check(name, dtype, device):
     row["step_logits_max_rel"] = max_rel(torch.stack(rows), gr["step_logits"])
     sure = [m > 1e-4 for m in gr["step_top1_margin"]]
     for graph in ((True, False) if device == "cuda" else (False,)):
-        new = generate(model, prompt, len(gr["tokens"]), cuda_graph=graph)[0, prompt.shape[1]:].tolist()
+        new = generate(model, prompt, len(gr["tokens"]), decoder="compiled-graph" if graph else "eager")[0, prompt.shape[1]:].tolist()
         row[f"greedy_equal_{'graph' if graph else 'eager'}"] = sum(a == b for a, b in zip(new, gr["tokens"]))
         row[f"greedy_sure_equal_{'graph' if graph else 'eager'}"] = all(
             a == b for a, b, s in zip(new, gr["tokens"], sure) if s)

@@ -21,7 +21,7 @@ import torch
 
 import tnlib
 from tnlib import official as O
-from tnlib.generate import generate
+from tnlib import generate
 from tnlib.models import create_model, load_model
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "official-tnl")

@@ -222,6 +222,12 @@ def _add_sweep_parser(sub):
     p.set_defaults(fn=cmd_sweep)
 
 
+def cmd_consolidate(a):
+    from .parallel import consolidate
+
+    print(consolidate(a.checkpoint, a.out))
+
+
 def _number(kind, lo=None, hi=None, lo_open=False, none_ok=False):
     """An argparse ``type`` that parses ``kind`` and checks its range, so bad values stop the command
     at parse time, before anything is loaded or printed."""
@@ -326,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_number(int, lo=1), default=2,
                    help="CPU threads for torch (fixed, so the run is comparable across machines)")
     p.set_defaults(fn=cmd_quickstart)
+
+    p = sub.add_parser("consolidate", help="one-file model (save_model format) from a training checkpoint, sharded or not")
+    p.add_argument("--checkpoint", required=True, help="RUN/checkpoint (written by train, e.g. with parallel=fsdp)")
+    p.add_argument("--out", required=True, help="directory for model.safetensors + config.json (tnlib.load_model)")
+    p.set_defaults(fn=cmd_consolidate)
 
     _add_sweep_parser(sub)
     return ap

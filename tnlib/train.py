@@ -1,9 +1,12 @@
-"""Training loop: AdamW + warmup/cosine, bf16 autocast, accumulation, checkpoints, resume, DDP.
+"""Training loop: AdamW + warmup/cosine, bf16 autocast, accumulation, checkpoints, resume, DDP/FSDP/TP.
 
 Taught in ``notebooks/09_train_385m.ipynb``; run as ``python -m tnlib train --preset tnl-tiny --data DIR``
-(or under ``torchrun --nproc_per_node N`` for data parallelism). Everything a run needs to continue
+(or under ``torchrun --nproc_per_node N`` for data parallelism; ``parallel=fsdp`` and ``tensor_parallel``
+spread the model itself over ranks, see ``tnlib.parallel``). Everything a run needs to continue
 exactly (weights, optimizer, RNG, step, the data position and the config) is checkpointed every
 ``ckpt_every`` steps and on SIGINT/SIGTERM; ``--resume`` picks it up and continues the same loss curve.
+Sharded runs write their checkpoint with ``torch.distributed.checkpoint``, which any number of ranks
+can resume (``python -m tnlib consolidate`` turns it into one file).
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import torch.nn.functional as F
 from .data import DataError, TokenFile
 from .fields import check_fields
 from .models import build_model, get_config
+from .parallel import (SHARDED_DIR, apply_fsdp, apply_tensor_parallel, build_mesh, canonical_state_dict,
+                       check_parallel, clip_grad_norm, init_distributed, load_sharded, save_sharded)
 from .provenance import provenance
 
 __all__ = ["TrainConfig", "TRAIN_CHOICES", "train", "evaluate", "lr_at", "batch_at"]
@@ -31,9 +36,11 @@ __all__ = ["TrainConfig", "TRAIN_CHOICES", "train", "evaluate", "lr_at", "batch_
 TRAIN_CHOICES = {
     "dtype": ("auto", "bf16", "fp32"),
     "compile_scope": ("blocks", "model"),
+    "parallel": ("ddp", "fsdp"),
 }
 #: TrainConfig fields that must be >= 1 (counts and sizes)
-_AT_LEAST_ONE = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_tokens", "ckpt_every")
+_AT_LEAST_ONE = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_tokens", "ckpt_every",
+                 "tensor_parallel")
 
 
 @dataclass
@@ -75,6 +82,12 @@ class TrainConfig:
     compile_scope: str = "blocks"
     checkpointing: bool = False
     ddp_bucket_mb: float = 25.0  # DDP gradient bucket size (torch's default); larger = fewer, bigger all-reduces
+    # how the model is spread over the processes (tnlib.parallel): "ddp" = a whole replica on each (fastest
+    # while it fits); "fsdp" = fully_shard per block: parameters, gradients and AdamW state split over ranks
+    parallel: str = "ddp"
+    # heads and SGLU channels of every block split over this many adjacent ranks (Megatron-style);
+    # the world size must be a multiple, the rest is the data dimension (sharded with FSDP)
+    tensor_parallel: int = 1
     # LM head + cross-entropy in row chunks, no [tokens, vocab] logits (tnlib.ops.loss; one Triton kernel
     # per chunk on a GPU: +9% tokens/s and -20 GB for tnl-385m on an H200). None: on for CUDA, off on a CPU
     fused_loss: bool | None = None
@@ -97,7 +110,7 @@ class TrainConfig:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.seq_len * self.batch_size * self.grad_accum * _world()[1]
+        return self.seq_len * self.batch_size * self.grad_accum * (_world()[1] // self.tensor_parallel)
 
 
 def _world():
@@ -113,11 +126,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def batch_at(tokens: np.ndarray, step: int, micro: int, cfg: TrainConfig, rank: int, world: int):
-    """The training windows for (step, micro-batch, rank): a pure function of the data seed
-    (``cfg.data_seed``, else ``cfg.seed``), so resuming at a step replays exactly the data the
-    interrupted run would have seen."""
-    rng = np.random.default_rng([cfg.seed if cfg.data_seed is None else cfg.data_seed, step, micro, rank, world])
-    starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size)
+    """The training windows of data-parallel ``rank`` of ``world`` for (step, micro-batch): rows
+    ``rank * batch_size ...`` of the step's global batch of ``world * batch_size`` windows, a pure function
+    of the data seed (``cfg.data_seed``, else ``cfg.seed``). So resuming at a step replays exactly the data
+    the interrupted run would have seen, also on another number of processes with the same global batch
+    (e.g. 1 x 8 sequences after 2 x 4)."""
+    seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    rng = np.random.default_rng([seed, step, micro, 0, 1])  # the key of single-process runs since the start
+    starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, size=cfg.batch_size * world)
+    starts = starts[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
     x = np.stack([tokens[s : s + cfg.seq_len + 1] for s in starts]).astype(np.int64)
     return torch.from_numpy(x)
 
@@ -153,21 +170,33 @@ def _param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos):
-    from safetensors.torch import save_model
+def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos, sharded=False, rank=0):
+    """Write ``path`` atomically (a ``.tmp`` folder renamed at the end). Single-file (rank 0 only):
+    ``model.safetensors`` + the optimizer in ``state.pt``. ``sharded`` (every rank calls it): each rank's
+    shards of weights and optimizer under ``sharded/`` (``tnlib.parallel.save_sharded``)."""
+    import shutil
 
     tmp = path + ".tmp"
+    if sharded:
+        if rank == 0 and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        torch.distributed.barrier()
+        save_sharded(tmp, model, opt)
+        torch.distributed.barrier()
+    if rank != 0:
+        return
     os.makedirs(tmp, exist_ok=True)
-    save_model(model, os.path.join(tmp, "model.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "step": step, "tokens_seen": tokens_seen,
-                "torch_rng": torch.get_rng_state(), "metrics_pos": metrics_pos,
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               os.path.join(tmp, "state.pt"))
+    state = {"step": step, "tokens_seen": tokens_seen, "torch_rng": torch.get_rng_state(), "metrics_pos": metrics_pos,
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    if not sharded:
+        from safetensors.torch import save_model
+
+        save_model(model, os.path.join(tmp, "model.safetensors"))
+        state["optimizer"] = opt.state_dict()
+    torch.save(state, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump({"train": dataclasses.asdict(cfg), "model": model.config.to_dict()}, f, indent=2)
     if os.path.exists(path):
-        import shutil
-
         shutil.rmtree(path)
     os.replace(tmp, path)
 
@@ -199,15 +228,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train (or resume) one model; returns the final metrics dict. Writes ``cfg.out``/metrics.jsonl,
     ``checkpoint/`` and ``final/`` (safetensors + config)."""
     rank, world = _world()
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+    tp = cfg.tensor_parallel
+    check_parallel(cfg.parallel, tp, world, get_config(cfg.preset, **cfg.model_overrides))
+    if cfg.compile and tp > 1:
+        raise ValueError("compile=true with tensor_parallel > 1 is not supported (untested): use compile=false")
+    sharded = cfg.parallel == "fsdp" or tp > 1  # checkpoints through torch.distributed.checkpoint
     if cfg.device == "auto":
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    own_group = False
+    if (world > 1 or sharded) and not torch.distributed.is_initialized():
+        init_distributed(device.type)  # a lone process gets a 1-rank group (FSDP needs one)
+        own_group = True
+    mesh = build_mesh(device.type, world, tp) if sharded else None
+    # the data dimension: tensor-parallel ranks of one group read the same batch
+    dp_rank, dp_world = (mesh["dp"].get_local_rank(), world // tp) if mesh is not None else (rank, world)
     autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
                       "fp32": None}[cfg.dtype]
     if cfg.fused_loss is None:  # resolved here, so the run's recorded config says what ran
@@ -226,25 +264,48 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         raise DataError(f"model vocab {mcfg.vocab_size} < tokenizer vocab {meta['vocab_size']}")
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device)
-    opt_kw = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **opt_kw)
 
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_dir = os.path.join(cfg.out, "checkpoint")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     step, tokens_seen = 0, 0
+    ckpt_sharded = False
     if resume:
         if not os.path.isdir(ckpt_dir):
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-        from safetensors.torch import load_model
-
         with open(os.path.join(ckpt_dir, "config.json")) as f:
             saved = json.load(f)
         if saved["model"] != mcfg.to_dict():
             raise ValueError("--resume: the checkpoint's model config differs from this run's")
-        load_model(model, os.path.join(ckpt_dir, "model.safetensors"), device=str(device))
+        ckpt_sharded = os.path.isdir(os.path.join(ckpt_dir, SHARDED_DIR))
+        saved_tp = saved["train"].get("tensor_parallel", 1)
+        if ckpt_sharded and saved_tp != tp:
+            raise ValueError(f"--resume: the checkpoint was written with tensor_parallel={saved_tp}; resume with the "
+                             f"same (any number of data-parallel ranks), or consolidate it first")
+        if not ckpt_sharded and sharded:
+            raise ValueError("--resume: this checkpoint is single-file (written by parallel=ddp): resume it with "
+                             "parallel=ddp")
+        if not ckpt_sharded:  # whole weights, before any wrapping
+            from safetensors.torch import load_model
+
+            load_model(model, os.path.join(ckpt_dir, "model.safetensors"), device=str(device))
+
+    raw_model = model
+    if cfg.compile and cfg.compile_scope == "blocks":
+        raw_model.compile_blocks()
+    if tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if cfg.parallel == "fsdp":
+        apply_fsdp(model, mesh["dp"], autocast_dtype)
+    # fused AdamW on CUDA; the per-tensor loop where plain and tensor-parallel (DTensor) weights mix
+    opt_kw = {"fused": True} if device.type == "cuda" else ({"foreach": False} if tp > 1 else {})
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **opt_kw)
+    if resume:
         state = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location=device, weights_only=False)
-        opt.load_state_dict(state["optimizer"])
+        if ckpt_sharded:  # resharded to however this run is spread
+            load_sharded(ckpt_dir, model, opt)
+        else:
+            opt.load_state_dict(state["optimizer"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         torch.set_rng_state(state["torch_rng"].cpu())
         if os.path.exists(metrics_path):  # drop log lines written after the checkpoint
@@ -253,10 +314,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    raw_model = model
-    if cfg.compile and cfg.compile_scope == "blocks":
-        raw_model.compile_blocks()
-    if world > 1:
+    ddp = world > 1 and not sharded
+    if ddp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cfg.ddp_bucket_mb,
             gradient_as_bucket_view=True)
@@ -309,17 +368,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 g["lr"] = lr
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
-                x = batch_at(train_tf.tokens, step, micro, cfg, rank, world).to(device, non_blocking=True)
-                # DDP: all-reduce the gradients once per step, on the last micro-batch only
+                x = batch_at(train_tf.tokens, step, micro, cfg, dp_rank, dp_world).to(device, non_blocking=True)
+                # DDP/FSDP: reduce the gradients once per step, on the last micro-batch only
                 last_micro = micro == cfg.grad_accum - 1
-                with (model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()):
+                if cfg.parallel == "fsdp":
+                    model.set_requires_gradient_sync(last_micro)
+                with (model.no_sync() if ddp and not last_micro else contextlib.nullcontext()):
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                         # fused: the model returns the loss itself (LM head + cross-entropy in row chunks)
                         out = fwd(x[:, :-1], x[:, 1:]) if cfg.fused_loss else fwd(x[:, :-1])
                     loss = out if cfg.fused_loss else F.cross_entropy(out.float().flatten(0, 1), x[:, 1:].flatten())
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            gnorm = clip_grad_norm(list(model.parameters()), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -327,10 +388,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             dt = time.time() - t0
             step += 1
             tokens_seen += cfg.tokens_per_step
-            if world > 1:
-                t = torch.tensor([loss_sum], device=device)
+            if world > 1:  # the mean loss, and whether any rank was signalled (all ranks stop together)
+                t = torch.tensor([loss_sum, float(stop["signal"] is not None)], device=device)
                 torch.distributed.all_reduce(t)
-                loss_sum = t.item() / world
+                loss_sum = t[0].item() / world
+                if t[1].item() > 0 and stop["signal"] is None:
+                    stop["signal"] = "SIGTERM"
             tps = cfg.tokens_per_step / dt
             rec = {"step": step, "tokens": tokens_seen, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
                    "tokens_per_s": tps, "step_s": dt, "elapsed_s": time.time() - t_start}
@@ -344,22 +407,31 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             last = rec
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
-            if rank == 0 and (step % cfg.ckpt_every == 0 or stop["signal"]):
+            if (rank == 0 or sharded) and (step % cfg.ckpt_every == 0 or stop["signal"]):
                 _save_checkpoint(ckpt_dir, raw_model, opt, step, tokens_seen, cfg,
-                                 log.tell() if log else 0)
+                                 log.tell() if log else 0, sharded, rank)
             if stop["signal"]:
                 write({"event": "interrupted", "signal": stop["signal"], "step": step})
                 break
-        if world > 1:
+        if ddp:
             _check_replicas_in_sync(raw_model)
         if not stop["signal"]:
             if "val_loss" not in last and eval_tfs:
                 last = {**last, "step": step, "tokens": tokens_seen, **run_eval()}
                 write({**last, "event": "final_eval"})
-            if rank == 0:
-                from .models import save_model
+            from .models import save_model
 
-                _save_checkpoint(ckpt_dir, raw_model, opt, step, tokens_seen, cfg, log.tell() if log else 0)
+            if rank == 0 or sharded:
+                _save_checkpoint(ckpt_dir, raw_model, opt, step, tokens_seen, cfg, log.tell() if log else 0,
+                                 sharded, rank)
+            if sharded:  # gather the whole model (collective), written by rank 0 as one file
+                full = canonical_state_dict(raw_model)
+                if rank == 0:
+                    with torch.device("meta"):  # no second initialisation: the gathered tensors are assigned
+                        plain = build_model(mcfg)
+                    plain.load_state_dict(full, assign=True)
+                    save_model(plain, os.path.join(cfg.out, "final"))
+            elif rank == 0:
                 save_model(raw_model, os.path.join(cfg.out, "final"))
     finally:
         bar.close()
@@ -367,6 +439,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             signal.signal(s, h)
         if log:
             log.close()
-        if world > 1 and torch.distributed.is_initialized():
+        if (world > 1 or sharded) and torch.distributed.is_initialized():
             torch.distributed.barrier()
+            if own_group:  # a group made here is ended here
+                torch.distributed.destroy_process_group()
     return {**last, "interrupted": stop["signal"], "params": n_params}

@@ -35,6 +35,11 @@ def _qk_activation(name: str):
     return functools.partial(_ops.lightning.feature_map_reference, act=_ops.lightning.ACT_CODES[name])
 
 
+def _is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed`` DTensor (a weight split by ``tnlib.parallel``)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
 class GatedLinearAttention(nn.Module):
     """TransNormerLLM's token mixer for one layer (``layer_idx`` sets LRPE and the decay).
 
@@ -72,7 +77,8 @@ class GatedLinearAttention(nn.Module):
         B, T, d = x.shape
         H, D = self.n_heads, self.head_dim
         if (self.packed and x.is_cuda and self.lrpe is None and state is None and not return_state
-                and pad_mask is None):
+                and pad_mask is None
+                and not _is_dtensor(self.qkvu_proj.weight)):  # tensor parallel: the projection's hooks split heads
             return self._forward_packed(x)
         parts = self.qkvu_proj(x).chunk(4 if self.gate else 3, dim=-1)
         q, k, v = (p.reshape(B, T, H, D) for p in parts[:3])
@@ -89,7 +95,7 @@ class GatedLinearAttention(nn.Module):
             o, state = _ops.lightning_attention(q, k, v, slope, initial_state=state, output_final_state=True)
         else:
             o, state = _ops.lightning_attention(q, k, v, slope), None
-        o = self.norm(o.reshape(B, T, d))
+        o = self.norm(o.reshape(B, T, H * D))  # H * D < d when tensor parallelism gave this rank H of the heads
         if self.gate:
             o = o * parts[3]
         out = self.out_proj(o)

@@ -80,13 +80,19 @@ class LRPE(nn.Module):
         else:
             self.register_buffer("theta", theta)
 
+    def local_theta(self) -> torch.Tensor:
+        """``theta``, or this rank's heads of it when ``tnlib.parallel`` split it (a DTensor) over ranks."""
+        t = self.theta
+        return t.to_local() if hasattr(t, "to_local") else t
+
     def forward(self, x: torch.Tensor, offset=0) -> torch.Tensor:
-        return lrpe(x, self.theta, offset)
+        return lrpe(x, self.local_theta(), offset)
 
     def pair(self, q: torch.Tensor, k: torch.Tensor, offset=0):
         """``(lrpe(q), lrpe(k))`` with the angles computed once (q and k share positions)."""
         if q.shape != k.shape:
             raise ValueError(f"LRPE.pair: q and k must share a shape, got {tuple(q.shape)} and {tuple(k.shape)}")
-        _check(q, self.theta, offset)
-        cos, sin = _cos_sin(q, self.theta, offset)
+        theta = self.local_theta()
+        _check(q, theta, offset)
+        cos, sin = _cos_sin(q, theta, offset)
         return _apply(q, cos, sin), _apply(k, cos, sin)

@@ -1,0 +1,95 @@
+"""One GPU: does ``parallel=fsdp`` (one rank) cost anything against the default path?
+
+Runs ``tnlib.train.train`` itself, alternately with the default path and with ``parallel=fsdp`` on a
+1-rank process group (no launcher needed), on random tokens (so no data set is required; the vocabulary
+is the preset's), and records the steady-state tokens/s of each from the same process. Library defaults
+otherwise (bf16 autocast, fused loss on CUDA, no compile). Writes ``OUT/fsdp1-<gpu>.json`` with
+provenance after every run, so an interrupted benchmark keeps what it measured.
+
+    PYTHONPATH=$PWD python3 scripts/bench_fsdp1.py --out results/bench          # tnl-385m, T=2048, 32K tokens/step
+    PYTHONPATH=$PWD python3 scripts/bench_fsdp1.py --preset tnl-tiny --seq-len 64 --tokens 256 --steps 4 --out /tmp/b
+"""
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from tnlib.models import get_config  # noqa: E402
+from tnlib.provenance import gpu_slug, write_results  # noqa: E402
+from tnlib.train import TrainConfig, train  # noqa: E402
+
+
+def random_data(path: str, vocab: int, n_tokens: int) -> None:
+    """A data folder in ``tnlib prepare``'s layout holding uniform random tokens."""
+    os.makedirs(path, exist_ok=True)
+    np.random.default_rng(0).integers(0, vocab, n_tokens).astype(np.uint16).tofile(os.path.join(path, "train.bin"))
+    splits = {"train": {"file": "train.bin", "tokens": n_tokens, "bytes": 4 * n_tokens}}
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({"vocab_size": vocab, "tokenizer_sha256": "random", "splits": splits}, f)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="tnl-385m")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, default=32768, help="tokens per optimizer step")
+    ap.add_argument("--steps", type=int, default=20, help="steps per run (the first --warmup not timed)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2, help="default/fsdp pairs, alternated")
+    ap.add_argument("--out", required=True, help="folder for fsdp1-<gpu>.json")
+    a = ap.parse_args()
+    if a.tokens % a.seq_len:
+        raise SystemExit(f"--tokens {a.tokens} is not a multiple of --seq-len {a.seq_len}")
+    if a.steps <= a.warmup:
+        raise SystemExit("--steps must exceed --warmup")
+    vocab = get_config(a.preset).vocab_size
+    # the runs' checkpoints (GBs for a 385M model, deleted after each run) go to memory where a tmpfs has room
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 32e9 else None
+    work = tempfile.mkdtemp(prefix="bench_fsdp1-", dir=shm)
+    out_file = os.path.join(a.out, f"fsdp1-{gpu_slug()}.json")
+    rows = []
+    try:
+        random_data(os.path.join(work, "data"), vocab, max(4 * a.tokens, 2 * a.seq_len + 2))
+        for rnd in range(a.rounds):
+            for mode in ("ddp", "fsdp"):
+                run_dir = os.path.join(work, f"{mode}-{rnd}")
+                cfg = TrainConfig(preset=a.preset, data=os.path.join(work, "data"), out=run_dir, seq_len=a.seq_len,
+                                  batch_size=a.tokens // a.seq_len, max_steps=a.steps, warmup_steps=a.warmup,
+                                  eval_sets=(), eval_every=10**9, ckpt_every=10**9, parallel=mode, progress=False)
+                gc.collect()
+                if torch.cuda.is_available():  # each run's own peak memory
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                train(cfg)
+                with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+                    steps = [r for r in map(json.loads, f) if "tokens_per_s" in r]
+                timed = [r["tokens_per_s"] for r in steps[a.warmup:]]
+                rows.append({"mode": "default" if mode == "ddp" else "fsdp-1rank", "round": rnd,
+                             "tokens_per_s": statistics.median(timed), "tokens_per_s_all": timed,
+                             "mem_gb": steps[-1].get("mem_gb"), "final_loss": steps[-1]["loss"]})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens_per_s_all"}), flush=True)
+                shutil.rmtree(run_dir)
+                summary = {}
+                for m in ("default", "fsdp-1rank"):
+                    vals = [r["tokens_per_s"] for r in rows if r["mode"] == m]
+                    if vals:
+                        summary[m] = statistics.median(vals)
+                if len(summary) == 2:
+                    summary["fsdp_over_default"] = summary["fsdp-1rank"] / summary["default"]
+                write_results(out_file, rows, {"preset": a.preset, "seq_len": a.seq_len, "tokens_per_step": a.tokens,
+                                               "steps": a.steps, "warmup": a.warmup, "summary": summary})
+        print(json.dumps(summary), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
