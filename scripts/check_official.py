@@ -73,9 +73,9 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from tnlib.ops._triton import kernel_device
+    from tnlib.ops._triton import use_triton
 
-    extra = {"device": device, "triton_kernels": kernel_device(torch.zeros(1, device=device))}
+    extra = {"device": device, "triton_kernels": use_triton(torch.zeros(1, device=device))}
     results = []
     for dtype in (getattr(torch, d) for d in a.dtypes):
         for name in ("A", "B"):

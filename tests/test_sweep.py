@@ -168,3 +168,35 @@ def test_sweep_runs_skips_and_resumes(tmp_path):
     # the same data for both seeds: same first batch -> the initial losses differ only by the init
     cfgs = [json.load(open(res / f"default/default/seed{s}/config.json"))["train"] for s in (1, 2)]
     assert cfgs[0]["data_seed"] == cfgs[1]["data_seed"] == 0 and cfgs[0]["seed"] != cfgs[1]["seed"]
+
+
+def test_summarize_fills_speed_and_keeps_the_sweep_provenance(tmp_path):
+    """--summarize on another machine: every row gets the issue's fields and its tokens/s at 385M from the
+    newest speed file; the provenance of the sweep that trained the runs survives the re-summary."""
+    from tnlib.sweep import summarize
+
+    spec_path = tmp_path / "tiny.toml"
+    spec_path.write_text(TINY_SPEC)
+    spec = load_spec(str(spec_path))
+    res = tmp_path / "res"
+    rng = np.random.default_rng(0)
+    for row in spec["rows"]:
+        for s in row["seeds"]:
+            d = res / row["table"] / row["name"] / f"seed{s}"
+            d.mkdir(parents=True)
+            (d / "final.json").write_text(json.dumps(
+                {"val_ppl": float(50 + rng.random()), "tokens": 7680, "params": 123, "tokens_per_s": 1e4,
+                 "provenance": {"commit": "abc", "gpu": "G"}}))
+    (res / "speed-385m-test.json").write_text(json.dumps({"rows": [
+        {"table": "default", "name": "default", "tokens_per_s": 200.0},
+        {"table": "E", "name": "no-gate", "tokens_per_s": 210.0}]}))
+    sweep_prov = {"command": "python -m tnlib sweep tiny.toml --data D", "commit": "abc", "gpu": "G"}
+    summarize(spec, str(res), sweep_provenance=sweep_prov)
+    doc = summarize(spec, str(res))  # a re-summary: no sweep provenance given
+    assert doc["sweep_provenance"] == sweep_prov
+    assert "--summarize" not in json.dumps(doc["sweep_provenance"])
+    for row in doc["rows"]:
+        assert {"table", "name", "overrides", "seeds", "val_ppl", "tokens", "tokens_per_s_385m", "provenance"} <= set(row)
+        assert len(row["val_ppl"]) == len(row["seeds"]) and all(v > 50 for v in row["val_ppl"])
+    assert [r["tokens_per_s_385m"] for r in doc["rows"]] == [200.0, 210.0]
+    assert json.load(open(res / "summary.json")) == json.loads(json.dumps(doc))

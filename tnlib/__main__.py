@@ -95,7 +95,7 @@ def _check_checkpoint_dir(path: str) -> None:
 
 def cmd_generate(a):
     _check_checkpoint_dir(a.checkpoint)
-    if not os.path.isfile(a.tokenizer):
+    if a.tokenizer is not None and not os.path.isfile(a.tokenizer):
         raise SystemExit(f"error: --tokenizer {a.tokenizer} does not exist")
 
     import torch

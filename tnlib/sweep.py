@@ -260,7 +260,9 @@ def run_sweep(spec: dict, data: str, results: str, work: str, parallel: int = 1,
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    doc = summarize(spec, results)
+    from .provenance import provenance
+
+    doc = summarize(spec, results, sweep_provenance=provenance())
     if stop["signal"]:
         print(f"sweep interrupted by {signal.Signals(stop['signal']).name}: run it again to resume", flush=True)
     return {"finished": n_done, "total": len(runs), "failed": failed, "interrupted": stop["signal"] is not None,
@@ -286,11 +288,30 @@ def _stats(xs):
     return {"mean": m, "std": sd, "min": min(xs), "max": max(xs)}
 
 
-def summarize(spec: dict, results: str) -> dict:
+def _previous_sweep_provenance(results: str) -> dict | None:
+    """The provenance of the sweep that trained the runs, from an earlier ``results/summary.json``: its
+    ``sweep_provenance``, or (a file written before that field existed) its ``provenance`` unless that
+    was itself a ``--summarize``."""
+    p = os.path.join(results, "summary.json")
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        prev = json.load(f)
+    if prev.get("sweep_provenance"):
+        return prev["sweep_provenance"]
+    prov = prev.get("provenance") or {}
+    return prov if prov.get("command") and "--summarize" not in prov["command"] else None
+
+
+def summarize(spec: dict, results: str, sweep_provenance: dict | None = None) -> dict:
     """Write ``results/<table>/summary.json`` + ``curves.png`` (each table with the default row beside it)
-    and ``results/summary.json`` (every row: seeds, val_ppl per seed, tokens, tokens/s at 385M)."""
+    and ``results/summary.json`` (every row: seeds, val_ppl per seed, tokens, tokens/s at 385M).
+    ``provenance`` is this call's; ``sweep_provenance`` the sweep's that trained the runs (given by
+    run_sweep, else kept from the previous summary), so a re-summary elsewhere loses neither."""
     from .provenance import provenance
 
+    if sweep_provenance is None:
+        sweep_provenance = _previous_sweep_provenance(results)
     speed = _speed_table(results)
     rows_out = []
     for row in spec["rows"]:
@@ -323,7 +344,7 @@ def summarize(spec: dict, results: str) -> dict:
             "runs_provenance": {k: provs[0].get(k) for k in ("commit", "gpu", "torch", "triton", "cuda", "python", "date")}
             if provs else None,
             "runs_commits": sorted({p.get("commit") for p in provs}), "runs_gpus": sorted({str(p.get("gpu")) for p in provs}),
-            "provenance": provenance()}
+            "sweep_provenance": sweep_provenance, "provenance": provenance()}
     os.makedirs(results, exist_ok=True)
     default = next((r for r in rows_out if r["table"] == "default"), None)
     for table in dict.fromkeys(r["table"] for r in rows_out):
