@@ -122,7 +122,7 @@ def test_bad_combinations_fail_before_any_work(monkeypatch, tmp_path):
     missing = str(tmp_path / "no-data")  # never opened: the checks come first
     with pytest.raises(ValueError, match="must divide the number of heads"):
         train(TrainConfig(**config(missing, str(tmp_path / "a"), tensor_parallel=3)))
-    with pytest.raises(ValueError, match="parallel must be one of"):
+    with pytest.raises(ValueError, match="parallel='zero': expected one of"):  # at the config, before train()
         train(TrainConfig(**config(missing, str(tmp_path / "b"), parallel="zero")))
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
