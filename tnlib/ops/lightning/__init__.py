@@ -7,7 +7,6 @@ from .op import (
     ACT_CODES,
     SUPPORTED_K,
     SUPPORTED_V,
-    _use_kernel,
     feature_map_reference,
     lightning_attention,
     lightning_attention_packed,

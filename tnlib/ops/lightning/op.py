@@ -417,8 +417,6 @@ def _check_inputs(q, k, v, slope, initial_state, name):
     return dims
 
 
-_use_kernel = use_triton  # (the name tnlib.nn.gla uses)
-
 
 def _fallback(q, k, v, slope, initial_state=None, output_final_state=False):
     """The PyTorch path: Lightning Attention-2's block algorithm (differentiable)."""
