@@ -121,19 +121,19 @@ generate: setup ## sample from a saved model: CKPT=RUN/final PROMPT="..."
 
 # GPU benchmarks: write results/bench/*-<gpu>.json with provenance (command, commit, versions, date)
 bench-model: setup ## GPU: training tokens/s of the 385M models -> results/bench
-	$(BIN)/python scripts/bench_model.py --compile-scope model --compile-mode reduce-overhead --set tnlib.nn.gla.FUSED_SGLU=true
+	$(BIN)/python benchmarks/bench_model.py --compile-scope model --compile-mode reduce-overhead --set tnlib.nn.gla.FUSED_SGLU=true
 
 bench-srmsnorm: setup ## GPU: SRMSNorm kernel vs eager and compiled PyTorch -> results/bench
-	$(BIN)/python scripts/bench_srmsnorm.py
+	$(BIN)/python benchmarks/bench_srmsnorm.py
 
 bench-inference: setup ## GPU: decode speed vs context length -> results/bench
-	$(BIN)/python scripts/bench_inference.py
+	$(BIN)/python benchmarks/bench_inference.py
 
 # Lightning Attention kernels vs fla, lightning-attn, SDPA, naive (needs a GPU; no setup step, so it
 # also runs on a GPU box without internet using its own python3 and carried wheels)
 bench-kernels: ## GPU: Lightning Attention kernels vs fla, lightning-attn, SDPA -> results/bench
 	@PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3); \
-	  $$PY scripts/bench_kernels.py --out results/bench
+	  $$PY benchmarks/bench_kernels.py --out results/bench
 
 clean: ## remove .venv and caches
 	rm -rf $(VENV) .pytest_cache **/__pycache__

@@ -6,8 +6,8 @@ is the preset's), and records the steady-state tokens/s of each from the same pr
 otherwise (bf16 autocast, fused loss on CUDA, no compile). Writes ``OUT/fsdp1-<gpu>.json`` with
 provenance after every run, so an interrupted benchmark keeps what it measured.
 
-    PYTHONPATH=$PWD python3 scripts/bench_fsdp1.py --out results/bench          # tnl-385m, T=2048, 32K tokens/step
-    PYTHONPATH=$PWD python3 scripts/bench_fsdp1.py --preset tnl-tiny --seq-len 64 --tokens 256 --steps 4 --out /tmp/b
+    PYTHONPATH=$PWD python3 benchmarks/bench_fsdp1.py --out results/bench          # tnl-385m, T=2048, 32K tokens/step
+    PYTHONPATH=$PWD python3 benchmarks/bench_fsdp1.py --preset tnl-tiny --seq-len 64 --tokens 256 --steps 4 --out /tmp/b
 """
 import argparse
 import gc

@@ -8,8 +8,8 @@ row; ``--compile`` compiles each block (tnlib's training default) when that is a
 says its mixed positional scheme trains 15-20% faster than LRPE-d on every layer: the JSON reports the
 measured ratio (rows C/lrpe-d and default/default).
 
-    python3 scripts/ablation_speed.py --out $OUT/speed-385m-h200.json      # on the GPU, ~2-3 minutes
-    python scripts/ablation_speed.py --size tiny --seq-len 64 --batch 2 --warmup 1 --steps 2 --out /tmp/s.json  # CPU check
+    python3 tools/ablation_speed.py --out $OUT/speed-385m-h200.json      # on the GPU, ~2-3 minutes
+    python tools/ablation_speed.py --size tiny --seq-len 64 --batch 2 --warmup 1 --steps 2 --out /tmp/s.json  # CPU check
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ eager one. It writes ``{"header": provenance, "rows": [...]}`` to ``--out`` afte
 line per row; float32 rows say whether they meet the CPU tests' tolerances (logits 1e-4, losses 1e-5,
 tokens equal where the golden top-1 margin > 1e-4). Run from the repository root:
 
-    PYTHONPATH=$PWD python3 scripts/check_official.py --out $OUT/official-check-h200.json
+    PYTHONPATH=$PWD python3 tools/check_official.py --out $OUT/official-check-h200.json
 
 On a CPU it runs the PyTorch fallbacks, or the Triton kernels in their interpreter with
 ``TRITON_INTERPRET=1`` (slow: use ``--dtypes float32``).

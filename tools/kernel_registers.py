@@ -6,7 +6,7 @@ spills heavily is worth a look, one that stops spilling is worth timing. Run it 
 the GPU machine (e.g. ``pip install --target DIR triton==3.6.0 --no-deps``, then ``PYTHONPATH=DIR``)
 to see what that machine compiles.
 
-Usage: python3 scripts/kernel_registers.py [--out FILE.json]
+Usage: python3 tools/kernel_registers.py [--out FILE.json]
 """
 import argparse
 import json

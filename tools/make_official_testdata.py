@@ -3,7 +3,7 @@
 Source: ../shared/reference/official-tnl/{A,B} (tiny checkpoints written by the official TransNormerLLM
 code and what it computes on them; see that directory's README). The tests of ``tnlib.official`` use only
 these copies, so a clone without ../shared still tests the converter. Run from the repository root:
-``python scripts/make_official_testdata.py``.
+``python tools/make_official_testdata.py``.
 """
 import hashlib
 import json
@@ -25,7 +25,7 @@ for name in ("A", "B"):
         assert hashlib.sha256(open(os.path.join(dst, fname), "rb").read()).hexdigest() == info["sha256"], fname
     trimmed = {
         "what": "trimmed copy of golden.json (the official code's float32 outputs on this checkpoint), "
-                "made by scripts/make_official_testdata.py",
+                "made by tools/make_official_testdata.py",
         "schema": g["schema"], "config_name": g["config_name"], "official_source": g["official_source"],
         "environment": g["environment"], "files": g["checkpoint"]["files"],
         "logits_note": g["logits_note"],

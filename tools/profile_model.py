@@ -2,7 +2,7 @@
 
 Prints the top CUDA kernels by total time and writes the table (and a Chrome trace) under --out.
 Use it before optimizing (METHOD: predict, change, measure): e.g.
-    python3 scripts/profile_model.py --preset tnl-385m --T 2048 --compile --out $OUT
+    python3 tools/profile_model.py --preset tnl-385m --T 2048 --compile --out $OUT
 """
 import argparse
 import os
@@ -40,7 +40,7 @@ def main():
     B = max(1, a.tokens // a.T)
     ids = torch.randint(0, a.vocab, (B, a.T + 1), device="cuda")
 
-    def step():  # the step of scripts/bench_model.py
+    def step():  # the step of benchmarks/bench_model.py
         train_step(model, fwd, opt, ids, a.fused_loss, graphs)
 
     for _ in range(3):

@@ -1,6 +1,6 @@
 """Lightning kernels at the model's attention shape (tnl-385m at T=2K: B=16, H=8, D=128, bf16).
 
-Usage (GPU): python3 scripts/tune_packed.py --out DIR [--B 16 --T 2048 --H 8 --D 128]
+Usage (GPU): python3 tools/tune_packed.py --out DIR [--B 16 --T 2048 --H 8 --D 128]
 Checks ``lightning_attention_packed`` (feature map inside the kernels) against a float64 reference
 at that shape, times it against the unfused form (SiLU, then ``lightning_attention``), then sweeps
 the main kernel's (chunk, BV, warps, stages), the dk/dv kernel's (chunk, warps, stages) and the

@@ -5,7 +5,7 @@ make the segments' start states (its time and bandwidth: results/bench/NOTES-ker
 checks each against the default's states, and reports the effective bandwidth. Writes
 segment-states-<gpu>.json under --out.
 
-    python3 scripts/tune_segment_states.py --out $OUT
+    python3 tools/tune_segment_states.py --out $OUT
 """
 import argparse
 import dataclasses

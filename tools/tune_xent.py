@@ -5,7 +5,7 @@ many programs in flight the second read misses L2; wider programs (more warps, s
 may keep it there. One chunk of the 385M training step: 8,192 rows x 50,272 bf16. Each config is checked
 against PyTorch before timing. Writes xent-<gpu>.json under --out.
 
-    python3 scripts/tune_xent.py --out $OUT
+    python3 tools/tune_xent.py --out $OUT
 """
 import argparse
 import os
