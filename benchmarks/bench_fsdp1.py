@@ -4,27 +4,25 @@ Runs ``tnlib.train.train`` itself, alternately with the default path and with ``
 1-rank process group (no launcher needed), on random tokens (so no data set is required; the vocabulary
 is the preset's), and records the steady-state tokens/s of each from the same process. Library defaults
 otherwise (bf16 autocast, fused loss on CUDA, no compile). Writes ``OUT/fsdp1-<gpu>.json`` with
-provenance after every run, so an interrupted benchmark keeps what it measured.
+provenance after every run, so an interrupted benchmark keeps what it measured (make bench-fsdp1).
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_fsdp1.py --out results/bench          # tnl-385m, T=2048, 32K tokens/step
+    python3 benchmarks/bench_fsdp1.py                                    # = make bench-fsdp1: tnl-385m, T=2048, 32K tokens/step
     PYTHONPATH=$PWD python3 benchmarks/bench_fsdp1.py --preset tnl-tiny --seq-len 64 --tokens 256 --steps 4 --out /tmp/b
 """
-import argparse
 import gc
 import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 
 import numpy as np
 import torch
+from common import parser, result_path
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tnlib.models import get_config  # noqa: E402
-from tnlib.provenance import gpu_slug, write_results  # noqa: E402
-from tnlib.train import TrainConfig, train  # noqa: E402
+from tnlib.models import get_config
+from tnlib.provenance import write_results
+from tnlib.train import TrainConfig, train
 
 
 def random_data(path: str, vocab: int, n_tokens: int) -> None:
@@ -37,14 +35,13 @@ def random_data(path: str, vocab: int, n_tokens: int) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--preset", default="tnl-385m")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=32768, help="tokens per optimizer step")
     ap.add_argument("--steps", type=int, default=20, help="steps per run (the first --warmup not timed)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2, help="default/fsdp pairs, alternated")
-    ap.add_argument("--out", required=True, help="folder for fsdp1-<gpu>.json")
     a = ap.parse_args()
     if a.tokens % a.seq_len:
         raise SystemExit(f"--tokens {a.tokens} is not a multiple of --seq-len {a.seq_len}")
@@ -54,7 +51,7 @@ def main():
     # the runs' checkpoints (GBs for a 385M model, deleted after each run) go to memory where a tmpfs has room
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 32e9 else None
     work = tempfile.mkdtemp(prefix="bench_fsdp1-", dir=shm)
-    out_file = os.path.join(a.out, f"fsdp1-{gpu_slug()}.json")
+    out_file = result_path(a, "fsdp1")
     rows = []
     try:
         random_data(os.path.join(work, "data"), vocab, max(4 * a.tokens, 2 * a.seq_len + 2))

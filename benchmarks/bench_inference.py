@@ -3,32 +3,21 @@
 tnl-385m (recurrent state; decode replayed from a CUDA graph, and eager for reference) vs
 transformer-385m (KV cache, eager), random bf16 weights, batch 1 and 16, contexts 1K..64K.
 Checks first that the graph decode reproduces the eager decode. Writes
-results/bench/inference-<gpu>.json with provenance.
+``<out>/inference-<gpu>.json`` with provenance.
+
+    python3 benchmarks/bench_inference.py              # = make bench-inference (tnlib installed)
+    PYTHONPATH=$PWD python3 benchmarks/bench_inference.py --contexts 1024 --batches 1 --out $OUT
 """
-import argparse
 import json
 import time
 
 import torch
+from common import cuda_median_ms, parser, require_cuda, result_path
 
 import tnlib
 from tnlib.generation import GraphDecoder
-from tnlib.provenance import gpu_slug, write_results
+from tnlib.provenance import write_results
 from tnlib.testing import rel_err
-
-
-def cuda_ms(fn, reps):
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    return times[len(times) // 2]
 
 
 #: decode modes beyond the decoders (eager, graph, compiled-graph): the compiled step with another
@@ -66,7 +55,7 @@ def bench(model, name, B, ctx, vocab, decode_steps, mode, cublas_model=None):
             return lg
     for _ in range(3):
         step()
-    ms = cuda_ms(step, decode_steps)
+    ms = cuda_median_ms(step, decode_steps)
     decode_peak = (torch.cuda.max_memory_allocated() - weights) / 1e9
     return dict(model=name, mode=mode, B=B, context=ctx, prefill_ms=prefill_ms, prefill_tokens_per_s=B * ctx / prefill_ms * 1e3,
                 decode_ms_per_token=ms, decode_tokens_per_s=B / ms * 1e3, cache_gb=cache_gb,
@@ -88,7 +77,7 @@ def check_graph(model, vocab, fuse=False, compile_mode=None):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = parser(__doc__)
     ap.add_argument("--contexts", default="1024,4096,16384,65536")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--vocab", type=int, default=50272)
@@ -97,9 +86,9 @@ def main():
                     help="the decoders eager, graph, compiled-graph; compiled-graph-max (max-autotune), "
                          "compiled-graph-cublas (projections through cuBLAS instead of the GEMV kernel)")
     ap.add_argument("--models", default="tnl-385m,transformer-385m")
-    ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    out = a.out or f"results/bench/inference-{gpu_slug()}.json"
+    require_cuda("bench_inference.py")
+    out = result_path(a, "inference")
     rows = []
     checks = {}
     for name in a.models.split(","):

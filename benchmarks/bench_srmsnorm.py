@@ -1,29 +1,30 @@
-"""SRMSNorm forward and forward+backward: Triton kernel vs eager PyTorch vs torch.compile (GPU).
+"""SRMSNorm forward and forward+backward: Triton kernel vs eager PyTorch vs torch.compile (make bench-srmsnorm).
 
-Checks the kernel against a float64 reference first. Writes results/bench/srmsnorm-<gpu>.json.
+Each implementation is checked against a float64 reference first (bf16 inputs, ``rows`` x ``dim``),
+then timed (``triton.testing.do_bench`` medians). Writes ``<out>/srmsnorm-<gpu>.json`` with provenance.
+
+    python3 benchmarks/bench_srmsnorm.py               # = make bench-srmsnorm (tnlib installed)
+    PYTHONPATH=$PWD python3 benchmarks/bench_srmsnorm.py --dims 1024,2048,4096 --out $OUT
 """
-import argparse
 import json
-import os
-import sys
 
 import torch
+from common import HBM_BYTES_PER_S, parser, require_cuda, result_path
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tnlib.ops.srmsnorm import srms_norm_reference, srms_norm_triton  # noqa: E402
-from tnlib.provenance import gpu_slug, write_results  # noqa: E402
-from tnlib.testing import rel_err  # noqa: E402
+from tnlib.ops.srmsnorm import srms_norm_reference, srms_norm_triton
+from tnlib.provenance import write_results
+from tnlib.testing import rel_err
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = parser(__doc__)
     ap.add_argument("--rows", type=int, default=65536)
     ap.add_argument("--dims", default="512,1024,2048,4096,8192")
-    ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    require_cuda("bench_srmsnorm.py")
     from triton.testing import do_bench
 
-    out = a.out or f"results/bench/srmsnorm-{gpu_slug()}.json"
+    out = result_path(a, "srmsnorm")
     compiled = torch.compile(srms_norm_reference)
     impls = {"triton": srms_norm_triton, "eager": srms_norm_reference, "compiled": compiled}
     rows = []
@@ -42,9 +43,10 @@ def main():
             fb = do_bench(lambda: torch.autograd.grad(fn(x), x, dy), warmup=25, rep=100, return_mode="median")
             bytes_fwd = 2 * x.numel() * 2  # read x, write y (bf16)
             rows.append(dict(impl=name, rows=a.rows, dim=N, fwd_ms=fwd, fwdbwd_ms=fb, rel_err=err, grad_rel_err=gerr,
-                             correct=ok, fwd_floor_ms=bytes_fwd / 4.3e12 * 1e3, fwdbwd_floor_ms=5 * x.numel() * 2 / 4.3e12 * 1e3))
+                             correct=ok, fwd_floor_ms=bytes_fwd / HBM_BYTES_PER_S * 1e3,
+                             fwdbwd_floor_ms=5 * x.numel() * 2 / HBM_BYTES_PER_S * 1e3))
             print(json.dumps(rows[-1]), flush=True)
-    write_results(out, rows)
+            write_results(out, rows)
     for r in rows:
         print(f"{r['impl']:9s} dim {r['dim']:5d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwdbwd_ms']:.3f} ms  ok={r['correct']}")
 

@@ -16,15 +16,12 @@ On a CPU it runs the PyTorch fallbacks, or the Triton kernels in their interpret
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tnlib import generate  # noqa: E402
-from tnlib.official import load_official  # noqa: E402
-from tnlib.provenance import write_results  # noqa: E402
+from tnlib import generate
+from tnlib.official import load_official
+from tnlib.provenance import write_results
 
 DATA = "tests/data/official-tnl"
 
