@@ -18,10 +18,10 @@ import tempfile
 
 import numpy as np
 import torch
-from common import parser, result_path
+from common import figure, parser, replot, result_path, save_figure
 
 from tnlib.models import get_config
-from tnlib.provenance import write_results
+from tnlib.provenance import provenance, write_results
 from tnlib.train import TrainConfig, train
 
 
@@ -34,6 +34,18 @@ def random_data(path: str, vocab: int, n_tokens: int) -> None:
         json.dump({"vocab_size": vocab, "tokenizer_sha256": "random", "splits": splits}, f)
 
 
+def plot(rows, path, header=None):
+    """Tokens/s of each run, default path vs FSDP on one rank, in the order they ran."""
+    fig, axes = figure()
+    ax = axes[0][0]
+    for i, r in enumerate(rows):
+        ax.bar(i, r["tokens_per_s"] / 1e3, color="C0" if r["mode"] == "default" else "C1")
+    ax.set_xticks(range(len(rows)), [f"{r['mode']}\nround {r['round']}" for r in rows], fontsize=7)
+    ax.set_ylabel("training tokens/s (thousands, median)")
+    ax.set_title("one GPU: default path vs parallel=fsdp")
+    save_figure(fig, path, header)
+
+
 def main():
     ap = parser(__doc__)
     ap.add_argument("--preset", default="tnl-385m")
@@ -43,6 +55,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2, help="default/fsdp pairs, alternated")
     a = ap.parse_args()
+    if replot(a, plot):
+        return
     if a.tokens % a.seq_len:
         raise SystemExit(f"--tokens {a.tokens} is not a multiple of --seq-len {a.seq_len}")
     if a.steps <= a.warmup:
@@ -84,6 +98,7 @@ def main():
                 write_results(out_file, rows, {"preset": a.preset, "seq_len": a.seq_len, "tokens_per_step": a.tokens,
                                                "steps": a.steps, "warmup": a.warmup, "summary": summary})
         print(json.dumps(summary), flush=True)
+        plot(rows, result_path(a, "fsdp1", ".png"), provenance())
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -8,16 +8,31 @@ Checks first that the graph decode reproduces the eager decode. Writes
     python3 benchmarks/bench_inference.py              # = make bench-inference (tnlib installed)
     PYTHONPATH=$PWD python3 benchmarks/bench_inference.py --contexts 1024 --batches 1 --out $OUT
 """
-import json
 import time
 
 import torch
-from common import cuda_median_ms, parser, require_cuda, result_path
+from common import cuda_median_ms, figure, parser, print_table, record, replot, require_cuda, result_path, save_figure
 
 import tnlib
 from tnlib.generation import GraphDecoder
-from tnlib.provenance import write_results
+from tnlib.provenance import provenance
 from tnlib.testing import rel_err
+
+
+def plot(rows, path, header=None):
+    """Decode ms/token, cache size and prefill time vs context, one line per (model, decoder, batch)."""
+    fig, axes = figure(1, 3, size=(4.6, 3.6))
+    ok = [r for r in rows if "error" not in r]
+    for key, ax, label in (("decode_ms_per_token", axes[0][0], "decode ms / token"),
+                           ("cache_gb", axes[0][1], "cache GB"), ("prefill_ms", axes[0][2], "prefill ms")):
+        for series in dict.fromkeys((r["model"], r["mode"], r["B"]) for r in ok):
+            pts = sorted((r["context"], r[key]) for r in ok if (r["model"], r["mode"], r["B"]) == series)
+            ax.loglog(*zip(*pts), "o-" if series[0].startswith("tnl") else "s--", label="{} {} B={}".format(*series))
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    save_figure(fig, path, header)
 
 
 #: decode modes beyond the decoders (eager, graph, compiled-graph): the compiled step with another
@@ -87,6 +102,8 @@ def main():
                          "compiled-graph-cublas (projections through cuBLAS instead of the GEMV kernel)")
     ap.add_argument("--models", default="tnl-385m,transformer-385m")
     a = ap.parse_args()
+    if replot(a, plot):
+        return
     require_cuda("bench_inference.py")
     out = result_path(a, "inference")
     rows = []
@@ -113,19 +130,14 @@ def main():
                         r = bench(model, name, B, ctx, a.vocab, a.decode_steps, mode, cublas_model)
                     except torch.cuda.OutOfMemoryError as e:
                         r = dict(model=name, mode=mode, B=B, context=ctx, error="out of memory: " + str(e)[:120])
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
                     torch.cuda.empty_cache()
-                    write_results(out, rows, checks)
+                    record(out, rows, r, checks)
         del model, cublas_model
         torch.cuda.empty_cache()
-    print(f"{'model':18s} {'mode':6s} {'B':>3s} {'ctx':>6s} {'prefill ms':>10s} {'ms/token':>9s} {'tok/s':>8s} {'cache GB':>8s}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['model']:18s} {r['mode']:6s} {r['B']:3d} {r['context']:6d} {r['error'][:50]}")
-        else:
-            print(f"{r['model']:18s} {r['mode']:6s} {r['B']:3d} {r['context']:6d} {r['prefill_ms']:10.1f} "
-                  f"{r['decode_ms_per_token']:9.3f} {r['decode_tokens_per_s']:8.0f} {r['cache_gb']:8.3f}")
+    plot(rows, result_path(a, "inference", ".png"), provenance())
+    print_table(rows, [("model", "model", "18s"), ("mode", "mode", "22s"), ("B", "B", "3d"), ("context", "ctx", "6d"),
+                       ("prefill_ms", "prefill ms", "10.1f"), ("decode_ms_per_token", "ms/token", "9.3f"),
+                       ("decode_tokens_per_s", "tok/s", "8.0f"), ("cache_gb", "cache GB", "8.3f")])
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 from common import HBM_BYTES_PER_S as BW
-from common import parser, require_cuda, result_path
+from common import figure, parser, replot, require_cuda, result_path, save_figure
 
 DEV = "cuda"
 
@@ -280,14 +280,10 @@ def variants(tokens, dtype, shapes=((16, 128, 128),), lens=(1024, 32768), target
     return out
 
 
-def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows, path, header=None):
+    """Forward and forward+backward ms vs T, one row of panels per shape, with the memory floor."""
     shapes = sorted({(r["H"], r["K"], r["V"]) for r in rows}, key=lambda x: (-x[1], x[0]))
-    fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 3.6 * len(shapes)), squeeze=False)
+    fig, axes = figure(len(shapes), 2)
     colors = {"tnlib": "C3", "fla": "C0", "lightning-attn": "C2", "sdpa": "C1", "naive": "C7"}
     for i, (H, K, V) in enumerate(shapes):
         sub = [r for r in rows if (r["H"], r["K"], r["V"]) == (H, K, V)]
@@ -308,8 +304,7 @@ def plot(rows, path):
             ax.set_title(f"{title}: H={H}, K={K}, V={V}, B*T={sub[0]['B'] * sub[0]['T']}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, header)
 
 
 def main():
@@ -325,11 +320,8 @@ def main():
     ap.add_argument("--variants-only", action="store_true", help="only the variants (written to variants-<gpu>.json; "
                     "tuning results: --out results/tuning)")
     ap.add_argument("--targets", default="256,512,1024", help="segment-plan target CTAs for the variants")
-    ap.add_argument("--replot", default=None, help="only redraw the PNG from this JSON file (no GPU needed)")
     a = ap.parse_args()
-    if a.replot:
-        with open(a.replot) as fh:
-            plot(json.load(fh)["rows"], a.replot[: -len(".json")] + ".png")
+    if replot(a, plot):
         return
     require_cuda("bench_kernels.py")
     from tnlib.provenance import provenance
@@ -377,7 +369,7 @@ def main():
         run_shape(impls, checks, H, K, V, lens, a.tokens, dtype, rows)
         dump(True)
     if rows:
-        plot(rows, result_path(a, "kernels", ".png"))
+        plot(rows, result_path(a, "kernels", ".png"), provenance())
     if not a.no_long_check and not a.long_first:
         long.extend(long_check(a.long_heads))
         dump(True)

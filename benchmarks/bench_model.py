@@ -8,14 +8,38 @@ with ``F.cross_entropy`` on fp32 logits. Writes ``<out>/model-<gpu>.json`` with 
     python3 benchmarks/bench_model.py                  # = make bench-model (tnlib installed)
     PYTHONPATH=$PWD python3 benchmarks/bench_model.py --models tnl-385m --lens 2048 --loss fused
 """
-import json
 import time
 
 import torch
-from common import build, parse_settings, parser, require_cuda, result_path, train_step
+from common import (build, figure, parse_settings, parser, print_table, record, replot, require_cuda, result_path,
+                    save_figure, train_step)
 
 import tnlib
-from tnlib.provenance import write_results
+from tnlib.provenance import provenance
+
+
+def plot(rows, path, header=None):
+    """Tokens/s and peak memory vs T per (model, mode, loss); where the file holds several runs (a ``run``
+    field), each line is from the latest run that measured it."""
+    ok = [r for r in rows if "error" not in r]
+    latest = {}
+    for r in ok:
+        key = (r["model"], r["mode"], bool(r.get("fused_loss")))
+        latest[key] = max(latest.get(key, r.get("run", 0)), r.get("run", 0))
+    fig, axes = figure(1, 2)
+    for key, run_id in latest.items():
+        pts = sorted({r["T"]: r for r in ok if (r["model"], r["mode"], bool(r.get("fused_loss"))) == key
+                      and r.get("run", 0) == run_id}.items())
+        label = f"{key[0]} {key[1]}{' fused loss' if key[2] else ''}" + (f" (run {run_id})" if run_id else "")
+        style = "o-" if key[0].startswith("tnl") else "s--"
+        axes[0][0].semilogx([t for t, _ in pts], [r["tokens_per_s"] / 1e3 for _, r in pts], style, base=2, label=label)
+        axes[0][1].semilogx([t for t, _ in pts], [r["peak_gb"] for _, r in pts], style, base=2, label=label)
+    for ax, ylabel in ((axes[0][0], "training tokens/s (thousands)"), (axes[0][1], "peak memory (GB)")):
+        ax.set_xlabel("sequence length T (tokens per step fixed)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    save_figure(fig, path, header)
 
 
 def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile_mode=None,
@@ -75,6 +99,8 @@ def main():
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for the whole run, "
                     "e.g. coordinate_descent_tuning=1 (recorded in the header)")
     a = ap.parse_args()
+    if replot(a, plot):
+        return
     import torch._inductor.config as ic
 
     inductor = parse_settings(a.inductor)
@@ -96,17 +122,11 @@ def main():
                 except Exception as e:  # record failures instead of losing the whole run
                     r = dict(model=preset, T=T, mode=mode, fused_loss=loss_kind == "fused", error=repr(e)[:300])
                     torch.cuda.empty_cache()
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-                write_results(out, rows, {"tokens_per_step": a.tokens, "inductor": inductor, "compile_mode": a.compile_mode,
-                                          "compile_scope": a.compile_scope, "overrides": overrides})
-    print(f"{'model':18s} {'mode':9s} {'T':>6s} {'tok/s':>10s} {'peak GB':>8s}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['model']:18s} {r['mode']:9s} {r['T']:6d} ERROR {r['error'][:60]}")
-        else:
-            print(f"{r['model']:18s} {r['mode']:9s} {r['T']:6d} {r['tokens_per_s']:10.0f} {r['peak_gb']:8.1f}"
-                  f"{'  fused loss' if r.get('fused_loss') else ''}")
+                record(out, rows, r, {"tokens_per_step": a.tokens, "inductor": inductor, "compile_mode": a.compile_mode,
+                                      "compile_scope": a.compile_scope, "overrides": overrides})
+    plot(rows, result_path(a, "model", ".png"), provenance())
+    print_table(rows, [("model", "model", "18s"), ("mode", "mode", "9s"), ("fused_loss", "fused loss", "10d"),
+                       ("T", "T", "6d"), ("tokens_per_s", "tok/s", "10.0f"), ("peak_gb", "peak GB", "8.1f")])
 
 
 if __name__ == "__main__":

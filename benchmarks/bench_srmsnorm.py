@@ -6,14 +6,30 @@ then timed (``triton.testing.do_bench`` medians). Writes ``<out>/srmsnorm-<gpu>.
     python3 benchmarks/bench_srmsnorm.py               # = make bench-srmsnorm (tnlib installed)
     PYTHONPATH=$PWD python3 benchmarks/bench_srmsnorm.py --dims 1024,2048,4096 --out $OUT
 """
-import json
 
 import torch
-from common import HBM_BYTES_PER_S, parser, require_cuda, result_path
+from common import HBM_BYTES_PER_S, figure, parser, print_table, record, replot, require_cuda, result_path, save_figure
 
 from tnlib.ops.srmsnorm import srms_norm_reference, srms_norm_triton
-from tnlib.provenance import write_results
+from tnlib.provenance import provenance
 from tnlib.testing import rel_err
+
+
+def plot(rows, path, header=None):
+    """Forward and forward+backward ms vs dim per implementation, with the memory floor."""
+    fig, axes = figure(1, 2)
+    for ax, key, floor, title in ((axes[0][0], "fwd_ms", "fwd_floor_ms", "forward"),
+                                  (axes[0][1], "fwdbwd_ms", "fwdbwd_floor_ms", "forward + backward")):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = sorted((r["dim"], r[key]) for r in rows if r["impl"] == impl)
+            ax.loglog(*zip(*pts), "o-", label=impl)
+        ax.loglog(*zip(*sorted({(r["dim"], r[floor]) for r in rows})), "k--", lw=1, label="memory floor")
+        ax.set_xlabel("dim")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"SRMSNorm {title}, {rows[0]['rows']:,} rows, bf16")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, path, header)
 
 
 def main():
@@ -21,6 +37,8 @@ def main():
     ap.add_argument("--rows", type=int, default=65536)
     ap.add_argument("--dims", default="512,1024,2048,4096,8192")
     a = ap.parse_args()
+    if replot(a, plot):
+        return
     require_cuda("bench_srmsnorm.py")
     from triton.testing import do_bench
 
@@ -42,13 +60,12 @@ def main():
             fwd = do_bench(lambda: fn(x), warmup=25, rep=100, return_mode="median")
             fb = do_bench(lambda: torch.autograd.grad(fn(x), x, dy), warmup=25, rep=100, return_mode="median")
             bytes_fwd = 2 * x.numel() * 2  # read x, write y (bf16)
-            rows.append(dict(impl=name, rows=a.rows, dim=N, fwd_ms=fwd, fwdbwd_ms=fb, rel_err=err, grad_rel_err=gerr,
-                             correct=ok, fwd_floor_ms=bytes_fwd / HBM_BYTES_PER_S * 1e3,
-                             fwdbwd_floor_ms=5 * x.numel() * 2 / HBM_BYTES_PER_S * 1e3))
-            print(json.dumps(rows[-1]), flush=True)
-            write_results(out, rows)
-    for r in rows:
-        print(f"{r['impl']:9s} dim {r['dim']:5d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwdbwd_ms']:.3f} ms  ok={r['correct']}")
+            record(out, rows, dict(impl=name, rows=a.rows, dim=N, fwd_ms=fwd, fwdbwd_ms=fb, rel_err=err,
+                                   grad_rel_err=gerr, correct=ok, fwd_floor_ms=bytes_fwd / HBM_BYTES_PER_S * 1e3,
+                                   fwdbwd_floor_ms=5 * x.numel() * 2 / HBM_BYTES_PER_S * 1e3))
+    plot(rows, result_path(a, "srmsnorm", ".png"), provenance())
+    print_table(rows, [("impl", "impl", "9s"), ("dim", "dim", "5d"), ("fwd_ms", "fwd ms", "8.3f"),
+                       ("fwdbwd_ms", "fwd+bwd ms", "10.3f"), ("correct", "ok", "3d")])
 
 
 if __name__ == "__main__":

@@ -3,14 +3,16 @@
 Conventions: every benchmark runs from the repository root with ``tnlib`` imported as installed
 (``make setup`` installs it editable; on a machine with only a copy of the tree, ``PYTHONPATH=$PWD``),
 takes ``--out FOLDER`` (default ``results/bench``) and ``--commit HASH`` (recorded where the tree has no
-``.git``), and rewrites ``FOLDER/<name>-<gpu>.json`` = ``{"header": provenance, "rows": [...]}`` after
-every row, so a run cut short keeps what it measured.
+``.git``), rewrites ``FOLDER/<name>-<gpu>.json`` = ``{"header": provenance, "rows": [...]}`` after
+every row, so a run cut short keeps what it measured, and draws ``FOLDER/<name>-<gpu>.png`` from the
+rows at the end; ``--replot FILE.json`` only redraws the PNG beside a JSON (no GPU needed).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -25,7 +27,44 @@ def parser(doc: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/bench", help="folder for <name>-<gpu>.json (default: results/bench)")
     ap.add_argument("--commit", default=None, help="commit to record where the tree has no .git")
+    ap.add_argument("--replot", default=None, metavar="FILE.json",
+                    help="only redraw FILE.png from the rows of FILE.json (no GPU needed)")
     return ap
+
+
+def replot(args: argparse.Namespace, plot) -> bool:
+    """With ``--replot FILE.json``: ``plot(rows, FILE.png, header)`` and True (the caller then stops); else False."""
+    if not args.replot:
+        return False
+    if not args.replot.endswith(".json"):
+        sys.exit(f"--replot expects a .json file, got {args.replot!r}")
+    with open(args.replot) as f:
+        doc = json.load(f)
+    plot(doc["rows"], args.replot[: -len(".json")] + ".png", doc.get("header"))
+    print(f"wrote {args.replot[: -len('.json')]}.png")
+    return True
+
+
+def figure(n_rows: int = 1, n_cols: int = 1, size=(5.5, 3.6)):
+    """A matplotlib figure for a result PNG (no display needed): ``(fig, axes[n_rows][n_cols])``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(n_rows, n_cols, figsize=(size[0] * n_cols, size[1] * n_rows), squeeze=False)
+
+
+def save_figure(fig, path: str, header: dict | None = None) -> None:
+    """Write ``fig`` to ``path`` (PNG, folders created); the provenance's GPU, commit and date as a caption."""
+    if header:  # a file merged from several runs holds lists: the caption names the latest
+        last = {k: (v[-1] if isinstance(v, list) and v else v) for k, v in header.items()}
+        runs = f" (latest of {len(header['date'])} runs)" if isinstance(header.get("date"), list) else ""
+        fig.text(0.01, 0.005, f"{last.get('gpu')} · commit {str(last.get('commit'))[:10]} · {last.get('date')}{runs}",
+                 fontsize=7, color="gray")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def result_path(args: argparse.Namespace, name: str, suffix: str = ".json") -> str:
@@ -35,6 +74,30 @@ def result_path(args: argparse.Namespace, name: str, suffix: str = ".json") -> s
     if getattr(args, "commit", None):
         os.environ["TNLIB_COMMIT"] = args.commit
     return os.path.join(args.out, f"{name}-{gpu_slug()}{suffix}")
+
+
+def record(path: str, rows: list, row: dict, extra: dict | None = None) -> None:
+    """Append ``row``, print it, and rewrite the result file ``path`` (header: provenance + ``extra``)."""
+    from tnlib.provenance import write_results
+
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    write_results(path, rows, extra)
+
+
+def print_table(rows: list, columns: list) -> None:
+    """A summary table; ``columns`` = ``[(key, title, spec), ...]`` with a format spec that starts with the
+    width (``"18s"``, ``"10.0f"``). A row without a key shows its ``error`` from that column on."""
+    widths = [int(re.match(r"\d+", spec).group()) for _, _, spec in columns]
+    print(" ".join(f"{title:{'<' if spec.endswith('s') else '>'}{w}s}" for (_, title, spec), w in zip(columns, widths)))
+    for r in rows:
+        cells = []
+        for key, _, spec in columns:
+            if key not in r:
+                cells.append(f"ERROR {str(r.get('error', ''))[:60]}")
+                break
+            cells.append(format(r[key], spec))
+        print(" ".join(cells))
 
 
 def require_cuda(script: str) -> None:
