@@ -10,7 +10,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate train-385m bench-kernels bench-model bench-srmsnorm bench-inference clean help
+.PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate train-385m bench-kernels bench-model bench-srmsnorm bench-inference bench-fsdp1 ablations clean help
 
 # `make help` lists every target that has a `## description` on its rule line (tests/test_cli.py
 # checks that every .PHONY target has one).
@@ -119,21 +119,27 @@ PROMPT ?= It was a dark and stormy night
 generate: setup ## sample from a saved model: CKPT=RUN/final PROMPT="..."
 	$(BIN)/python -m tnlib generate --checkpoint $(CKPT) --tokenizer $(TOKENIZER) --prompt "$(PROMPT)"
 
-# GPU benchmarks: write results/bench/*-<gpu>.json with provenance (command, commit, versions, date)
-bench-model: setup ## GPU: training tokens/s of the 385M models -> results/bench
-	$(BIN)/python scripts/bench_model.py --compile-scope model --compile-mode reduce-overhead --set tnlib.nn.gla.FUSED_SGLU=true
+# GPU benchmarks (benchmarks/, one script per target, helpers in benchmarks/common.py): each writes
+# results/bench/<name>-<gpu>.json with provenance (command, commit, versions, date) after every row.
+# They run the library's defaults; BENCH_ARGS passes anything else, e.g. BENCH_ARGS="--out $OUT --lens 2048".
+BENCH_ARGS ?=
+bench-model: setup ## GPU: training tokens/s of the 385M models (the library's defaults) -> results/bench
+	$(BIN)/python benchmarks/bench_model.py $(BENCH_ARGS)
 
 bench-srmsnorm: setup ## GPU: SRMSNorm kernel vs eager and compiled PyTorch -> results/bench
-	$(BIN)/python scripts/bench_srmsnorm.py
+	$(BIN)/python benchmarks/bench_srmsnorm.py $(BENCH_ARGS)
 
 bench-inference: setup ## GPU: decode speed vs context length -> results/bench
-	$(BIN)/python scripts/bench_inference.py
+	$(BIN)/python benchmarks/bench_inference.py $(BENCH_ARGS)
+
+bench-fsdp1: setup ## GPU: training tokens/s with parallel=fsdp on one rank vs the default path -> results/bench
+	$(BIN)/python benchmarks/bench_fsdp1.py $(BENCH_ARGS)
 
 # Lightning Attention kernels vs fla, lightning-attn, SDPA, naive (needs a GPU; no setup step, so it
 # also runs on a GPU box without internet using its own python3 and carried wheels)
 bench-kernels: ## GPU: Lightning Attention kernels vs fla, lightning-attn, SDPA -> results/bench
 	@PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3); \
-	  $$PY scripts/bench_kernels.py --out results/bench
+	  $$PY benchmarks/bench_kernels.py $(BENCH_ARGS)
 
 clean: ## remove .venv and caches
 	rm -rf $(VENV) .pytest_cache **/__pycache__
@@ -141,6 +147,5 @@ clean: ## remove .venv and caches
 # the paper's ablation tables at small scale (configs/ablations.toml; resumable) -> results/ablation/
 ABL_SPEC ?= configs/ablations.toml
 ABL_PARALLEL ?= 1
-.PHONY: ablations
-ablations: setup data
+ablations: setup data ## the paper's ablation tables at small scale -> results/ablation (GPU; resumable)
 	$(BIN)/python -m tnlib sweep $(ABL_SPEC) --data $(DATA_DIR) --parallel $(ABL_PARALLEL)

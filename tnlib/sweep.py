@@ -270,7 +270,7 @@ def run_sweep(spec: dict, data: str, results: str, work: str, parallel: int = 1,
 
 
 def _speed_table(results: str) -> dict:
-    """``{"table/name": tokens/s}`` from the newest ``speed-385m*.json`` written by scripts/ablation_speed.py."""
+    """``{"table/name": tokens/s}`` from the newest ``speed-385m*.json`` written by tools/ablation_speed.py."""
     files = sorted(glob.glob(os.path.join(results, "speed-385m*.json")), key=os.path.getmtime)
     if not files:
         return {}

@@ -2,7 +2,7 @@
 
 ``triton.compile`` with a ``GPUTarget`` runs the whole GPU toolchain (frontend, MLIR passes, PTX,
 ptxas) on any machine. ``tests/test_kernels_compile.py`` uses it to catch what the interpreter
-accepts but the GPU compiler rejects; ``scripts/kernel_registers.py`` uses :func:`ptxas_usage` to
+accepts but the GPU compiler rejects; ``tools/kernel_registers.py`` uses :func:`ptxas_usage` to
 report registers and spills per kernel configuration.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Everything a launch needs beyond the tensors comes from :func:`launch_config`, one frozen
 :class:`LaunchConfig` per (shape, dtype). ``lightning_attention(..., config=...)`` takes another one
 (e.g. ``dataclasses.replace(launch_config(...), seg_len=128)``) for tuning and tests. The tile
-sizes are the winners of ``scripts/tune_lightning.py`` (``results/bench/NOTES-kernels.md``).
+sizes are the winners of ``tools/tune_lightning.py`` (``results/bench/NOTES-kernels.md``).
 """
 from __future__ import annotations
 

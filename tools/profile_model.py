@@ -1,8 +1,9 @@
 """Where a training step's time goes: torch.profiler over a few steps of a preset (GPU).
 
 Prints the top CUDA kernels by total time and writes the table (and a Chrome trace) under --out.
+The step is the model benchmark's (``benchmarks/common.py``), so the repository root must be importable.
 Use it before optimizing (METHOD: predict, change, measure): e.g.
-    python3 scripts/profile_model.py --preset tnl-385m --T 2048 --compile --out $OUT
+    PYTHONPATH=$PWD python3 tools/profile_model.py --preset tnl-385m --T 2048 --compile --fused-loss --out $OUT
 """
 import argparse
 import os
@@ -24,23 +25,22 @@ def main():
     ap.add_argument("--fused-loss", action="store_true", help="LM head + cross-entropy in row chunks (model(ids, targets))")
     ap.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"),
                     help="with --compile: each block (training's default) or the whole model as one graph "
-                         "(make bench-model's configuration)")
+                         "(a choice of TrainConfig.compile_scope)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (reduce-overhead: CUDA graphs; the "
                     "profiler then sees graph launches, not every kernel)")
-    ap.add_argument("--override", default="", help="model config overrides as in bench_model.py, e.g. packed_attention=false")
+    ap.add_argument("--override", default="", help="model config overrides as in benchmarks/bench_model.py, "
+                    "e.g. packed_attention=false")
     ap.add_argument("--out", default="runs/profile")
     a = ap.parse_args()
-    import json
+    from benchmarks.common import build, parse_settings, train_step
 
-    from bench_model import build, train_step
-
-    overrides = {k: json.loads(v) for k, v in (i.split("=", 1) for i in a.override.split(",") if i)}
+    overrides = parse_settings(a.override)
     model, fwd, graphs = build(a.preset, a.vocab, a.compile, a.compile_scope, a.compile_mode, overrides)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     B = max(1, a.tokens // a.T)
     ids = torch.randint(0, a.vocab, (B, a.T + 1), device="cuda")
 
-    def step():  # the step of scripts/bench_model.py
+    def step():  # the step of benchmarks/bench_model.py
         train_step(model, fwd, opt, ids, a.fused_loss, graphs)
 
     for _ in range(3):

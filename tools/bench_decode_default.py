@@ -15,6 +15,9 @@ cache warm from the step above) and second call (decoder reused from the cache).
 Writes ``<out>/decode-default-<gpu>.json`` with provenance. On a CPU only ``eager``/``auto`` run
 (``--preset tnl-tiny`` checks the script). Caches: by default Inductor and Triton write to fresh
 temporary folders, so the first compilation is what a new user pays; ``--warm-cache`` keeps yours.
+
+    PYTHONPATH=$PWD python3 tools/bench_decode_default.py --out $OUT
+    PYTHONPATH=$PWD python3 tools/bench_decode_default.py --device cpu --preset tnl-tiny --contexts 64 --out /tmp/d
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Lightning kernels at the model's attention shape (tnl-385m at T=2K: B=16, H=8, D=128, bf16).
 
-Usage (GPU): python3 scripts/tune_packed.py --out DIR [--B 16 --T 2048 --H 8 --D 128]
+Usage (GPU): PYTHONPATH=$PWD python3 tools/tune_packed.py --out DIR [--B 16 --T 2048 --H 8 --D 128]
 Checks ``lightning_attention_packed`` (feature map inside the kernels) against a float64 reference
 at that shape, times it against the unfused form (SiLU, then ``lightning_attention``), then sweeps
 the main kernel's (chunk, BV, warps, stages), the dk/dv kernel's (chunk, warps, stages) and the
@@ -9,19 +9,16 @@ segment length, timing the packed forward and forward+backward for each. Writes 
 import argparse
 import dataclasses
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
-from tnlib.ops import lightning as L  # noqa: E402
-from tnlib.ops.lightning import Tile, launch_config  # noqa: E402
-from tnlib.ops.reference import linear_attention_chunked  # noqa: E402
-from tnlib.provenance import gpu_slug, write_results  # noqa: E402
-from tnlib.testing import rel_err  # noqa: E402
+from tnlib.ops import lightning as L
+from tnlib.ops.lightning import Tile, launch_config
+from tnlib.ops.reference import linear_attention_chunked
+from tnlib.provenance import gpu_slug, write_results
+from tnlib.testing import rel_err
 
 MAIN_GRID = [(64, 64, 4, 2), (64, 64, 4, 1), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 2, 2),
              (64, 128, 8, 2), (64, 128, 8, 1), (128, 64, 8, 2), (128, 32, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2)]

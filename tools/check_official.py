@@ -8,7 +8,7 @@ eager one. It writes ``{"header": provenance, "rows": [...]}`` to ``--out`` afte
 line per row; float32 rows say whether they meet the CPU tests' tolerances (logits 1e-4, losses 1e-5,
 tokens equal where the golden top-1 margin > 1e-4). Run from the repository root:
 
-    PYTHONPATH=$PWD python3 scripts/check_official.py --out $OUT/official-check-h200.json
+    PYTHONPATH=$PWD python3 tools/check_official.py --out $OUT/official-check-h200.json
 
 On a CPU it runs the PyTorch fallbacks, or the Triton kernels in their interpreter with
 ``TRITON_INTERPRET=1`` (slow: use ``--dtypes float32``).
@@ -16,15 +16,12 @@ On a CPU it runs the PyTorch fallbacks, or the Triton kernels in their interpret
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tnlib import generate  # noqa: E402
-from tnlib.official import load_official  # noqa: E402
-from tnlib.provenance import write_results  # noqa: E402
+from tnlib import generate
+from tnlib.official import load_official
+from tnlib.provenance import write_results
 
 DATA = "tests/data/official-tnl"
 

@@ -16,22 +16,23 @@ memory floor is the bytes that must move at 4.3 TB/s (the copy rate measured on 
 forward reads q, k, v and writes o; forward+backward is about three times that.
 
 Writes ``<out>/kernels-<gpu>.json`` and ``<out>/kernels-<gpu>.png``.
+
+    python3 benchmarks/bench_kernels.py                # = make bench-kernels (tnlib installed)
+    PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --impls tnlib,fla --shapes 16:128:128 --out $OUT
+    python3 benchmarks/bench_kernels.py --replot results/bench/kernels-h200.json   # redraw the PNG, no GPU
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch
 import torch.nn.functional as F
+from common import HBM_BYTES_PER_S as BW
+from common import figure, parser, replot, require_cuda, result_path, save_figure
 
-BW = 4.3e12  # bytes/s, measured device-to-device copy rate of the H200 (DESIGN.md)
 DEV = "cuda"
 
 
@@ -279,14 +280,10 @@ def variants(tokens, dtype, shapes=((16, 128, 128),), lens=(1024, 32768), target
     return out
 
 
-def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows, path, header=None):
+    """Forward and forward+backward ms vs T, one row of panels per shape, with the memory floor."""
     shapes = sorted({(r["H"], r["K"], r["V"]) for r in rows}, key=lambda x: (-x[1], x[0]))
-    fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 3.6 * len(shapes)), squeeze=False)
+    fig, axes = figure(len(shapes), 2)
     colors = {"tnlib": "C3", "fla": "C0", "lightning-attn": "C2", "sdpa": "C1", "naive": "C7"}
     for i, (H, K, V) in enumerate(shapes):
         sub = [r for r in rows if (r["H"], r["K"], r["V"]) == (H, K, V)]
@@ -307,35 +304,27 @@ def plot(rows, path):
             ax.set_title(f"{title}: H={H}, K={K}, V={V}, B*T={sub[0]['B'] * sub[0]['T']}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, header)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="results/bench", help="folder for kernels-<gpu>.json/.png")
+    ap = parser(__doc__)
     ap.add_argument("--lens", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--tokens", type=int, default=65536, help="B*T held fixed")
-    ap.add_argument("--commit", default=None, help="commit to record (when git is unavailable)")
     ap.add_argument("--shapes", default="16:128:128,32:64:64,8:256:128", help="H:K:V,...")
     ap.add_argument("--no-long-check", action="store_true")
     ap.add_argument("--long-first", action="store_true", help="run the T=131072 check before timing")
     ap.add_argument("--long-heads", type=int, default=4)
     ap.add_argument("--impls", default=None, help="comma list of contenders to run (default: all)")
     ap.add_argument("--variants", action="store_true", help="also time tnlib's segment-plan variants")
-    ap.add_argument("--variants-only", action="store_true", help="only the variants (written to variants-<gpu>.json)")
+    ap.add_argument("--variants-only", action="store_true", help="only the variants (written to variants-<gpu>.json; "
+                    "tuning results: --out results/tuning)")
     ap.add_argument("--targets", default="256,512,1024", help="segment-plan target CTAs for the variants")
-    ap.add_argument("--replot", default=None, help="only redraw the PNG from this JSON file (no GPU needed)")
     a = ap.parse_args()
-    if a.replot:
-        with open(a.replot) as fh:
-            plot(json.load(fh)["rows"], a.replot[: -len(".json")] + ".png")
+    if replot(a, plot):
         return
-    if not torch.cuda.is_available():
-        sys.exit("bench_kernels.py needs a CUDA GPU")
-    if a.commit:
-        os.environ["TNLIB_COMMIT"] = a.commit
-    from tnlib.provenance import gpu_slug, provenance
+    require_cuda("bench_kernels.py")
+    from tnlib.provenance import provenance
 
     dtype = torch.bfloat16
     impls, versions, notes = make_impls()
@@ -344,9 +333,8 @@ def main():
     t0 = time.time()
     rows, checks, long, var = [], [], [], []
     lens = [int(x) for x in a.lens.split(",")]
-    slug = gpu_slug()
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"{'variants' if a.variants_only else 'kernels'}-{slug}.json")
+    path = result_path(a, "variants" if a.variants_only else "kernels")
     shapes = [tuple(int(x) for x in shp.split(":")) for shp in a.shapes.split(",")]
     if a.variants_only:
         a.variants, a.no_long_check, shapes = True, True, shapes
@@ -381,7 +369,7 @@ def main():
         run_shape(impls, checks, H, K, V, lens, a.tokens, dtype, rows)
         dump(True)
     if rows:
-        plot(rows, os.path.join(a.out, f"kernels-{slug}.png"))
+        plot(rows, result_path(a, "kernels", ".png"), provenance())
     if not a.no_long_check and not a.long_first:
         long.extend(long_check(a.long_heads))
         dump(True)

@@ -2,7 +2,7 @@
 poisons the context) with CUDA_LAUNCH_BLOCKING=1, so the failing launch is the one reported. Each case
 sets the forward's state update (value-scaled or not) and optionally its tile (chunk, BV, warps, stages).
 
-  python3 scripts/debug_illegal_access.py [--sanitize]
+  PYTHONPATH=$PWD python3 tools/debug_illegal_access.py [--sanitize]
 """
 import json, os, subprocess, sys, shutil
 

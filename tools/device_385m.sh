@@ -9,7 +9,7 @@
 #   plus a document-aligned prefix of shard 03 (117 of 135 books, re-compressed: .carry/corpus-gutenberg-03-part.txt.xz)
 #   echo /.carry/ >> .git/info/exclude
 # Then, on nvidia-h200-x2:
-#   run(command="TNLIB_COMMIT=$(git rev-parse HEAD) bash scripts/device_385m.sh 45000000 tnl-385m transformer-385m",
+#   run(command="TNLIB_COMMIT=$(git rev-parse HEAD) bash tools/device_385m.sh 45000000 tnl-385m transformer-385m",
 #       carry=[".carry"])
 # (a model may carry config overrides, e.g. `tnl-385m tnl-385m+residual_dtype=compute` trains the same
 # preset both ways on the same tokens), and copy the returned files into runs/385m/<model>/ before running

@@ -1,47 +1,45 @@
 """Training throughput and peak memory of tnl-385m vs transformer-385m (make bench-model).
 
-bf16 autocast, AdamW, a fixed number of tokens per step (32,768 by default) at each sequence length;
-eager and torch.compile'd. Writes results/bench/model-<gpu>.json with provenance.
+A training step as ``tnlib.train`` takes it by default (each block compiled on its own, bf16 autocast,
+fused AdamW, gradient clipping at 1.0; ``common.train_step``), a fixed number of tokens per step (32,768 by default) at each
+sequence length, eager and compiled, with the fused LM-head loss (training's default on a GPU) and
+with ``F.cross_entropy`` on fp32 logits. Writes ``<out>/model-<gpu>.json`` with provenance.
+
+    python3 benchmarks/bench_model.py                  # = make bench-model (tnlib installed)
+    PYTHONPATH=$PWD python3 benchmarks/bench_model.py --models tnl-385m --lens 2048 --loss fused
 """
-import argparse
-import json
-import sys
 import time
 
 import torch
-import torch.nn.functional as F
+from common import (build, figure, parse_settings, parser, print_table, record, replot, require_cuda, result_path,
+                    save_figure, train_step)
 
 import tnlib
-from tnlib.provenance import gpu_slug, write_results
+from tnlib.provenance import provenance
 
 
-def build(preset, vocab, compiled, compile_scope="blocks", compile_mode=None, overrides=None):
-    """``(model, fwd, graphs)``: the preset on the GPU (seeded), ``fwd`` what a step calls (the model with
-    its blocks compiled, or the whole model as one compiled graph: what TrainConfig(compile_scope="model")
-    does), ``graphs`` whether CUDA graphs record it (mode reduce-overhead). Shared with profile_model.py."""
-    torch.manual_seed(0)
-    model = tnlib.create_model(preset, vocab_size=vocab, **(overrides or {})).cuda()
-    fwd = model
-    if compiled and compile_scope == "blocks":
-        model.compile_blocks(mode=compile_mode)
-    elif compiled:
-        fwd = torch.compile(model, mode=compile_mode)
-    return model, fwd, compiled and bool(compile_mode and "reduce-overhead" in compile_mode)
-
-
-def train_step(model, fwd, opt, ids, fused_loss, graphs):
-    """One training step as timed here: bf16 autocast forward (fused: the chunked LM head + cross-entropy,
-    ``model(ids, targets)``), backward, gradient clipping at 1.0, AdamW; returns the loss."""
-    if graphs:
-        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new training step starts
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = fwd(ids[:, :-1], ids[:, 1:]) if fused_loss else fwd(ids[:, :-1])
-    loss = out if fused_loss else F.cross_entropy(out.float().flatten(0, 1), ids[:, 1:].flatten())
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
+def plot(rows, path, header=None):
+    """Tokens/s and peak memory vs T per (model, mode, loss); where the file holds several runs (a ``run``
+    field), each line is from the latest run that measured it."""
+    ok = [r for r in rows if "error" not in r]
+    latest = {}
+    for r in ok:
+        key = (r["model"], r["mode"], bool(r.get("fused_loss")))
+        latest[key] = max(latest.get(key, r.get("run", 0)), r.get("run", 0))
+    fig, axes = figure(1, 2)
+    for key, run_id in latest.items():
+        pts = sorted({r["T"]: r for r in ok if (r["model"], r["mode"], bool(r.get("fused_loss"))) == key
+                      and r.get("run", 0) == run_id}.items())
+        label = f"{key[0]} {key[1]}{' fused loss' if key[2] else ''}" + (f" (run {run_id})" if run_id else "")
+        style = "o-" if key[0].startswith("tnl") else "s--"
+        axes[0][0].semilogx([t for t, _ in pts], [r["tokens_per_s"] / 1e3 for _, r in pts], style, base=2, label=label)
+        axes[0][1].semilogx([t for t, _ in pts], [r["peak_gb"] for _, r in pts], style, base=2, label=label)
+    for ax, ylabel in ((axes[0][0], "training tokens/s (thousands)"), (axes[0][1], "peak memory (GB)")):
+        ax.set_xlabel("sequence length T (tokens per step fixed)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    save_figure(fig, path, header)
 
 
 def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile_mode=None,
@@ -80,22 +78,8 @@ def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile
     return row
 
 
-def apply_settings(items, target):
-    """Each ``name=value`` item (value in JSON) is set on ``target(name) -> (object, attribute)`` for the
-    whole run; returns ``{name: value}`` for the result header. Unknown names stop the run."""
-    applied = {}
-    for item in filter(None, items):
-        k, v = item.split("=", 1)
-        obj, attr = target(k)
-        if not hasattr(obj, attr):
-            sys.exit(f"unknown setting {k!r}")
-        applied[k] = json.loads(v)
-        setattr(obj, attr, applied[k])
-    return applied
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = parser(__doc__)
     ap.add_argument("--models", default="tnl-385m,transformer-385m")
     ap.add_argument("--lens", default="2048,8192,32768")
     ap.add_argument("--modes", default="eager,compiled")
@@ -103,7 +87,6 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=50272)
-    ap.add_argument("--out", default=None)
     ap.add_argument("--loss", default="fused,logits",
                     help="comma list of: fused (model(ids, targets): the chunked LM head + cross-entropy, "
                          "training's default on a GPU), logits (F.cross_entropy on fp32 logits)")
@@ -111,18 +94,24 @@ def main():
                     "'residual_dtype=\"compute\"' (comma list, JSON values; recorded in the header)")
     ap.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"),
                     help="compile each block (training's default) or the whole model as one graph")
-    ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the blocks, e.g. max-autotune-no-cudagraphs")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs "
+                    "(default: none, as training compiles)")
     ap.add_argument("--inductor", default="", help="torch._inductor.config settings for the whole run, "
                     "e.g. coordinate_descent_tuning=1 (recorded in the header)")
     a = ap.parse_args()
+    if replot(a, plot):
+        return
     import torch._inductor.config as ic
 
-    inductor = apply_settings(a.inductor.split(","), lambda k: (ic, k))
-    overrides = {k: json.loads(v) for k, v in (i.split("=", 1) for i in a.override.split(",") if i)}
+    inductor = parse_settings(a.inductor)
+    for k, v in inductor.items():
+        if not hasattr(ic, k):
+            raise SystemExit(f"unknown torch._inductor.config setting {k!r}")
+        setattr(ic, k, v)
+    overrides = parse_settings(a.override)
     tnlib.models.get_config("tnl-tiny", **overrides)  # unknown names or values stop the run here
-    if not torch.cuda.is_available():
-        sys.exit("bench_model needs a CUDA GPU")
-    out = a.out or f"results/bench/model-{gpu_slug()}.json"
+    require_cuda("bench_model.py")
+    out = result_path(a, "model")
     rows = []
     for mode in a.modes.split(","):
         for preset in a.models.split(","):
@@ -133,17 +122,11 @@ def main():
                 except Exception as e:  # record failures instead of losing the whole run
                     r = dict(model=preset, T=T, mode=mode, fused_loss=loss_kind == "fused", error=repr(e)[:300])
                     torch.cuda.empty_cache()
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-                write_results(out, rows, {"tokens_per_step": a.tokens, "inductor": inductor, "compile_mode": a.compile_mode,
-                                          "compile_scope": a.compile_scope, "overrides": overrides})
-    print(f"{'model':18s} {'mode':9s} {'T':>6s} {'tok/s':>10s} {'peak GB':>8s}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['model']:18s} {r['mode']:9s} {r['T']:6d} ERROR {r['error'][:60]}")
-        else:
-            print(f"{r['model']:18s} {r['mode']:9s} {r['T']:6d} {r['tokens_per_s']:10.0f} {r['peak_gb']:8.1f}"
-                  f"{'  fused loss' if r.get('fused_loss') else ''}")
+                record(out, rows, r, {"tokens_per_step": a.tokens, "inductor": inductor, "compile_mode": a.compile_mode,
+                                      "compile_scope": a.compile_scope, "overrides": overrides})
+    plot(rows, result_path(a, "model", ".png"), provenance())
+    print_table(rows, [("model", "model", "18s"), ("mode", "mode", "9s"), ("fused_loss", "fused loss", "10d"),
+                       ("T", "T", "6d"), ("tokens_per_s", "tok/s", "10.0f"), ("peak_gb", "peak GB", "8.1f")])
 
 
 if __name__ == "__main__":

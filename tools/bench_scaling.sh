@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Data-parallel scaling of training (issue 6): the same per-GPU batch on 1 GPU and, through
 # torchrun + DDP, on N GPUs; tokens/s = median over the steps after the compile warm-up.
-# Usage (GPU machine with >= 2 GPUs):  bash scripts/bench_scaling.sh OUT_DIR [preset] [steps] [phases]
+# Usage (GPU machine with >= 2 GPUs):  bash tools/bench_scaling.sh OUT_DIR [preset] [steps] [phases]
 # phases: any of 1 (one-GPU run), N (all-GPU run), report; default "1 N report".
 # EXTRA="grad_accum=2 ddp_bucket_mb=100 fused_loss=true" adds TrainConfig settings to both runs.
 # Writes OUT_DIR/scaling-<gpu>x<N>.json with provenance and both runs' medians.
@@ -38,7 +38,7 @@ def med(path):
     return statistics.median(tps), len(tps)
 one, k1 = med("/tmp/scale-1/metrics.jsonl")
 many, kn = med(f"/tmp/scale-{n}/metrics.jsonl")
-doc = {"header": provenance({"preset": preset, "seq_len": int(os.environ.get("SEQ", 2048)), "batch_per_gpu": int(os.environ.get("BATCH", 16)), "steps": steps, "command": f"bash scripts/bench_scaling.sh {out} {preset} {steps}", "extra": os.environ.get("EXTRA", ""), "data": os.environ.get("DATA", ""),
+doc = {"header": provenance({"preset": preset, "seq_len": int(os.environ.get("SEQ", 2048)), "batch_per_gpu": int(os.environ.get("BATCH", 16)), "steps": steps, "command": f"bash tools/bench_scaling.sh {out} {preset} {steps}", "extra": os.environ.get("EXTRA", ""), "data": os.environ.get("DATA", ""),
                              "method": "median tokens/s over steps 11..max (after the compile warm-up); "
                                        "same per-GPU batch, DDP through torchrun, torch.compile"}),
        "gpus_1": {"tokens_per_s": one, "steps_counted": k1},

@@ -1,6 +1,6 @@
 """GPU correctness at real sizes plus a small block-size sweep for tnlib's Lightning Attention kernels.
 
-Usage (on the GPU machine): python3 scripts/tune_lightning.py --out DIR
+Usage (on the GPU machine): PYTHONPATH=$PWD python3 tools/tune_lightning.py --out DIR
 Prints the relative errors of outputs, final state and all gradients against a float64 reference
 (including T=131072, B=1), then times the main kernel per state shape [DK, DV] for a grid of
 (chunk, BV, num_warps, num_stages) and prints the winners (defaults: tnlib.ops.lightning.plan._generic_tile).
@@ -10,10 +10,7 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch
 from triton.testing import do_bench

@@ -8,7 +8,7 @@ wall time for a token budget, picks the largest shape whose sweep fits ``--budge
 ``--min-tokens`` per run, then the largest token budget (up to the training split: no repeated data)
 that still fits, and writes both the measurements and the choice to ``--out`` (JSON, with provenance).
 
-    python3 scripts/ablation_size.py --data /tmp/abl-data --out $OUT/sizing.json --budget-min 11
+    PYTHONPATH=$PWD python3 tools/ablation_size.py --data /tmp/abl-data --out $OUT/sizing.json --budget-min 11
 """
 from __future__ import annotations
 
@@ -21,10 +21,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tnlib.provenance import provenance  # noqa: E402
-from tnlib.sweep import load_spec, plan_runs, row_model_overrides  # noqa: E402
+from tnlib.provenance import provenance
+from tnlib.sweep import load_spec, plan_runs, row_model_overrides
 
 
 def measure(shape: dict, spec: dict, data: str, parallel: int, seconds: float, work: str) -> dict:
@@ -173,7 +171,7 @@ def main():
     s = chosen["shape"]
     print(f"chosen: d_model={s['d_model']} n_layers={s['n_layers']} n_heads={s['n_heads']}, {tokens:,} tokens/run, "
           f"predicted sweep {choice['predicted_min']:.1f} min")
-    # the last line is read by scripts/ablation_device.sh
+    # the last line is read by tools/ablation_device.sh
     print(f"SWEEP_ARGS --shape d_model={s['d_model']} n_layers={s['n_layers']} n_heads={s['n_heads']} "
           f"--set tokens={tokens}")
 

@@ -6,17 +6,13 @@ spills heavily is worth a look, one that stops spilling is worth timing. Run it 
 the GPU machine (e.g. ``pip install --target DIR triton==3.6.0 --no-deps``, then ``PYTHONPATH=DIR``)
 to see what that machine compiles.
 
-Usage: python3 scripts/kernel_registers.py [--out FILE.json]
+Usage: PYTHONPATH=$PWD python3 tools/kernel_registers.py [--out FILE.json]
 """
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from tnlib.ops.lightning import kernels as K  # noqa: E402
-from tnlib.ops._sm90 import BF16, FP32, compile_sm90, lightning_launch_ints, ptxas_usage  # noqa: E402
+from tnlib.ops.lightning import kernels as K
+from tnlib.ops._sm90 import BF16, FP32, compile_sm90, lightning_launch_ints, ptxas_usage
 
 MAIN_PTRS = dict(A=BF16, Bp=BF16, Cp=BF16, O=BF16, INIT=FP32, LOCAL=FP32, FINAL=FP32, slope_ptr=FP32, E=BF16)
 MAIN_BASE = dict(DK=128, BV=64, CH=64, HAS_INIT=False, INIT_DECAY=True, HAS_LOCAL=False, STORE_FINAL=False,

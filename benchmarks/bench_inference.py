@@ -3,32 +3,36 @@
 tnl-385m (recurrent state; decode replayed from a CUDA graph, and eager for reference) vs
 transformer-385m (KV cache, eager), random bf16 weights, batch 1 and 16, contexts 1K..64K.
 Checks first that the graph decode reproduces the eager decode. Writes
-results/bench/inference-<gpu>.json with provenance.
+``<out>/inference-<gpu>.json`` with provenance.
+
+    python3 benchmarks/bench_inference.py              # = make bench-inference (tnlib installed)
+    PYTHONPATH=$PWD python3 benchmarks/bench_inference.py --contexts 1024 --batches 1 --out $OUT
 """
-import argparse
-import json
 import time
 
 import torch
+from common import cuda_median_ms, figure, parser, print_table, record, replot, require_cuda, result_path, save_figure
 
 import tnlib
 from tnlib.generation import GraphDecoder
-from tnlib.provenance import gpu_slug, write_results
+from tnlib.provenance import provenance
 from tnlib.testing import rel_err
 
 
-def cuda_ms(fn, reps):
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    return times[len(times) // 2]
+def plot(rows, path, header=None):
+    """Decode ms/token, cache size and prefill time vs context, one line per (model, decoder, batch)."""
+    fig, axes = figure(1, 3, size=(4.6, 3.6))
+    ok = [r for r in rows if "error" not in r]
+    for key, ax, label in (("decode_ms_per_token", axes[0][0], "decode ms / token"),
+                           ("cache_gb", axes[0][1], "cache GB"), ("prefill_ms", axes[0][2], "prefill ms")):
+        for series in dict.fromkeys((r["model"], r["mode"], r["B"]) for r in ok):
+            pts = sorted((r["context"], r[key]) for r in ok if (r["model"], r["mode"], r["B"]) == series)
+            ax.loglog(*zip(*pts), "o-" if series[0].startswith("tnl") else "s--", label="{} {} B={}".format(*series))
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    save_figure(fig, path, header)
 
 
 #: decode modes beyond the decoders (eager, graph, compiled-graph): the compiled step with another
@@ -66,7 +70,7 @@ def bench(model, name, B, ctx, vocab, decode_steps, mode, cublas_model=None):
             return lg
     for _ in range(3):
         step()
-    ms = cuda_ms(step, decode_steps)
+    ms = cuda_median_ms(step, decode_steps)
     decode_peak = (torch.cuda.max_memory_allocated() - weights) / 1e9
     return dict(model=name, mode=mode, B=B, context=ctx, prefill_ms=prefill_ms, prefill_tokens_per_s=B * ctx / prefill_ms * 1e3,
                 decode_ms_per_token=ms, decode_tokens_per_s=B / ms * 1e3, cache_gb=cache_gb,
@@ -88,7 +92,7 @@ def check_graph(model, vocab, fuse=False, compile_mode=None):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = parser(__doc__)
     ap.add_argument("--contexts", default="1024,4096,16384,65536")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--vocab", type=int, default=50272)
@@ -97,9 +101,11 @@ def main():
                     help="the decoders eager, graph, compiled-graph; compiled-graph-max (max-autotune), "
                          "compiled-graph-cublas (projections through cuBLAS instead of the GEMV kernel)")
     ap.add_argument("--models", default="tnl-385m,transformer-385m")
-    ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    out = a.out or f"results/bench/inference-{gpu_slug()}.json"
+    if replot(a, plot):
+        return
+    require_cuda("bench_inference.py")
+    out = result_path(a, "inference")
     rows = []
     checks = {}
     for name in a.models.split(","):
@@ -124,19 +130,14 @@ def main():
                         r = bench(model, name, B, ctx, a.vocab, a.decode_steps, mode, cublas_model)
                     except torch.cuda.OutOfMemoryError as e:
                         r = dict(model=name, mode=mode, B=B, context=ctx, error="out of memory: " + str(e)[:120])
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
                     torch.cuda.empty_cache()
-                    write_results(out, rows, checks)
+                    record(out, rows, r, checks)
         del model, cublas_model
         torch.cuda.empty_cache()
-    print(f"{'model':18s} {'mode':6s} {'B':>3s} {'ctx':>6s} {'prefill ms':>10s} {'ms/token':>9s} {'tok/s':>8s} {'cache GB':>8s}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['model']:18s} {r['mode']:6s} {r['B']:3d} {r['context']:6d} {r['error'][:50]}")
-        else:
-            print(f"{r['model']:18s} {r['mode']:6s} {r['B']:3d} {r['context']:6d} {r['prefill_ms']:10.1f} "
-                  f"{r['decode_ms_per_token']:9.3f} {r['decode_tokens_per_s']:8.0f} {r['cache_gb']:8.3f}")
+    plot(rows, result_path(a, "inference", ".png"), provenance())
+    print_table(rows, [("model", "model", "18s"), ("mode", "mode", "22s"), ("B", "B", "3d"), ("context", "ctx", "6d"),
+                       ("prefill_ms", "prefill ms", "10.1f"), ("decode_ms_per_token", "ms/token", "9.3f"),
+                       ("decode_tokens_per_s", "tok/s", "8.0f"), ("cache_gb", "cache GB", "8.3f")])
 
 
 if __name__ == "__main__":

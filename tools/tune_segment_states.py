@@ -5,18 +5,16 @@ make the segments' start states (its time and bandwidth: results/bench/NOTES-ker
 checks each against the default's states, and reports the effective bandwidth. Writes
 segment-states-<gpu>.json under --out.
 
-    python3 scripts/tune_segment_states.py --out $OUT
+    PYTHONPATH=$PWD python3 tools/tune_segment_states.py --out $OUT
 """
 import argparse
 import dataclasses
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tnlib.ops.lightning import Tile, launch_config, op  # noqa: E402
-from tnlib.provenance import gpu_slug, write_results  # noqa: E402
+from tnlib.ops.lightning import Tile, launch_config, op
+from tnlib.provenance import gpu_slug, write_results
 
 CONFIGS = "default,64:128:8:3,64:128:8:4,32:128:4:3,32:128:8:3,128:128:8:2,64:64:4:3,64:64:8:3,32:64:4:4"
 

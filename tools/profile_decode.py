@@ -3,7 +3,7 @@
 Lists every CUDA kernel of one ``tnl-385m`` decode step (name, calls per step, mean µs) and the
 kernel count per token, for the step compiled with torch.compile (the body that ``GraphDecoder``
 captures with ``fuse=True``). Use it before changing the decode path:
-    python3 scripts/profile_decode.py --out $OUT [--compile-mode max-autotune-no-cudagraphs] [--cublas]
+    PYTHONPATH=$PWD python3 tools/profile_decode.py --out $OUT [--compile-mode max-autotune-no-cudagraphs] [--cublas]
 """
 import argparse
 import os

@@ -8,8 +8,8 @@ row; ``--compile`` compiles each block (tnlib's training default) when that is a
 says its mixed positional scheme trains 15-20% faster than LRPE-d on every layer: the JSON reports the
 measured ratio (rows C/lrpe-d and default/default).
 
-    python3 scripts/ablation_speed.py --out $OUT/speed-385m-h200.json      # on the GPU, ~2-3 minutes
-    python scripts/ablation_speed.py --size tiny --seq-len 64 --batch 2 --warmup 1 --steps 2 --out /tmp/s.json  # CPU check
+    PYTHONPATH=$PWD python3 tools/ablation_speed.py --out $OUT/speed-385m-h200.json      # on the GPU, ~2-3 minutes
+    PYTHONPATH=$PWD python tools/ablation_speed.py --size tiny --seq-len 64 --batch 2 --warmup 1 --steps 2 --out /tmp/s.json  # CPU check
 """
 from __future__ import annotations
 
@@ -18,16 +18,13 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from tnlib.models import build_model, get_config  # noqa: E402
-from tnlib.provenance import provenance  # noqa: E402
-from tnlib.sweep import load_spec  # noqa: E402
+from tnlib.models import build_model, get_config
+from tnlib.provenance import provenance
+from tnlib.sweep import load_spec
 
 
 def time_row(row: dict, size: str, seq_len: int, batch: int, accum: int, warmup: int, steps: int, compile_: bool,

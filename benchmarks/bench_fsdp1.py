@@ -4,27 +4,25 @@ Runs ``tnlib.train.train`` itself, alternately with the default path and with ``
 1-rank process group (no launcher needed), on random tokens (so no data set is required; the vocabulary
 is the preset's), and records the steady-state tokens/s of each from the same process. Library defaults
 otherwise (bf16 autocast, fused loss on CUDA, no compile). Writes ``OUT/fsdp1-<gpu>.json`` with
-provenance after every run, so an interrupted benchmark keeps what it measured.
+provenance after every run, so an interrupted benchmark keeps what it measured (make bench-fsdp1).
 
-    PYTHONPATH=$PWD python3 scripts/bench_fsdp1.py --out results/bench          # tnl-385m, T=2048, 32K tokens/step
-    PYTHONPATH=$PWD python3 scripts/bench_fsdp1.py --preset tnl-tiny --seq-len 64 --tokens 256 --steps 4 --out /tmp/b
+    python3 benchmarks/bench_fsdp1.py                                    # = make bench-fsdp1: tnl-385m, T=2048, 32K tokens/step
+    PYTHONPATH=$PWD python3 benchmarks/bench_fsdp1.py --preset tnl-tiny --seq-len 64 --tokens 256 --steps 4 --out /tmp/b
 """
-import argparse
 import gc
 import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 
 import numpy as np
 import torch
+from common import figure, parser, replot, result_path, save_figure
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tnlib.models import get_config  # noqa: E402
-from tnlib.provenance import gpu_slug, write_results  # noqa: E402
-from tnlib.train import TrainConfig, train  # noqa: E402
+from tnlib.models import get_config
+from tnlib.provenance import provenance, write_results
+from tnlib.train import TrainConfig, train
 
 
 def random_data(path: str, vocab: int, n_tokens: int) -> None:
@@ -36,16 +34,29 @@ def random_data(path: str, vocab: int, n_tokens: int) -> None:
         json.dump({"vocab_size": vocab, "tokenizer_sha256": "random", "splits": splits}, f)
 
 
+def plot(rows, path, header=None):
+    """Tokens/s of each run, default path vs FSDP on one rank, in the order they ran."""
+    fig, axes = figure()
+    ax = axes[0][0]
+    for i, r in enumerate(rows):
+        ax.bar(i, r["tokens_per_s"] / 1e3, color="C0" if r["mode"] == "default" else "C1")
+    ax.set_xticks(range(len(rows)), [f"{r['mode']}\nround {r['round']}" for r in rows], fontsize=7)
+    ax.set_ylabel("training tokens/s (thousands, median)")
+    ax.set_title("one GPU: default path vs parallel=fsdp")
+    save_figure(fig, path, header)
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--preset", default="tnl-385m")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=32768, help="tokens per optimizer step")
     ap.add_argument("--steps", type=int, default=20, help="steps per run (the first --warmup not timed)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2, help="default/fsdp pairs, alternated")
-    ap.add_argument("--out", required=True, help="folder for fsdp1-<gpu>.json")
     a = ap.parse_args()
+    if replot(a, plot):
+        return
     if a.tokens % a.seq_len:
         raise SystemExit(f"--tokens {a.tokens} is not a multiple of --seq-len {a.seq_len}")
     if a.steps <= a.warmup:
@@ -54,7 +65,7 @@ def main():
     # the runs' checkpoints (GBs for a 385M model, deleted after each run) go to memory where a tmpfs has room
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 32e9 else None
     work = tempfile.mkdtemp(prefix="bench_fsdp1-", dir=shm)
-    out_file = os.path.join(a.out, f"fsdp1-{gpu_slug()}.json")
+    out_file = result_path(a, "fsdp1")
     rows = []
     try:
         random_data(os.path.join(work, "data"), vocab, max(4 * a.tokens, 2 * a.seq_len + 2))
@@ -87,6 +98,7 @@ def main():
                 write_results(out_file, rows, {"preset": a.preset, "seq_len": a.seq_len, "tokens_per_step": a.tokens,
                                                "steps": a.steps, "warmup": a.warmup, "summary": summary})
         print(json.dumps(summary), flush=True)
+        plot(rows, result_path(a, "fsdp1", ".png"), provenance())
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -5,17 +5,15 @@ many programs in flight the second read misses L2; wider programs (more warps, s
 may keep it there. One chunk of the 385M training step: 8,192 rows x 50,272 bf16. Each config is checked
 against PyTorch before timing. Writes xent-<gpu>.json under --out.
 
-    python3 scripts/tune_xent.py --out $OUT
+    PYTHONPATH=$PWD python3 tools/tune_xent.py --out $OUT
 """
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tnlib.ops import loss as L  # noqa: E402
-from tnlib.provenance import gpu_slug, write_results  # noqa: E402
+from tnlib.ops import loss as L
+from tnlib.provenance import gpu_slug, write_results
 
 
 def main():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ablation sweep (issue 15) on a lent GPU machine (no internet, no `datasets`), over chained calls.
 #
-#   start   prepares the data from the carried shards, sizes the study (scripts/ablation_size.py:
+#   start   prepares the data from the carried shards, sizes the study (tools/ablation_size.py:
 #           tokens/s of candidate shapes, the largest shape and token budget whose sweep fits BUDGET_MIN),
 #           starts the sweep in the background (setsid nohup: it outlives the call), then follows it
 #           like `status` until the call's own time is nearly used.
@@ -13,9 +13,9 @@
 #   grep -qx '/.carry-abl/' .git/info/exclude || echo /.carry-abl/ >> .git/info/exclude
 # (43.7 MB: ~36M training tokens with the 50,272-token BPE, so no run repeats data up to that budget.)
 # Then, on nvidia-h200:
-#   run(command="TNLIB_COMMIT=$(git rev-parse HEAD) bash scripts/ablation_device.sh start", carry=[".carry-abl"], timeout_s=600)
-#   run(command="SPEED=1 bash scripts/ablation_device.sh status", timeout_s=600)   # repeat until done
-# SPEED=1: when the sweep has ended, the same call times every row at 385M (scripts/ablation_speed.py,
+#   run(command="TNLIB_COMMIT=$(git rev-parse HEAD) bash tools/ablation_device.sh start", carry=[".carry-abl"], timeout_s=600)
+#   run(command="SPEED=1 bash tools/ablation_device.sh status", timeout_s=600)   # repeat until done
+# SPEED=1: when the sweep has ended, the same call times every row at 385M (tools/ablation_speed.py,
 # ~2-3 min) and returns $OUT/speed-385m-h200.json (copy it to results/ablation/ before --summarize).
 # Each call returns $OUT/ablation-results.tar.gz (finished runs + summaries, relative to results/ablation/),
 # $OUT/sweep.log and $OUT/sizing.json. Unpack here with
@@ -64,13 +64,13 @@ follow() {  # print progress until the sweep ends or the call's time is used
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
 }
 
-speed() {  # SPEED=1: once the sweep has ended, time every row at 385M (scripts/ablation_speed.py) in this call
+speed() {  # SPEED=1: once the sweep has ended, time every row at 385M (tools/ablation_speed.py) in this call
   [ "${SPEED:-0}" = 1 ] || return 0
   if kill -0 "$(cat $ROOT/sweep.pid 2>/dev/null)" 2>/dev/null; then echo "speed: the sweep still runs; later"; return 0; fi
   if [ ! -f $ROOT/speed-385m-h200.json ] && [ $(( $(date +%s) - T_CALL )) -gt $(( 600 - ${SPEED_S:-240} )) ]; then
     echo "speed: too little of this call left; run 'SPEED=1 ... status' again"; return 0
   fi
-  [ -f $ROOT/speed-385m-h200.json ] || python3 scripts/ablation_speed.py --spec $SPEC --out $ROOT/speed-385m-h200.json \
+  [ -f $ROOT/speed-385m-h200.json ] || python3 tools/ablation_speed.py --spec $SPEC --out $ROOT/speed-385m-h200.json \
     2>&1 | tee $ROOT/speed.log
   cp $ROOT/speed-385m-h200.json $ROOT/speed.log "$OUT/" 2>/dev/null || true
 }
@@ -96,7 +96,7 @@ start)
   fi
   t0=$(date +%s)
   if [ -z "${SWEEP_ARGS:-}" ]; then  # SWEEP_ARGS="--shape ... --set tokens=..." skips the sizing
-    python3 scripts/ablation_size.py --spec $SPEC --data $DATA --candidates $CANDIDATES --parallel $PARALLEL \
+    python3 tools/ablation_size.py --spec $SPEC --data $DATA --candidates $CANDIDATES --parallel $PARALLEL \
       --seconds $SIZE_SECONDS --budget-min $BUDGET_MIN --min-tokens $MIN_TOKENS --work $ROOT/size --out $ROOT/sizing.json 2>&1 | tee $ROOT/size.log
     SWEEP_ARGS=$(grep '^SWEEP_ARGS' $ROOT/size.log | tail -n 1 | cut -d' ' -f2-)
     [ -n "$SWEEP_ARGS" ] || { echo "sizing failed"; pack; exit 1; }

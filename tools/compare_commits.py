@@ -3,8 +3,8 @@
 Run it once per tree in the same GPU session and set the two JSON files side by side:
 
     git archive e6f71d5 tnlib | (mkdir -p /tmp/before && tar -x -C /tmp/before)
-    TNLIB_COMMIT=e6f71d5 PYTHONPATH=/tmp/before python3 scripts/compare_commits.py --label before --out $OUT/before.json
-    PYTHONPATH=$PWD python3 scripts/compare_commits.py --label after --out $OUT/after.json
+    TNLIB_COMMIT=e6f71d5 PYTHONPATH=/tmp/before python3 tools/compare_commits.py --label before --out $OUT/before.json
+    PYTHONPATH=$PWD python3 tools/compare_commits.py --label after --out $OUT/after.json
 
 (``TNLIB_COMMIT`` names a tree that has no ``.git``; the header records where ``tnlib`` came from.)
 
@@ -74,7 +74,7 @@ def bench_ms(fn, device, grad_to_none=None, reps=20):
 
 
 def slopes(h):
-    """ALiBi-style per-head decay rates (as in scripts/bench_kernels.py)."""
+    """ALiBi-style per-head decay rates (as in benchmarks/bench_kernels.py)."""
     start = 2 ** (-(2 ** -(math.log2(h) - 3)))
     return torch.tensor([start * start**i for i in range(h)], dtype=torch.float32)
 

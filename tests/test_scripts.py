@@ -1,0 +1,85 @@
+"""The repository's scripts: one benchmark per ``make bench-*`` target, tnlib imported as installed,
+every ``--help`` runs, and the result files that notebooks and notes name exist."""
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.py")) + glob.glob(os.path.join(ROOT, "tools", "*.py"))
+                 + glob.glob(os.path.join(ROOT, "tools", "*.sh")))
+
+
+def _bench_targets():
+    """``{target: script}`` for every ``bench-*`` rule of the Makefile (the script its recipe runs)."""
+    text = open(os.path.join(ROOT, "Makefile")).read()
+    out = {}
+    for m in re.finditer(r"^(bench-[\w-]+):.*\n((?:\t.*\n)+)", text, re.M):
+        scripts = re.findall(r"(\S+\.py)", m.group(2))
+        out[m.group(1)] = (scripts, m.group(2))
+    return out
+
+
+def test_no_script_edits_sys_path():
+    assert SCRIPTS
+    offenders = [os.path.relpath(p, ROOT) for p in SCRIPTS if "sys.path" in open(p).read()]
+    assert not offenders, f"scripts must import tnlib as installed (PYTHONPATH=$PWD), not edit sys.path: {offenders}"
+
+
+def test_one_benchmark_per_make_target():
+    targets = _bench_targets()
+    assert {"bench-kernels", "bench-model", "bench-srmsnorm", "bench-inference"} <= set(targets)
+    run = set()
+    for target, (scripts, _) in targets.items():
+        assert len(scripts) == 1 and scripts[0].startswith("benchmarks/"), (target, scripts)
+        assert os.path.isfile(os.path.join(ROOT, scripts[0])), (target, scripts)
+        run.add(os.path.basename(scripts[0]))
+    have = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "benchmarks", "bench_*.py"))}
+    assert have == run, f"benchmarks without a make target: {sorted(have - run)}"
+
+
+def test_make_bench_model_runs_the_library_defaults():
+    _, recipe = _bench_targets()["bench-model"]
+    for flag in ("--set", "--override", "--compile-scope", "--compile-mode", "--inductor", "tnlib."):
+        assert flag not in recipe, f"make bench-model must measure the default path, not {flag}"
+
+
+@pytest.mark.parametrize("script", sorted(glob.glob(os.path.join(ROOT, "benchmarks", "bench_*.py"))),
+                         ids=os.path.basename)
+def test_benchmark_help_runs(script):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "--out" in res.stdout and "--commit" in res.stdout  # the shared conventions of benchmarks/common.py
+
+
+def test_result_path_and_settings():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    import argparse
+
+    from tnlib.provenance import gpu_slug
+
+    a = argparse.Namespace(out="some/dir", commit=None)
+    assert common.result_path(a, "model") == os.path.join("some/dir", f"model-{gpu_slug()}.json")
+    assert common.result_path(a, "kernels", ".png").endswith(f"kernels-{gpu_slug()}.png")
+    assert common.parse_settings('a=1,b="x",c=true') == {"a": 1, "b": "x", "c": True}
+    assert common.parse_settings("") == {}
+    with pytest.raises(SystemExit):
+        common.parse_settings("residual_dtype=compute")  # a string without JSON quotes
+
+
+def test_result_files_named_by_notebooks_and_notes_exist():
+    pat = re.compile(r"(?<![\w/.-])(?:\.\./)?(results/(?:bench|logs|tuning|profiles)/[\w.-]+\.(?:json|txt|png|log))")
+    files = glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")) + glob.glob(
+        os.path.join(ROOT, "results", "**", "NOTES*.md"), recursive=True) + [os.path.join(ROOT, "README.md")]
+    missing = sorted({(os.path.relpath(f, ROOT), p) for f in files for p in pat.findall(open(f).read())
+                      if not os.path.exists(os.path.join(ROOT, p))})
+    assert not missing, missing
