@@ -106,7 +106,8 @@ class Bench:
 
 
 def wrap(b: Bench, model, mode: str, gpus: int):
-    """Spread ``model`` as ``tnlib.train`` does for ``mode`` on ``gpus`` ranks; returns (what to call, dp rank, dp world)."""
+    """Spread ``model`` as ``tnlib.train`` does for ``mode`` on ``gpus`` ranks; returns
+    ``(what to call, data-parallel rank, data-parallel world)``."""
     if mode == "ddp":
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[b.device.index] if b.device.type == "cuda" else None, gradient_as_bucket_view=True)
