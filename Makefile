@@ -10,7 +10,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate train-385m bench-kernels bench-model bench-srmsnorm bench-inference bench-fsdp1 ablations clean help
+.PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate train-385m bench-kernels bench-model bench-srmsnorm bench-inference bench-fsdp1 bench-parallel ablations clean help
 
 # `make help` lists every target that has a `## description` on its rule line (tests/test_cli.py
 # checks that every .PHONY target has one).
@@ -134,6 +134,10 @@ bench-inference: setup ## GPU: decode speed vs context length -> results/bench
 
 bench-fsdp1: setup ## GPU: training tokens/s with parallel=fsdp on one rank vs the default path -> results/bench
 	$(BIN)/python benchmarks/bench_fsdp1.py $(BENCH_ARGS)
+
+# 2 processes under torchrun (it refuses with fewer than 2 GPUs); BENCH_ARGS="--parts 7b --lens 2048", "--dry-run" (CPU)
+bench-parallel: setup ## 2 GPUs: DDP vs FSDP vs tensor parallelism, correctness, memory, scaling -> results/bench
+	$(BIN)/torchrun --nproc_per_node 2 benchmarks/bench_parallel.py $(BENCH_ARGS)
 
 # Lightning Attention kernels vs fla, lightning-attn, SDPA, naive (needs a GPU; no setup step, so it
 # also runs on a GPU box without internet using its own python3 and carried wheels)
