@@ -398,7 +398,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             rec = {"step": step, "tokens": tokens_seen, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
                    "tokens_per_s": tps, "step_s": dt, "elapsed_s": time.time() - t_start}
             if peak:
-                rec["mfu"] = 6 * n_params * tps / (peak * 1e12)
+                rec["mfu"] = 6 * n_params * tps / (peak * 1e12 * world)  # per GPU: tps counts every rank
             if device.type == "cuda":
                 rec["mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
