@@ -76,9 +76,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
     # what torch.compile sees: "blocks" (each block compiled on its own, the embedding/head/loss eager;
-    # under DDP the blocks' backward graphs hand gradients to the all-reduce as they finish; measured
-    # 1.86-1.89x on 2 H200s) or "model" (one graph per forward; under DDP dynamo splits it at gradient
-    # buckets: 1.76x; results/385m/scaling-*.json)
+    # under DDP the blocks' backward graphs hand gradients to the all-reduce as they finish: the better
+    # scaling, results/385m/scaling-*.json) or "model" (one graph per forward; dynamo splits it at DDP's
+    # gradient buckets)
     compile_scope: str = "blocks"
     checkpointing: bool = False
     ddp_bucket_mb: float = 25.0  # DDP gradient bucket size (torch's default); larger = fewer, bigger all-reduces
@@ -89,7 +89,7 @@ class TrainConfig:
     # the world size must be a multiple, the rest is the data dimension (sharded with FSDP)
     tensor_parallel: int = 1
     # LM head + cross-entropy in row chunks, no [tokens, vocab] logits (tnlib.ops.loss; one Triton kernel
-    # per chunk on a GPU: +9% tokens/s and -20 GB for tnl-385m on an H200). None: on for CUDA, off on a CPU
+    # per chunk on a GPU: faster and far less memory, results/bench/NOTES-model.md). None: on for CUDA, off on a CPU
     fused_loss: bool | None = None
     peak_tflops: float | None = None  # for MFU; None: measured once on CUDA, not reported on CPU
     device: str = "auto"
