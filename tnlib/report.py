@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["read_metrics", "summarize_run", "plot_runs", "compare_runs"]
+__all__ = ["read_metrics", "summarize_run", "plot_runs", "compare_runs", "ppl_ratio_curve", "plot_ratio_curves"]
 
 
 def read_metrics(path):
@@ -108,3 +108,46 @@ def compare_runs(runs: dict, out: str, title: str = "", evals=("val",), extra: d
         f.write(f"# {title or 'comparison'}\n\n{doc['date']}, commit {doc['commit'][:10]}, "
                 f"{doc['gpu'] or 'CPU'}\n\n" + "\n".join(lines) + "\n")
     return doc
+
+
+def ppl_ratio_curve(metrics_a, metrics_b, eval_set: str = "val") -> list:
+    """``[(tokens, ppl_a / ppl_b), ...]`` at the eval points the two runs share, aligned by training
+    tokens (not by line or step: runs with other eval points, or a resumed run, still pair correctly).
+    ``metrics_*``: a metrics.jsonl path or its records. A later record at the same tokens wins."""
+    recs = [read_metrics(m) if isinstance(m, str) else m for m in (metrics_a, metrics_b)]
+    key = f"{eval_set}_ppl"
+    a, b = ({r["tokens"]: r[key] for r in rs if key in r and "tokens" in r} for rs in recs)
+    return [(t, a[t] / b[t]) for t in sorted(set(a) & set(b))]
+
+
+def plot_ratio_curves(curves: dict, path: str, evals, title: str = "", finals: dict | None = None):
+    """One panel per eval set: the A/B perplexity ratio against training tokens for every labelled run
+    pair. ``curves = {label: {eval_set: [(tokens, ratio), ...]}}``; ``finals = {label: {eval_set: ratio}}``
+    adds end-of-run points (e.g. a test set evaluated only at the end) as markers at the run's last tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(evals), figsize=(4.6 * len(evals), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], evals):
+        for i, (label, by_set) in enumerate(curves.items()):
+            pts = by_set.get(name, [])
+            if pts:
+                ax.plot([t / 1e6 for t, _ in pts], [r for _, r in pts], "o-" if i == 0 else "s--", color=f"C{i}",
+                        label=label, ms=4)
+            fin = (finals or {}).get(label, {}).get(name)
+            if fin is not None:
+                last = max((t for s in by_set.values() for t, _ in s), default=0)
+                ax.plot([last / 1e6], [fin], "*", color=f"C{i}", ms=11, label=f"{label} (end of run)")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_title(name)
+        ax.set_xlabel("training tokens (M)")
+        ax.set_ylabel("perplexity ratio")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# Issue 16: TNL-385M vs Transformer-385M on the same >= 80M tokens, on a lent GPU machine (no internet, no
+# `datasets`), over chained device calls. Same recipe as results/385m (library defaults: blocks compiled,
+# chunked loss, bf16; T=2048, batch 16 = 32,768 tokens/step, AdamW 6e-4, warmup steps/50+1, cosine to 10%),
+# evaluated every ~5M tokens on val, eval-heldout and eval-wikitext-valid, and on all four (wikitext-test too)
+# with greedy samples once each model is trained.
+#
+#   stage   copies the carried data part(s) (.carry-long-K/) to $ROOT on the machine (checked with sha256sum)
+#   start   stages what this call carries; once every part is there: tokenizes, snapshots the code, starts the
+#           driver in its own session (setsid nohup: it outlives the call) and follows it like `status`
+#   status  follows the driver for up to WAIT s (returns early when it ends), prints step, tokens, latest eval
+#           and ETA of each model, and packs $OUT/long385.tar.gz (metrics, logs, final evals + samples) and
+#           $OUT/progress.txt. Repeat until it prints "all done".
+#   stop    SIGTERM to the training process(es): each writes its checkpoint and stops; `start` resumes
+#
+# The models train one after the other on one GPU, side by side (one per GPU) on two. The driver resumes a
+# model from $ROOT/runs/<model>/checkpoint (written every CKPT_EVERY_TOKENS and on SIGTERM) after a crash or
+# `stop`, while the machine is held. What is lost if the machine goes back: everything on it (data,
+# checkpoints of ~4.6 GB per model, which cannot come back through $OUT); only what the last call packed
+# survives (metrics up to then: the ratio curve so far). A fresh machine starts over from `stage`.
+#
+# Data: 64 MiB travel per call, and the working tree is ~31 MB now, so ~33 MB of data per call: the
+# >= 80M distinct training tokens (shards 00-06, 98.7 MB of xz) travel in 3 parts: whole shards, and two
+# shards cut at a document boundary (re-compressed pieces). Here, once (~5 min on 2 cores):
+#   python tools/long_385m_carry.py --shards ../shared/data/corpus-gutenberg-0[0-6].txt.xz \
+#     --heldout ../shared/data/gutenberg-heldout.txt.xz \
+#     --wikitext ../shared/data/wikitext103-valid.txt ../shared/data/wikitext103-test.txt \
+#     --parts 3 --max-bytes 34000000 --out .carry-long
+#   grep -qx '/.carry-long-\*/' .git/info/exclude || echo '/.carry-long-*/' >> .git/info/exclude
+# Then on nvidia-h200 (or nvidia-h200-x2: both models at once), chained calls, each issued at once:
+#   run(command="bash tools/long_385m.sh stage", carry=[".carry-long-1"])
+#   run(command="bash tools/long_385m.sh stage", carry=[".carry-long-2"])
+#   run(command="TNLIB_COMMIT=$(git rev-parse HEAD) bash tools/long_385m.sh start", carry=[".carry-long-3"], timeout_s=600)
+#   run(command="bash tools/long_385m.sh status", timeout_s=600)      # repeat until "all done"
+# and here, after the last call:
+#   mkdir -p runs/long385 && tar -xzf FILES_AT/long385.tar.gz -C runs/long385
+#   python tools/long_385m.py results --src runs/long385 --extra machine=... device_commands=...
+# TINY=1: tnl-tiny / transformer-tiny for a few steps on data/sample, eager, on the CPU (tools/long_385m_tiny.sh).
+set -uo pipefail
+MODE=${1:?usage: $0 stage|start|status|stop}
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+HERE=$(cd "$(dirname "$0")/.." && pwd)     # the repository (or, for the driver, the code snapshot)
+export PYTHONPATH=$HERE
+if [ "${TINY:-0}" = 1 ]; then
+  ROOT=${LONG_ROOT:-/tmp/long385-tiny}; MODELS=${MODELS:-"tnl-tiny transformer-tiny"}; SEQ=${SEQ:-64}
+  BATCH=${BATCH:-4}; TOKENS=${TOKENS:-6144}; EVAL_EVERY_TOKENS=${EVAL_EVERY_TOKENS:-1024}
+  CKPT_EVERY_TOKENS=${CKPT_EVERY_TOKENS:-2048}; EVAL_TOKENS=${EVAL_TOKENS:-2048}; COMPILE=${COMPILE:-false}
+  TOKENIZER=${TOKENIZER:-data/sample/tokenizer.json}
+fi
+ROOT=${LONG_ROOT:-${ROOT:-/tmp/long385}}     # everything the run writes on the machine
+MODELS=${MODELS:-"tnl-385m transformer-385m"}
+TOKENS=${TOKENS:-80000000}                  # per model; rounded up to whole steps
+SEQ=${SEQ:-2048}
+BATCH=${BATCH:-16}
+LR=${LR:-6e-4}
+EVAL_EVERY_TOKENS=${EVAL_EVERY_TOKENS:-5000000}
+CKPT_EVERY_TOKENS=${CKPT_EVERY_TOKENS:-20000000}  # ~10 s per 4.6 GB checkpoint; resume needs the machine held
+EVAL_TOKENS=${EVAL_TOKENS:-524288}           # per eval set, as in results/385m
+COMPILE=${COMPILE:-true}
+TOKENIZER=${TOKENIZER:-data/tokenizer-gutenberg-50272.json}
+CARRY=${CARRY-$(ls -d "$HERE"/.carry-long-*/ 2>/dev/null)}   # carried data parts in this call's tree
+T_CALL=$(date +%s)
+CALL_S=${CALL_S:-570}                        # this call ends (packing included) before the tool's 600 s
+WAIT=${WAIT:-$(( CALL_S - 40 ))}
+STEP_TOKENS=$(( SEQ * BATCH ))
+STEPS=$(( (TOKENS + STEP_TOKENS - 1) / STEP_TOKENS ))
+EVAL_EVERY=$(( (EVAL_EVERY_TOKENS + STEP_TOKENS / 2) / STEP_TOKENS )); [ $EVAL_EVERY -ge 1 ] || EVAL_EVERY=1
+CKPT_EVERY=$(( (CKPT_EVERY_TOKENS + STEP_TOKENS / 2) / STEP_TOKENS )); [ $CKPT_EVERY -ge 1 ] || CKPT_EVERY=1
+mkdir -p "$ROOT/carry" "$ROOT/runs"
+
+stage() {  # carried parts -> $ROOT/carry, checked; prints what is there and what is still missing
+  local d
+  for d in $CARRY; do
+    d=${d%/}
+    [ -f "$d/SHA256SUMS" ] || { echo "$d: no SHA256SUMS (made by tools/long_385m_carry.py?)" >&2; return 2; }
+    (cd "$d" && sha256sum --quiet -c SHA256SUMS) || { echo "$d: checksum mismatch" >&2; return 2; }
+    cp "$d"/* "$ROOT/carry/" && echo "staged $(basename "$d"): $(cd "$d" && ls | grep -v SHA256SUMS | tr '\n' ' ')"
+    touch "$ROOT/carry/.staged-$(basename "$d")"
+  done
+  local n have; n=$(cat "$ROOT/carry/NPARTS" 2>/dev/null || echo "?")
+  have=$(ls -A "$ROOT/carry" | grep -c '^\.staged-')
+  echo "data parts on this machine: $have of $n"
+  [ "$have" = "$n" ]
+}
+
+running() { kill -0 "$(cat "$ROOT/driver.pid" 2>/dev/null)" 2>/dev/null; }
+
+pack() {  # small files only: one tar.gz of metrics, logs and final evals/samples, plus the progress text
+  local list=()
+  cd "$ROOT" || return
+  for m in $MODELS; do
+    for f in metrics.jsonl train.log final.json final.log; do [ -f runs/$m/$f ] && list+=("runs/$m/$f"); done
+  done
+  for f in data-meta.json driver.log prepare.log; do [ -f $f ] && list+=("$f"); done
+  [ ${#list[@]} -gt 0 ] && tar -czf "$OUT/long385.tar.gz" "${list[@]}" && ls -la "$OUT/long385.tar.gz"
+  cd - >/dev/null
+}
+
+report() { python3 "$HERE/tools/long_385m.py" progress --root "$ROOT" --models $MODELS 2>&1 | tee "$OUT/progress.txt"; }
+
+follow() {  # progress every ~60 s (and at each new eval) until the driver ends or this call's time is used
+  local until=$(( T_CALL + WAIT )) last=0
+  while [ "$(date +%s)" -lt $until ]; do
+    running || { echo "[$(( $(date +%s) - T_CALL )) s] driver not running"; break; }
+    if [ $(( $(date +%s) - last )) -ge "${PRINT_S:-60}" ]; then
+      echo "--- [$(( $(date +%s) - T_CALL )) s into this call]"; report; last=$(date +%s)
+    fi
+    sleep "${POLL_S:-10}"
+  done
+  echo "--- driver.log (tail)"; tail -n 6 "$ROOT/driver.log" 2>/dev/null
+  report
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
+  if grep -q '^all done' "$ROOT/driver.log" 2>/dev/null; then echo "all done"; fi
+}
+
+drive() {  # the background process (run from the code snapshot): each model trained, then its final evals
+  local ngpu i=0 pids=() m rc=0
+  ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  echo "driver $(date -u +%FT%TZ): $MODELS, $STEPS steps of $STEP_TOKENS tokens, eval every $EVAL_EVERY, $ngpu GPU(s)"
+  one() {  # model gpu
+    local m=$1 d=$ROOT/runs/$1 res=()
+    mkdir -p "$d"
+    [ -f "$d/final.json" ] && { echo "$m: done already"; return 0; }
+    if [ ! -f "$d/final/model.safetensors" ]; then
+      [ -f "$ROOT/STOP" ] && return 1
+      [ -f "$d/checkpoint/state.pt" ] && res=(--resume)
+      echo "$(date -u +%T) $m: train ${res[*]}"
+      CUDA_VISIBLE_DEVICES=$2 python3 -m tnlib train --preset "$m" --data "$ROOT/data" --out "$d" ${res[@]+"${res[@]}"} \
+        --set seq_len=$SEQ batch_size=$BATCH lr=$LR max_steps=$STEPS warmup_steps=$(( STEPS / 50 + 1 )) \
+        eval_every=$EVAL_EVERY eval_tokens=$EVAL_TOKENS ckpt_every=$CKPT_EVERY compile=$COMPILE progress=false \
+        eval_sets=val,eval-heldout,eval-wikitext-valid >> "$d/train.log" 2>&1 &
+      echo $! > "$d/train.pid"
+      wait $! || { echo "$(date -u +%T) $m: training failed (tail of train.log below)"; tail -n 15 "$d/train.log"; return 1; }
+      [ -f "$d/final/model.safetensors" ] || { echo "$(date -u +%T) $m: stopped at its checkpoint"; return 1; }
+    fi
+    echo "$(date -u +%T) $m: final evals and samples"
+    CUDA_VISIBLE_DEVICES=$2 python3 tools/long_385m.py final --run "$d" --data "$ROOT/data" --tokenizer "$TOKENIZER" \
+      --eval-tokens $EVAL_TOKENS --seq-len $SEQ --batch-size $BATCH > "$d/final.log" 2>&1 \
+      || { echo "$m: final evals failed"; tail -n 15 "$d/final.log"; return 1; }
+    echo "$(date -u +%T) $m: $(tail -n 1 "$d/final.log")"
+  }
+  for m in $MODELS; do
+    if [ "$ngpu" -gt 1 ]; then one "$m" $(( i % ngpu )) & pids+=($!); else one "$m" 0 || rc=1; fi
+    i=$(( i + 1 ))
+  done
+  for p in ${pids[@]+"${pids[@]}"}; do wait "$p" || rc=1; done
+  [ $rc = 0 ] && echo "all done $(date -u +%FT%TZ)" || echo "driver ended with errors or stopped $(date -u +%FT%TZ)"
+}
+
+case "$MODE" in
+stage)
+  stage; exit 0 ;;
+start)
+  if running; then echo "the driver is already running (pid $(cat "$ROOT/driver.pid")): following it"; follow; pack; exit 0; fi
+  stage || { echo "not all data parts are here yet: carry the next .carry-long-K with 'stage'"; exit 3; }
+  if [ ! -f "$ROOT/data/meta.json" ]; then
+    t0=$(date +%s)
+    C=$ROOT/carry
+    python3 -m tnlib prepare --corpus "$C"/corpus-*.txt.xz --out "$ROOT/data" --val-permille 10 \
+      --tokenizer "$TOKENIZER" --eval heldout=$C/gutenberg-heldout.txt.xz wikitext-valid=$C/wikitext103-valid.txt.xz \
+      wikitext-test=$C/wikitext103-test.txt.xz > "$ROOT/prepare.log" 2>&1 || { tail -n 20 "$ROOT/prepare.log"; exit 1; }
+    echo "prepare: $(( $(date +%s) - t0 )) s"
+  fi
+  cp "$ROOT/data/meta.json" "$ROOT/data-meta.json"
+  python3 -c "import json; m = json.load(open('$ROOT/data/meta.json'))['splits']['train']['tokens']; \
+print(f'training split: {m:,} tokens; each model trains on $(( STEPS * STEP_TOKENS )) (the same windows)'); \
+assert m >= $(( STEPS * STEP_TOKENS )) or '${TINY:-0}' == '1', 'fewer distinct tokens than the budget'" || exit 1
+  # the code the driver runs, apart from the working tree (a later call's copy of the tree may replace it)
+  rm -rf "$ROOT/src" && mkdir -p "$(dirname "$ROOT/src/$TOKENIZER")" && cp -r "$HERE/tnlib" "$HERE/tools" "$ROOT/src/" \
+    && cp "$HERE/$TOKENIZER" "$ROOT/src/$TOKENIZER" || exit 1
+  rm -f "$ROOT/STOP"
+  export TNLIB_COMMIT=${TNLIB_COMMIT:-$(git -C "$HERE" rev-parse HEAD 2>/dev/null || echo unknown)}
+  ENV="TINY=${TINY:-0} LONG_ROOT=$ROOT MODELS='$MODELS' TOKENS=$TOKENS SEQ=$SEQ BATCH=$BATCH LR=$LR \
+EVAL_EVERY_TOKENS=$EVAL_EVERY_TOKENS CKPT_EVERY_TOKENS=$CKPT_EVERY_TOKENS EVAL_TOKENS=$EVAL_TOKENS COMPILE=$COMPILE \
+TOKENIZER=$TOKENIZER TNLIB_COMMIT=$TNLIB_COMMIT"
+  echo "$ENV" > "$ROOT/driver.env"
+  echo "starting the driver: $STEPS steps x $STEP_TOKENS tokens per model ($MODELS), commit $TNLIB_COMMIT"
+  setsid nohup bash -c "echo \$\$ > '$ROOT/driver.pid'; cd '$ROOT/src' && exec env $ENV bash tools/long_385m.sh _drive" \
+    >> "$ROOT/driver.log" 2>&1 < /dev/null &
+  sleep 3
+  follow; pack ;;
+status)
+  [ -f "$ROOT/driver.log" ] || { echo "no run on this machine (given back?): 'stage' the data parts again, then 'start'"; exit 2; }
+  follow; pack ;;
+stop)
+  touch "$ROOT/STOP"
+  for m in $MODELS; do
+    p=$(cat "$ROOT/runs/$m/train.pid" 2>/dev/null) && kill -0 "$p" 2>/dev/null && kill -TERM "$p" && echo "SIGTERM to $m ($p)"
+  done
+  for _ in $(seq 1 60); do running || break; sleep 2; done
+  running && echo "the driver still runs" || echo "stopped; 'start' resumes from the checkpoints"
+  pack ;;
+_drive)
+  drive ;;
+*)
+  echo "usage: $0 stage|start|status|stop" >&2; exit 2 ;;
+esac
