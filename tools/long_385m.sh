@@ -32,10 +32,14 @@
 #   run(command="bash tools/long_385m.sh stage", carry=[".carry-long-2"])
 #   run(command="TNLIB_COMMIT=$(git rev-parse HEAD) bash tools/long_385m.sh start", carry=[".carry-long-3"], timeout_s=600)
 #   run(command="bash tools/long_385m.sh status", timeout_s=600)      # repeat until "all done"
-# and here, after the last call:
+# Expected on one H200 (203K / 157K tokens/s): ~6.6 + 8.5 min of training, ~2 min each of compilation,
+# evals, checkpoints and final evals, ~1.5 min tokenizing, ~3 min machine start and transfers: ~25 min of the
+# session's 30, so issue the calls back to back (an idle machine goes back after 30 s). Two GPUs: ~15 min.
+# Here, after the last call:
 #   mkdir -p runs/long385 && tar -xzf FILES_AT/long385.tar.gz -C runs/long385
-#   python tools/long_385m.py results --src runs/long385 --extra machine=... device_commands=...
-# TINY=1: tnl-tiny / transformer-tiny for a few steps on data/sample, eager, on the CPU (tools/long_385m_tiny.sh).
+#   PYTHONPATH=$PWD python tools/long_385m.py results --src runs/long385 --extra machine=... device_commands=...
+# TINY=1: tnl-tiny / transformer-tiny for a few steps on data/sample, eager, on the CPU; the whole chain
+# (stage, start, stop, resume, status, results) runs in `bash tools/long_385m_tiny.sh` (~2.5 min, 2 cores).
 set -uo pipefail
 MODE=${1:?usage: $0 stage|start|status|stop}
 OUT=${OUT:-out}
