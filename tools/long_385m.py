@@ -144,6 +144,15 @@ def results(src: str, out_root: str = "results", baseline: str = "results/385m",
                       f"TNL-385M / Transformer-385M perplexity at equal tokens", finals=ends)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(doc, f, indent=1)
+    keys = ["params", "tokens", "tokens_per_s", "train_loss"] + [f"{e}_{k}" for e in FINAL_EVALS for k in ("ppl", "bpb")]
+    rows = [f"| metric | {a} | {b} | {a}/{b} |", "|---|---|---|---|"]
+    for key in keys:
+        va, vb = doc[a].get(key), doc[b].get(key)
+        fmt = lambda v: "-" if v is None else f"{v:,.3f}" if isinstance(v, float) else f"{v:,}"  # noqa: E731
+        rows.append(f"| {key} | {fmt(va)} | {fmt(vb)} | " + (f"{va / vb:.3f}" if key.endswith("_ppl") and va and vb else "") + " |")
+    with open(os.path.join(out, "summary.md"), "w") as f:  # compare_runs' table plus the end-of-run evals
+        f.write(f"# TNL-385M vs Transformer-385M, {tokens:,} tokens each\n\n{doc['date']}, commit "
+                f"{str(doc['commit'])[:10]}, {doc['gpu'] or 'CPU'}\n\n" + "\n".join(rows) + "\n")
     for label, m in pairs:
         shutil.copy(runs[label], os.path.join(out, f"{m}-metrics.jsonl"))
         for name, dst in (("train.log", f"{m}-train.log"), ("final.json", f"{m}-final.json")):
