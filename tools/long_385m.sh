@@ -44,7 +44,7 @@ set -uo pipefail
 MODE=${1:?usage: $0 stage|start|status|stop}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 LC_COLLATE=C   # C: file names sort in document order (02a < 02b < 03)
 HERE=$(cd "$(dirname "$0")/.." && pwd)     # the repository (or, for the driver, the code snapshot)
 export PYTHONPATH=$HERE
 if [ "${TINY:-0}" = 1 ]; then
