@@ -73,6 +73,9 @@ STEPS=$(( (TOKENS + STEP_TOKENS - 1) / STEP_TOKENS ))
 EVAL_EVERY=$(( (EVAL_EVERY_TOKENS + STEP_TOKENS / 2) / STEP_TOKENS )); [ $EVAL_EVERY -ge 1 ] || EVAL_EVERY=1
 CKPT_EVERY=$(( (CKPT_EVERY_TOKENS + STEP_TOKENS / 2) / STEP_TOKENS )); [ $CKPT_EVERY -ge 1 ] || CKPT_EVERY=1
 mkdir -p "$ROOT/carry" "$ROOT/runs"
+if [ -f "$ROOT/driver.env" ] && [ "$MODE" != start ]; then  # status/stop: the models that `start` began
+  MODELS=$(sed -n "s/.*MODELS='\([^']*\)'.*/\1/p" "$ROOT/driver.env")
+fi
 
 stage() {  # carried parts -> $ROOT/carry, checked; prints what is there and what is still missing
   local d
