@@ -180,7 +180,8 @@ def _collect(run: Run, work_dir: str, results: str) -> dict | None:
     os.makedirs(tmp)
     shutil.copy(mpath, os.path.join(tmp, "metrics.jsonl"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump({"train": start["config"], "model": start["model"], "data_meta": start.get("data_meta")}, f, indent=1)
+        json.dump({"train": start["config"], "model": start["model"], "data_meta": start.get("data_meta"),
+                   "provenance": start["provenance"]}, f, indent=1)
     with open(os.path.join(tmp, "final.json"), "w") as f:  # written last: its presence marks the run finished
         json.dump(final, f, indent=1)
     shutil.rmtree(out, ignore_errors=True)

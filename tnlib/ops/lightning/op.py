@@ -27,7 +27,6 @@ gradient from the kernel path (it is a fixed buffer in TransNormerLLM).
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Optional
 
 import torch
@@ -385,21 +384,16 @@ _packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_c
 # Public functions: input checks, then the kernel path or the PyTorch fallback
 # ----------------------------------------------------------------------------------------------
 
-_VALIDATED: dict = {}  # a cache of slope tensors whose values passed the check
-
-
 def _slope_validated(slope) -> bool:
-    """True if this very tensor, unmodified since, already passed the value check."""
-    hit = _VALIDATED.get(id(slope))
-    return hit is not None and hit[0]() is slope and hit[1] == slope._version
+    """True if this very tensor, unmodified since, already passed the value check (the tensor itself
+    carries the version it was checked at, so there is no module-level cache)."""
+    return getattr(slope, "_tnlib_checked_version", None) == getattr(slope, "_version", -1)
 
 
 def _remember_slope(slope) -> None:
-    if len(_VALIDATED) > 256:
-        _VALIDATED.clear()
     try:
-        _VALIDATED[id(slope)] = (weakref.ref(slope), slope._version)
-    except TypeError:  # not weak-referenceable: just check every time
+        slope._tnlib_checked_version = slope._version
+    except (AttributeError, RuntimeError):  # a tensor that takes no attributes: checked every time
         pass
 
 
