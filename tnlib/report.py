@@ -7,6 +7,25 @@ import os
 __all__ = ["read_metrics", "summarize_run", "plot_runs", "compare_runs", "ppl_ratio_curve", "plot_ratio_curves"]
 
 
+
+def _style_axes(ax, title: str, ylabel: str) -> None:
+    """The look every curve panel shares: training tokens on x, a grid, a small legend."""
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save_figure(fig, path: str, title: str = "") -> None:
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
 def read_metrics(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -57,16 +76,8 @@ def plot_runs(runs: dict, path: str, title: str = "", evals=("val",)):
     ax[1].set_yscale("log")
     for a, t, y in zip(ax, ("training loss", "held-out perplexity", "throughput"),
                        ("nats/token", "perplexity (our tokenizer)", "tokens/s")):
-        a.set_xlabel("training tokens (M)")
-        a.set_ylabel(y)
-        a.set_title(t)
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _style_axes(a, t, y)
+    _save_figure(fig, path, title)
 
 
 def compare_runs(runs: dict, out: str, title: str = "", evals=("val",), extra: dict | None = None) -> dict:
@@ -141,13 +152,5 @@ def plot_ratio_curves(curves: dict, path: str, evals, title: str = "", finals: d
                 last = max((t for s in by_set.values() for t, _ in s), default=0)
                 ax.plot([last / 1e6], [fin], "*", color=f"C{i}", ms=11, label=f"{label} (end of run)")
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_title(name)
-        ax.set_xlabel("training tokens (M)")
-        ax.set_ylabel("perplexity ratio")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _style_axes(ax, name, "perplexity ratio")
+    _save_figure(fig, path, title)
