@@ -3,7 +3,7 @@
 For each checkpoint and dtype (float32: the golden values' own dtype; bfloat16: the releases' dtype) it
 loads with ``tnlib.load_official`` on the GPU and measures, against the official code's golden outputs:
 logits max_rel per sequence (max |x - golden| / max |golden|), loss differences, the teacher-forced decode
-step logits, and the greedy tokens of ``tnlib.generate.generate`` through the CUDA-graph decoder and the
+step logits, and the greedy tokens of ``tnlib.generate`` through the CUDA-graph decoder and the
 eager one. It writes ``{"header": provenance, "rows": [...]}`` to ``--out`` after every row and prints a
 line per row; float32 rows say whether they meet the CPU tests' tolerances (logits 1e-4, losses 1e-5,
 tokens equal where the golden top-1 margin > 1e-4). Run from the repository root:
