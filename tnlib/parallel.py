@@ -7,7 +7,7 @@ Three ways to put one model on several GPUs, all through ``torch.distributed`` (
   all-reduced. Fastest while the model, its gradients and Adam state fit on one GPU (16 bytes/param).
 * ``parallel="fsdp"``: ``fully_shard`` per block and at the root. Each rank keeps ``1/world`` of every
   parameter, gradient and Adam moment; a block's weights are all-gathered just before it runs (and
-  again for its backward) and its gradients reduce-scattered after. Mixed precision as in the paper:
+  again for its backward when there is more than one rank) and its gradients reduce-scattered after. Mixed precision as in the paper:
   bf16 parameters for compute, fp32 master weights and fp32 reduction (the LRPE angles ``theta`` stay
   fp32: a bf16 angle at position 2000 is off by radians).
 * ``tensor_parallel=N``: a 2-D mesh ``("dp", "tp")``; within a ``tp`` group each rank holds ``1/N`` of
@@ -100,7 +100,7 @@ def _mp_policy(dtype):
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
-def apply_fsdp(model: nn.Module, mesh, compute_dtype=None) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh, compute_dtype=None, reshard_after_forward: bool | None = None) -> nn.Module:
     """``fully_shard`` each block, then the root (embedding, final norm, head), over the 1-D ``mesh``.
 
     ``compute_dtype`` (bf16 on a GPU) is the parameters' dtype in forward and backward; master weights,
@@ -108,16 +108,22 @@ def apply_fsdp(model: nn.Module, mesh, compute_dtype=None) -> nn.Module:
     compiled before (``compile_blocks``) stay compiled; activation checkpointing (``run_blocks``) wraps
     the block call, FSDP's hooks included, which FSDP2 supports (the recompute in the backward runs on the
     weights the backward gathered).
+
+    ``reshard_after_forward`` (default: only when the mesh has more than one rank) frees each block's
+    gathered weights after its forward, so the backward gathers them again: memory saved for one more
+    all-gather per block. On one rank the "gathered" weights are just the bf16 copy, so nothing is saved.
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    if reshard_after_forward is None:
+        reshard_after_forward = mesh.size() > 1
     for block in model.layers:
         lrpe = getattr(getattr(block, "token_mixer", None), "lrpe", None)
         if lrpe is not None and any(True for _ in lrpe.parameters()):
-            fully_shard(lrpe, mesh=mesh, mp_policy=_mp_policy(None))
+            fully_shard(lrpe, mesh=mesh, mp_policy=_mp_policy(None), reshard_after_forward=reshard_after_forward)
             register_fsdp_forward_method(lrpe, "pair")  # GLA calls lrpe.pair, not lrpe(...)
-        fully_shard(block, mesh=mesh, mp_policy=_mp_policy(compute_dtype))
-    fully_shard(model, mesh=mesh, mp_policy=_mp_policy(compute_dtype))
+        fully_shard(block, mesh=mesh, mp_policy=_mp_policy(compute_dtype), reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=_mp_policy(compute_dtype), reshard_after_forward=reshard_after_forward)
     return model
 
 
@@ -226,10 +232,17 @@ def clip_grad_norm(params, max_norm: float) -> float:
     meshes = {g.device_mesh for g in grads if hasattr(g, "device_mesh")}
     if not meshes:
         return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    if len(meshes) == 1 and all(hasattr(g, "device_mesh") for g in grads):  # FSDP: one mesh, torch's foreach norms
-        total = torch.nn.utils.get_total_norm(grads)
-        total = total.full_tensor() if hasattr(total, "full_tensor") else total
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    mesh = next(iter(meshes))
+    if (len(meshes) == 1 and mesh.ndim == 1 and all(hasattr(g, "device_mesh") for g in grads)
+            and all(pl.is_shard() for g in grads for pl in g.placements)):
+        # FSDP: every gradient is split over one 1-D mesh, so the norm is the sum of the local shards'
+        # squared norms over the ranks; working on the local tensors skips DTensor's per-op dispatch
+        local = [g.to_local() for g in grads]
+        sq = torch.nn.utils.get_total_norm(local).square()
+        if mesh.size() > 1:
+            torch.distributed.all_reduce(sq, group=mesh.get_group())
+        total = sq.sqrt()
+        torch._foreach_mul_(local, torch.clamp(max_norm / (total + 1e-6), max=1.0))
         return total.item()
     sq = None  # plain (replicated) and sharded gradients mixed: one norm at a time
     for g in grads:

@@ -6,6 +6,8 @@
 # with greedy samples once each model is trained.
 #
 #   stage   copies the carried data part(s) (.carry-long-K/) to $ROOT on the machine (checked with sha256sum)
+#   prepare stages, then tokenizes once every part is there (optional: `start` does it too; run on its own
+#           it lets the same call use the idle GPU meanwhile, e.g. for a benchmark)
 #   start   stages what this call carries; once every part is there: tokenizes, snapshots the code, starts the
 #           driver in its own session (setsid nohup: it outlives the call) and follows it like `status`
 #   status  follows the driver for up to WAIT s (returns early when it ends), prints step, tokens, latest eval
@@ -41,7 +43,7 @@
 # TINY=1: tnl-tiny / transformer-tiny for a few steps on data/sample, eager, on the CPU; the whole chain
 # (stage, start, stop, resume, status, results) runs in `bash tools/long_385m_tiny.sh` (~2.5 min, 2 cores).
 set -uo pipefail
-MODE=${1:?usage: $0 stage|start|status|stop}
+MODE=${1:?usage: $0 stage|prepare|start|status|stop}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LC_COLLATE=C   # C: file names sort in document order (02a < 02b < 03)
@@ -90,6 +92,16 @@ stage() {  # carried parts -> $ROOT/carry, checked; prints what is there and wha
   have=$(ls -A "$ROOT/carry" | grep -c '^\.staged-')
   echo "data parts on this machine: $have of $n"
   [ "$have" = "$n" ]
+}
+
+prepare_data() {  # tokenizes the staged parts into $ROOT/data once (start skips it when a `prepare` call did it)
+  [ -f "$ROOT/data/meta.json" ] && return 0
+  local t0 C=$ROOT/carry
+  t0=$(date +%s)
+  python3 -m tnlib prepare --corpus "$C"/corpus-*.txt.xz --out "$ROOT/data" --val-permille 10 \
+    --tokenizer "$TOKENIZER" --eval heldout=$C/gutenberg-heldout.txt.xz wikitext-valid=$C/wikitext103-valid.txt.xz \
+    wikitext-test=$C/wikitext103-test.txt.xz > "$ROOT/prepare.log" 2>&1 || { tail -n 20 "$ROOT/prepare.log"; return 1; }
+  echo "prepare: $(( $(date +%s) - t0 )) s"
 }
 
 running() { kill -0 "$(cat "$ROOT/driver.pid" 2>/dev/null)" 2>/dev/null; }
@@ -159,17 +171,13 @@ drive() {  # the background process (run from the code snapshot): each model tra
 case "$MODE" in
 stage)
   stage; exit 0 ;;
+prepare)
+  stage || { echo "not all data parts are here yet: carry the next .carry-long-K with 'stage'"; exit 3; }
+  prepare_data; exit ;;
 start)
   if running; then echo "the driver is already running (pid $(cat "$ROOT/driver.pid")): following it"; follow; pack; exit 0; fi
   stage || { echo "not all data parts are here yet: carry the next .carry-long-K with 'stage'"; exit 3; }
-  if [ ! -f "$ROOT/data/meta.json" ]; then
-    t0=$(date +%s)
-    C=$ROOT/carry
-    python3 -m tnlib prepare --corpus "$C"/corpus-*.txt.xz --out "$ROOT/data" --val-permille 10 \
-      --tokenizer "$TOKENIZER" --eval heldout=$C/gutenberg-heldout.txt.xz wikitext-valid=$C/wikitext103-valid.txt.xz \
-      wikitext-test=$C/wikitext103-test.txt.xz > "$ROOT/prepare.log" 2>&1 || { tail -n 20 "$ROOT/prepare.log"; exit 1; }
-    echo "prepare: $(( $(date +%s) - t0 )) s"
-  fi
+  prepare_data || exit 1
   cp "$ROOT/data/meta.json" "$ROOT/data-meta.json"
   python3 -c "import json; m = json.load(open('$ROOT/data/meta.json'))['splits']['train']['tokens']; \
 print(f'training split: {m:,} tokens; each model trains on $(( STEPS * STEP_TOKENS )) (the same windows)'); \
@@ -202,5 +210,5 @@ stop)
 _drive)
   drive ;;
 *)
-  echo "usage: $0 stage|start|status|stop" >&2; exit 2 ;;
+  echo "usage: $0 stage|prepare|start|status|stop" >&2; exit 2 ;;
 esac

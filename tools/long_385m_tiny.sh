@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole chain of tools/long_385m.sh on the CPU with TINY=1 (tnl-tiny / transformer-tiny on data/sample,
-# eager), in a temporary folder: carry parts -> stage -> start -> stop (checkpoint) -> start (resume) ->
+# eager), in a temporary folder: carry parts -> stage -> prepare -> start -> stop (checkpoint) -> start (resume) ->
 # status until done -> unpack -> tools/long_385m.py results. About a minute on 2 cores; not in `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,10 @@ export PATH=$(dirname "$(command -v $PY)"):$PATH  # the venv's python3 first
 echo "=== start without all parts (expect exit 3)"
 rc=0; CARRY=$T/.carry-long-1 OUT=$T/out0 bash tools/long_385m.sh start || rc=$?
 [ $rc = 3 ] || { echo "expected exit 3, got $rc"; exit 1; }
-echo "=== start with the last part; the call returns while the driver runs"
+echo "=== prepare with the last part (tokenizes; no driver yet)"
+CARRY=$T/.carry-long-2 OUT=$T/outp bash tools/long_385m.sh prepare
+[ -f "$T/root/data/meta.json" ] || { echo "prepare wrote no data"; exit 1; }
+echo "=== start; the call returns while the driver runs"
 CARRY=$T/.carry-long-2 OUT=$T/out1 TOKENS=${TINY_TOKENS:-102400} WAIT=${TINY_WAIT:-12} bash tools/long_385m.sh start
 echo "=== stop (SIGTERM: checkpoint)"
 CARRY= OUT=$T/out2 TOKENS=${TINY_TOKENS:-102400} bash tools/long_385m.sh stop
