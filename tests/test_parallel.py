@@ -37,14 +37,14 @@ def data(tmp_path_factory):
 def config(data, out, **kw):
     base = dict(preset="tnl-tiny", data=data, out=out, seq_len=32, batch_size=4, max_steps=5, warmup_steps=2, lr=3e-3,
                 eval_every=100, eval_tokens=256, eval_sets=(), ckpt_every=100, progress=False,
-                model_overrides=MODEL)
+                model_overrides=MODEL, grad_clip=0.1)  # low enough that every step clips (checked below)
     base.update(kw)
     return base
 
 
-def losses(out):
+def losses(out, key="loss"):
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r and "event" not in r}
+        return {r["step"]: r[key] for r in map(json.loads, f) if key in r and "event" not in r}
 
 
 def torchrun(mode, arg, port):
@@ -60,7 +60,7 @@ def reference(data, tmp_path_factory):
     """One process, the default path, a global batch of 4 sequences: 5 steps."""
     out = str(tmp_path_factory.mktemp("ref") / "run")
     train(TrainConfig(**config(data, out, checkpointing=True)))
-    return losses(out)
+    return losses(out), losses(out, "grad_norm")
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +88,15 @@ def test_fsdp_matches_single_process_and_resumes_on_1_and_2_ranks(reference, fsd
     torchrun("train", json.dumps({"cfg": {**cfg, "max_tokens": None}, "resume": True}), 29632)
     for name, parallel in (("one-ddp", "ddp"), ("one-fsdp", "fsdp")):
         train(TrainConfig(**config(cfg["data"], copies[name], parallel=parallel, checkpointing=True)), resume=True)
-    runs = {"2 ranks": losses(out), **{k: losses(v) for k, v in copies.items()}}
-    for name, got in runs.items():
+    ref_loss, ref_norm = reference
+    assert min(ref_norm.values()) > 0.1  # the clip is active on every step, so a wrong norm changes the losses
+    runs = {"2 ranks": out, **copies}
+    for name, run in runs.items():
+        got, norm = losses(run), losses(run, "grad_norm")
         assert sorted(got) == [1, 2, 3, 4, 5], name
         for s in range(1, 6):
-            assert got[s] == pytest.approx(reference[s], rel=1e-5), (name, s, got[s], reference[s])
+            assert got[s] == pytest.approx(ref_loss[s], rel=1e-5), (name, s, got[s], ref_loss[s])
+            assert norm[s] == pytest.approx(ref_norm[s], rel=1e-5), (name, s, norm[s], ref_norm[s])
 
 
 def test_consolidate_gives_one_file_model(fsdp_run, tmp_path):

@@ -222,38 +222,37 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, src_data_rank: int | None =
     return model
 
 
-def clip_grad_norm(params, max_norm: float) -> float:
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     """``clip_grad_norm_`` for plain, FSDP-sharded and tensor-parallel (DTensor) gradients, also mixed;
-    returns the total norm before clipping as a float (a replicated gradient counts once)."""
+    returns the total norm before clipping as a 0-d tensor (a replicated gradient counts once). Nothing
+    here waits for the GPU: the training loop reads the norm once per step, after the optimizer step."""
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     meshes = {g.device_mesh for g in grads if hasattr(g, "device_mesh")}
     if not meshes:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     mesh = next(iter(meshes))
     if (len(meshes) == 1 and mesh.ndim == 1 and all(hasattr(g, "device_mesh") for g in grads)
             and all(pl.is_shard() for g in grads for pl in g.placements)):
         # FSDP: every gradient is split over one 1-D mesh, so the norm is the sum of the local shards'
         # squared norms over the ranks; working on the local tensors skips DTensor's per-op dispatch
-        local = [g.to_local() for g in grads]
-        sq = torch.nn.utils.get_total_norm(local).square()
+        grads = [g.to_local() for g in grads]
+        sq = torch.nn.utils.get_total_norm(grads).square()
         if mesh.size() > 1:
             torch.distributed.all_reduce(sq, group=mesh.get_group())
-        total = sq.sqrt()
-        torch._foreach_mul_(local, torch.clamp(max_norm / (total + 1e-6), max=1.0))
-        return total.item()
-    sq = None  # plain (replicated) and sharded gradients mixed: one norm at a time
-    for g in grads:
-        n = torch.linalg.vector_norm(g, dtype=torch.float32)
-        n = n.full_tensor() if hasattr(n, "full_tensor") else n  # a DTensor's norm sums over its shards
-        sq = n.square() if sq is None else sq + n.square()
-    total = float(sq.sqrt())
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
+    else:  # plain (replicated) and sharded gradients mixed: one norm at a time
+        sq = 0
         for g in grads:
-            g.mul_(coef)
+            n = torch.linalg.vector_norm(g, dtype=torch.float32)
+            n = n.full_tensor() if hasattr(n, "full_tensor") else n  # a DTensor's norm sums over its shards
+            sq = sq + n.square()
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # scaled in place, shard by shard
+    total = sq.sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device))
     return total
 
 

@@ -360,13 +360,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 break
             if cfg.max_minutes is not None and (time.time() - t_start) / 60 >= cfg.max_minutes:
                 break
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.time()
+            t0 = time.time()  # the previous step ended with a synchronize
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)  # read once, after the step: no wait per micro-batch
             for micro in range(cfg.grad_accum):
                 x = batch_at(train_tf.tokens, step, micro, cfg, dp_rank, dp_world).to(device, non_blocking=True)
                 # DDP/FSDP: reduce the gradients once per step, on the last micro-batch only
@@ -379,21 +377,25 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                         out = fwd(x[:, :-1], x[:, 1:]) if cfg.fused_loss else fwd(x[:, :-1])
                     loss = out if cfg.fused_loss else F.cross_entropy(out.float().flatten(0, 1), x[:, 1:].flatten())
                     (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item() / cfg.grad_accum
+                loss_sum += loss.detach().float() / cfg.grad_accum
+            # launched while the GPU still runs the backward: the clip and the optimizer step queue up behind it
             gnorm = clip_grad_norm(list(model.parameters()), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
+            gnorm = float(gnorm)
             step += 1
             tokens_seen += cfg.tokens_per_step
             if world > 1:  # the mean loss, and whether any rank was signalled (all ranks stop together)
-                t = torch.tensor([loss_sum, float(stop["signal"] is not None)], device=device)
+                t = torch.stack([loss_sum, torch.tensor(float(stop["signal"] is not None), device=device)])
                 torch.distributed.all_reduce(t)
                 loss_sum = t[0].item() / world
                 if t[1].item() > 0 and stop["signal"] is None:
                     stop["signal"] = "SIGTERM"
+            else:
+                loss_sum = loss_sum.item()
             tps = cfg.tokens_per_step / dt
             rec = {"step": step, "tokens": tokens_seen, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
                    "tokens_per_s": tps, "step_s": dt, "elapsed_s": time.time() - t_start}
