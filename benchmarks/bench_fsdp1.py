@@ -3,7 +3,8 @@
 Runs ``tnlib.train.train`` itself, alternately with the default path and with ``parallel=fsdp`` on a
 1-rank process group (no launcher needed), on random tokens (so no data set is required; the vocabulary
 is the preset's), and records the steady-state tokens/s of each from the same process. Library defaults
-otherwise (bf16 autocast, fused loss on CUDA, no compile). Writes ``OUT/fsdp1-<gpu>.json`` with
+otherwise (bf16 autocast, fused loss on CUDA, no compile; ``--compile``: each block compiled, as
+``make train-385m`` trains). Writes ``OUT/fsdp1-<gpu>.json`` (``fsdp1-compiled-<gpu>.json``) with
 provenance after every run, so an interrupted benchmark keeps what it measured (make bench-fsdp1).
 
     python3 benchmarks/bench_fsdp1.py                                    # = make bench-fsdp1: tnl-385m, T=2048, 32K tokens/step
@@ -54,6 +55,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="steps per run (the first --warmup not timed)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2, help="default/fsdp pairs, alternated")
+    ap.add_argument("--compile", action="store_true", help="compile=true for both (each block compiled)")
     a = ap.parse_args()
     if replot(a, plot):
         return
@@ -65,7 +67,8 @@ def main():
     # the runs' checkpoints (GBs for a 385M model, deleted after each run) go to memory where a tmpfs has room
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 32e9 else None
     work = tempfile.mkdtemp(prefix="bench_fsdp1-", dir=shm)
-    out_file = result_path(a, "fsdp1")
+    name = "fsdp1-compiled" if a.compile else "fsdp1"
+    out_file = result_path(a, name)
     rows = []
     try:
         random_data(os.path.join(work, "data"), vocab, max(4 * a.tokens, 2 * a.seq_len + 2))
@@ -74,7 +77,8 @@ def main():
                 run_dir = os.path.join(work, f"{mode}-{rnd}")
                 cfg = TrainConfig(preset=a.preset, data=os.path.join(work, "data"), out=run_dir, seq_len=a.seq_len,
                                   batch_size=a.tokens // a.seq_len, max_steps=a.steps, warmup_steps=a.warmup,
-                                  eval_sets=(), eval_every=10**9, ckpt_every=10**9, parallel=mode, progress=False)
+                                  eval_sets=(), eval_every=10**9, ckpt_every=10**9, parallel=mode, progress=False,
+                                  compile=a.compile)
                 gc.collect()
                 if torch.cuda.is_available():  # each run's own peak memory
                     torch.cuda.empty_cache()
@@ -96,9 +100,10 @@ def main():
                 if len(summary) == 2:
                     summary["fsdp_over_default"] = summary["fsdp-1rank"] / summary["default"]
                 write_results(out_file, rows, {"preset": a.preset, "seq_len": a.seq_len, "tokens_per_step": a.tokens,
-                                               "steps": a.steps, "warmup": a.warmup, "summary": summary})
+                                               "steps": a.steps, "warmup": a.warmup, "compile": a.compile,
+                                               "summary": summary})
         print(json.dumps(summary), flush=True)
-        plot(rows, result_path(a, "fsdp1", ".png"), provenance())
+        plot(rows, result_path(a, name, ".png"), provenance())
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
