@@ -1,7 +1,9 @@
 """One GPU: does ``parallel=fsdp`` (one rank) cost anything against the default path?
 
-Runs ``tnlib.train.train`` itself, alternately with the default path and with ``parallel=fsdp`` on a
-1-rank process group (no launcher needed), on random tokens (so no data set is required; the vocabulary
+Runs ``tnlib.train.train`` itself, alternately with the default path (``default``) and with
+``parallel=fsdp`` on a 1-rank process group (no launcher needed): as the library runs it (``fsdp-1rank``:
+one rank has nothing to shard, so the plain model with sharded checkpoints) and, with ``--modes``
+including ``fsdp2``, FSDP2 forced onto the one rank (``fsdp2-1rank``, ``fsdp_one_rank=true``), on random tokens (so no data set is required; the vocabulary
 is the preset's), and records the steady-state tokens/s of each from the same process. Library defaults
 otherwise (bf16 autocast, fused loss on CUDA, no compile; ``--compile``: each block compiled, as
 ``make train-385m`` trains). Writes ``OUT/fsdp1-<gpu>.json`` (``fsdp1-compiled-<gpu>.json``) with
@@ -40,7 +42,7 @@ def plot(rows, path, header=None):
     fig, axes = figure()
     ax = axes[0][0]
     for i, r in enumerate(rows):
-        ax.bar(i, r["tokens_per_s"] / 1e3, color="C0" if r["mode"] == "default" else "C1")
+        ax.bar(i, r["tokens_per_s"] / 1e3, color={"default": "C0", "fsdp-1rank": "C1"}.get(r["mode"], "C2"))
     ax.set_xticks(range(len(rows)), [f"{r['mode']}\nround {r['round']}" for r in rows], fontsize=7)
     ax.set_ylabel("training tokens/s (thousands, median)")
     ax.set_title("one GPU: default path vs parallel=fsdp")
@@ -54,7 +56,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=32768, help="tokens per optimizer step")
     ap.add_argument("--steps", type=int, default=20, help="steps per run (the first --warmup not timed)")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2, help="default/fsdp pairs, alternated")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the modes, alternated")
+    ap.add_argument("--modes", default="default,fsdp", help="of default, fsdp, fsdp2 (comma-separated)")
     ap.add_argument("--compile", action="store_true", help="compile=true for both (each block compiled)")
     a = ap.parse_args()
     if replot(a, plot):
@@ -63,6 +66,10 @@ def main():
         raise SystemExit(f"--tokens {a.tokens} is not a multiple of --seq-len {a.seq_len}")
     if a.steps <= a.warmup:
         raise SystemExit("--steps must exceed --warmup")
+    labels = {"default": "default", "fsdp": "fsdp-1rank", "fsdp2": "fsdp2-1rank"}
+    modes = a.modes.split(",")
+    if not modes or set(modes) - set(labels):
+        raise SystemExit(f"--modes {a.modes!r}: choose from {', '.join(labels)}")
     vocab = get_config(a.preset).vocab_size
     # the runs' checkpoints (GBs for a 385M model, deleted after each run) go to memory where a tmpfs has room
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 32e9 else None
@@ -73,12 +80,12 @@ def main():
     try:
         random_data(os.path.join(work, "data"), vocab, max(4 * a.tokens, 2 * a.seq_len + 2))
         for rnd in range(a.rounds):
-            for mode in ("ddp", "fsdp"):
+            for mode in modes:
                 run_dir = os.path.join(work, f"{mode}-{rnd}")
                 cfg = TrainConfig(preset=a.preset, data=os.path.join(work, "data"), out=run_dir, seq_len=a.seq_len,
                                   batch_size=a.tokens // a.seq_len, max_steps=a.steps, warmup_steps=a.warmup,
-                                  eval_sets=(), eval_every=10**9, ckpt_every=10**9, parallel=mode, progress=False,
-                                  compile=a.compile)
+                                  eval_sets=(), eval_every=10**9, ckpt_every=10**9, progress=False, compile=a.compile,
+                                  parallel="ddp" if mode == "default" else "fsdp", fsdp_one_rank=mode == "fsdp2")
                 gc.collect()
                 if torch.cuda.is_available():  # each run's own peak memory
                     torch.cuda.empty_cache()
@@ -87,18 +94,19 @@ def main():
                 with open(os.path.join(run_dir, "metrics.jsonl")) as f:
                     steps = [r for r in map(json.loads, f) if "tokens_per_s" in r]
                 timed = [r["tokens_per_s"] for r in steps[a.warmup:]]
-                rows.append({"mode": "default" if mode == "ddp" else "fsdp-1rank", "round": rnd,
+                rows.append({"mode": labels[mode], "round": rnd,
                              "tokens_per_s": statistics.median(timed), "tokens_per_s_all": timed,
                              "mem_gb": steps[-1].get("mem_gb"), "final_loss": steps[-1]["loss"]})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens_per_s_all"}), flush=True)
                 shutil.rmtree(run_dir)
                 summary = {}
-                for m in ("default", "fsdp-1rank"):
+                for m in labels.values():
                     vals = [r["tokens_per_s"] for r in rows if r["mode"] == m]
                     if vals:
                         summary[m] = statistics.median(vals)
-                if len(summary) == 2:
-                    summary["fsdp_over_default"] = summary["fsdp-1rank"] / summary["default"]
+                for m, key in (("fsdp-1rank", "fsdp_over_default"), ("fsdp2-1rank", "fsdp2_over_default")):
+                    if m in summary and "default" in summary:
+                        summary[key] = summary[m] / summary["default"]
                 write_results(out_file, rows, {"preset": a.preset, "seq_len": a.seq_len, "tokens_per_step": a.tokens,
                                                "steps": a.steps, "warmup": a.warmup, "compile": a.compile,
                                                "summary": summary})

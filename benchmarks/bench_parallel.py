@@ -113,7 +113,7 @@ def wrap(b: Bench, model, mode: str, gpus: int):
             model, device_ids=[b.device.index] if b.device.type == "cuda" else None, gradient_as_bucket_view=True)
         return ddp, b.rank, b.world
     if mode == "fsdp" and gpus == 1:
-        return apply_fsdp(model, b.solo_mesh(), b.dtype), 0, 1
+        return apply_fsdp(model, b.solo_mesh(), b.dtype, one_rank=True), 0, 1  # FSDP2 itself on 1 GPU
     if mode == "fsdp":
         return apply_fsdp(model, b.mesh(1)["dp"], b.dtype), b.rank, b.world
     mesh = b.mesh(2)  # tp / tp+fsdp: the 2 GPUs are one tensor-parallel pair (data dimension 1)

@@ -5,7 +5,8 @@ Three ways to put one model on several GPUs, all through ``torch.distributed`` (
 
 * ``parallel="ddp"`` (default): every rank holds the whole model and its AdamW state; gradients are
   all-reduced. Fastest while the model, its gradients and Adam state fit on one GPU (16 bytes/param).
-* ``parallel="fsdp"``: ``fully_shard`` per block and at the root. Each rank keeps ``1/world`` of every
+* ``parallel="fsdp"``: ``fully_shard`` per block and at the root (over two ranks or more: one rank has
+  nothing to shard, so it trains the plain model and writes the same sharded checkpoints). Each rank keeps ``1/world`` of every
   parameter, gradient and Adam moment; a block's weights are all-gathered just before it runs (and
   again for its backward when there is more than one rank) and its gradients reduce-scattered after. Mixed precision as in the paper:
   bf16 parameters for compute, fp32 master weights and fp32 reduction (the LRPE angles ``theta`` stay
@@ -100,8 +101,15 @@ def _mp_policy(dtype):
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
-def apply_fsdp(model: nn.Module, mesh, compute_dtype=None, reshard_after_forward: bool | None = None) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh, compute_dtype=None, reshard_after_forward: bool | None = None,
+               one_rank: bool = False) -> nn.Module:
     """``fully_shard`` each block, then the root (embedding, final norm, head), over the 1-D ``mesh``.
+
+    A mesh of one rank has nothing to shard, and FSDP2 would still copy every weight and gradient once
+    more per step and add hooks around every block (about 5% of a ``tnl-385m`` step on one H200,
+    ``results/parallel/NOTES.md``): the model is returned as it is, unless ``one_rank`` asks for
+    FSDP2 anyway (to measure it). Sharded checkpoints do not depend on it: ``torch.distributed.checkpoint``
+    writes and reshards plain and FSDP models alike.
 
     ``compute_dtype`` (bf16 on a GPU) is the parameters' dtype in forward and backward; master weights,
     Adam state and the gradient reduction stay fp32. LRPE's ``theta`` gets its own fp32 group. Blocks
@@ -115,6 +123,8 @@ def apply_fsdp(model: nn.Module, mesh, compute_dtype=None, reshard_after_forward
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    if mesh.size() == 1 and not one_rank:
+        return model
     if reshard_after_forward is None:
         reshard_after_forward = mesh.size() > 1
     for block in model.layers:

@@ -85,6 +85,9 @@ class TrainConfig:
     # how the model is spread over the processes (tnlib.parallel): "ddp" = a whole replica on each (fastest
     # while it fits); "fsdp" = fully_shard per block: parameters, gradients and AdamW state split over ranks
     parallel: str = "ddp"
+    # parallel=fsdp on a data dimension of one rank: FSDP2 anyway (True; only to measure what it costs) or,
+    # by default, the plain model with the same sharded checkpoints (nothing to shard, results/parallel)
+    fsdp_one_rank: bool = False
     # heads and SGLU channels of every block split over this many adjacent ranks (Megatron-style);
     # the world size must be a multiple, the rest is the data dimension (sharded with FSDP)
     tensor_parallel: int = 1
@@ -295,8 +298,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         raw_model.compile_blocks()
     if tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
-    if cfg.parallel == "fsdp":
-        apply_fsdp(model, mesh["dp"], autocast_dtype)
+    fsdp = cfg.parallel == "fsdp" and (dp_world > 1 or cfg.fsdp_one_rank)  # one rank: nothing to shard
+    if fsdp:
+        apply_fsdp(model, mesh["dp"], autocast_dtype, one_rank=cfg.fsdp_one_rank)
     # fused AdamW on CUDA; the per-tensor loop where plain and tensor-parallel (DTensor) weights mix
     opt_kw = {"fused": True} if device.type == "cuda" else ({"foreach": False} if tp > 1 else {})
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **opt_kw)
@@ -369,7 +373,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 x = batch_at(train_tf.tokens, step, micro, cfg, dp_rank, dp_world).to(device, non_blocking=True)
                 # DDP/FSDP: reduce the gradients once per step, on the last micro-batch only
                 last_micro = micro == cfg.grad_accum - 1
-                if cfg.parallel == "fsdp":
+                if fsdp:
                     model.set_requires_gradient_sync(last_micro)
                 with (model.no_sync() if ddp and not last_micro else contextlib.nullcontext()):
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

@@ -2,7 +2,7 @@
 
 The step is ``tnlib.train``'s (bf16 autocast, the chunked loss, ``tnlib.parallel.clip_grad_norm``, fused
 AdamW, one synchronize per step), on random tokens, for the plain model and for the same model under
-``apply_fsdp`` on a 1-rank group. Prints, per mode: wall ms per step, GPU busy ms per step and the longest
+``apply_fsdp(..., one_rank=True)`` on a 1-rank group (FSDP2 itself, not the plain model a 1-rank mesh gets). Prints, per mode: wall ms per step, GPU busy ms per step and the longest
 idle gaps (``tools/_profiling.gpu_gaps``), and the CUDA kernels whose time per step differs most between
 the modes. Writes ``OUT/profile-fsdp1.txt``.
 
@@ -47,7 +47,7 @@ def main():
         torch.manual_seed(0)
         model = build_model(cfg).to(dev)
         if mode == "fsdp":
-            apply_fsdp(model, init_device_mesh(dev.type, (1,)), dtype)
+            apply_fsdp(model, init_device_mesh(dev.type, (1,)), dtype, one_rank=True)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
 
         def step():  # tnlib.train's step, grad_accum=1
