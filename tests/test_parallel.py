@@ -82,12 +82,14 @@ def test_fsdp_matches_single_process_and_resumes_on_1_and_2_ranks(reference, fsd
     assert sorted(saved) == [1, 2, 3]
     # the 2-rank continuation (same spread), then 1 rank (a plain model, and a 1-rank FSDP group) from a copy
     copies = {}
-    for name in ("one-ddp", "one-fsdp"):
+    one_rank = {"one-ddp": {"parallel": "ddp"}, "one-fsdp": {"parallel": "fsdp"},  # fsdp on 1 rank: the plain model
+                "one-fsdp2": {"parallel": "fsdp", "fsdp_one_rank": True}}       # FSDP2 forced onto the one rank
+    for name in one_rank:
         copies[name] = str(tmp_path / name)
         shutil.copytree(out, copies[name])
     torchrun("train", json.dumps({"cfg": {**cfg, "max_tokens": None}, "resume": True}), 29632)
-    for name, parallel in (("one-ddp", "ddp"), ("one-fsdp", "fsdp")):
-        train(TrainConfig(**config(cfg["data"], copies[name], parallel=parallel, checkpointing=True)), resume=True)
+    for name, kw in one_rank.items():
+        train(TrainConfig(**config(cfg["data"], copies[name], checkpointing=True, **kw)), resume=True)
     ref_loss, ref_norm = reference
     assert min(ref_norm.values()) > 0.1  # the clip is active on every step, so a wrong norm changes the losses
     runs = {"2 ranks": out, **copies}
