@@ -5,12 +5,12 @@ Three ways to put one model on several GPUs, all through ``torch.distributed`` (
 
 * ``parallel="ddp"`` (default): every rank holds the whole model and its AdamW state; gradients are
   all-reduced. Fastest while the model, its gradients and Adam state fit on one GPU (16 bytes/param).
-* ``parallel="fsdp"``: ``fully_shard`` per block and at the root (over two ranks or more: one rank has
-  nothing to shard, so it trains the plain model and writes the same sharded checkpoints). Each rank keeps ``1/world`` of every
+* ``parallel="fsdp"``: ``fully_shard`` per block and at the root. Each rank keeps ``1/world`` of every
   parameter, gradient and Adam moment; a block's weights are all-gathered just before it runs (and
-  again for its backward when there is more than one rank) and its gradients reduce-scattered after. Mixed precision as in the paper:
+  again for its backward) and its gradients reduce-scattered after. Mixed precision as in the paper:
   bf16 parameters for compute, fp32 master weights and fp32 reduction (the LRPE angles ``theta`` stay
-  fp32: a bf16 angle at position 2000 is off by radians).
+  fp32: a bf16 angle at position 2000 is off by radians). One rank has nothing to shard: it trains the
+  plain model and writes the same sharded checkpoints.
 * ``tensor_parallel=N``: a 2-D mesh ``("dp", "tp")``; within a ``tp`` group each rank holds ``1/N`` of
   every block's heads and SGLU channels (spec section 11.3, the paper's plan): GLA's fused ``qkvu`` and
   SGLU's ``l1``/``l2`` column-wise, the output projections row-wise, so a block costs one all-reduce
@@ -106,7 +106,7 @@ def apply_fsdp(model: nn.Module, mesh, compute_dtype=None, reshard_after_forward
     """``fully_shard`` each block, then the root (embedding, final norm, head), over the 1-D ``mesh``.
 
     A mesh of one rank has nothing to shard, and FSDP2 would still copy every weight and gradient once
-    more per step and add hooks around every block (about 5% of a ``tnl-385m`` step on one H200,
+    more per step and add hooks around every block (2-7% of a ``tnl-385m`` step on one H200,
     ``results/parallel/NOTES.md``): the model is returned as it is, unless ``one_rank`` asks for
     FSDP2 anyway (to measure it). Sharded checkpoints do not depend on it: ``torch.distributed.checkpoint``
     writes and reshards plain and FSDP models alike.
