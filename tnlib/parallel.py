@@ -106,9 +106,8 @@ def apply_fsdp(model: nn.Module, mesh, compute_dtype=None, reshard_after_forward
     """``fully_shard`` each block, then the root (embedding, final norm, head), over the 1-D ``mesh``.
 
     A mesh of one rank has nothing to shard, and FSDP2 would still copy every weight and gradient once
-    more per step and add hooks around every block (2-7% of a ``tnl-385m`` step on one H200,
-    ``results/parallel/NOTES.md``): the model is returned as it is, unless ``one_rank`` asks for
-    FSDP2 anyway (to measure it). Sharded checkpoints do not depend on it: ``torch.distributed.checkpoint``
+    more per step and add hooks around every block (what that costs: ``results/parallel/NOTES.md``):
+    the model is returned as it is, unless ``one_rank`` asks for FSDP2 anyway (to measure it). Sharded checkpoints do not depend on it: ``torch.distributed.checkpoint``
     writes and reshards plain and FSDP models alike.
 
     ``compute_dtype`` (bf16 on a GPU) is the parameters' dtype in forward and backward; master weights,
