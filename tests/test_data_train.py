@@ -102,6 +102,35 @@ def test_resume_continues_the_same_trajectory(prepared, tmp_path):
     assert os.path.isfile(os.path.join(part.out, "final", "model.safetensors"))
 
 
+def test_logged_loss_and_grad_norm_of_an_accumulated_step(prepared, tmp_path):
+    """Step 1 with 2 micro-batches logs the mean of their losses and the norm of the summed gradient
+    (before clipping), both read once after the optimizer step: recomputed here by hand."""
+    import torch
+    import torch.nn.functional as F
+
+    from tnlib.models import build_model, get_config
+    from tnlib.train import batch_at
+
+    data, meta = prepared
+    cfg = small_cfg(data, str(tmp_path / "acc"), grad_accum=2, max_steps=1, grad_clip=0.01)
+    train(cfg)
+    rec = [r for r in map(json.loads, open(os.path.join(cfg.out, "metrics.jsonl"))) if r.get("step") == 1][0]
+    torch.manual_seed(cfg.seed)  # the same initial weights as train()
+    model = build_model(get_config(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model_overrides,
+                                                  "checkpointing": cfg.checkpointing}))
+    tokens = TokenFile.open(data, "train").tokens
+    losses = []
+    for micro in range(2):
+        x = batch_at(tokens, 0, micro, cfg, 0, 1)
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        (loss / 2).backward()
+        losses.append(loss.item())
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert rec["loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
+    assert rec["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+    assert rec["grad_norm"] > cfg.grad_clip  # the step clipped: the norm logged is the one before
+
+
 def test_sigint_checkpoints_and_resume_finishes(prepared, tmp_path):
     data, _ = prepared
     out = str(tmp_path / "sig")
