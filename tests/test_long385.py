@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import lzma
+import math
 import os
 import random
 import subprocess
@@ -40,7 +41,7 @@ def _fake_metrics(path, preset, steps, eval_every, per_step, ppl0, seed, final_e
         if s % eval_every == 0 or s == steps:
             for i, e in enumerate(EVALS):
                 ppl = ppl0 * (1 + i) * (1 + 1 / s)
-                r.update({f"{e}_loss": float(__import__("math").log(ppl)), f"{e}_ppl": ppl, f"{e}_bpb": 1.5 + i})
+                r.update({f"{e}_loss": math.log(ppl), f"{e}_ppl": ppl, f"{e}_bpb": 1.5 + i})
         recs.append(r)
     if final_eval_at:
         recs.append({"event": "final_eval", "step": steps, "tokens": final_eval_at, "val_ppl": ppl0})

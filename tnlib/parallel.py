@@ -101,8 +101,7 @@ def _mp_policy(dtype):
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
-def apply_fsdp(model: nn.Module, mesh, compute_dtype=None, reshard_after_forward: bool | None = None,
-               one_rank: bool = False) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh, compute_dtype=None, one_rank: bool = False) -> nn.Module:
     """``fully_shard`` each block, then the root (embedding, final norm, head), over the 1-D ``mesh``.
 
     A mesh of one rank has nothing to shard, and FSDP2 would still copy every weight and gradient once
@@ -116,16 +115,15 @@ def apply_fsdp(model: nn.Module, mesh, compute_dtype=None, reshard_after_forward
     the block call, FSDP's hooks included, which FSDP2 supports (the recompute in the backward runs on the
     weights the backward gathered).
 
-    ``reshard_after_forward`` (default: only when the mesh has more than one rank) frees each block's
-    gathered weights after its forward, so the backward gathers them again: memory saved for one more
-    all-gather per block. On one rank the "gathered" weights are just the bf16 copy, so nothing is saved.
+    Over more than one rank each block's gathered weights are freed after its forward and gathered again
+    for its backward (memory saved for one more all-gather); on one rank the "gathered" weights are just
+    the bf16 copy, so they are kept.
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     if mesh.size() == 1 and not one_rank:
         return model
-    if reshard_after_forward is None:
-        reshard_after_forward = mesh.size() > 1
+    reshard_after_forward = mesh.size() > 1
     for block in model.layers:
         lrpe = getattr(getattr(block, "token_mixer", None), "lrpe", None)
         if lrpe is not None and any(True for _ in lrpe.parameters()):

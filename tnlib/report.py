@@ -7,6 +7,15 @@ import os
 __all__ = ["read_metrics", "summarize_run", "plot_runs", "compare_runs", "ppl_ratio_curve", "plot_ratio_curves"]
 
 
+def _pyplot():
+    """pyplot on the file backend: these functions write PNGs, they never open windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 def _style_axes(ax, title: str, ylabel: str) -> None:
     """The look every curve panel shares: training tokens on x, a grid, a small legend."""
@@ -18,13 +27,12 @@ def _style_axes(ax, title: str, ylabel: str) -> None:
 
 
 def _save_figure(fig, path: str, title: str = "") -> None:
-    import matplotlib.pyplot as plt
-
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
+
 
 def read_metrics(path):
     with open(path) as f:
@@ -56,10 +64,7 @@ def summarize_run(path: str) -> dict:
 
 def plot_runs(runs: dict, path: str, title: str = "", evals=("val",)):
     """``runs = {label: metrics.jsonl}`` -> training loss, held-out perplexity and throughput vs tokens."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
     for i, (label, mpath) in enumerate(runs.items()):
@@ -135,10 +140,7 @@ def plot_ratio_curves(curves: dict, path: str, evals, title: str = "", finals: d
     """One panel per eval set: the A/B perplexity ratio against training tokens for every labelled run
     pair. ``curves = {label: {eval_set: [(tokens, ratio), ...]}}``; ``finals = {label: {eval_set: ratio}}``
     adds end-of-run points (e.g. a test set evaluated only at the end) as markers at the run's last tokens."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, len(evals), figsize=(4.6 * len(evals), 3.8), squeeze=False)
     for ax, name in zip(axes[0], evals):

@@ -94,6 +94,10 @@ stage() {  # carried parts -> $ROOT/carry, checked; prints what is there and wha
   [ "$have" = "$n" ]
 }
 
+all_staged() {  # stage, and say what to do when parts are still missing
+  stage || { echo "not all data parts are here yet: carry the next .carry-long-K with 'stage'"; return 1; }
+}
+
 prepare_data() {  # tokenizes the staged parts into $ROOT/data once (start skips it when a `prepare` call did it)
   [ -f "$ROOT/data/meta.json" ] && return 0
   local t0 C=$ROOT/carry
@@ -172,11 +176,11 @@ case "$MODE" in
 stage)
   stage; exit 0 ;;
 prepare)
-  stage || { echo "not all data parts are here yet: carry the next .carry-long-K with 'stage'"; exit 3; }
+  all_staged || exit 3
   prepare_data; exit ;;
 start)
   if running; then echo "the driver is already running (pid $(cat "$ROOT/driver.pid")): following it"; follow; pack; exit 0; fi
-  stage || { echo "not all data parts are here yet: carry the next .carry-long-K with 'stage'"; exit 3; }
+  all_staged || exit 3
   prepare_data || exit 1
   cp "$ROOT/data/meta.json" "$ROOT/data-meta.json"
   python3 -c "import json; m = json.load(open('$ROOT/data/meta.json'))['splits']['train']['tokens']; \
