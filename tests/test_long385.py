@@ -99,6 +99,46 @@ def test_results_folder(tmp_path):
     assert samples.count("said the tnl-385m.") == len(lr.PROMPTS) == samples.count("said the transformer-385m.")
 
 
+def _fake_source(src, name, ppl0, lr=6e-4, commit="abc123", train_tokens=86_000_000):
+    """One unpacked long385.tar.gz holding one model's run (as `MODELS=<name> tools/long_385m.sh start` makes)."""
+    recs = _fake_metrics(str(src / "runs" / name / "metrics.jsonl"), name, 40, 5, 32768, ppl0, 1)
+    recs[0]["config"]["lr"] = lr
+    recs[0]["provenance"]["commit"] = commit
+    (src / "runs" / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (src / "data-meta.json").write_text(json.dumps({"tokenizer_sha256": "t", "sources": {f"/tmp/{name}/x.xz": "s1"},
+                                                     "splits": {"train": {"tokens": train_tokens}}}))
+    (src / "driver.log").write_text(f"driver: {name}\n")
+
+
+def test_results_from_two_sessions(tmp_path):
+    # each model trained on its own machine: combined when data, recipe and tokens agree (paths may differ)
+    lr = _tool("long_385m")
+    a, b = tmp_path / "a", tmp_path / "b"
+    _fake_source(a, "tnl-385m", 40.0, commit="aaa111")
+    _fake_source(b, "transformer-385m", 50.0, commit="bbb222")
+    out = lr.results([str(a), str(b)], str(tmp_path / "r"), str(tmp_path / "no-baseline"))
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["runs"]["tnl"]["commit"] == "aaa111" and s["runs"]["transformer"]["commit"] == "bbb222"
+    assert "aaa111" in s["commit"] and "bbb222" in s["commit"]
+    assert s["ppl_ratios"]["val_ppl"] == pytest.approx(0.8)
+    assert open(os.path.join(out, "driver-transformer-385m.log")).read() == "driver: transformer-385m\n"
+    assert "aaa111" in open(os.path.join(out, "summary.md")).read()
+    # a model found in no source, or in two
+    with pytest.raises(FileNotFoundError, match="transformer"):
+        lr.results([str(a)], str(tmp_path / "r2"))
+    _fake_source(tmp_path / "c", "tnl-385m", 40.0)
+    with pytest.raises(FileNotFoundError, match="tnl"):
+        lr.results([str(a), str(b), str(tmp_path / "c")], str(tmp_path / "r3"))
+    # another recipe (learning rate) or other data: refused before anything is written
+    _fake_source(tmp_path / "d", "transformer-385m", 50.0, lr=3e-4)
+    with pytest.raises(ValueError, match="lr=0.0003"):
+        lr.results([str(a), str(tmp_path / "d")], str(tmp_path / "r4"))
+    _fake_source(tmp_path / "e", "transformer-385m", 50.0, train_tokens=85_000_000)
+    with pytest.raises(ValueError, match="same data"):
+        lr.results([str(a), str(tmp_path / "e")], str(tmp_path / "r5"))
+    assert not (tmp_path / "r4").exists() and not (tmp_path / "r5").exists()
+
+
 def test_progress_line(tmp_path):
     lr = _tool("long_385m")
     _fake_metrics(str(tmp_path / "runs" / "tnl-385m" / "metrics.jsonl"), "tnl-385m", 40, 5, 32768, 40.0, 1)

@@ -5,7 +5,8 @@
     progress on the device: step, tokens, latest eval and an ETA of every model, from the metrics files
     results  here, after the run (PYTHONPATH=$PWD): results/385m-<tokens>/ from the unpacked run files (summary.json with
              the test set, both metrics files, samples.md, curves.png, and ratio.png: the TNL/Transformer
-             perplexity ratio against tokens per eval set, the 45M run beside it)
+             perplexity ratio against tokens per eval set, the 45M run beside it). The two models may come
+             from different calls or sessions (--src A B), checked for the same data, recipe and tokens
 """
 from __future__ import annotations
 
@@ -107,25 +108,79 @@ def budget_name(tokens: int) -> str:
     return f"385m-{round(tokens / 1e6)}m"
 
 
-def results(src: str, out_root: str = "results", baseline: str = "results/385m",
+#: config fields that do not change what a model learns (paths, checkpoint cadence, the progress bar)
+RECIPE_FREE = ("preset", "out", "data", "ckpt_every", "progress")
+
+
+def _start(metrics: str) -> dict:
+    return next((r for r in read_metrics(metrics) if r.get("event") == "start"), {})
+
+
+def _same_data(metas: dict) -> None:
+    """``metas = {src: data-meta.json dict}``: the same training and eval tokens (split sizes, tokenizer and the
+    sha256 of every source file), else ValueError. Paths may differ (each machine stages its own copy)."""
+    def key(m):
+        splits = {n: {k: v for k, v in sp.items() if k != "source"} for n, sp in m.get("splits", {}).items()}
+        return (m.get("tokenizer_sha256"), json.dumps(splits, sort_keys=True), sorted(m.get("sources", {}).values()))
+    keys = {src: key(m) for src, m in metas.items()}
+    if len(set(map(str, keys.values()))) > 1:
+        raise ValueError("the sources did not train on the same data (data-meta.json differs): " + ", ".join(keys))
+
+
+def _same_recipe(starts: dict) -> None:
+    """``starts = {label: start event}``: the same training config apart from ``RECIPE_FREE``, else ValueError.
+    Only the fields both configs have are compared (a field added to TrainConfig later had no other value before)."""
+    cfgs = {lbl: {k: v for k, v in s.get("config", {}).items() if k not in RECIPE_FREE} for lbl, s in starts.items()}
+    first_lbl, first = next(iter(cfgs.items()))
+    for lbl, cfg in cfgs.items():
+        diff = sorted(k for k in set(cfg) & set(first) if cfg[k] != first[k])
+        if diff:
+            raise ValueError(f"{lbl} and {first_lbl} did not train with the same recipe: "
+                             + ", ".join(f"{k}={cfg.get(k)!r} vs {first.get(k)!r}" for k in diff))
+
+
+def results(src, out_root: str = "results", baseline: str = "results/385m",
             models=("tnl=tnl-385m", "transformer=transformer-385m"), extra: dict | None = None) -> str:
-    """``src``: the unpacked ``long385.tar.gz`` (``runs/<model>/{metrics.jsonl,final.json,train.log}``,
-    ``data-meta.json``, ``driver.log``). Writes ``out_root/385m-<tokens>/`` and returns its path."""
+    """``src``: an unpacked ``long385.tar.gz`` (``runs/<model>/{metrics.jsonl,final.json,train.log}``,
+    ``data-meta.json``, ``driver.log``), or a list of them when the models trained in different calls or sessions
+    (``MODELS=... tools/long_385m.sh start``): each model is taken from the one source that holds it, and the
+    sources must hold the same data and the models the same recipe and token count (ValueError otherwise).
+    Writes ``out_root/385m-<tokens>/`` and returns its path."""
+    srcs = [src] if isinstance(src, (str, os.PathLike)) else list(src)
     pairs = [m.split("=", 1) for m in models]
-    runs = {label: os.path.join(src, "runs", m, "metrics.jsonl") for label, m in pairs}
-    for label, p in runs.items():
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{label}: {p} is missing (unpack long385.tar.gz into {src})")
+    where = {}
+    for label, m in pairs:
+        found = [s for s in srcs if os.path.exists(os.path.join(s, "runs", m, "metrics.jsonl"))]
+        if len(found) != 1:
+            raise FileNotFoundError(f"{label}: runs/{m}/metrics.jsonl is in {len(found)} of the sources "
+                                    f"{srcs} (unpack each long385.tar.gz into its own folder; one per model)")
+        where[label] = found[0]
+    runs = {label: os.path.join(where[label], "runs", m, "metrics.jsonl") for label, m in pairs}
+    used = list(dict.fromkeys(where.values()))
+    metas = {s: json.load(open(os.path.join(s, "data-meta.json"))) for s in used
+             if os.path.exists(os.path.join(s, "data-meta.json"))}
+    _same_data(metas)
+    starts = {label: _start(p) for label, p in runs.items()}
+    _same_recipe(starts)
     finals = {}
     for label, m in pairs:
-        fp = os.path.join(src, "runs", m, "final.json")
+        fp = os.path.join(where[label], "runs", m, "final.json")
         finals[label] = json.load(open(fp)) if os.path.exists(fp) else None
-    steps = [r for r in read_metrics(runs[pairs[0][0]]) if "tokens_per_s" in r]
-    tokens = steps[-1]["tokens"]
+    ends = {label: [r for r in read_metrics(p) if "tokens_per_s" in r][-1]["tokens"] for label, p in runs.items()}
+    if len(set(ends.values())) > 1:
+        raise ValueError(f"the models did not train on the same number of tokens: {ends}")
+    tokens = ends[pairs[0][0]]
     out = os.path.join(out_root, budget_name(tokens))
     os.makedirs(out, exist_ok=True)
     doc = compare_runs(runs, out, f"TNL-385M vs Transformer-385M: the same {tokens / 1e6:.0f}M tokens",
                        evals=TRAIN_EVALS, extra=extra)
+    # each model's own machine, commit and date (they differ when the models trained in different sessions)
+    doc["runs"] = {label: {k: s.get("provenance", {}).get(k) for k in ("commit", "gpu", "torch", "triton", "date",
+                                                                        "command")} for label, s in starts.items()}
+    for key in ("commit", "gpu", "date"):
+        vals = list(dict.fromkeys(str(r[key]) for r in doc["runs"].values()))
+        if len(vals) > 1:
+            doc[key] = "; ".join(f"{lbl}: {r[key]}" for lbl, r in doc["runs"].items())
     for label, fin in finals.items():  # the end-of-run evals (the test set only here)
         if fin:
             for name, r in fin["evals"].items():
@@ -138,10 +193,10 @@ def results(src: str, out_root: str = "results", baseline: str = "results/385m",
     base = {lbl: os.path.join(baseline, f"{m}-metrics.jsonl") for lbl, m in pairs}
     if all(os.path.exists(p) for p in base.values()):
         curves["45M-token run (results/385m)"] = {e: ppl_ratio_curve(base[a], base[b], e) for e in FINAL_EVALS}
-    ends = {f"{tokens / 1e6:.0f}M-token run": {"eval-wikitext-test": doc["ppl_ratios"].get("eval-wikitext-test_ppl")}}
+    end_pts = {f"{tokens / 1e6:.0f}M-token run": {"eval-wikitext-test": doc["ppl_ratios"].get("eval-wikitext-test_ppl")}}
     doc["ppl_ratio_curves"] = {lbl: {e: [[t, r] for t, r in c] for e, c in by.items()} for lbl, by in curves.items()}
     plot_ratio_curves(curves, os.path.join(out, "ratio.png"), FINAL_EVALS,
-                      f"TNL-385M / Transformer-385M perplexity at equal tokens", finals=ends)
+                      f"TNL-385M / Transformer-385M perplexity at equal tokens", finals=end_pts)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(doc, f, indent=1)
     keys = ["params", "tokens", "tokens_per_s", "train_loss"] + [f"{e}_{k}" for e in FINAL_EVALS for k in ("ppl", "bpb")]
@@ -150,18 +205,24 @@ def results(src: str, out_root: str = "results", baseline: str = "results/385m",
         va, vb = doc[a].get(key), doc[b].get(key)
         fmt = lambda v: "-" if v is None else f"{v:,.3f}" if isinstance(v, float) else f"{v:,}"  # noqa: E731
         rows.append(f"| {key} | {fmt(va)} | {fmt(vb)} | " + (f"{va / vb:.3f}" if key.endswith("_ppl") and va and vb else "") + " |")
+    made = "\n".join(f"- {lbl}: {r['date']}, commit {str(r['commit'])[:10]}, {r['gpu'] or 'CPU'}"
+                     for lbl, r in doc["runs"].items())
     with open(os.path.join(out, "summary.md"), "w") as f:  # compare_runs' table plus the end-of-run evals
-        f.write(f"# TNL-385M vs Transformer-385M, {tokens:,} tokens each\n\n{doc['date']}, commit "
-                f"{str(doc['commit'])[:10]}, {doc['gpu'] or 'CPU'}\n\n" + "\n".join(rows) + "\n")
+        f.write(f"# TNL-385M vs Transformer-385M, {tokens:,} tokens each\n\n{made}\n\n" + "\n".join(rows) + "\n")
     for label, m in pairs:
         shutil.copy(runs[label], os.path.join(out, f"{m}-metrics.jsonl"))
         for name, dst in (("train.log", f"{m}-train.log"), ("final.json", f"{m}-final.json")):
-            p = os.path.join(src, "runs", m, name)
+            p = os.path.join(where[label], "runs", m, name)
             if os.path.exists(p):
                 shutil.copy(p, os.path.join(out, dst))
-    for name in ("data-meta.json", "driver.log"):
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copy(os.path.join(src, name), os.path.join(out, name))
+    if used[0] in metas:  # the same in every source (checked above)
+        shutil.copy(os.path.join(used[0], "data-meta.json"), os.path.join(out, "data-meta.json"))
+    for s in used:  # one driver log per source: named after the models it trained when there are several
+        p = os.path.join(s, "driver.log")
+        if os.path.exists(p):
+            name = "driver.log" if len(used) == 1 else "driver-" + "-".join(
+                m for lbl, m in pairs if where[lbl] == s) + ".log"
+            shutil.copy(p, os.path.join(out, name))
     lines = [f"# Greedy samples after {tokens / 1e6:.0f}M tokens (same prompts, temperature 0)\n"]
     for i, p in enumerate(PROMPTS if not finals[a] else [s["prompt"] for s in finals[a]["samples"]]):
         lines.append(f"## Prompt {i + 1}\n\n```\n{p}\n```\n")
@@ -188,7 +249,8 @@ def main(argv=None):
     p.add_argument("--root", required=True)
     p.add_argument("--models", nargs="+", required=True)
     p = sub.add_parser("results")
-    p.add_argument("--src", required=True, help="the unpacked long385.tar.gz")
+    p.add_argument("--src", nargs="+", required=True,
+                   help="the unpacked long385.tar.gz; several when the models trained in different calls")
     p.add_argument("--out-root", default="results")
     p.add_argument("--baseline", default="results/385m")
     p.add_argument("--models", nargs="+", default=["tnl=tnl-385m", "transformer=transformer-385m"])

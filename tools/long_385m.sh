@@ -30,16 +30,17 @@
 #     --parts 3 --max-bytes 34000000 --out .carry-long
 #   grep -qx '/.carry-long-\*/' .git/info/exclude || echo '/.carry-long-*/' >> .git/info/exclude
 # Then on nvidia-h200 (or nvidia-h200-x2: both models at once), chained calls, each issued at once:
-#   run(command="bash tools/long_385m.sh stage", carry=[".carry-long-1"])
-#   run(command="bash tools/long_385m.sh stage", carry=[".carry-long-2"])
-#   run(command="TNLIB_COMMIT=$(git rev-parse HEAD) bash tools/long_385m.sh start", carry=[".carry-long-3"], timeout_s=600)
-#   run(command="bash tools/long_385m.sh status", timeout_s=600)      # repeat until "all done"
-# Expected on one H200 (203K / 157K tokens/s): ~6.6 + 8.5 min of training, ~2 min each of compilation,
-# evals, checkpoints and final evals, ~1.5 min tokenizing, ~3 min machine start and transfers: ~25 min of the
-# session's 30, so issue the calls back to back (an idle machine goes back after 30 s). Two GPUs: ~15 min.
-# Here, after the last call:
+#   run(command="bash tools/long_385m.sh stage", carry=[".carry-long-1"], timeout_s=120)
+#   run(command="bash tools/long_385m.sh stage", carry=[".carry-long-2"], timeout_s=120)
+#   run(command="TNLIB_COMMIT=<full hash> bash tools/long_385m.sh start", carry=[".carry-long-3"], timeout_s=300)
+#   run(command="bash tools/long_385m.sh status", timeout_s=300)      # repeat until "all done"
+# Each call returns after CALL_S (default 4 min): machines were kept between short calls but were gone after
+# long ones (results/385m/NOTES.md). Pass the commit as a literal: the device's copy of .git may be stale.
+# MODELS=<one model> trains one model per session (~10-15 min of device time each on one H200); the results
+# step then combines the sessions' runs, refusing them unless data, recipe and tokens agree.
+# Here, after the last call (one folder per session):
 #   mkdir -p runs/long385 && tar -xzf FILES_AT/long385.tar.gz -C runs/long385
-#   PYTHONPATH=$PWD python tools/long_385m.py results --src runs/long385 --extra machine=... device_commands=...
+#   PYTHONPATH=$PWD python tools/long_385m.py results --src runs/long385 [more sources] --extra machine=... device_commands=...
 # TINY=1: tnl-tiny / transformer-tiny for a few steps on data/sample, eager, on the CPU; the whole chain
 # (stage, start, stop, resume, status, results) runs in `bash tools/long_385m_tiny.sh` (~2.5 min, 2 cores).
 set -uo pipefail
@@ -68,7 +69,7 @@ COMPILE=${COMPILE:-true}
 TOKENIZER=${TOKENIZER:-data/tokenizer-gutenberg-50272.json}
 CARRY=${CARRY-$(ls -d "$HERE"/.carry-long-*/ 2>/dev/null)}   # carried data parts in this call's tree
 T_CALL=$(date +%s)
-CALL_S=${CALL_S:-570}                        # this call ends (packing included) before the tool's 600 s
+CALL_S=${CALL_S:-240}                        # this call ends (packing included) after ~CALL_S s; keep calls short
 WAIT=${WAIT:-$(( CALL_S - 40 ))}
 STEP_TOKENS=$(( SEQ * BATCH ))
 STEPS=$(( (TOKENS + STEP_TOKENS - 1) / STEP_TOKENS ))
