@@ -106,8 +106,9 @@ def apply_fsdp(model: nn.Module, mesh, compute_dtype=None, one_rank: bool = Fals
 
     A mesh of one rank has nothing to shard, and FSDP2 would still copy every weight and gradient once
     more per step and add hooks around every block (what that costs: ``results/parallel/NOTES.md``):
-    the model is returned as it is, unless ``one_rank`` asks for FSDP2 anyway (to measure it). Sharded checkpoints do not depend on it: ``torch.distributed.checkpoint``
-    writes and reshards plain and FSDP models alike.
+    the model is returned as it is, unless ``one_rank`` asks for FSDP2 anyway (to measure it). Sharded
+    checkpoints do not depend on it: ``torch.distributed.checkpoint`` writes and reshards plain and FSDP
+    models alike.
 
     ``compute_dtype`` (bf16 on a GPU) is the parameters' dtype in forward and backward; master weights,
     Adam state and the gradient reduction stay fp32. LRPE's ``theta`` gets its own fp32 group. Blocks

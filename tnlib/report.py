@@ -95,14 +95,16 @@ def compare_runs(runs: dict, out: str, title: str = "", evals=("val",), extra: d
     here = provenance()
     doc = {**summary, **here}
     # the figures come from the training runs: report their machine, commit and date at the top level
-    # (the runs may have been made elsewhere, e.g. on a GPU machine, and compared here)
-    provs = [s.get("provenance") for s in summary.values()]
-    if all(provs):
-        first = provs[0]
+    # (the runs may have been made elsewhere, e.g. on a GPU machine, and compared here); runs made on
+    # different machines or commits list each run's value: "a: x; b: y"
+    provs = {name: s.get("provenance") for name, s in summary.items()}
+    if all(provs.values()):
         for key in ("commit", "gpu", "cpu", "torch", "triton", "cuda", "python", "date"):
-            if key in first:
-                doc[key] = first[key]
-        doc["command"] = "; ".join(dict.fromkeys(p["command"] for p in provs))
+            vals = {name: p[key] for name, p in provs.items() if key in p}
+            if vals:
+                same = len(set(map(str, vals.values()))) == 1
+                doc[key] = next(iter(vals.values())) if same else "; ".join(f"{n}: {v}" for n, v in vals.items())
+        doc["command"] = "; ".join(dict.fromkeys(p["command"] for p in provs.values()))
         doc["compare_command"] = here["command"]
         doc["compare_date"] = here["date"]
     names = list(summary)
@@ -121,7 +123,8 @@ def compare_runs(runs: dict, out: str, title: str = "", evals=("val",), extra: d
         lines.append(f"| {key} | " + " | ".join(
             "-" if v is None else f"{v:,.3f}" if isinstance(v, float) else f"{v:,}" for v in vals) + " |")
     with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(f"# {title or 'comparison'}\n\n{doc['date']}, commit {doc['commit'][:10]}, "
+        commits = "; ".join(dict.fromkeys(str(p.get("commit"))[:10] for p in provs.values() if p)) or doc["commit"][:10]
+        f.write(f"# {title or 'comparison'}\n\n{doc['date']}, commit {commits}, "
                 f"{doc['gpu'] or 'CPU'}\n\n" + "\n".join(lines) + "\n")
     return doc
 

@@ -298,9 +298,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         raw_model.compile_blocks()
     if tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
-    fsdp = cfg.parallel == "fsdp" and (dp_world > 1 or cfg.fsdp_one_rank)  # one rank: nothing to shard
-    if fsdp:
+    if cfg.parallel == "fsdp":  # on one rank apply_fsdp returns the plain model unless fsdp_one_rank
         apply_fsdp(model, mesh["dp"], autocast_dtype, one_rank=cfg.fsdp_one_rank)
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp = isinstance(model, FSDPModule)
     # fused AdamW on CUDA; the per-tensor loop where plain and tensor-parallel (DTensor) weights mix
     opt_kw = {"fused": True} if device.type == "cuda" else ({"foreach": False} if tp > 1 else {})
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **opt_kw)

@@ -112,10 +112,6 @@ def budget_name(tokens: int) -> str:
 RECIPE_FREE = ("preset", "out", "data", "ckpt_every", "progress")
 
 
-def _start(metrics: str) -> dict:
-    return next((r for r in read_metrics(metrics) if r.get("event") == "start"), {})
-
-
 def _same_data(metas: dict) -> None:
     """``metas = {src: data-meta.json dict}``: the same training and eval tokens (split sizes, tokenizer and the
     sha256 of every source file), else ValueError. Paths may differ (each machine stages its own copy)."""
@@ -156,17 +152,17 @@ def results(src, out_root: str = "results", baseline: str = "results/385m",
                                     f"{srcs} (unpack each long385.tar.gz into its own folder; one per model)")
         where[label] = found[0]
     runs = {label: os.path.join(where[label], "runs", m, "metrics.jsonl") for label, m in pairs}
+    recs = {label: read_metrics(p) for label, p in runs.items()}
     used = list(dict.fromkeys(where.values()))
     metas = {s: json.load(open(os.path.join(s, "data-meta.json"))) for s in used
              if os.path.exists(os.path.join(s, "data-meta.json"))}
     _same_data(metas)
-    starts = {label: _start(p) for label, p in runs.items()}
-    _same_recipe(starts)
+    _same_recipe({label: next((r for r in rs if r.get("event") == "start"), {}) for label, rs in recs.items()})
     finals = {}
     for label, m in pairs:
         fp = os.path.join(where[label], "runs", m, "final.json")
         finals[label] = json.load(open(fp)) if os.path.exists(fp) else None
-    ends = {label: [r for r in read_metrics(p) if "tokens_per_s" in r][-1]["tokens"] for label, p in runs.items()}
+    ends = {label: [r for r in rs if "tokens_per_s" in r][-1]["tokens"] for label, rs in recs.items()}
     if len(set(ends.values())) > 1:
         raise ValueError(f"the models did not train on the same number of tokens: {ends}")
     tokens = ends[pairs[0][0]]
@@ -175,12 +171,8 @@ def results(src, out_root: str = "results", baseline: str = "results/385m",
     doc = compare_runs(runs, out, f"TNL-385M vs Transformer-385M: the same {tokens / 1e6:.0f}M tokens",
                        evals=TRAIN_EVALS, extra=extra)
     # each model's own machine, commit and date (they differ when the models trained in different sessions)
-    doc["runs"] = {label: {k: s.get("provenance", {}).get(k) for k in ("commit", "gpu", "torch", "triton", "date",
-                                                                        "command")} for label, s in starts.items()}
-    for key in ("commit", "gpu", "date"):
-        vals = list(dict.fromkeys(str(r[key]) for r in doc["runs"].values()))
-        if len(vals) > 1:
-            doc[key] = "; ".join(f"{lbl}: {r[key]}" for lbl, r in doc["runs"].items())
+    doc["runs"] = {label: {k: (doc[label].get("provenance") or {}).get(k)
+                           for k in ("commit", "gpu", "torch", "triton", "date", "command")} for label, _ in pairs}
     for label, fin in finals.items():  # the end-of-run evals (the test set only here)
         if fin:
             for name, r in fin["evals"].items():
@@ -189,7 +181,7 @@ def results(src, out_root: str = "results", baseline: str = "results/385m",
     doc["ppl_ratios"] = {k: doc[a][k] / doc[b][k] for k in doc[a] if k.endswith("_ppl") and doc[b].get(k)}
     doc["final_evals_note"] = ("eval-wikitext-test and the *_ppl/_bpb of every set at the end come from "
                                "final.json (the final weights, evaluated after training)")
-    curves = {f"{tokens / 1e6:.0f}M-token run": {e: ppl_ratio_curve(runs[a], runs[b], e) for e in FINAL_EVALS}}
+    curves = {f"{tokens / 1e6:.0f}M-token run": {e: ppl_ratio_curve(recs[a], recs[b], e) for e in FINAL_EVALS}}
     base = {lbl: os.path.join(baseline, f"{m}-metrics.jsonl") for lbl, m in pairs}
     if all(os.path.exists(p) for p in base.values()):
         curves["45M-token run (results/385m)"] = {e: ppl_ratio_curve(base[a], base[b], e) for e in FINAL_EVALS}

@@ -13,7 +13,7 @@ cp data/sample/wikitext103-valid-sample.txt "$T/wikitext103-test.txt"   # the sa
 cp data/sample/gutenberg-sample.txt.xz "$T/corpus-gutenberg-sample.txt.xz"
 $PY tools/long_385m_carry.py --shards "$T/corpus-gutenberg-sample.txt.xz" --heldout data/sample/heldout-sample.txt.xz \
   --wikitext "$T/wikitext103-valid.txt" "$T/wikitext103-test.txt" --parts 2 --max-bytes 420000 --out "$T/.carry-long"
-export PATH=$(dirname "$(command -v $PY)"):$PATH  # the venv's python3 first
+export PATH=$(cd "$(dirname "$(command -v $PY)")" && pwd):$PATH  # the venv's python3 first (absolute: the driver cds)
 echo "=== start without all parts (expect exit 3)"
 rc=0; CARRY=$T/.carry-long-1 OUT=$T/out0 bash tools/long_385m.sh start || rc=$?
 [ $rc = 3 ] || { echo "expected exit 3, got $rc"; exit 1; }
