@@ -23,7 +23,8 @@ def _style_axes(ax, title: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a panel with nothing drawn (e.g. no evals yet) gets no legend
+        ax.legend(fontsize=7)
 
 
 def _save_figure(fig, path: str, title: str = "") -> None:
