@@ -6,8 +6,9 @@ one rank has nothing to shard, so the plain model with sharded checkpoints) and,
 including ``fsdp2``, FSDP2 forced onto the one rank (``fsdp2-1rank``, ``fsdp_one_rank=true``). On
 random tokens (so no data set is required; the vocabulary is the preset's); records the steady-state
 tokens/s of each from the same process. Library defaults otherwise (bf16 autocast, fused loss on CUDA,
-no compile; ``--compile``: each block compiled, as ``make train-385m`` trains). Writes ``OUT/fsdp1-<gpu>.json`` (``fsdp1-compiled-<gpu>.json``) with
-provenance after every run, so an interrupted benchmark keeps what it measured (make bench-fsdp1).
+no compile; ``--compile``: each block compiled, as ``make train-385m`` trains). Writes
+``OUT/fsdp1-<gpu>.json`` (``fsdp1-compiled-<gpu>.json``) with provenance after every run, so an
+interrupted benchmark keeps what it measured (make bench-fsdp1).
 
     python3 benchmarks/bench_fsdp1.py                                    # = make bench-fsdp1: tnl-385m, T=2048, 32K tokens/step
     PYTHONPATH=$PWD python3 benchmarks/bench_fsdp1.py --preset tnl-tiny --seq-len 64 --tokens 256 --steps 4 --out /tmp/b

@@ -2,9 +2,10 @@
 
 The step is ``tnlib.train``'s (bf16 autocast, the chunked loss, ``tnlib.parallel.clip_grad_norm``, fused
 AdamW, one synchronize per step), on random tokens, for the plain model and for the same model under
-``apply_fsdp(..., one_rank=True)`` on a 1-rank group (FSDP2 itself, not the plain model a 1-rank mesh gets). Prints, per mode: wall ms per step, GPU busy ms per step and the longest
-idle gaps (``tools/_profiling.gpu_gaps``), and the CUDA kernels whose time per step differs most between
-the modes. Writes ``OUT/profile-fsdp1.txt``.
+``apply_fsdp(..., one_rank=True)`` on a 1-rank group (FSDP2 itself, not the plain model a 1-rank mesh
+gets). Prints, per mode: wall ms per step, GPU busy ms per step and the longest idle gaps
+(``tools/_profiling.gpu_gaps``), and the CUDA kernels whose time per step differs most between the modes.
+Writes ``OUT/profile-fsdp1.txt``.
 
     PYTHONPATH=$PWD python3 tools/profile_fsdp1.py --out $OUT
     PYTHONPATH=$PWD python3 tools/profile_fsdp1.py --preset tnl-tiny --T 64 --tokens 256 --out /tmp/p   # CPU
