@@ -85,7 +85,9 @@ data: setup ## tokenize the full corpus -> data/full (FORCE=--force to redo)
 	else $(BIN)/python -m tnlib prepare --corpus "$(CORPUS)" --out $(DATA_DIR) --vocab-size 50272 --val-permille 10 \
 	  $$( [ -f $(BPE_50K) ] && echo --tokenizer $(BPE_50K) || echo --tokenizer-docs 300 ) $(FORCE) \
 	  --eval heldout=../shared/data/gutenberg-heldout.txt.xz wikitext-valid=../shared/data/wikitext103-valid.txt \
-	         wikitext-test=../shared/data/wikitext103-test.txt; fi
+	         wikitext-test=../shared/data/wikitext103-test.txt \
+	         wikitext-detok-valid=wikitext-detok:../shared/data/wikitext103-valid.txt \
+	         wikitext-detok-test=wikitext-detok:../shared/data/wikitext103-test.txt; fi
 
 # TNL-385M vs Transformer-385M on the same tokens (GPUs). Defaults: 400M tokens per model (about 4
 # epochs of the 95M-token corpus): on one H200 ~33 min (TNL) + ~43 min (Transformer) of training steps at

@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
     p.add_argument("--tokenizer-docs", type=_number(int, lo=1), default=None,
                    help="train the tokenizer on the first N train docs (default: all)")
-    p.add_argument("--eval", nargs="*", default=[], help="name=path held-out sets to tokenize too")
+    p.add_argument("--eval", nargs="*", default=[], help="name=path held-out sets to tokenize too; name=wikitext-detok:path detokenizes WikiText first")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     p.set_defaults(fn=cmd_prepare)
 

@@ -19,6 +19,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ import numpy as np
 from .provenance import provenance
 
 __all__ = ["EOT", "read_documents", "train_tokenizer", "load_tokenizer", "tokenizer_hash", "prepare_data",
-           "TokenFile", "DataError"]
+           "TokenFile", "DataError", "token_byte_lengths", "wikitext_detokenize", "EVAL_TRANSFORMS"]
 
 EOT = "<|endoftext|>"
 SEPARATOR = "\n" + EOT + "\n"
@@ -164,6 +165,81 @@ def load_tokenizer(path: str):
     return Tokenizer.from_file(path)
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet: each of the 256 bytes is written as one printable character. Bytes
+    that are printable Latin-1 characters stand for themselves; the others (controls, space, a few
+    Latin-1 gaps) take the characters from U+0100 on, in byte order."""
+    own = set(range(ord("!"), ord("~") + 1)) | set(range(ord("\u00a1"), ord("\u00ac") + 1)) \
+        | set(range(ord("\u00ae"), ord("\u00ff") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in own:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def token_byte_lengths(tok) -> np.ndarray:
+    """``lengths[id]``: the number of UTF-8 bytes token ``id`` of a byte-level BPE stands for (0 for
+    special tokens such as ``<|endoftext|>``, which are not text). Summed over a token file this gives
+    the bytes of exactly the text those tokens encode, so bits per byte need no pro-rating."""
+    alphabet = _byte_alphabet()
+    special = {t.content for t in tok.get_added_tokens_decoder().values()}
+    lengths = np.zeros(tok.get_vocab_size(), dtype=np.int64)
+    for piece, i in tok.get_vocab().items():
+        if piece in special:
+            continue
+        if any(ch not in alphabet for ch in piece):
+            raise DataError(f"token {i} ({piece!r}) is not in the byte-level alphabet: "
+                            "bits per byte need a byte-level BPE tokenizer")
+        lengths[i] = len(piece)
+    return lengths
+
+
+# -- WikiText-103 detokenization --------------------------------------------------------------------------
+# The raw WikiText files keep the tokenised form of the articles: every token between spaces, numbers
+# split as "1 @,@ 000", clitics split off ("it 's", "don 't"), headings as "= = Title = =". Models trained
+# on ordinary text are then scored partly on that format; the detokenized set scores the text itself.
+_WT_RULES = (
+    (re.compile(r" @([-,.])@(?: |$)"), r"\1"),                                   # 1 @,@ 000 -> 1,000; well @-@ known
+    (re.compile(r" ('(?:s|m|d|ve|re|ll)\b)"), r"\1"),                     # it 's -> it's
+    (re.compile(r"n 't\b"), "n't"),                                        # don 't -> don't
+    (re.compile(r"(?<=s) '(?= |$)"), "'"),                                  # the players ' -> the players'
+    (re.compile(r" ([,.;:!?]+)(?=\s|$)"), r"\1"),                          # word , word -> word, word
+    (re.compile(r"\( ?([^()]*?) ?\)"), r"(\1)"),                           # ( 24 in ) -> (24 in)
+    (re.compile(r"\[ ?([^\[\]]*?) ?\]"), r"[\1]"),
+    (re.compile(r'" ?([^"]*?) ?"'), r'"\1"'),                               # " lobster red " -> "lobster red"
+    (re.compile(r"(?<==) (?==)"), ""),                                      # = = Title = = -> == Title ==
+)
+
+
+def wikitext_detokenize(text: str) -> str:
+    """WikiText-103 raw text -> ordinary text: number separators joined (``@-@``, ``@,@``, ``@.@``), no
+    space before punctuation or clitics (``'s``, ``n't``, ...), none inside brackets and double quotes,
+    headings ``== Title ==``, and each line's leading and trailing space removed (a blank line ``" "``
+    becomes empty). Applied line by line, so brackets and quotes never pair across paragraphs. Single
+    quotes are left alone: they cannot be told apart from apostrophes (``K 'awiil``)."""
+    out = []
+    for line in text.split("\n"):
+        line = line.strip(" ")
+        for pattern, repl in _WT_RULES:
+            line = pattern.sub(repl, line)
+        out.append(line)
+    return "\n".join(out)
+
+
+#: transforms an eval set can name as ``TRANSFORM:path`` (``prepare --eval NAME=TRANSFORM:PATH``)
+EVAL_TRANSFORMS = {"wikitext-detok": wikitext_detokenize}
+
+
+def _split_transform(spec) -> tuple[str | None, str]:
+    """``"wikitext-detok:path"`` -> ``("wikitext-detok", "path")``; a plain path -> ``(None, path)``."""
+    head, sep, rest = str(spec).partition(":")
+    return (head, rest) if sep and head in EVAL_TRANSFORMS else (None, str(spec))
+
+
 def tokenizer_hash(tok) -> str:
     return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
@@ -201,7 +277,9 @@ def prepare_data(corpus, out_dir: str, vocab_size: int = 50272, val_permille: in
                  tokenizer: str | None = None, tokenizer_docs: int | None = None, force: bool = False) -> dict:
     """Read ``corpus``, split by document, train (or reuse) a tokenizer, write token files + meta.json.
 
-    ``eval_sets``: ``{"name": path}`` of extra held-out text to tokenize with the same tokenizer.
+    ``eval_sets``: ``{"name": path}`` of extra held-out text to tokenize with the same tokenizer; a path
+    written ``TRANSFORM:path`` is read through ``EVAL_TRANSFORMS[TRANSFORM]`` first (e.g.
+    ``"wikitext-detok:wikitext103-valid.txt"``), recorded as ``transform`` in meta.json.
     ``tokenizer``: an existing ``tokenizer.json`` to reuse instead of training one.
     Refuses to overwrite an existing ``out_dir`` unless ``force``.
     """
@@ -239,11 +317,16 @@ def prepare_data(corpus, out_dir: str, vocab_size: int = 50272, val_permille: in
     for name, split_docs in (("train", train_docs), ("val", val_docs)):
         n_tok, n_bytes = _encode_to_file(tok, split_docs, os.path.join(tmp, f"{name}.bin"), f"tokenize {name}")
         meta["splits"][name] = {"file": f"{name}.bin", "tokens": n_tok, "bytes": n_bytes}
-    for name, path in (eval_sets or {}).items():
+    for name, spec in (eval_sets or {}).items():
+        transform, path = _split_transform(spec)
         ed = read_documents(path)
+        if transform:
+            ed = [EVAL_TRANSFORMS[transform](d) for d in ed]
         n_tok, n_bytes = _encode_to_file(tok, ed, os.path.join(tmp, f"eval-{name}.bin"), f"tokenize {name}")
         meta["splits"][f"eval-{name}"] = {"file": f"eval-{name}.bin", "tokens": n_tok, "bytes": n_bytes,
-                                          "source": str(path), "source_sha256": _sha256(str(path))}
+                                          "source": path, "source_sha256": _sha256(path)}
+        if transform:
+            meta["splits"][f"eval-{name}"]["transform"] = transform
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     os.replace(tmp, out_dir)  # all or nothing: an interrupted run leaves no half-written out_dir
@@ -252,10 +335,13 @@ def prepare_data(corpus, out_dir: str, vocab_size: int = 50272, val_permille: in
 
 @dataclass
 class TokenFile:
-    """A flat uint16 token file with its byte count (for bits per byte)."""
+    """A flat uint16 token file with its byte count and, when opened from a prepared directory, the byte
+    length of every token id (``byte_lengths``, from the directory's tokenizer): bits per byte then count
+    the bytes of exactly the tokens scored."""
 
     tokens: np.ndarray
     bytes: int
+    byte_lengths: np.ndarray | None = None
 
     @classmethod
     def open(cls, data_dir: str, split: str, expect_tokenizer: str | None = None) -> "TokenFile":
@@ -274,4 +360,6 @@ class TokenFile:
         tokens = np.memmap(path, dtype=np.uint16, mode="r")
         if len(tokens) != info["tokens"]:
             raise DataError(f"{path} holds {len(tokens)} tokens but meta.json says {info['tokens']}: corrupt file")
-        return cls(tokens, info["bytes"])
+        tok_path = os.path.join(data_dir, "tokenizer.json")
+        lengths = token_byte_lengths(load_tokenizer(tok_path)) if os.path.isfile(tok_path) else None
+        return cls(tokens, info["bytes"], lengths)

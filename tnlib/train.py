@@ -143,26 +143,44 @@ def batch_at(tokens: np.ndarray, step: int, micro: int, cfg: TrainConfig, rank: 
 
 
 @torch.no_grad()
-def evaluate(model, tf: TokenFile, seq_len: int, max_tokens: int, batch_size: int, device, autocast_dtype):
-    """Loss (nats/token), perplexity and bits per byte over the first ``max_tokens`` of a held-out set,
-    in non-overlapping windows."""
+def evaluate(model, tf: TokenFile, seq_len: int, max_tokens: int | None, batch_size: int, device, autocast_dtype,
+             eot_id: int = 0):
+    """Loss (nats/token), perplexity and bits per byte of a held-out set, in non-overlapping windows.
+
+    The set is scored as the stream ``[eot_id] + tokens`` (the end-of-text token is the context of the
+    first token, as every document in training follows one), so each of its tokens is a target once.
+    ``max_tokens=None``: the whole set, every token (the last window shorter); otherwise the first
+    ``max_tokens`` targets, in whole windows (at least one). Bits per byte divide by the UTF-8 bytes of
+    exactly the targets scored (``tf.byte_lengths``); a TokenFile without them pro-rates ``tf.bytes`` by
+    the share of tokens scored. Returns ``loss``, ``ppl``, ``bpb``, ``tokens`` (targets scored) and
+    ``bytes``."""
     model.eval()
-    n = min(len(tf.tokens) - 1, max_tokens)
-    n_win = max(1, n // seq_len)
-    total, count = 0.0, 0
-    for i in range(0, n_win, batch_size):
-        rows = [tf.tokens[j * seq_len : j * seq_len + seq_len + 1] for j in range(i, min(n_win, i + batch_size))]
-        rows = [r for r in rows if len(r) == seq_len + 1] or [tf.tokens[: min(len(tf.tokens), seq_len + 1)]]
-        x = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+    n_all = len(tf.tokens)
+    if max_tokens is None:
+        n = n_all
+    else:
+        n = max(min(n_all, seq_len), min(n_all, max_tokens) // seq_len * seq_len)
+    stream = np.concatenate([np.asarray([eot_id], dtype=np.int64), np.asarray(tf.tokens[:n], dtype=np.int64)])
+    full, rest = divmod(n, seq_len)
+    # whole windows in batches, then the shorter last window (whole-set scoring) on its own
+    spans = [[(j * seq_len, seq_len) for j in range(i, min(full, i + batch_size))] for i in range(0, full, batch_size)]
+    if rest:
+        spans.append([(full * seq_len, rest)])
+    total, count, n_bytes = 0.0, 0, 0
+    for batch in spans:
+        x = torch.from_numpy(np.stack([stream[s : s + length + 1] for s, length in batch])).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(x[:, :-1])
         total += F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
         count += x[:, 1:].numel()
     model.train()
+    if tf.byte_lengths is not None:
+        n_bytes = int(tf.byte_lengths[stream[1 : count + 1]].sum())
+    else:
+        n_bytes = tf.bytes * count / max(1, n_all)
     loss = total / count
-    # bits per byte: the set's bytes scaled to the evaluated share of its tokens
-    bytes_eval = tf.bytes * count / max(1, len(tf.tokens))
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": total / math.log(2) / bytes_eval, "tokens": count}
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": total / math.log(2) / max(1, n_bytes),
+            "tokens": count, "bytes": n_bytes}
 
 
 def _param_groups(model, weight_decay):
@@ -349,7 +367,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     def run_eval():
         res = {}
         for name, tf in eval_tfs.items():
-            r = evaluate(raw_model, tf, cfg.seq_len, cfg.eval_tokens, cfg.batch_size, device, autocast_dtype)
+            r = evaluate(raw_model, tf, cfg.seq_len, cfg.eval_tokens, cfg.batch_size, device, autocast_dtype,
+                         meta["eot_id"])
             res.update({f"{name}_loss": r["loss"], f"{name}_ppl": r["ppl"], f"{name}_bpb": r["bpb"]})
         return res
 

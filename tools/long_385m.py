@@ -24,14 +24,18 @@ PROMPTS = (
     "CHAPTER I.\n\n",
     "She opened the letter with trembling hands, and read:",
 )
-#: eval sets scored during training (every ~5M tokens) and at the end (the test set only at the end)
+#: eval sets scored during training (every ~5M tokens, sampled) in the 80M run of issue 16
 TRAIN_EVALS = ("val", "eval-heldout", "eval-wikitext-valid")
-FINAL_EVALS = TRAIN_EVALS + ("eval-wikitext-test",)
+#: eval sets the final weights are scored on, each whole (the test sets only here)
+FINAL_EVALS = ("val", "eval-heldout", "eval-wikitext-valid", "eval-wikitext-test", "eval-wikitext-detok-valid",
+               "eval-wikitext-detok-test")
 
 
-def final(run: str, data: str, tokenizer: str, eval_tokens: int, seq_len: int, batch_size: int,
+def final(run: str, data: str, tokenizer: str, eval_tokens: int | None, seq_len: int, batch_size: int,
           max_new_tokens: int = 80, evals=FINAL_EVALS, prompts=PROMPTS) -> dict:
-    """Evaluate ``run/final`` on ``evals`` and continue each prompt greedily; writes ``run/final.json``."""
+    """Evaluate ``run/final`` on each of ``evals`` the data has (``eval_tokens=None``: every token of each set,
+    ``tnlib.train.evaluate``) and, unless ``max_new_tokens`` is 0, continue each prompt greedily; writes
+    ``run/final.json``."""
     import torch
 
     from tnlib.data import TokenFile, load_tokenizer
@@ -44,12 +48,17 @@ def final(run: str, data: str, tokenizer: str, eval_tokens: int, seq_len: int, b
     model = load_model(os.path.join(run, "final"), device=device)
     amp = torch.bfloat16 if device.type == "cuda" else None  # as in training (dtype=auto)
     res = {"evals": {}, "samples": [], "eval_tokens": eval_tokens, "seq_len": seq_len}
+    with open(os.path.join(data, "meta.json")) as f:
+        meta = json.load(f)
     for name in evals:
-        res["evals"][name] = evaluate(model, TokenFile.open(data, name), seq_len, eval_tokens, batch_size, device, amp)
+        if name in meta["splits"]:
+            res["evals"][name] = evaluate(model, TokenFile.open(data, name), seq_len, eval_tokens, batch_size, device,
+                                          amp, meta["eot_id"])
+            res["evals"][name]["set_tokens"] = meta["splits"][name]["tokens"]
     tok = load_tokenizer(tokenizer)
     eot = tok.token_to_id("<|endoftext|>")
     model.eval()
-    for p in prompts:
+    for p in prompts if max_new_tokens else ():
         ids = torch.tensor([tok.encode(p).ids], device=device)
         with torch.no_grad():  # fp32 weights, as `python -m tnlib generate` runs them
             out = generate(model, ids, max_new_tokens, temperature=0.0, eos_token_id=eot)
@@ -233,7 +242,7 @@ def main(argv=None):
     p.add_argument("--run", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--tokenizer", required=True)
-    p.add_argument("--eval-tokens", type=int, default=524288)
+    p.add_argument("--eval-tokens", type=int, default=None, help="per set (default: the whole set)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=80)

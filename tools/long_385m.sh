@@ -64,7 +64,8 @@ BATCH=${BATCH:-16}
 LR=${LR:-6e-4}
 EVAL_EVERY_TOKENS=${EVAL_EVERY_TOKENS:-5000000}
 CKPT_EVERY_TOKENS=${CKPT_EVERY_TOKENS:-20000000}  # ~10 s per 4.6 GB checkpoint; resume needs the machine held
-EVAL_TOKENS=${EVAL_TOKENS:-524288}           # per eval set, as in results/385m
+EVAL_TOKENS=${EVAL_TOKENS:-262144}           # per eval set, in-run evaluations only (the final ones score whole sets)
+TRAIN_EVALS=${TRAIN_EVALS:-val,eval-heldout,eval-wikitext-valid,eval-wikitext-detok-valid}
 COMPILE=${COMPILE:-true}
 TOKENIZER=${TOKENIZER:-data/tokenizer-gutenberg-50272.json}
 CARRY=${CARRY-$(ls -d "$HERE"/.carry-long-*/ 2>/dev/null)}   # carried data parts in this call's tree
@@ -105,7 +106,8 @@ prepare_data() {  # tokenizes the staged parts into $ROOT/data once (start skips
   t0=$(date +%s)
   python3 -m tnlib prepare --corpus "$C"/corpus-*.txt.xz --out "$ROOT/data" --val-permille 10 \
     --tokenizer "$TOKENIZER" --eval heldout=$C/gutenberg-heldout.txt.xz wikitext-valid=$C/wikitext103-valid.txt.xz \
-    wikitext-test=$C/wikitext103-test.txt.xz > "$ROOT/prepare.log" 2>&1 || { tail -n 20 "$ROOT/prepare.log"; return 1; }
+    wikitext-test=$C/wikitext103-test.txt.xz wikitext-detok-valid=wikitext-detok:$C/wikitext103-valid.txt.xz \
+    wikitext-detok-test=wikitext-detok:$C/wikitext103-test.txt.xz > "$ROOT/prepare.log" 2>&1 || { tail -n 20 "$ROOT/prepare.log"; return 1; }
   echo "prepare: $(( $(date +%s) - t0 )) s"
 }
 
@@ -114,7 +116,7 @@ running() { kill -0 "$(cat "$ROOT/driver.pid" 2>/dev/null)" 2>/dev/null; }
 pack() {  # small files only: one tar.gz of metrics, logs and final evals/samples, plus the progress text
   local list=()
   cd "$ROOT" || return
-  for m in $MODELS; do
+  for m in $(ls runs); do  # every run this machine has made (several `start`s may share a lease)
     for f in metrics.jsonl train.log final.json final.log; do [ -f runs/$m/$f ] && list+=("runs/$m/$f"); done
   done
   for f in data-meta.json driver.log prepare.log; do [ -f $f ] && list+=("$f"); done
@@ -122,7 +124,8 @@ pack() {  # small files only: one tar.gz of metrics, logs and final evals/sample
   cd - >/dev/null
 }
 
-report() { python3 "$HERE/tools/long_385m.py" progress --root "$ROOT" --models $MODELS 2>&1 | tee "$OUT/progress.txt"; }
+names() { local s; for s in $MODELS; do echo "${s%%=*}"; done; }  # run names of the specs
+report() { python3 "$HERE/tools/long_385m.py" progress --root "$ROOT" --models $(names) 2>&1 | tee "$OUT/progress.txt"; }
 
 follow() {  # progress every ~60 s (and at each new eval) until the driver ends or this call's time is used
   local until=$(( T_CALL + WAIT )) last=0
@@ -143,27 +146,40 @@ drive() {  # the background process (run from the code snapshot): each model tra
   local ngpu i=0 pids=() m rc=0
   ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
   echo "driver $(date -u +%FT%TZ): $MODELS, $STEPS steps of $STEP_TOKENS tokens, eval every $EVAL_EVERY, $ngpu GPU(s)"
-  one() {  # model gpu
-    local m=$1 d=$ROOT/runs/$1 res=()
+  one() {  # spec gpu: spec = NAME[=PRESET[:KEY=VALUE...]] (see RUNS above)
+    local spec=$1 name rest preset d res=() sets=() mods=() steps=$STEPS kv p
+    name=${spec%%=*}; rest=${spec#*=}; preset=${rest%%:*}
+    IFS=: read -ra kv <<< "${rest#"$preset"}"
+    for p in ${kv[@]+"${kv[@]}"}; do
+      case $p in
+        "") ;;
+        m.*) mods+=("${p#m.}") ;;
+        tokens=*) steps=$(( (${p#tokens=} + STEP_TOKENS - 1) / STEP_TOKENS )) ;;
+        *) sets+=("$p") ;;
+      esac
+    done
+    d=$ROOT/runs/$name
     mkdir -p "$d"
-    [ -f "$d/final.json" ] && { echo "$m: done already"; return 0; }
+    [ -f "$d/final.json" ] && { echo "$name: done already"; return 0; }
     if [ ! -f "$d/final/model.safetensors" ]; then
       [ -f "$ROOT/STOP" ] && return 1
       [ -f "$d/checkpoint/state.pt" ] && res=(--resume)
-      echo "$(date -u +%T) $m: train ${res[*]}"
-      CUDA_VISIBLE_DEVICES=$2 python3 -m tnlib train --preset "$m" --data "$ROOT/data" --out "$d" ${res[@]+"${res[@]}"} \
-        --set seq_len=$SEQ batch_size=$BATCH lr=$LR max_steps=$STEPS warmup_steps=$(( STEPS / 50 + 1 )) \
-        eval_every=$EVAL_EVERY eval_tokens=$EVAL_TOKENS ckpt_every=$CKPT_EVERY compile=$COMPILE progress=false \
-        eval_sets=val,eval-heldout,eval-wikitext-valid >> "$d/train.log" 2>&1 &
+      echo "$(date -u +%T) $name: train $preset ${res[*]} ${sets[*]} ${mods[*]} ($steps steps)"
+      CUDA_VISIBLE_DEVICES=$2 python3 -m tnlib train --preset "$preset" --data "$ROOT/data" --out "$d" \
+        ${res[@]+"${res[@]}"} --set seq_len=$SEQ batch_size=$BATCH lr=$LR max_steps=$steps \
+        warmup_steps=$(( steps / 50 + 1 )) eval_every=$EVAL_EVERY eval_tokens=$EVAL_TOKENS ckpt_every=$CKPT_EVERY \
+        compile=$COMPILE progress=false eval_sets=$TRAIN_EVALS ${sets[@]+"${sets[@]}"} \
+        ${mods[@]+--model "${mods[@]}"} >> "$d/train.log" 2>&1 &
       echo $! > "$d/train.pid"
-      wait $! || { echo "$(date -u +%T) $m: training failed (tail of train.log below)"; tail -n 15 "$d/train.log"; return 1; }
-      [ -f "$d/final/model.safetensors" ] || { echo "$(date -u +%T) $m: stopped at its checkpoint"; return 1; }
+      wait $! || { echo "$(date -u +%T) $name: training failed (tail of train.log below)"; tail -n 15 "$d/train.log"; return 1; }
+      [ -f "$d/final/model.safetensors" ] || { echo "$(date -u +%T) $name: stopped at its checkpoint"; return 1; }
     fi
-    echo "$(date -u +%T) $m: final evals and samples"
+    echo "$(date -u +%T) $name: final evals (whole sets)${SAMPLES:+ and samples}"
     CUDA_VISIBLE_DEVICES=$2 python3 tools/long_385m.py final --run "$d" --data "$ROOT/data" --tokenizer "$TOKENIZER" \
-      --eval-tokens $EVAL_TOKENS --seq-len $SEQ --batch-size $BATCH > "$d/final.log" 2>&1 \
-      || { echo "$m: final evals failed"; tail -n 15 "$d/final.log"; return 1; }
-    echo "$(date -u +%T) $m: $(tail -n 1 "$d/final.log")"
+      --seq-len $SEQ --batch-size $BATCH --max-new-tokens $(( ${SAMPLES:-0} ? 80 : 0 )) > "$d/final.log" 2>&1 \
+      || { echo "$name: final evals failed"; tail -n 15 "$d/final.log"; return 1; }
+    rm -rf "$d/checkpoint" "$d/final"  # ~4.6 GB per run: only what travels back is kept
+    echo "$(date -u +%T) $name: $(tail -n 1 "$d/final.log")"
   }
   for m in $MODELS; do
     if [ "$ngpu" -gt 1 ]; then one "$m" $(( i % ngpu )) & pids+=($!); else one "$m" 0 || rc=1; fi
@@ -194,7 +210,7 @@ assert m >= $(( STEPS * STEP_TOKENS )) or '${TINY:-0}' == '1', 'fewer distinct t
   export TNLIB_COMMIT=${TNLIB_COMMIT:-$(git -C "$HERE" rev-parse HEAD 2>/dev/null || echo unknown)}
   ENV="TINY=${TINY:-0} LONG_ROOT=$ROOT MODELS='$MODELS' TOKENS=$TOKENS SEQ=$SEQ BATCH=$BATCH LR=$LR \
 EVAL_EVERY_TOKENS=$EVAL_EVERY_TOKENS CKPT_EVERY_TOKENS=$CKPT_EVERY_TOKENS EVAL_TOKENS=$EVAL_TOKENS COMPILE=$COMPILE \
-TOKENIZER=$TOKENIZER TNLIB_COMMIT=$TNLIB_COMMIT"
+TOKENIZER=$TOKENIZER TNLIB_COMMIT=$TNLIB_COMMIT TRAIN_EVALS=$TRAIN_EVALS SAMPLES=${SAMPLES:-0}"
   echo "$ENV" > "$ROOT/driver.env"
   echo "starting the driver: $STEPS steps x $STEP_TOKENS tokens per model ($MODELS), commit $TNLIB_COMMIT"
   setsid nohup bash -c "echo \$\$ > '$ROOT/driver.pid'; cd '$ROOT/src' && exec env $ENV bash tools/long_385m.sh _drive" \
@@ -206,7 +222,7 @@ status)
   follow; pack ;;
 stop)
   touch "$ROOT/STOP"
-  for m in $MODELS; do
+  for m in $(names); do
     p=$(cat "$ROOT/runs/$m/train.pid" 2>/dev/null) && kill -0 "$p" 2>/dev/null && kill -TERM "$p" && echo "SIGTERM to $m ($p)"
   done
   for _ in $(seq 1 60); do running || break; sleep 2; done

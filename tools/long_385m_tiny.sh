@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-$(mktemp -d /tmp/long385-tiny.XXXXXX)}
 mkdir -p "$T"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONPATH=$PWD TINY=1 LONG_ROOT=$T/root POLL_S=1 PRINT_S=5
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONPATH=$PWD TINY=1 LONG_ROOT=$T/root POLL_S=1 PRINT_S=5 SAMPLES=1
+# a run spec with overrides beside the two plain presets: model field (m.), training field, its own token count
+export MODELS="tnl-tiny transformer-tiny tnl-fp32=tnl-tiny:m.residual_dtype=params:seed=7:tokens=20480"
 PY=${PYTHON:-python3}
 cp data/sample/wikitext103-valid-sample.txt "$T/wikitext103-valid.txt"
 cp data/sample/wikitext103-valid-sample.txt "$T/wikitext103-test.txt"   # the sample has no test split
@@ -40,8 +42,13 @@ for m in ("tnl-tiny", "transformer-tiny"):
     steps = [r["step"] for r in recs if "tokens_per_s" in r]
     assert steps == list(range(1, len(steps) + 1)), f"{m}: steps not continuous after the resume"
     fin = json.load(open(f"{T}/back/runs/{m}/final.json"))
-    assert set(fin["evals"]) == {"val", "eval-heldout", "eval-wikitext-valid", "eval-wikitext-test"}
+    assert set(fin["evals"]) == {"val", "eval-heldout", "eval-wikitext-valid", "eval-wikitext-test",
+                                 "eval-wikitext-detok-valid", "eval-wikitext-detok-test"}, sorted(fin["evals"])
+    assert all(e["tokens"] == e["set_tokens"] for e in fin["evals"].values()), "final evals are not whole-set"
     assert len(fin["samples"]) == 4
+start = json.loads(open(f"{T}/back/runs/tnl-fp32/metrics.jsonl").readline())
+assert start["model"]["residual_dtype"] == "params" and start["config"]["seed"] == 7, "run spec not applied"
+assert start["config"]["max_steps"] == 80, start["config"]["max_steps"]  # 20480 tokens of 4 x 64
 logs = "".join(open(f"{T}/back/runs/{m}/train.log").read() for m in ("tnl-tiny", "transformer-tiny"))
 assert '"interrupted": "SIGTERM"' in logs, "no model was stopped by the SIGTERM"
 out = glob.glob(f"{T}/results/385m-*")[0]

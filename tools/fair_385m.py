@@ -1,0 +1,274 @@
+"""The fair TNL-385M vs Transformer-385M experiment (issue 26): its plan, its rules and its result files.
+
+Three stages, each trained by ``tools/long_385m.sh`` on a lent GPU (the same data parts, prepare step and
+driver as the 80M run; every run's final weights scored on the *whole* of every eval set):
+
+    residual  both models with the residual stream in bf16 (``residual_dtype=compute``) and in fp32
+              (``params``), 24M tokens each at the old learning rate 6e-4 -> results/385m-fair/residual-2x2.json
+    lr        each model at 4 peak learning rates spanning 8x, 20M tokens, the chosen residual precision
+              -> results/385m-fair/lr-sweep.json
+    final     each model at its best learning rate, seeds 1 and 2 (initialisation and data order), 80M tokens
+              -> results/385m-fair/summary.json
+
+Everything else is the recipe of the 80M run: T=2048, 16 sequences (32,768 tokens) per step, AdamW
+(0.9, 0.95, weight decay 0.1), warmup steps/50+1, cosine to 10%, blocks compiled, bf16 autocast, chunked loss.
+
+    python tools/fair_385m.py specs residual               # the MODELS value for tools/long_385m.sh
+    python tools/fair_385m.py specs lr --residual params
+    python tools/fair_385m.py specs final --residual params --lr tnl-385m=1.2e-3 transformer-385m=2.4e-3
+    python tools/fair_385m.py results residual --src runs/fair/a runs/fair/b   # unpacked long385.tar.gz folders
+
+The device calls and what each stage cost are in results/385m-fair/NOTES.md.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from tnlib.report import read_metrics  # noqa: E402
+
+MODELS = ("tnl-385m", "transformer-385m")
+SHORT = {"tnl-385m": "tnl", "transformer-385m": "transformer"}
+#: residual_dtype values: "compute" keeps the stream in the autocast dtype (bf16), "params" in fp32
+RESIDUAL = {"bf16": "compute", "fp32": "params"}
+STAGE_TOKENS = {"residual": 24_000_000, "lr": 20_000_000, "final": 80_000_000}
+LR_GRID = (3e-4, 6e-4, 1.2e-3, 2.4e-3)
+SEEDS = (1, 2)
+#: the result files' names for the prepared eval splits
+EVAL_NAMES = {"val": "val", "eval-heldout": "heldout", "eval-wikitext-valid": "wikitext-valid",
+              "eval-wikitext-test": "wikitext-test", "eval-wikitext-detok-valid": "wikitext-detok-valid",
+              "eval-wikitext-detok-test": "wikitext-detok-test"}
+OUT = "results/385m-fair"
+
+#: the rule that chooses the residual precision (applied by ``choose_residual``)
+RESIDUAL_RULE = (
+    "bf16 (the faster stream) is chosen only if, for both models, its whole-set loss is at most 0.005 nats "
+    "(0.5% perplexity) above the fp32 stream's on each of val, heldout and wikitext-detok-valid; otherwise fp32 "
+    "for both (one precision for both models, so the comparison does not depend on it)")
+RESIDUAL_MARGIN = 0.005
+RESIDUAL_SETS = ("val", "heldout", "wikitext-detok-valid")
+LR_RULE = ("each model's learning rate with the lowest whole-set val loss; a diverged run (non-finite loss) "
+           "is a measured point that cannot be chosen")
+
+
+def _fmt_lr(lr: float) -> str:
+    return f"{lr:.1e}".replace("e-0", "e-")
+
+
+def specs(stage: str, residual: str = "compute", lrs: dict | None = None, models=MODELS) -> list[str]:
+    """Run specs for ``tools/long_385m.sh`` (``NAME=PRESET:KEY=VALUE...``; ``m.`` marks a model field)."""
+    tokens = STAGE_TOKENS[stage]
+    out = []
+    for m in models:
+        if stage == "residual":
+            for label, value in RESIDUAL.items():
+                out.append(f"{SHORT[m]}-{label}={m}:m.residual_dtype={value}:lr=6e-4:tokens={tokens}")
+        elif stage == "lr":
+            for lr in LR_GRID:
+                out.append(f"{SHORT[m]}-lr{_fmt_lr(lr)}={m}:m.residual_dtype={residual}:lr={lr}:tokens={tokens}")
+        elif stage == "final":
+            if not lrs or m not in lrs:
+                raise ValueError(f"final: the learning rate of {m} is needed (--lr {m}=VALUE)")
+            for seed in SEEDS:
+                out.append(f"{SHORT[m]}-s{seed}={m}:m.residual_dtype={residual}:lr={lrs[m]}:seed={seed}:tokens={tokens}")
+        else:
+            raise ValueError(f"unknown stage {stage!r}; choose from {sorted(STAGE_TOKENS)}")
+    return out
+
+
+# -- reading the runs -----------------------------------------------------------------------------------------
+
+def load_runs(srcs) -> dict:
+    """``{run name: {"start", "steps", "final", "src"}}`` from unpacked ``long385.tar.gz`` folders
+    (``runs/<name>/metrics.jsonl`` and ``final.json``). A run found in two sources is refused."""
+    runs = {}
+    for src in srcs:
+        for path in sorted(glob.glob(os.path.join(src, "runs", "*", "metrics.jsonl"))):
+            name = os.path.basename(os.path.dirname(path))
+            if name in runs:
+                raise ValueError(f"run {name} is in {runs[name]['src']} and in {src}")
+            recs = read_metrics(path)
+            fin = os.path.join(os.path.dirname(path), "final.json")
+            runs[name] = {"start": next((r for r in recs if r.get("event") == "start"), {}),
+                          "steps": [r for r in recs if "tokens_per_s" in r], "src": src,
+                          "final": json.load(open(fin)) if os.path.exists(fin) else None}
+    return runs
+
+
+def _run_row(name: str, run: dict) -> dict:
+    """The row of one finished run: model, settings, tokens, whole-set final evals, speed and provenance."""
+    if run["final"] is None:
+        raise ValueError(f"run {name} has no final.json (not finished)")
+    cfg, steps = run["start"]["config"], run["steps"]
+    final = {}
+    for split, r in run["final"]["evals"].items():
+        if split in EVAL_NAMES:
+            final[EVAL_NAMES[split]] = {"ppl": _finite(r["ppl"]), "bpb": _finite(r["bpb"]),
+                                        "loss": _finite(r["loss"]), "tokens": r["tokens"]}
+    tps = sorted(s["tokens_per_s"] for s in steps[5:] or steps)
+    return {"name": name, "model": cfg["preset"], "residual_dtype": run["start"]["model"]["residual_dtype"],
+            "lr": cfg["lr"], "seed": cfg["seed"], "tokens": steps[-1]["tokens"], "steps": steps[-1]["step"],
+            "final": final, "diverged": not all(math.isfinite(s["loss"]) for s in steps),
+            "tokens_per_s": tps[len(tps) // 2], "train_s": sum(s["step_s"] for s in steps),
+            "provenance": {k: run["start"].get("provenance", {}).get(k)
+                           for k in ("commit", "gpu", "torch", "triton", "cuda", "date")}}
+
+
+def _finite(x):
+    return x if x is not None and math.isfinite(x) and x < 1e30 else None
+
+
+def _provenance(rows, stage: str, srcs) -> dict:
+    from tnlib.provenance import provenance
+
+    prov = provenance({"stage": stage})
+    prov["command"] = f"python tools/fair_385m.py results {stage} --src " + " ".join(
+        os.path.relpath(s) if not os.path.isabs(s) else os.path.basename(s.rstrip("/")) for s in srcs)
+    prov["train_command"] = ("bash tools/long_385m.sh start  # MODELS=$(python tools/fair_385m.py specs "
+                             + stage + " ...), see results/385m-fair/NOTES.md")
+    prov["runs"] = {r["name"]: r["provenance"] for r in rows}
+    return prov
+
+
+def _check_same(rows, fields=("tokens",)) -> None:
+    for f in fields:
+        vals = {r[f] for r in rows}
+        if len(vals) > 1:
+            raise ValueError(f"the runs differ in {f}: " + ", ".join(f"{r['name']}={r[f]}" for r in rows))
+
+
+# -- the rules -------------------------------------------------------------------------------------------------
+
+def choose_residual(rows) -> dict:
+    """Apply ``RESIDUAL_RULE`` to the 2 x 2 rows: ``{"choice": "compute"|"params", "delta": {model: {set: nats}}}``
+    (delta = bf16 loss - fp32 loss)."""
+    by = {(r["model"], r["residual_dtype"]): r for r in rows}
+    delta, ok = {}, True
+    for m in MODELS:
+        bf, fp = by[(m, "compute")], by[(m, "params")]
+        delta[m] = {s: bf["final"][s]["loss"] - fp["final"][s]["loss"] for s in RESIDUAL_SETS}
+        ok &= all(d <= RESIDUAL_MARGIN for d in delta[m].values())
+    return {"choice": "compute" if ok else "params", "delta": delta}
+
+
+def choose_lr(rows) -> dict:
+    """Apply ``LR_RULE``: ``{model: lr}``; also whether each choice lies at an edge of the grid."""
+    best, edge = {}, {}
+    for m in MODELS:
+        mine = [r for r in rows if r["model"] == m]
+        ok = [r for r in mine if not r["diverged"] and r["final"]["val"]["loss"] is not None]
+        if not ok:
+            raise ValueError(f"{m}: every learning rate diverged")
+        b = min(ok, key=lambda r: r["final"]["val"]["loss"])
+        best[m] = b["lr"]
+        lrs = sorted(r["lr"] for r in mine)
+        edge[m] = b["lr"] in (lrs[0], lrs[-1])
+    return {"best": best, "at_grid_edge": edge}
+
+
+# -- the result files ------------------------------------------------------------------------------------------
+
+def results_residual(srcs, out: str = OUT) -> dict:
+    runs = load_runs(srcs)
+    rows = [_run_row(n, r) for n, r in runs.items() if r["start"].get("config", {}).get("max_steps")
+            and n.endswith(("-bf16", "-fp32"))]
+    if sorted((r["model"], r["residual_dtype"]) for r in rows) != sorted(
+            (m, v) for m in MODELS for v in RESIDUAL.values()):
+        raise ValueError(f"residual: expected the 4 runs of {MODELS} x bf16/fp32, found {[r['name'] for r in rows]}")
+    _check_same(rows, ("tokens", "lr", "seed"))
+    doc = {"rows": rows, "rule": RESIDUAL_RULE, **choose_residual(rows), "provenance": _provenance(rows, "residual", srcs)}
+    _write(out, "residual-2x2.json", doc)
+    return doc
+
+
+def results_lr(srcs, out: str = OUT) -> dict:
+    runs = load_runs(srcs)
+    rows = []
+    for n, r in runs.items():
+        if "-lr" in n:
+            row = _run_row(n, r)
+            rows.append({**row, "val_ppl": row["final"]["val"]["ppl"]})
+    for m in MODELS:
+        lrs = sorted(r["lr"] for r in rows if r["model"] == m)
+        if len(lrs) < 4 or lrs[-1] / lrs[0] < 8 - 1e-9:
+            raise ValueError(f"lr: {m} needs >= 4 learning rates spanning >= 8x, has {lrs}")
+    _check_same(rows, ("tokens", "residual_dtype", "seed"))
+    doc = {"rows": sorted(rows, key=lambda r: (r["model"], r["lr"])), "rule": LR_RULE, **choose_lr(rows),
+           "provenance": _provenance(rows, "lr", srcs)}
+    _write(out, "lr-sweep.json", doc)
+    return doc
+
+
+def seed_ratio(a: list, b: list) -> dict:
+    """Perplexity ratio of model A to model B over seeds: ``mean`` = ratio of the geometric-mean perplexities
+    (exp of the mean loss difference), ``min``/``max`` over every pairing of an A seed with a B seed."""
+    la, lb = [math.log(x) for x in a], [math.log(x) for x in b]
+    cross = [x / y for x in a for y in b]
+    return {"mean": math.exp(sum(la) / len(la) - sum(lb) / len(lb)), "min": min(cross), "max": max(cross)}
+
+
+def results_final(srcs, out: str = OUT) -> dict:
+    runs = load_runs(srcs)
+    rows = [_run_row(n, r) for n, r in runs.items() if n.rsplit("-", 1)[-1] in {f"s{s}" for s in SEEDS}]
+    _check_same(rows, ("tokens", "residual_dtype"))
+    models, eval_tokens = {}, {}
+    for m in MODELS:
+        mine = sorted((r for r in rows if r["model"] == m), key=lambda r: r["seed"])
+        if [r["seed"] for r in mine] != list(SEEDS):
+            raise ValueError(f"final: {m} needs seeds {SEEDS}, has {[r['seed'] for r in mine]}")
+        _check_same(mine, ("lr",))
+        sets = sorted(set.intersection(*(set(r["final"]) for r in mine)))
+        models[m] = {"lr": mine[0]["lr"], "residual_dtype": mine[0]["residual_dtype"], "seeds": list(SEEDS),
+                     "tokens": mine[0]["tokens"], "tokens_per_s": [r["tokens_per_s"] for r in mine],
+                     "train_s": [r["train_s"] for r in mine],
+                     "final": {s: {k: [r["final"][s][k] for r in mine] for k in ("ppl", "bpb", "loss")} for s in sets}}
+        for s in sets:
+            eval_tokens[s] = mine[0]["final"][s]["tokens"]
+    a, b = (models[m] for m in MODELS)
+    ratio = {s: seed_ratio(a["final"][s]["ppl"], b["final"][s]["ppl"]) for s in a["final"] if s in b["final"]}
+    doc = {"models": models, "eval_tokens": eval_tokens, "ratio": ratio, "rows": rows,
+           "provenance": _provenance(rows, "final", srcs)}
+    _write(out, "summary.json", doc)
+    return doc
+
+
+def _write(out: str, name: str, doc: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(doc, f, indent=1)
+    print(os.path.join(out, name))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("specs", help="the MODELS value of a stage for tools/long_385m.sh")
+    p.add_argument("stage", choices=sorted(STAGE_TOKENS))
+    p.add_argument("--residual", default="compute", choices=sorted(RESIDUAL.values()))
+    p.add_argument("--lr", nargs="*", default=[], help="final stage: MODEL=LR for each model")
+    p.add_argument("--models", nargs="*", default=list(MODELS))
+    p.add_argument("--only", nargs="*", default=None, help="only these run names")
+    p = sub.add_parser("results", help="write a stage's result file from unpacked run folders")
+    p.add_argument("stage", choices=sorted(STAGE_TOKENS))
+    p.add_argument("--src", nargs="+", required=True)
+    p.add_argument("--out", default=OUT)
+    a = ap.parse_args(argv)
+    if a.cmd == "specs":
+        lrs = {k: float(v) for k, v in (x.split("=", 1) for x in a.lr)}
+        out = specs(a.stage, a.residual, lrs, a.models)
+        if a.only is not None:
+            out = [s for s in out if s.split("=", 1)[0] in a.only]
+        print(" ".join(out))
+    else:
+        {"residual": results_residual, "lr": results_lr, "final": results_final}[a.stage](a.src, a.out)
+
+
+if __name__ == "__main__":
+    main()
