@@ -252,12 +252,12 @@ def test_decode_gemv_switch():
 
 @pytest.mark.parametrize("preset", ["tnl-tiny", "transformer-tiny"])
 def test_residual_dtype_compute_under_autocast(preset):
-    """``residual_dtype="compute"`` (the default): the stream between blocks is bf16 under bf16 autocast
+    """``residual_dtype="compute"`` (``"params"`` is the default): the stream between blocks is bf16 under bf16 autocast
     (fp32 with ``"params"``), the result stays close to the fp32 stream's, gradients stay finite, and without autocast the
     switch changes nothing."""
     torch.manual_seed(0)
-    base = create_model(preset, vocab_size=61, n_layers=2, residual_dtype="params")
-    comp = create_model(preset, vocab_size=61, n_layers=2)  # the default
+    base = create_model(preset, vocab_size=61, n_layers=2)  # the default: fp32 stream
+    comp = create_model(preset, vocab_size=61, n_layers=2, residual_dtype="compute")
     comp.load_state_dict(base.state_dict())
     ids = torch.randint(0, 61, (2, 33))
     seen = {}
