@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .files import FileDamaged, _one_line, read_json
 from .provenance import provenance
 
 __all__ = ["EOT", "read_documents", "train_tokenizer", "load_tokenizer", "tokenizer_hash", "prepare_data",
-           "TokenFile", "DataError"]
+           "TokenFile", "DataError", "FileDamaged"]
 
 EOT = "<|endoftext|>"
 SEPARATOR = "\n" + EOT + "\n"
@@ -155,13 +156,20 @@ def train_tokenizer(docs, vocab_size: int, min_frequency: int = 2):
 
 
 def load_tokenizer(path: str):
+    """The ``tokenizers`` tokenizer in ``path`` (a ``tokenizer.json``, or a directory holding one). A
+    missing file raises ``DataError``; one that ``tokenizers`` cannot read raises ``FileDamaged``."""
     from tokenizers import Tokenizer
 
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(path):
         raise DataError(f"no tokenizer at {path}")
-    return Tokenizer.from_file(path)
+    remedy = "copy it again from the data directory it came with (DATA/tokenizer.json, written by prepare)"
+    read_json(path, remedy)  # empty, truncated or not JSON: said plainly (tokenizers' own message does not)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise FileDamaged(path, f"is not a tokenizers tokenizer.json ({_one_line(e)})", remedy) from None
 
 
 def tokenizer_hash(tok) -> str:
@@ -250,6 +258,52 @@ def prepare_data(corpus, out_dir: str, vocab_size: int = 50272, val_permille: in
     return meta
 
 
+def _prepare_again(data_dir: str) -> str:
+    return f"prepare the data again: python -m tnlib prepare --out {data_dir} --force ..."
+
+
+def _checked_meta(meta_path: str) -> dict:
+    """``meta.json`` of a prepared data directory, with the fields the readers use checked: a damaged
+    file raises ``FileDamaged`` naming it, instead of a KeyError later."""
+    remedy = _prepare_again(os.path.dirname(meta_path) or ".")
+    meta = read_json(meta_path, remedy)
+    if not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] < 1:
+        raise FileDamaged(meta_path, f"vocab_size is {meta.get('vocab_size')!r}, not a positive integer", remedy)
+    if not isinstance(meta.get("tokenizer_sha256"), str):
+        raise FileDamaged(meta_path, "has no tokenizer_sha256 string", remedy)
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise FileDamaged(meta_path, "lists no splits (the 'splits' object is missing or empty)", remedy)
+    for name, info in splits.items():
+        ok = (isinstance(info, dict) and isinstance(info.get("file"), str) and info["file"]
+              and os.path.basename(info["file"]) == info["file"]  # a name inside the directory, no path
+              and all(isinstance(info.get(k), int) and not isinstance(info[k], bool) and info[k] >= 0
+                      for k in ("tokens", "bytes")))
+        if not ok:
+            raise FileDamaged(meta_path, f"split {name!r} is {json.dumps(info)[:120]}, expected a file name and "
+                                         f"counts of tokens and bytes", remedy)
+    return meta
+
+
+def _check_token_file(path: str, tokens: int, data_dir: str) -> None:
+    """A token file must hold exactly the ``tokens`` uint16 values that meta.json lists (checked from its
+    size, before it is mapped): anything else is a truncated, padded or replaced file."""
+    remedy = _prepare_again(data_dir)
+    if not os.path.isfile(path):
+        raise FileDamaged(path, "is missing (meta.json lists it)", remedy)
+    size, want = os.path.getsize(path), 2 * tokens
+    if size == want:
+        return
+    if size == 0:
+        problem = f"is empty, but meta.json says it holds {tokens:,} tokens"
+    elif size % 2:
+        problem = f"holds {size:,} bytes, not a whole number of uint16 tokens (meta.json: {tokens:,} tokens)"
+    else:
+        problem = (f"holds {size // 2:,} tokens but meta.json says {tokens:,}: "
+                   f"{'truncated' if size < want else 'not the file meta.json describes'}")
+    raise FileDamaged(path, problem, remedy)
+
+
 @dataclass
 class TokenFile:
     """A flat uint16 token file with its byte count (for bits per byte)."""
@@ -262,8 +316,7 @@ class TokenFile:
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.isfile(meta_path):
             raise DataError(f"{data_dir} has no meta.json: run `python -m tnlib prepare` (make data) first")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = _checked_meta(meta_path)
         if expect_tokenizer and meta["tokenizer_sha256"] != expect_tokenizer:
             raise DataError(f"{data_dir} was tokenized with tokenizer {meta['tokenizer_sha256']}, "
                             f"expected {expect_tokenizer}: re-run prepare with the same tokenizer")
@@ -271,7 +324,6 @@ class TokenFile:
             raise DataError(f"{data_dir} has no split {split!r}; available: {sorted(meta['splits'])}")
         info = meta["splits"][split]
         path = os.path.join(data_dir, info["file"])
+        _check_token_file(path, info["tokens"], data_dir)
         tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        if len(tokens) != info["tokens"]:
-            raise DataError(f"{path} holds {len(tokens)} tokens but meta.json says {info['tokens']}: corrupt file")
         return cls(tokens, info["bytes"])
