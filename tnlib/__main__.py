@@ -72,7 +72,10 @@ def _train_config(a):
 
 
 def cmd_prepare(a):
-    from .data import prepare_data
+    from .data import load_tokenizer, prepare_data
+
+    if a.tokenizer:  # checked before anything is written
+        load_tokenizer(a.tokenizer)
 
     evals = dict(e.split("=", 1) for e in a.eval) if a.eval else {}
     corpus = a.corpus

@@ -164,7 +164,7 @@ def load_tokenizer(path: str):
         path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(path):
         raise DataError(f"no tokenizer at {path}")
-    remedy = "copy it again from the data directory it came with (DATA/tokenizer.json, written by prepare)"
+    remedy = "restore it from a copy (prepare writes one into each data directory), or prepare the data again"
     read_json(path, remedy)  # empty, truncated or not JSON: said plainly (tokenizers' own message does not)
     try:
         return Tokenizer.from_file(path)

@@ -163,7 +163,8 @@ def read_torch_file(path, remedy: str, mmap: bool = False, part: tuple[int, int]
         if found:
             raise FileDamaged(path, f"holds a {found.group(1)} object, not only tensors and plain values; refused, "
                                     f"since loading it could run code", remedy) from None
-        raise FileDamaged(path, f"is not a torch file of tensors ({_weights_only_reason(e)})", remedy) from None
+        raise FileDamaged(path, f"is not a torch file of tensors and plain values ({_weights_only_reason(e)})",
+                          remedy) from None
     except EOFError:
         raise FileDamaged(path, "ends too early: truncated", remedy) from None
     except RuntimeError as e:
@@ -175,11 +176,12 @@ def read_torch_file(path, remedy: str, mmap: bool = False, part: tuple[int, int]
 
 
 def _weights_only_reason(e) -> str:
-    """The line of torch's weights-only refusal that says what was found (its first lines are advice)."""
-    for line in str(e).splitlines():
-        if "WeightsUnpickler error" in line or "invalid load key" in line:
-            return _one_line(line.split("error:", 1)[-1])
-    return _one_line(e)
+    """What torch's weights-only refusal found (its first lines are advice about trusting the file)."""
+    text = str(e)
+    for marker in ("WeightsUnpickler error:", "invalid load key"):
+        if marker in text:
+            return _one_line(text.split("WeightsUnpickler error:", 1)[-1]) or marker
+    return _one_line(text)
 
 
 def set_default_mode(path) -> None:

@@ -395,8 +395,12 @@ def load_official(path: str, dtype=None, device=None) -> TransNormerLLM:
     have = {name for entries in plan.values() for _, name in entries}
     missing = sorted(set(expected) - have)
     if missing:
-        raise FileDamaged(path, f"the checkpoint lacks {len(missing)} of the model's tensors ({_few(missing)})",
-                          _FETCH_AGAIN)
+        # the file that should list them: the one weight file, or the index of the shards
+        where = files[0] if weight_map is None else next(
+            p for p in (os.path.join(path, n) for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json"))
+            if os.path.isfile(p))
+        raise FileDamaged(where, f"lacks {len(missing)} of the model's tensors "
+                                 f"({_few([_official_key(n) for n in missing])})", _FETCH_AGAIN)
 
     # load: one shard at a time; each tensor is converted and assigned before the next is read
     def check_tied(head):

@@ -24,6 +24,8 @@ def create_model(preset: str, **overrides) -> torch.nn.Module:
     return build_model(get_config(preset, **overrides))
 
 
+#: config fields every save_model config.json has held (later fields may be absent: their defaults apply)
+_SHAPE_FIELDS = ("arch", "vocab_size", "d_model", "n_layers", "n_heads", "glu_dim")
 #: what to do when a save_model directory is damaged
 _REWRITE = "save the model again with save_model, or restore the directory from a copy"
 
@@ -72,10 +74,12 @@ def load_model(path: str, device="cpu") -> torch.nn.Module:
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"load_model: {p} is missing (expected a directory written by save_model)")
+    raw = read_json(cfg_path, _REWRITE)
+    lacking = [k for k in _SHAPE_FIELDS if k not in raw]
+    if lacking:  # the defaults would build another (385M) model
+        raise FileDamaged(cfg_path, f"lacks {lacking}, which every save_model config records", _REWRITE)
     try:
-        cfg = ModelConfig.from_dict(read_json(cfg_path, _REWRITE))
-    except FileDamaged:
-        raise
+        cfg = ModelConfig.from_dict(raw)
     except (ValueError, TypeError) as e:  # unknown fields or values out of their type (another tnlib version?)
         raise FileDamaged(cfg_path, f"is not a tnlib model config: {e}", _REWRITE) from None
     model = build_model(cfg)
