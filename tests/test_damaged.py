@@ -439,7 +439,7 @@ def test_resume_compares_the_data_not_its_folder(run, data, tmp_path, capsys):
     saved["run"]["data"]["tokens"]["train"] += 1  # as if prepared from another corpus
     cfg_path.write_text(json.dumps(saved))
     err = _refused(_resume(r, str(moved)), capsys, cfg_path, [tmp_path, data])
-    assert "data tokens" in err
+    assert "data train tokens 838893 here, 838894 in the checkpoint" in err
 
 
 def test_resume_accepts_the_listed_changes_and_old_checkpoints(run, data, tmp_path, capsys):

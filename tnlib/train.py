@@ -200,10 +200,14 @@ def resume_differences(saved: dict, cfg: "TrainConfig", model: dict, facts: dict
         if then_facts["precision"] != facts["precision"]:
             out.append((f"precision (dtype={cfg.dtype})", then_facts["precision"], facts["precision"],
                         f"--set dtype={then_facts['precision']}"))
-        for key in ("tokenizer_sha256", "tokens"):
-            if then_facts["data"].get(key) != facts["data"][key]:
-                out.append((f"data {key}", then_facts["data"].get(key), facts["data"][key],
-                            f"--data with the data it was trained on ({then_train['data']})"))
+        then_data, now_data = then_facts["data"], facts["data"]
+        same_data = f"--data with the data it was trained on ({then_train['data']})"
+        if then_data.get("tokenizer_sha256") != now_data["tokenizer_sha256"]:
+            out.append(("data tokenizer", then_data.get("tokenizer_sha256"), now_data["tokenizer_sha256"], same_data))
+        then_tokens = then_data.get("tokens") if isinstance(then_data.get("tokens"), dict) else {}
+        for split in [s for s in now_data["tokens"] if s in then_tokens]:  # which splits: eval_sets, above
+            if then_tokens[split] != now_data["tokens"][split]:
+                out.append((f"data {split} tokens", then_tokens[split], now_data["tokens"][split], same_data))
     for name in sorted(set(saved["model"]) | set(model)):
         if name in _MODEL_MAY_CHANGE:
             continue
