@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .data import DataError, TokenFile
 from .fields import check_fields, parse_field
-from .files import FileDamaged, _few, _one_line, load_weights, read_json, read_torch_file, set_default_mode
+from .files import FileDamaged, _one_line, load_weights, read_json, read_torch_file, set_default_mode
 from .models import build_model, get_config
 from .parallel import (SHARDED_DIR, apply_fsdp, apply_tensor_parallel, build_mesh, canonical_state_dict,
                        check_parallel, check_sharded, clip_grad_norm, init_distributed, load_sharded, save_sharded)
@@ -261,8 +261,6 @@ def _read_train_state(path: str, single_file: bool) -> dict:
     """``state.pt`` of a checkpoint, unpickled with ``weights_only=True`` (tensors and plain values: it
     cannot run code) and checked: a dict with the step, the token and metrics positions, torch's RNG state
     and, single-file, the optimizer's state dict. Anything else raises ``FileDamaged``."""
-    import torch
-
     state = read_torch_file(path, _RESTORE)
     if not isinstance(state, dict):
         raise FileDamaged(path, f"holds a {type(state).__name__}, not a training state", _RESTORE)

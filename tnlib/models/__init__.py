@@ -1,7 +1,6 @@
 """Models: TransNormerLLM, the Transformer baseline, presets, save/load. See ``notebooks/07_model``."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
