@@ -334,10 +334,15 @@ def test_pickled_payload_in_state_is_never_run(run, data, tmp_path):
     assert not marker.exists() and _snapshot(tmp_path, data) == before
 
 
-def test_sharded_checkpoint_metadata_payload_and_truncation(data, tmp_path, capsys):
+def test_sharded_checkpoint_payloads_and_truncation(data, tmp_path, capsys):
     """A sharded checkpoint (parallel=fsdp, one process): a payload planted in its metadata (which
-    torch.distributed.checkpoint unpickles with plain pickle) is refused unread, a truncated shard named."""
+    torch.distributed.checkpoint unpickles with plain pickle) or in one of its non-tensor values (which it
+    unpickles with weights_only=False) is refused unread; a truncated shard is named."""
+    import dataclasses
+    import io
     import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     r = tmp_path / "run"
     sharded = ["--set", "parallel=fsdp", *SETTINGS[1:]]
@@ -351,8 +356,22 @@ def test_sharded_checkpoint_metadata_payload_and_truncation(data, tmp_path, caps
     argv = ["train", "--data", data, "--out", str(r), "--resume", *sharded]
     err = _refused(argv, capsys, meta_path, [tmp_path, data])
     assert "could run code" in err and not marker.exists()
+    # a value stored as bytes (an optimizer setting) replaced by the payload: appended, and the metadata
+    # pointed at it, as torch.distributed.checkpoint would have written it
+    md = pickle.loads(good)
+    key, info = next((k, v) for k, v in md.storage_data.items()
+                     if isinstance(md.state_dict_metadata[k.fqn], BytesStorageMetadata))
+    blob = io.BytesIO()
+    torch.save(Payload(str(marker)), blob)
+    shard = r / "checkpoint" / "sharded" / info.relative_path
+    intact = shard.read_bytes()
+    shard.write_bytes(intact + blob.getvalue())
+    md.storage_data[key] = dataclasses.replace(info, offset=len(intact), length=len(blob.getvalue()))
+    meta_path.write_bytes(pickle.dumps(md))
+    err = _refused(argv, capsys, shard, [tmp_path, data])
+    assert "could run code" in err and not marker.exists()
+    shard.write_bytes(intact)
     meta_path.write_bytes(good)
-    shard = next((r / "checkpoint" / "sharded").glob("*.distcp"))
     truncated(shard)
     _refused(argv, capsys, shard, [tmp_path, data])
     _refused(["consolidate", "--checkpoint", str(r / "checkpoint"), "--out", str(tmp_path / "one")], capsys, shard,
@@ -495,3 +514,22 @@ def test_no_command_lists_the_commands(capsys):
     cli.main([])
     out = capsys.readouterr().out
     assert "train" in out and "generate" in out and "convert" in out
+
+
+def test_train_help_lists_presets_and_what_may_change_on_resume():
+    from tnlib.models import PRESETS
+
+    sub = next(a for a in cli.build_parser()._actions if hasattr(a, "choices") and a.choices)
+    text = " ".join(sub.choices["train"].format_help().split())
+    assert all(p in text for p in PRESETS) and "max_steps" in text and "max_minutes" in text
+
+
+def test_consolidate_single_file_checkpoint(run, tmp_path):
+    """A single-file training checkpoint consolidates too (its config.json holds the train and model
+    configs, not a model's), with the run's tokenizer."""
+    import tnlib
+
+    cli.main(["consolidate", "--checkpoint", os.path.join(run, "checkpoint"), "--out", str(tmp_path / "one")])
+    one, final = tnlib.load_model(str(tmp_path / "one")), tnlib.load_model(os.path.join(run, "final"))
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), final.state_dict().values()))
+    assert (tmp_path / "one" / "tokenizer.json").is_file()
