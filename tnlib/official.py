@@ -347,9 +347,11 @@ def load_official(path: str, dtype=None, device=None) -> TransNormerLLM:
     the config's ``torch_dtype`` (else as stored), except LRPE's theta, which stays at least fp32 (tnlib
     forms the angles in fp64; a bf16 theta would move them); ``device``: where they live (default CPU).
 
-    Everything is checked before any weight is read: config values tnlib cannot express, missing
-    shards, unknown or missing keys and wrong shapes raise ``ValueError``/``FileNotFoundError`` naming
-    the field, file or key. The model is built on the meta device and filled shard by shard, so the
+    Everything is checked before any weight is read: config values tnlib cannot express raise
+    ``ValueError`` naming ``config.json`` and the field, missing shards ``FileNotFoundError``, and damaged
+    files (truncated, empty or foreign bytes, an index without a usable weight map, unknown or missing
+    keys, wrong shapes) ``tnlib.files.FileDamaged`` naming the file and the key. ``.bin`` shards are read
+    with ``weights_only=True``. The model is built on the meta device and filled shard by shard, so the
     weights are held once. A tied ``lm_head.weight`` stored next to the embedding must equal it.
     """
     cfg_path = os.path.join(path, "config.json")
