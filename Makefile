@@ -115,12 +115,13 @@ train-385m: setup data ## TNL-385M vs Transformer-385M on the same tokens (GPUs;
 	  --out results/385m --title "TNL-385M vs Transformer-385M, same tokens" \
 	  --evals val eval-heldout eval-wikitext-valid eval-wikitext-test --extra tokens_budget=$(TOKENS)
 
-# sample from a saved model: make generate CKPT=runs/quickstart/tnl-tiny/final PROMPT="It was"
+# sample from a saved model: make generate CKPT=runs/quickstart/tnl-tiny/final PROMPT="It was"; the tokenizer
+# is the one saved with the model (train puts the data's there) unless TOKENIZER=path/tokenizer.json is given
 CKPT ?= runs/quickstart/tnl-tiny/final
-TOKENIZER ?= data/sample/tokenizer.json
+TOKENIZER ?=
 PROMPT ?= It was a dark and stormy night
-generate: setup ## sample from a saved model: CKPT=RUN/final PROMPT="..."
-	$(BIN)/python -m tnlib generate --checkpoint $(CKPT) --tokenizer $(TOKENIZER) --prompt "$(PROMPT)"
+generate: setup ## sample from a saved model: CKPT=RUN/final PROMPT="..." (TOKENIZER=...)
+	$(BIN)/python -m tnlib generate --checkpoint $(CKPT) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) --prompt "$(PROMPT)"
 
 # GPU benchmarks (benchmarks/, one script per target, helpers in benchmarks/common.py): each writes
 # results/bench/<name>-<gpu>.json with provenance (command, commit, versions, date) after every row.

@@ -135,10 +135,10 @@ def _run(argv, capsys):
 ])
 def test_train_rejects_bad_values_before_any_work(extra, message, no_work, capsys, tmp_path):
     code, out, err = _run(["train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "run"), *extra], capsys)
-    assert code not in (0, None)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (err, code)
     import re
 
-    assert re.search(message, err + str(code)), (err, code)
+    assert re.search(message, err), (err, code)
     assert out == "" and not (tmp_path / "run").exists()
 
 
@@ -164,7 +164,7 @@ def test_generate_suggests_final(no_work, capsys, tmp_path):
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "config.json").write_text("{}")
     code, out, err = _run(["generate", "--checkpoint", str(tmp_path), "--tokenizer", "t.json", "--prompt", "x"], capsys)
-    assert f"did you mean {tmp_path / 'final'}" in str(code) and out == ""
+    assert code == 2 and err.startswith("error: ") and f"did you mean {tmp_path / 'final'}" in err and out == ""
 
 
 def _subparsers(parser):

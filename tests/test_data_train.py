@@ -208,4 +208,8 @@ def test_train_cli_rejects_options_given_elsewhere(monkeypatch, capsys):
                                           "--set", item])
         with pytest.raises(SystemExit) as e:
             cli.main()
-        assert flag in str(e.value)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and flag in err, err
+        if "unknown" in flag:  # the list offers only what --set takes
+            offered = err.split("--set takes", 1)[1]
+            assert "'lr'" in offered and not any(f"'{k}'" in offered for k in ("data", "out", "preset", "model_overrides"))

@@ -345,13 +345,16 @@ def test_cli_convert_both_ways(tmp_path, capsys):
     main(["convert", "--to-official", str(tmp_path / "tn"), "--out", str(tmp_path / "off"), "--max-shard-size", "1MB"])
     assert O.is_official_dir(str(tmp_path / "off")) and not O.is_official_dir(str(tmp_path / "tn"))
     assert _state_equal(O.load_official(str(tmp_path / "off")), mo)
-    with pytest.raises(SystemExit, match="did you mean --from-official"):
-        main(["convert", "--to-official", a, "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="did you mean --to-official"):
-        main(["convert", "--from-official", str(tmp_path / "tn"), "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit):
-        main(["convert", "--from-official", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
-    assert "config.json is missing" in capsys.readouterr().err
+    capsys.readouterr()
+    for argv, message in ((["--to-official", a], "did you mean --from-official"),
+                          (["--from-official", str(tmp_path / "tn")], "did you mean --to-official"),
+                          (["--from-official", str(tmp_path / "nowhere")], "nowhere does not exist"),
+                          (["--from-official", str(tmp_path / "tn" / "config.json")], "is a file, not a checkpoint")):
+        with pytest.raises(SystemExit) as e:
+            main(["convert", *argv, "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_generate_from_official_dir(tmp_path, capsys):

@@ -1,4 +1,10 @@
-"""Command line: ``python -m tnlib {prepare,train,generate,compare,quickstart,sweep} ...`` (``--help`` on each)."""
+"""Command line: ``python -m tnlib {prepare,train,generate,convert,compare,quickstart,sweep,consolidate} ...``
+(``--help`` on each; ``python -m tnlib`` alone lists the commands).
+
+Every error is one line on stderr, ``error: ...``, with exit status 2, and nothing is written: argument
+errors (checked before any work), bad config values, missing paths, changed settings on ``--resume``,
+and damaged files (``tnlib.files.FileDamaged``: ``error: <file>: <what is wrong> (<what to do>)``).
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +14,7 @@ import json
 import os
 import sys
 
+from .files import FileDamaged, read_json
 from .quickstart import DEFAULT_STEPS as QUICKSTART_STEPS
 
 DEFAULT_CORPUS = "../shared/data/corpus-gutenberg-*.txt.xz"
@@ -23,6 +30,10 @@ SAMPLE = {
 }
 
 
+class CommandError(Exception):
+    """A mistake on the command line found by a command (``main`` prints ``error: <message>``, exit 2)."""
+
+
 def _kv(items, parse_json: bool = True):
     """``["lr=3e-4", "compile=true"]`` -> ``{"lr": 3e-4, "compile": True}`` (JSON values, else strings).
 
@@ -32,7 +43,7 @@ def _kv(items, parse_json: bool = True):
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"expected key=value, got {item!r}")
+            raise CommandError(f"expected key=value, got {item!r}")
         k, v = item.split("=", 1)
         if not parse_json:
             out[k] = v
@@ -50,18 +61,21 @@ def _train_config(a):
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     kw = _kv(a.set, parse_json=False)
-    bad = set(kw) - fields
-    if bad:
-        raise SystemExit(f"unknown training options {sorted(bad)}; choose from {sorted(fields)}")
     own_flag = {"model_overrides": "--model k=v ...", "preset": "--preset", "data": "--data", "out": "--out"}
+    bad = set(kw) - fields
+    if bad:  # the fields --set takes: not those with their own flag
+        raise CommandError(f"unknown training options {sorted(bad)}; --set takes {sorted(fields - set(own_flag))}")
     clash = sorted(set(kw) & set(own_flag))
     if clash:
-        raise SystemExit(f"set {clash[0]} with {own_flag[clash[0]]}, not --set")
+        raise CommandError(f"set {clash[0]} with {own_flag[clash[0]]}, not --set")
     return TrainConfig(preset=a.preset, data=a.data, out=a.out, model_overrides=_kv(a.model, parse_json=False), **kw)
 
 
 def cmd_prepare(a):
-    from .data import prepare_data
+    from .data import load_tokenizer, prepare_data
+
+    if a.tokenizer:  # checked before anything is written
+        load_tokenizer(a.tokenizer)
 
     evals = dict(e.split("=", 1) for e in a.eval) if a.eval else {}
     corpus = a.corpus
@@ -80,8 +94,12 @@ def cmd_train(a):
     print(json.dumps(res, indent=1))
 
 
-def _check_checkpoint_dir(path: str) -> None:
-    """A directory written by save_model, or an error that says where one is (e.g. ``RUN/final``)."""
+def _check_checkpoint_dir(path: str, flag: str = "--checkpoint") -> None:
+    """A directory with a ``config.json`` (written by save_model, or an official one), or an error that
+    says what ``path`` is instead and where a checkpoint is (e.g. ``RUN/final``)."""
+    if os.path.isfile(path):
+        raise CommandError(f"{flag} {path} is a file, not a checkpoint directory (pass the directory that holds "
+                           f"config.json and the weights)")
     if os.path.isfile(os.path.join(path, "config.json")):
         return
     hint = ""
@@ -90,27 +108,51 @@ def _check_checkpoint_dir(path: str) -> None:
             hint = f"; did you mean {os.path.join(path, sub)} (the run's saved model)?"
             break
     what = "does not exist" if not os.path.exists(path) else "has no config.json"
-    raise SystemExit(f"error: --checkpoint {path} {what}{hint}")
+    raise CommandError(f"{flag} {path} {what}{hint}")
+
+
+def _tokenizer_hint(checkpoint: str) -> str:
+    """Where a tokenizer for ``checkpoint`` is: the data of the run that wrote it (found through the run's
+    training checkpoint), else what to pass."""
+    from .official import is_official_dir
+
+    if is_official_dir(checkpoint):
+        return ("the releases ship a SentencePiece tokenizer.model: convert it to a tokenizer.json once and pass "
+                "--tokenizer, see the README's 'Using the released models'")
+    for run_cfg in (os.path.join(checkpoint, os.pardir, "checkpoint", "config.json"),
+                    os.path.join(checkpoint, "config.json")):
+        try:
+            data = read_json(run_cfg, "")["train"]["data"]
+        except (OSError, ValueError, KeyError, TypeError):  # no training run around it: no hint from there
+            continue
+        tok = os.path.join(str(data), "tokenizer.json")
+        if os.path.isfile(tok):
+            return f"pass --tokenizer {os.path.normpath(tok)}, the tokenizer of the data it was trained on"
+    return "pass --tokenizer with the tokenizer.json of the data it was trained on (DATA/tokenizer.json, from prepare)"
 
 
 def cmd_generate(a):
     _check_checkpoint_dir(a.checkpoint)
     if a.tokenizer is not None and not os.path.isfile(a.tokenizer):
-        raise SystemExit(f"error: --tokenizer {a.tokenizer} does not exist")
+        raise CommandError(f"--tokenizer {a.tokenizer} does not exist")
+    tok_path = a.tokenizer or os.path.join(a.checkpoint, "tokenizer.json")
+    if not os.path.isfile(tok_path):  # said before the model is loaded
+        raise CommandError(f"{a.checkpoint} holds no tokenizer.json ({_tokenizer_hint(a.checkpoint)})")
 
     import torch
 
     from .data import load_tokenizer
     from .generation import stream_generate
 
+    tok = load_tokenizer(tok_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, official_eos = _load_any_checkpoint(a.checkpoint, device)
-    tok = load_tokenizer(a.tokenizer or a.checkpoint)
     if tok.get_vocab_size() > model.config.vocab_size:
-        raise SystemExit(f"tokenizer has {tok.get_vocab_size()} tokens but the model only {model.config.vocab_size}")
+        raise CommandError(f"{tok_path}: the tokenizer has {tok.get_vocab_size()} tokens but the model only "
+                           f"{model.config.vocab_size} (pass the tokenizer it was trained with)")
     ids = tok.encode(a.prompt).ids
     if not ids:
-        raise SystemExit("the prompt encodes to no tokens")
+        raise CommandError(f"--prompt {a.prompt!r} encodes to no tokens (give some text to continue)")
     eot = official_eos if official_eos is not None else tok.token_to_id("<|endoftext|>")
     g = torch.Generator(device=device).manual_seed(a.seed)
     print(a.prompt, end="", flush=True)
@@ -127,39 +169,50 @@ def cmd_generate(a):
 
 def _load_any_checkpoint(path, device):
     """``(model, eos_token_id)`` from a ``save_model`` directory or an official TransNormerLLM one (told
-    apart by its ``config.json``); the end token id is the official config's (``None`` for tnlib's)."""
+    apart by its ``config.json``, checked first); the end token id is the official config's (``None``
+    for tnlib's)."""
     from .models import load_model
     from .official import is_official_dir, load_official
 
+    cfg = read_json(os.path.join(path, "config.json"), "restore the checkpoint directory from a copy")
     if is_official_dir(path):
-        with open(os.path.join(path, "config.json")) as f:
-            eos = json.load(f).get("eos_token_id")
-        return load_official(path, device=device), eos
+        return load_official(path, device=device), cfg.get("eos_token_id")
     return load_model(path, device=device), None
 
 
 def cmd_convert(a):
+    import shutil
+
     import torch
 
+    from .data import load_tokenizer
     from .models import load_model, save_model
     from .official import is_official_dir, load_official, save_official
 
     src = a.from_official or a.to_official
+    flag, other = ("--from-official", "--to-official") if a.from_official else ("--to-official", "--from-official")
+    _check_checkpoint_dir(src, flag)
     if os.path.abspath(src) == os.path.abspath(a.out):
-        raise SystemExit("--out must differ from the input directory")
-    if os.path.isfile(os.path.join(src, "config.json")) and is_official_dir(src) != bool(a.from_official):
-        flag, other = ("--from-official", "--to-official") if a.from_official else ("--to-official", "--from-official")
+        raise CommandError("--out must differ from the input directory")
+    read_json(os.path.join(src, "config.json"), "restore the checkpoint directory from a copy")  # damaged: said so
+    if is_official_dir(src) != bool(a.from_official):
         layout = "the official layout" if is_official_dir(src) else "tnlib's save_model format"
-        raise SystemExit(f"{flag} {src}: that directory is in {layout}; did you mean {other}?")
+        raise CommandError(f"{flag} {src}: that directory is in {layout}; did you mean {other}?")
+    tokenizer = os.path.join(src, "tokenizer.json")  # carried over when there is one
+    tokenizer = tokenizer if os.path.isfile(tokenizer) else None
     if a.from_official:
         model = load_official(a.from_official, dtype=a.dtype)
-        save_model(model, a.out)
+        save_model(model, a.out, tokenizer=tokenizer)
         print(f"wrote {a.out} (tnlib save_model format; python -m tnlib generate --checkpoint {a.out} ...)")
     else:
         model = load_model(a.to_official)
+        if tokenizer:
+            load_tokenizer(tokenizer)  # checked before anything is written
         if a.dtype:
             model = model.to(getattr(torch, a.dtype))
         save_official(model, a.out, max_shard_size=a.max_shard_size)
+        if tokenizer:
+            shutil.copyfile(tokenizer, os.path.join(a.out, "tokenizer.json"))
         print(f"wrote {a.out} (official TransNormerLLM layout)")
 
 
@@ -201,8 +254,11 @@ def cmd_sweep(a):
         return
     res = run_sweep(spec, a.data, a.results, a.work, parallel=a.parallel,
                     gpus=a.gpus.split(",") if a.gpus else None, limit=a.limit, only=a.only)
-    print(f"sweep: {res['finished']}/{res['total']} runs finished" + (f", failed: {res['failed']}" if res["failed"] else ""))
-    if res["failed"] or res["interrupted"]:
+    if res["failed"]:
+        raise CommandError(f"sweep: {res['finished']}/{res['total']} runs finished; these failed: {res['failed']} "
+                           f"(each one's train.log under {a.work} says why; run the sweep again to retry them)")
+    print(f"sweep: {res['finished']}/{res['total']} runs finished")
+    if res["interrupted"]:  # stopped on request, not an error: resumable, but not finished
         sys.exit(1)
 
 
@@ -263,17 +319,24 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every (sub)command shows each option's default in ``--help``."""
+    """Every (sub)command shows each option's default in ``--help``; an argument error is one line."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
 
+    def error(self, message):
+        # one line like every other error (argparse's default prints the usage block first)
+        self.exit(2, f"error: {message} ({self.prog} --help shows every option)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m tnlib`` parser (every option has help text; ``tests/test_cli.py`` checks)."""
+    from .models import PRESETS
+    from .train import RESUME_MAY_CHANGE
+
     ap = _Parser(prog="python -m tnlib", description="TransNormerLLM, step by step")
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub = ap.add_subparsers(dest="cmd", parser_class=_Parser)  # no command: main prints the list
 
     p = sub.add_parser("prepare", help="tokenize a corpus into flat uint16 token files + meta.json")
     p.add_argument("--corpus", nargs="+", default=[DEFAULT_CORPUS], help="files, dirs, globs or hub:<id>")
@@ -289,14 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_prepare)
 
     p = sub.add_parser("train", help="train a preset on prepared data")
-    p.add_argument("--preset", default="tnl-tiny", help="model preset (tnlib.models.PRESETS)")
+    p.add_argument("--preset", default="tnl-tiny", help=f"model preset: {', '.join(PRESETS)}")
     p.add_argument("--data", required=True, help="a directory written by `prepare`")
     p.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoint/, final/")
     p.add_argument("--set", nargs="*", default=[],
                    help="TrainConfig fields as key=value, type-checked, e.g. max_steps=1000 lr=6e-4 compile=true")
     p.add_argument("--model", nargs="*", default=[],
                    help="ModelConfig overrides as key=value, type-checked, e.g. gate=false positional=decay")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same config)")
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue from OUT/checkpoint; every setting must equal the checkpoint's (a difference is "
+                        f"refused, naming it), except {', '.join(RESUME_MAY_CHANGE)} (tnlib.train.RESUME_MAY_CHANGE "
+                        f"says why); batch_size, dtype and data are compared by what they mean: the global batch "
+                        f"(the number of processes may change), the precision, and the data's tokens (the folder "
+                        f"may move)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("generate", help="generate text from a saved model")
@@ -345,9 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     ap = build_parser()
     a = ap.parse_args(argv)
+    if a.cmd is None:  # no command: the list of commands
+        ap.print_help()
+        return
     try:
         a.fn(a)
-    except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError: say it plainly
+    except (CommandError, FileDamaged, ValueError, OSError) as e:  # DataError is a ValueError: said plainly too
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .files import FileDamaged, _one_line, read_json
 from .provenance import provenance
 
 __all__ = ["EOT", "read_documents", "train_tokenizer", "load_tokenizer", "tokenizer_hash", "prepare_data",
-           "TokenFile", "DataError", "token_byte_lengths", "wikitext_detokenize", "EVAL_TRANSFORMS"]
+           "TokenFile", "DataError", "FileDamaged", "token_byte_lengths", "wikitext_detokenize", "EVAL_TRANSFORMS"]
 
 EOT = "<|endoftext|>"
 SEPARATOR = "\n" + EOT + "\n"
@@ -156,13 +157,20 @@ def train_tokenizer(docs, vocab_size: int, min_frequency: int = 2):
 
 
 def load_tokenizer(path: str):
+    """The ``tokenizers`` tokenizer in ``path`` (a ``tokenizer.json``, or a directory holding one). A
+    missing file raises ``DataError``; one that ``tokenizers`` cannot read raises ``FileDamaged``."""
     from tokenizers import Tokenizer
 
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(path):
         raise DataError(f"no tokenizer at {path}")
-    return Tokenizer.from_file(path)
+    remedy = "restore it from a copy (prepare writes one into each data directory), or prepare the data again"
+    read_json(path, remedy)  # empty, truncated or not JSON: said plainly (tokenizers' own message does not)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise FileDamaged(path, f"is not a tokenizers tokenizer.json ({_one_line(e)})", remedy) from None
 
 
 def _byte_alphabet() -> dict[str, int]:
@@ -203,7 +211,7 @@ def token_byte_lengths(tok) -> np.ndarray:
 # split as "1 @,@ 000", clitics split off ("it 's", "don 't"), headings as "= = Title = =". Models trained
 # on ordinary text are then scored partly on that format; the detokenized set scores the text itself.
 _WT_RULES = (
-    (re.compile(r" @([-,.])@(?: |$)"), r"\1"),                                   # 1 @,@ 000 -> 1,000; well @-@ known
+    (re.compile(r" @([-,.])@(?: |$)"), r"\1"),                            # 1 @,@ 000 -> 1,000; well @-@ known
     (re.compile(r" ('(?:s|m|d|ve|re|ll)\b)"), r"\1"),                     # it 's -> it's
     (re.compile(r"n 't\b"), "n't"),                                        # don 't -> don't
     (re.compile(r"(?<=s) '(?= |$)"), "'"),                                  # the players ' -> the players'
@@ -333,6 +341,52 @@ def prepare_data(corpus, out_dir: str, vocab_size: int = 50272, val_permille: in
     return meta
 
 
+def _prepare_again(data_dir: str) -> str:
+    return f"prepare the data again: python -m tnlib prepare --out {data_dir} --force ..."
+
+
+def _checked_meta(meta_path: str) -> dict:
+    """``meta.json`` of a prepared data directory, with the fields the readers use checked: a damaged
+    file raises ``FileDamaged`` naming it, instead of a KeyError later."""
+    remedy = _prepare_again(os.path.dirname(meta_path) or ".")
+    meta = read_json(meta_path, remedy)
+    if not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] < 1:
+        raise FileDamaged(meta_path, f"vocab_size is {meta.get('vocab_size')!r}, not a positive integer", remedy)
+    if not isinstance(meta.get("tokenizer_sha256"), str):
+        raise FileDamaged(meta_path, "has no tokenizer_sha256 string", remedy)
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise FileDamaged(meta_path, "lists no splits (the 'splits' object is missing or empty)", remedy)
+    for name, info in splits.items():
+        ok = (isinstance(info, dict) and isinstance(info.get("file"), str) and info["file"]
+              and os.path.basename(info["file"]) == info["file"]  # a name inside the directory, no path
+              and all(isinstance(info.get(k), int) and not isinstance(info[k], bool) and info[k] >= 0
+                      for k in ("tokens", "bytes")))
+        if not ok:
+            raise FileDamaged(meta_path, f"split {name!r} is {json.dumps(info)[:120]}, expected a file name and "
+                                         f"counts of tokens and bytes", remedy)
+    return meta
+
+
+def _check_token_file(path: str, tokens: int, data_dir: str) -> None:
+    """A token file must hold exactly the ``tokens`` uint16 values that meta.json lists (checked from its
+    size, before it is mapped): anything else is a truncated, padded or replaced file."""
+    remedy = _prepare_again(data_dir)
+    if not os.path.isfile(path):
+        raise FileDamaged(path, "is missing (meta.json lists it)", remedy)
+    size, want = os.path.getsize(path), 2 * tokens
+    if size == want:
+        return
+    if size == 0:
+        problem = f"is empty, but meta.json says it holds {tokens:,} tokens"
+    elif size % 2:
+        problem = f"holds {size:,} bytes, not a whole number of uint16 tokens (meta.json: {tokens:,} tokens)"
+    else:
+        problem = (f"holds {size // 2:,} tokens but meta.json says {tokens:,}: "
+                   f"{'truncated' if size < want else 'not the file meta.json describes'}")
+    raise FileDamaged(path, problem, remedy)
+
+
 @dataclass
 class TokenFile:
     """A flat uint16 token file with its byte count and, when opened from a prepared directory, the byte
@@ -348,8 +402,7 @@ class TokenFile:
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.isfile(meta_path):
             raise DataError(f"{data_dir} has no meta.json: run `python -m tnlib prepare` (make data) first")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = _checked_meta(meta_path)
         if expect_tokenizer and meta["tokenizer_sha256"] != expect_tokenizer:
             raise DataError(f"{data_dir} was tokenized with tokenizer {meta['tokenizer_sha256']}, "
                             f"expected {expect_tokenizer}: re-run prepare with the same tokenizer")
@@ -357,9 +410,8 @@ class TokenFile:
             raise DataError(f"{data_dir} has no split {split!r}; available: {sorted(meta['splits'])}")
         info = meta["splits"][split]
         path = os.path.join(data_dir, info["file"])
+        _check_token_file(path, info["tokens"], data_dir)
         tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        if len(tokens) != info["tokens"]:
-            raise DataError(f"{path} holds {len(tokens)} tokens but meta.json says {info['tokens']}: corrupt file")
         tok_path = os.path.join(data_dir, "tokenizer.json")
         lengths = token_byte_lengths(load_tokenizer(tok_path)) if os.path.isfile(tok_path) else None
         return cls(tokens, info["bytes"], lengths)

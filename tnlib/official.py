@@ -40,6 +40,7 @@ import re
 import torch
 from torch import nn
 
+from .files import FileDamaged, _few, read_json, read_torch_file, safetensors_header, set_default_mode
 from .models import ModelConfig, TransNormerLLM
 
 __all__ = ["load_official", "save_official", "is_official_dir", "official_to_config", "config_to_official",
@@ -63,6 +64,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _AUTO_MAP = {"AutoConfig": "configuration_transnormer.TransnormerConfig",
              "AutoModelForCausalLM": "modeling_transnormer.TransnormerForCausalLM"}
 _SRMS_EPS, _LAYERNORM_EPS = 1e-6, 1e-5  # the official SimpleRMSNorm's eps; nn.LayerNorm's default
+#: what to do when a file of an official checkpoint is damaged
+_FETCH_AGAIN = "download or copy the checkpoint again"
+_WRONG_CONFIG = "use the config.json that came with these weights, or download the checkpoint again"
 
 
 def _refuse(field, value, why):
@@ -229,7 +233,7 @@ def is_official_dir(path: str) -> bool:
     try:
         with open(cfg_path) as f:
             cfg = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # unreadable: not recognised here; the loader that reads it says what is wrong
         return False
     return isinstance(cfg, dict) and (cfg.get("model_type") == "transnormer" or "decoder_embed_dim" in cfg)
 
@@ -241,11 +245,13 @@ def find_weight_files(path: str):
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index_path = os.path.join(path, index_name)
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                index = json.load(f)
-            weight_map = index.get("weight_map")
+            weight_map = read_json(index_path, _FETCH_AGAIN).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
-                raise ValueError(f"{index_path}: no weight_map")
+                raise FileDamaged(index_path, "has no weight_map (the key -> shard file map)", _FETCH_AGAIN)
+            bad = [v for v in weight_map.values() if not isinstance(v, str) or not v or os.path.basename(v) != v]
+            if bad:  # shards are files next to the index: a path elsewhere is never read
+                raise FileDamaged(index_path, f"names {bad[0]!r} as a shard, not a file name in its directory",
+                                  _FETCH_AGAIN)
             files = sorted(set(weight_map.values()))
             missing = [s for s in files if not os.path.isfile(os.path.join(path, s))]
             if missing:
@@ -267,20 +273,17 @@ class _Shard:
 
     def _load_bin(self):
         if self._bin is None:
-            try:  # memory-mapped: tensors are read when used, so the shard is never held whole
-                self._bin = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-                self._bin = torch.load(self.path, map_location="cpu", weights_only=True)
-            if not isinstance(self._bin, dict):
-                raise ValueError(f"{self.path}: expected a state dict, got {type(self._bin).__name__}")
+            # memory-mapped: tensors are read when used, so the shard is never held whole (legacy files whole)
+            self._bin = read_torch_file(self.path, _FETCH_AGAIN, mmap=True)
+            if not isinstance(self._bin, dict) or not all(
+                    isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in self._bin.items()):
+                raise FileDamaged(self.path, f"holds a {type(self._bin).__name__}, not a state dict of named tensors",
+                                  _FETCH_AGAIN)
         return self._bin
 
     def shapes(self) -> dict:
-        if self.safetensors:
-            from safetensors import safe_open
-
-            with safe_open(self.path, framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        if self.safetensors:  # the header, checked against the file's size
+            return {k: shape for k, (shape, _) in safetensors_header(self.path, _FETCH_AGAIN).items()}
         shapes = {k: tuple(v.shape) for k, v in self._load_bin().items()}
         self._bin = None  # read again by tensors(): a legacy (unmapped) shard is never held during planning
         return shapes
@@ -344,18 +347,22 @@ def load_official(path: str, dtype=None, device=None) -> TransNormerLLM:
     the config's ``torch_dtype`` (else as stored), except LRPE's theta, which stays at least fp32 (tnlib
     forms the angles in fp64; a bf16 theta would move them); ``device``: where they live (default CPU).
 
-    Everything is checked before any weight is read: config values tnlib cannot express, missing
-    shards, unknown or missing keys and wrong shapes raise ``ValueError``/``FileNotFoundError`` naming
-    the field, file or key. The model is built on the meta device and filled shard by shard, so the
+    Everything is checked before any weight is read: config values tnlib cannot express raise
+    ``ValueError`` naming ``config.json`` and the field, missing shards ``FileNotFoundError``, and damaged
+    files (truncated, empty or foreign bytes, an index without a usable weight map, unknown or missing
+    keys, wrong shapes) ``tnlib.files.FileDamaged`` naming the file and the key. ``.bin`` shards are read
+    with ``weights_only=True``. The model is built on the meta device and filled shard by shard, so the
     weights are held once. A tied ``lm_head.weight`` stored next to the embedding must equal it.
     """
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"load_official: {cfg_path} is missing (expected an official checkpoint directory)")
-    with open(cfg_path) as f:
-        raw = json.load(f)
-    cfg = official_to_config(raw, name=f"official:{os.path.basename(os.path.normpath(path))}")
-    dtype = _resolve_dtype(dtype, raw)
+    raw = read_json(cfg_path, _FETCH_AGAIN)
+    try:
+        cfg = official_to_config(raw, name=f"official:{os.path.basename(os.path.normpath(path))}")
+        dtype = _resolve_dtype(dtype, raw)
+    except ValueError as e:  # a value tnlib cannot compute: name the file it came from
+        raise ValueError(f"{cfg_path}: {e}") from None
     device = torch.device("cpu" if device is None else device)
     files, weight_map = find_weight_files(path)
 
@@ -370,9 +377,9 @@ def load_official(path: str, dtype=None, device=None) -> TransNormerLLM:
                 [k for k, v in weight_map.items() if os.path.join(path, v) == shard.path])
         for key in keys:
             if key not in shapes:
-                raise ValueError(f"{shard.path}: the index lists {key!r} in this shard but the file does not hold it")
+                raise FileDamaged(shard.path, f"does not hold {key!r}, which the index places in it", _FETCH_AGAIN)
             if key in seen:
-                raise ValueError(f"{key!r} is stored twice ({seen[key]} and {shard.path})")
+                raise FileDamaged(shard.path, f"holds {key!r}, which {seen[key]} holds too", _FETCH_AGAIN)
             name = _tnlib_key(key)
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 name = "embed.weight"  # tied: the stored head must equal the embedding (checked below)
@@ -380,16 +387,22 @@ def load_official(path: str, dtype=None, device=None) -> TransNormerLLM:
             if want is not None and _is_theta(name):
                 want = (want[0], 1, want[1])  # official theta is [H, 1, D]
             if name is None or want is None:
-                raise ValueError(f"{shard.path}: unknown key {key!r} (not a parameter of this config's model)")
+                raise FileDamaged(shard.path, f"unknown key {key!r} (not a parameter of the model config.json "
+                                              f"describes)", _WRONG_CONFIG)
             if shapes[key] != want:
-                raise ValueError(f"{shard.path}: {key!r} has shape {list(shapes[key])}, expected {list(want)} "
-                                 f"from config.json")
+                raise FileDamaged(shard.path, f"{key!r} has shape {list(shapes[key])}, expected {list(want)} "
+                                              f"from config.json", _WRONG_CONFIG)
             seen[key] = shard.path
             plan[shard.path].append((key, name))
     have = {name for entries in plan.values() for _, name in entries}
     missing = sorted(set(expected) - have)
     if missing:
-        raise ValueError(f"{path}: the checkpoint lacks {missing}")
+        # the file that should list them: the one weight file, or the index of the shards
+        where = files[0] if weight_map is None else next(
+            p for p in (os.path.join(path, n) for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json"))
+            if os.path.isfile(p))
+        raise FileDamaged(where, f"lacks {len(missing)} of the model's tensors "
+                                 f"({_few([_official_key(n) for n in missing])})", _FETCH_AGAIN)
 
     # load: one shard at a time; each tensor is converted and assigned before the next is read
     def check_tied(head):
@@ -485,6 +498,7 @@ def save_official(model: TransNormerLLM, path: str, max_shard_size="5GB", bos_to
         data = {k: t.to("cpu").contiguous().clone() if k == "lm_head.weight" and model.config.tie_embeddings
                 else t.to("cpu").contiguous() for k, t in shard}
         save_file(data, os.path.join(path, fname), metadata={"format": "pt"})
+        set_default_mode(os.path.join(path, fname))
         for k, t in data.items():
             weight_map[k] = fname
             total += t.numel() * t.element_size()

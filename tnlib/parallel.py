@@ -39,7 +39,7 @@ from torch import nn
 
 __all__ = ["PARALLEL_MODES", "check_parallel", "init_distributed", "build_mesh", "apply_fsdp",
            "apply_tensor_parallel", "qkvu_rank_order", "ShardedSRMSNorm", "clip_grad_norm",
-           "canonical_state_dict", "save_sharded", "load_sharded", "consolidate"]
+           "canonical_state_dict", "save_sharded", "check_sharded", "load_sharded", "consolidate"]
 
 PARALLEL_MODES = ("ddp", "fsdp")
 #: the folder of a checkpoint that holds the shards written by torch.distributed.checkpoint
@@ -299,45 +299,150 @@ def save_sharded(path: str, model: nn.Module, opt) -> None:
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(path, SHARDED_DIR))
 
 
-def load_sharded(path: str, model: nn.Module, opt) -> None:
+#: the globals a ``torch.distributed.checkpoint`` metadata file may name (besides the classes of
+#: ``torch.distributed.checkpoint.metadata`` and torch's dtypes): each builds a plain value when called
+_DCP_GLOBALS = {("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+                ("pathlib", "PureWindowsPath"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict")}
+_DCP_REMEDY = "restore the checkpoint from a copy"
+
+
+def _dcp_metadata(path: str, remedy: str):
+    """The ``Metadata`` pickled in ``path`` (a ``.metadata`` file), unpickled with only the globals such a
+    file holds (:data:`_DCP_GLOBALS`): any other raises ``FileDamaged``, so the file cannot run code.
+    (``torch.distributed.checkpoint`` itself reads it with a plain ``pickle.load``.)"""
+    import pickle
+
+    from torch.distributed.checkpoint import metadata as dcp_metadata
+
+    from .files import FileDamaged, _one_line
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            obj = None
+            if (module, name) in _DCP_GLOBALS:
+                obj = super().find_class(module, name)
+            elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                obj = getattr(torch, name)
+            elif module == dcp_metadata.__name__:
+                found = getattr(dcp_metadata, name, None)
+                obj = found if isinstance(found, type) and found.__module__ == module else None
+            if obj is None:
+                raise FileDamaged(path, f"names {module}.{name}, which a checkpoint's metadata never holds; refused, "
+                                        f"since loading it could run code", remedy)
+            return obj
+
+    if os.path.getsize(path) == 0:
+        raise FileDamaged(path, "is empty (0 bytes)", remedy)
+    try:
+        with open(path, "rb") as f:
+            md = Unpickler(f).load()
+    except FileDamaged:
+        raise
+    except Exception as e:  # truncated or foreign bytes: any unpickling error
+        raise FileDamaged(path, f"cannot be read as checkpoint metadata ({_one_line(e) or type(e).__name__})",
+                          remedy) from None
+    if not isinstance(md, dcp_metadata.Metadata) or not isinstance(md.storage_data, dict):
+        raise FileDamaged(path, f"holds a {type(md).__name__}, not a checkpoint's Metadata", remedy)
+    return md
+
+
+def check_sharded(path: str, remedy: str = _DCP_REMEDY) -> None:
+    """Check the sharded checkpoint under ``path/sharded`` before ``torch.distributed.checkpoint`` reads
+    it: its metadata holds only what such metadata holds (:func:`_dcp_metadata`), every shard file it
+    names exists and is long enough, and every non-tensor value (pickled by ``torch.save``, which the
+    reader unpickles with ``weights_only=False``) is tensors and plain values only. So the checkpoint
+    cannot run code when it is loaded, and a truncated one raises ``FileDamaged`` naming the file."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from .files import FileDamaged, read_torch_file
+
+    d = os.path.join(path, SHARDED_DIR)
+    names = [n for n in sorted(os.listdir(d)) if n.endswith(".metadata")] if os.path.isdir(d) else []
+    if ".metadata" not in names:
+        raise FileDamaged(d, "has no .metadata file", remedy)
+    for name in names:
+        md = _dcp_metadata(os.path.join(d, name), remedy)
+        for index, info in md.storage_data.items():
+            file = os.path.join(d, str(getattr(info, "relative_path", "")))
+            offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+            if os.path.basename(file) != getattr(info, "relative_path", None) or not isinstance(offset, int) \
+                    or not isinstance(length, int):
+                raise FileDamaged(os.path.join(d, name), f"has a malformed entry for {index.fqn!r}", remedy)
+            if not os.path.isfile(file):
+                raise FileDamaged(file, "is missing (the checkpoint's metadata names it)", remedy)
+            if os.path.getsize(file) < offset + length:
+                raise FileDamaged(file, f"holds {os.path.getsize(file):,} bytes, but {index.fqn!r} is stored up to byte "
+                                        f"{offset + length:,}: truncated", remedy)
+            if isinstance(md.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+                if getattr(info, "transform_descriptors", None):
+                    raise FileDamaged(file, f"stores {index.fqn!r} through a transform tnlib does not check", remedy)
+                read_torch_file(file, remedy, part=(offset, length))
+
+
+def load_sharded(path: str, model: nn.Module, opt, remedy: str = _DCP_REMEDY) -> None:
     """Load ``save_sharded``'s files into ``model`` and ``opt`` however they are spread now (another world
-    size, FSDP or a plain model: ``torch.distributed.checkpoint`` reshards while it reads)."""
-    import torch.distributed.checkpoint as dcp
+    size, FSDP or a plain model: ``torch.distributed.checkpoint`` reshards while it reads). The files are
+    checked first (:func:`check_sharded`); a shard that cannot be read raises ``FileDamaged``."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    check_sharded(path, remedy)
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=os.path.join(path, SHARDED_DIR), no_dist=not torch.distributed.is_initialized())
+    _dcp_load(state, path, remedy)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _dcp_load(state: dict, path: str, remedy: str, no_dist: bool | None = None) -> None:
+    """``dcp.load`` of ``path/sharded`` into ``state``; ``no_dist`` (default: when no process group is
+    initialized) reads in this one process. Any failure to read raises ``FileDamaged`` naming the folder."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from .files import FileDamaged, _one_line
+
+    no_dist = not torch.distributed.is_initialized() if no_dist is None else no_dist
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(state, checkpoint_id=os.path.join(path, SHARDED_DIR), no_dist=no_dist)
+    except Exception as e:
+        raise FileDamaged(os.path.join(path, SHARDED_DIR), f"cannot be read ({_one_line(e)})", remedy) from None
 
 
 def consolidate(checkpoint: str, out: str) -> str:
     """A training checkpoint directory (sharded by FSDP/TP, or single-file) -> ``out`` written by
-    ``tnlib.save_model`` (one ``model.safetensors`` + ``config.json``), loadable with ``tnlib.load_model``.
-    Runs in one process, no GPU; returns ``out``."""
-    import json
-
-    import torch.distributed.checkpoint as dcp
+    ``tnlib.save_model`` (one ``model.safetensors`` + ``config.json``, and the run's data's
+    ``tokenizer.json`` when it is still there), loadable with ``tnlib.load_model``. Runs in one process,
+    no GPU; returns ``out``. Every file is checked before ``out`` is written (``FileDamaged``)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from .models import ModelConfig, build_model, load_model, save_model
+    from .files import FileDamaged, load_weights, read_json
+    from .models import ModelConfig, build_model, save_model
 
     cfg_path = os.path.join(checkpoint, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"consolidate: {cfg_path} is missing (expected a training checkpoint directory)")
-    with open(cfg_path) as f:
-        saved = json.load(f)
-    if not os.path.isdir(os.path.join(checkpoint, SHARDED_DIR)):
-        model = load_model(checkpoint)  # already one file
-    else:
+    saved = read_json(cfg_path, _DCP_REMEDY)
+    if not isinstance(saved.get("model"), dict) or not isinstance(saved.get("train"), dict):
+        raise FileDamaged(cfg_path, "lacks the 'train' and 'model' configs of a training checkpoint", _DCP_REMEDY)
+    try:
         model = build_model(ModelConfig.from_dict(saved["model"]))
+    except (ValueError, TypeError) as e:
+        raise FileDamaged(cfg_path, f"its model config is not a tnlib one: {e}", _DCP_REMEDY) from None
+    if not os.path.isdir(os.path.join(checkpoint, SHARDED_DIR)):  # already one file
+        load_weights(model, os.path.join(checkpoint, "model.safetensors"), _DCP_REMEDY)
+    else:
+        check_sharded(checkpoint)
         sd = {k: v for k, v in model.state_dict().items()}
-        dcp.load({"model": sd}, checkpoint_id=os.path.join(checkpoint, SHARDED_DIR), no_dist=True)  # one process
+        _dcp_load({"model": sd}, checkpoint, _DCP_REMEDY, no_dist=True)  # one process
         tp = int(saved["train"].get("tensor_parallel", 1))
         if tp > 1:
             for name, m in model.named_modules():
                 if hasattr(m, "qkvu_proj"):
                     _ungroup_qkvu(sd, f"{name}.qkvu_proj.weight", m.out_proj.in_features, tp)
         set_model_state_dict(model, sd, options=StateDictOptions(strict=True))
-    save_model(model, out)
+    tokenizer = os.path.join(str(saved["train"].get("data")), "tokenizer.json")
+    save_model(model, out, tokenizer=tokenizer if os.path.isfile(tokenizer) else None)
     return out

@@ -9,6 +9,7 @@ the prepared sample (``data/``), both training runs (``tnl-tiny/``, ``transforme
 from __future__ import annotations
 
 import os
+import sys
 
 __all__ = ["quickstart", "SAMPLE_CORPUS", "SAMPLE_TOKENIZER", "SAMPLE_EVALS", "DEFAULT_STEPS", "DEFAULT_THREADS"]
 
@@ -54,8 +55,9 @@ def quickstart(out: str = "runs/quickstart", steps: int = DEFAULT_STEPS, work: s
                   f"({threads} CPU thread{'s' * (threads > 1)})")
             res = train(cfg)
             if res.get("interrupted"):  # Ctrl-C / SIGTERM: train() checkpointed and returned; stop here too
-                raise SystemExit(f"quickstart interrupted ({res['interrupted']}) while training {cfg.preset}; "
-                                 f"its checkpoint is in {os.path.join(cfg.out, 'checkpoint')}")
+                print(f"error: quickstart interrupted ({res['interrupted']}) while training {cfg.preset}; "
+                      f"its checkpoint is in {os.path.join(cfg.out, 'checkpoint')}", file=sys.stderr)
+                raise SystemExit(2)
             runs[cfg.preset] = os.path.join(cfg.out, "metrics.jsonl")
     finally:
         torch.set_num_threads(threads_before)

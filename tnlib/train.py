@@ -7,6 +7,12 @@ exactly (weights, optimizer, RNG, step, the data position and the config) is che
 ``ckpt_every`` steps and on SIGINT/SIGTERM; ``--resume`` picks it up and continues the same loss curve.
 Sharded runs write their checkpoint with ``torch.distributed.checkpoint``, which any number of ranks
 can resume (``python -m tnlib consolidate`` turns it into one file).
+
+**Resuming** compares this run's settings with the checkpoint's and refuses any difference, naming each
+setting with both values, except those in :data:`RESUME_MAY_CHANGE` (how long the run goes, when it
+reports and saves, where its files are, and how the same steps are computed). Everything it reads is
+checked first (``tnlib.files``): a damaged file raises ``FileDamaged`` before anything is written, and
+``state.pt`` is unpickled with ``weights_only=True``, so a checkpoint cannot run code.
 """
 from __future__ import annotations
 
@@ -24,13 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataError, TokenFile
-from .fields import check_fields
+from .fields import check_fields, parse_field
+from .files import FileDamaged, _one_line, load_weights, read_json, read_torch_file, set_default_mode
 from .models import build_model, get_config
 from .parallel import (SHARDED_DIR, apply_fsdp, apply_tensor_parallel, build_mesh, canonical_state_dict,
-                       check_parallel, clip_grad_norm, init_distributed, load_sharded, save_sharded)
+                       check_parallel, check_sharded, clip_grad_norm, init_distributed, load_sharded, save_sharded)
 from .provenance import provenance
 
-__all__ = ["TrainConfig", "TRAIN_CHOICES", "train", "evaluate", "lr_at", "batch_at"]
+__all__ = ["TrainConfig", "TRAIN_CHOICES", "RESUME_MAY_CHANGE", "train", "evaluate", "lr_at", "batch_at",
+           "resume_differences"]
 
 #: allowed values of TrainConfig's string-valued switches
 TRAIN_CHOICES = {
@@ -116,6 +124,176 @@ class TrainConfig:
         return self.seq_len * self.batch_size * self.grad_accum * (_world()[1] // self.tensor_parallel)
 
 
+#: TrainConfig fields that ``--resume`` accepts with other values than the checkpoint's, and why. Every
+#: other field must be equal; three are compared by what they mean (see :func:`resume_differences`):
+#: ``batch_size`` as the global batch (per process x data-parallel ranks, so the number of processes may
+#: change), ``dtype`` as the precision it resolves to (``auto``: bf16 on CUDA, fp32 on a CPU) and ``data``
+#: by its tokens (tokenizer hash and split sizes), so the folder may move but not change.
+RESUME_MAY_CHANGE = {
+    "max_steps": "extends (or shortens) the run; it is also the cosine schedule's length, so the learning "
+                 "rate from the resumed step on follows the new schedule",
+    "max_tokens": "when to stop", "max_minutes": "when to stop",
+    "eval_every": "when to evaluate (evaluation does not change the training)",
+    "ckpt_every": "when to checkpoint", "progress": "the progress bar", "peak_tflops": "the MFU reference",
+    "out": "the run folder (it may be copied or moved)", "device": "where it runs",
+    # how the same steps are computed: the same results up to floating-point rounding
+    "compile": "implementation", "compile_scope": "implementation", "checkpointing": "implementation",
+    "fused_loss": "implementation", "ddp_bucket_mb": "implementation",
+    # the checkpoint's layout still decides (single-file: parallel=ddp; sharded: the same tensor_parallel)
+    "parallel": "how the model is spread", "fsdp_one_rank": "how the model is spread",
+    "tensor_parallel": "how the model is spread",
+}
+#: ModelConfig fields that may change on resume: implementation choices with the same parameters and
+#: results (``checkpointing`` follows TrainConfig.checkpointing); ``name`` is the preset, compared as such
+_MODEL_MAY_CHANGE = ("name", "checkpointing", "packed_attention", "decode_gemv")
+#: what to do when a file of a training checkpoint is damaged
+_RESTORE = "restore the checkpoint from a copy, or start the run again without --resume"
+
+
+def _resume_facts(cfg: "TrainConfig", meta: dict, data_ranks: int, autocast_dtype) -> dict:
+    """What a checkpoint records beside the config so that a resume can compare meanings, not spellings:
+    the data-parallel ranks (for the global batch), the precision ``dtype`` resolved to, and the data's
+    identity (tokenizer hash, tokens of each split the run reads)."""
+    return {"data_parallel_ranks": data_ranks, "precision": "bf16" if autocast_dtype is not None else "fp32",
+            "data": {"tokenizer_sha256": meta["tokenizer_sha256"],
+                     "tokens": {name: meta["splits"][name]["tokens"] for name in ("train", *cfg.eval_sets)}}}
+
+
+def _as_flag(value) -> str:
+    """A value as ``--set``/``--model`` take it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def resume_differences(saved: dict, cfg: "TrainConfig", model: dict, facts: dict) -> list[tuple]:
+    """The settings of this run (``cfg``, its model config as a dict ``model`` and its
+    :func:`_resume_facts` ``facts``) that differ from a checkpoint's (``saved``, its ``config.json`` as
+    :func:`_read_checkpoint_config` returns it), as ``(setting, checkpoint value, this run's value, how to
+    set it)`` in field order; empty when the run may resume. Fields in :data:`RESUME_MAY_CHANGE` and the
+    model's implementation fields are not compared; a model field the checkpoint does not record counts
+    as a difference. Checkpoints written before the facts were recorded compare ``batch_size``, ``dtype``
+    and ``data`` as spelled."""
+    out = []
+    then_train, then_facts = saved["train"], saved.get("run")
+    by_meaning = ("batch_size", "dtype", "data") if then_facts is not None else ()
+    for f in dataclasses.fields(TrainConfig):
+        name = f.name
+        # the model is compared field by field below
+        if name in RESUME_MAY_CHANGE or name == "model_overrides" or name in by_meaning:
+            continue
+        then, now = then_train[name], getattr(cfg, name)
+        if then != now:
+            out.append((name, then, now, f"--preset {then}" if name == "preset" else f"--set {name}={_as_flag(then)}"))
+    if then_facts is not None:
+        ranks, then_ranks = facts["data_parallel_ranks"], then_facts["data_parallel_ranks"]
+        then_batch = then_train["batch_size"] * then_ranks
+        if then_batch != cfg.batch_size * ranks:
+            how = (f"--set batch_size={then_batch // ranks}" if then_batch % ranks == 0 else
+                   f"a global batch of {then_batch} sequences")
+            out.append(("global batch (batch_size x data-parallel ranks)", f"{then_train['batch_size']} x {then_ranks}",
+                        f"{cfg.batch_size} x {ranks}", how))
+        if then_facts["precision"] != facts["precision"]:
+            out.append((f"precision (dtype={cfg.dtype})", then_facts["precision"], facts["precision"],
+                        f"--set dtype={then_facts['precision']}"))
+        then_data, now_data = then_facts["data"], facts["data"]
+        same_data = f"--data with the data it was trained on ({then_train['data']})"
+        if then_data.get("tokenizer_sha256") != now_data["tokenizer_sha256"]:
+            out.append(("data tokenizer", then_data.get("tokenizer_sha256"), now_data["tokenizer_sha256"], same_data))
+        then_tokens = then_data.get("tokens") if isinstance(then_data.get("tokens"), dict) else {}
+        for split in [s for s in now_data["tokens"] if s in then_tokens]:  # which splits: eval_sets, above
+            if then_tokens[split] != now_data["tokens"][split]:
+                out.append((f"data {split} tokens", then_tokens[split], now_data["tokens"][split], same_data))
+    for name in sorted(set(saved["model"]) | set(model)):
+        if name in _MODEL_MAY_CHANGE:
+            continue
+        then, now = saved["model"].get(name, "(not recorded)"), model.get(name, "(not a field any more)")
+        if then != now:
+            out.append((f"model {name}", then, now, f"--model {name}={_as_flag(then)}"))
+    return out
+
+
+def _read_checkpoint_config(path: str) -> dict:
+    """A checkpoint's ``config.json``, checked and with every TrainConfig value parsed into its field's
+    type (a field the checkpoint does not record takes its default: fields were added with the default
+    that keeps the earlier behaviour). Damage raises ``FileDamaged``."""
+    saved = read_json(path, _RESTORE)
+    if not isinstance(saved.get("train"), dict) or not isinstance(saved.get("model"), dict):
+        raise FileDamaged(path, "lacks the 'train' and 'model' configs of a training checkpoint", _RESTORE)
+    train_cfg = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model_overrides":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        try:
+            train_cfg[f.name] = parse_field(TrainConfig, f.name, saved["train"].get(f.name, default), TRAIN_CHOICES)
+        except ValueError as e:
+            raise FileDamaged(path, str(e), _RESTORE) from None
+    run = saved.get("run")
+    if run is not None and not (isinstance(run, dict) and isinstance(run.get("data_parallel_ranks"), int)
+                                and run["data_parallel_ranks"] >= 1 and run.get("precision") in ("bf16", "fp32")
+                                and isinstance(run.get("data"), dict)):
+        raise FileDamaged(path, f"its 'run' record is {json.dumps(run)[:120]}", _RESTORE)
+    return {**saved, "train": train_cfg}
+
+
+def _refuse_resume(config_path: str, diffs: list) -> None:
+    """One line: every differing setting with both values, then how to resume or start anew."""
+    what = "; ".join(f"{name} {now!r} here, {then!r} in the checkpoint" for name, then, now, _ in diffs)
+    flags: dict = {}  # "--set a=1 b=2", not "--set a=1 --set b=2" (a repeated --set replaces the first)
+    for *_, h in diffs:
+        flag, _, item = h.partition(" ")
+        if flag in ("--set", "--model"):
+            flags.setdefault(flag, []).append(item)
+        else:
+            flags.setdefault(h, [])
+    how = " ".join(" ".join([f, *items]) for f, items in flags.items())
+    raise ValueError(f"{config_path}: this run's settings differ from the checkpoint's: {what} (resume with the "
+                     f"checkpoint's: {how}; or train into another --out without --resume; the settings that may "
+                     f"change are {', '.join(RESUME_MAY_CHANGE)})")
+
+
+def _read_train_state(path: str, single_file: bool) -> dict:
+    """``state.pt`` of a checkpoint, unpickled with ``weights_only=True`` (tensors and plain values: it
+    cannot run code) and checked: a dict with the step, the token and metrics positions, torch's RNG state
+    and, single-file, the optimizer's state dict. Anything else raises ``FileDamaged``."""
+    state = read_torch_file(path, _RESTORE)
+    if not isinstance(state, dict):
+        raise FileDamaged(path, f"holds a {type(state).__name__}, not a training state", _RESTORE)
+    for key in ("step", "tokens_seen", "metrics_pos"):
+        v = state.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise FileDamaged(path, f"{key} is {v!r}, not an integer >= 0", _RESTORE)
+    rng, want = state.get("torch_rng"), torch.get_rng_state()
+    if not isinstance(rng, torch.Tensor) or rng.dtype != want.dtype or rng.shape != want.shape:
+        raise FileDamaged(path, "torch_rng is not torch's RNG state", _RESTORE)
+    if single_file:
+        opt = state.get("optimizer")
+        if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(
+                opt.get("param_groups"), list):
+            raise FileDamaged(path, "holds no optimizer state dict", _RESTORE)
+    return state
+
+
+def _load_optimizer(opt, sd: dict, path: str) -> None:
+    """``opt.load_state_dict(sd)``, refusing state that does not fit the model's parameters (AdamW does
+    not check the moments' shapes itself: a mismatch would fail in the first step)."""
+    try:
+        opt.load_state_dict(sd)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise FileDamaged(path, f"its optimizer state does not fit this model ({_one_line(e)})", _RESTORE) from None
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, v in opt.state.get(p, {}).items():
+                if hasattr(v, "shape") and v.dim() > 0 and v.shape != p.shape:
+                    raise FileDamaged(path, f"its optimizer {key} has shape {list(v.shape)} for a parameter of shape "
+                                            f"{list(p.shape)}", _RESTORE)
+
+
 def _world():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -191,10 +369,12 @@ def _param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos, sharded=False, rank=0):
+def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos, facts, sharded=False, rank=0):
     """Write ``path`` atomically (a ``.tmp`` folder renamed at the end). Single-file (rank 0 only):
     ``model.safetensors`` + the optimizer in ``state.pt``. ``sharded`` (every rank calls it): each rank's
-    shards of weights and optimizer under ``sharded/`` (``tnlib.parallel.save_sharded``)."""
+    shards of weights and optimizer under ``sharded/`` (``tnlib.parallel.save_sharded``). ``state.pt``
+    holds tensors and plain values only (read back with ``weights_only=True``); ``config.json`` the train
+    and model configs and ``facts`` (:func:`_resume_facts`), which ``--resume`` compares."""
     import shutil
 
     tmp = path + ".tmp"
@@ -213,10 +393,11 @@ def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos, shar
         from safetensors.torch import save_model
 
         save_model(model, os.path.join(tmp, "model.safetensors"))
+        set_default_mode(os.path.join(tmp, "model.safetensors"))
         state["optimizer"] = opt.state_dict()
     torch.save(state, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump({"train": dataclasses.asdict(cfg), "model": model.config.to_dict()}, f, indent=2)
+        json.dump({"train": dataclasses.asdict(cfg), "model": model.config.to_dict(), "run": facts}, f, indent=2)
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
@@ -247,7 +428,13 @@ def _check_replicas_in_sync(model) -> None:
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train (or resume) one model; returns the final metrics dict. Writes ``cfg.out``/metrics.jsonl,
-    ``checkpoint/`` and ``final/`` (safetensors + config)."""
+    ``checkpoint/`` and ``final/`` (safetensors + config + the data's ``tokenizer.json``, so that
+    ``python -m tnlib generate --checkpoint OUT/final`` needs nothing else).
+
+    Everything is read and checked before anything is written: the data (``meta.json``, token files,
+    ``tokenizer.json``) and, with ``resume``, the checkpoint (its settings against this run's, see
+    :data:`RESUME_MAY_CHANGE`; its files, see ``tnlib.files``). A damaged file raises ``FileDamaged``, a
+    changed setting ``ValueError`` naming each setting and both values."""
     rank, world = _world()
     tp = cfg.tensor_parallel
     check_parallel(cfg.parallel, tp, world, get_config(cfg.preset, **cfg.model_overrides))
@@ -260,56 +447,83 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    own_group = False
-    if (world > 1 or sharded) and not torch.distributed.is_initialized():
-        init_distributed(device.type)  # a lone process gets a 1-rank group (FSDP needs one)
-        own_group = True
-    mesh = build_mesh(device.type, world, tp) if sharded else None
-    # the data dimension: tensor-parallel ranks of one group read the same batch
-    dp_rank, dp_world = (mesh["dp"].get_local_rank(), world // tp) if mesh is not None else (rank, world)
+    dp_world = world // tp if sharded else world  # the data dimension (tensor-parallel ranks share a batch)
     autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
                       "fp32": None}[cfg.dtype]
     if cfg.fused_loss is None:  # resolved here, so the run's recorded config says what ran
         cfg = dataclasses.replace(cfg, fused_loss=device.type == "cuda")
 
     train_tf = TokenFile.open(cfg.data, "train")
-    with open(os.path.join(cfg.data, "meta.json")) as f:
-        meta = json.load(f)
+    meta = read_json(os.path.join(cfg.data, "meta.json"), "prepare the data again")  # checked by TokenFile.open
     eval_tfs = {name: TokenFile.open(cfg.data, name) for name in cfg.eval_sets}
     if len(train_tf.tokens) <= cfg.seq_len + 1:
         raise DataError(f"training split has {len(train_tf.tokens)} tokens, fewer than seq_len={cfg.seq_len}")
+    for name, tf in (("train", train_tf), *eval_tfs.items()):  # one pass over each file (~0.1 s per 100M tokens)
+        if len(tf.tokens) and int(tf.tokens.max()) >= meta["vocab_size"]:
+            raise FileDamaged(os.path.join(cfg.data, meta["splits"][name]["file"]),
+                              f"holds token id {int(tf.tokens.max())}, outside the vocabulary of {meta['vocab_size']} "
+                              f"(meta.json): overwritten?", f"prepare the data again: python -m tnlib prepare --out "
+                                                            f"{cfg.data} --force ...")
+    tokenizer = os.path.join(cfg.data, "tokenizer.json")  # saved with the final model; checked now, not then
+    if os.path.isfile(tokenizer):
+        from .data import load_tokenizer, tokenizer_hash
+
+        if tokenizer_hash(load_tokenizer(tokenizer)) != meta["tokenizer_sha256"]:
+            raise FileDamaged(tokenizer, f"is not the tokenizer meta.json names ({meta['tokenizer_sha256']})",
+                              f"prepare the data again: python -m tnlib prepare --out {cfg.data} --force ...")
+    else:
+        tokenizer = None  # data prepared by other means: the final model is saved without one
 
     mcfg = get_config(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model_overrides,
                                      "checkpointing": cfg.checkpointing})
     if mcfg.vocab_size < meta["vocab_size"]:
         raise DataError(f"model vocab {mcfg.vocab_size} < tokenizer vocab {meta['vocab_size']}")
-    torch.manual_seed(cfg.seed)
-    model = build_model(mcfg).to(device)
-
-    os.makedirs(cfg.out, exist_ok=True)
+    facts = _resume_facts(cfg, meta, dp_world, autocast_dtype)
     ckpt_dir = os.path.join(cfg.out, "checkpoint")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     step, tokens_seen = 0, 0
     ckpt_sharded = False
-    if resume:
+    if resume:  # every file of the checkpoint read and checked before any process group, model or file
         if not os.path.isdir(ckpt_dir):
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-        with open(os.path.join(ckpt_dir, "config.json")) as f:
-            saved = json.load(f)
-        if saved["model"] != mcfg.to_dict():
-            raise ValueError("--resume: the checkpoint's model config differs from this run's")
+        for name in ("config.json", "state.pt"):
+            if not os.path.isfile(os.path.join(ckpt_dir, name)):
+                raise FileNotFoundError(f"--resume: {os.path.join(ckpt_dir, name)} is missing ({_RESTORE})")
+        cfg_path = os.path.join(ckpt_dir, "config.json")
+        saved = _read_checkpoint_config(cfg_path)
+        diffs = resume_differences(saved, cfg, mcfg.to_dict(), facts)
+        if diffs:
+            _refuse_resume(cfg_path, diffs)
         ckpt_sharded = os.path.isdir(os.path.join(ckpt_dir, SHARDED_DIR))
-        saved_tp = saved["train"].get("tensor_parallel", 1)
+        saved_tp = saved["train"]["tensor_parallel"]
         if ckpt_sharded and saved_tp != tp:
             raise ValueError(f"--resume: the checkpoint was written with tensor_parallel={saved_tp}; resume with the "
                              f"same (any number of data-parallel ranks), or consolidate it first")
         if not ckpt_sharded and sharded:
             raise ValueError("--resume: this checkpoint is single-file (written by parallel=ddp): resume it with "
                              "parallel=ddp")
-        if not ckpt_sharded:  # whole weights, before any wrapping
-            from safetensors.torch import load_model
+        state_path = os.path.join(ckpt_dir, "state.pt")
+        state = _read_train_state(state_path, single_file=not ckpt_sharded)
+        if ckpt_sharded:
+            check_sharded(ckpt_dir, _RESTORE)
+        elif not os.path.isfile(os.path.join(ckpt_dir, "model.safetensors")):
+            raise FileNotFoundError(f"--resume: {os.path.join(ckpt_dir, 'model.safetensors')} is missing ({_RESTORE})")
+        if os.path.exists(metrics_path) and os.path.getsize(metrics_path) < state["metrics_pos"]:
+            raise FileDamaged(metrics_path, f"holds {os.path.getsize(metrics_path):,} bytes, fewer than the "
+                                            f"{state['metrics_pos']:,} the checkpoint recorded: truncated",
+                              "restore it from a copy, or delete it to resume without the earlier lines")
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg).to(device)
+    if resume and not ckpt_sharded:  # whole weights, before any wrapping
+        load_weights(model, os.path.join(ckpt_dir, "model.safetensors"), _RESTORE, device=device)
 
-            load_model(model, os.path.join(ckpt_dir, "model.safetensors"), device=str(device))
+    own_group = False
+    if (world > 1 or sharded) and not torch.distributed.is_initialized():
+        init_distributed(device.type)  # a lone process gets a 1-rank group (FSDP needs one)
+        own_group = True
+    mesh = build_mesh(device.type, world, tp) if sharded else None
+    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else rank
+    os.makedirs(cfg.out, exist_ok=True)
 
     raw_model = model
     if cfg.compile and cfg.compile_scope == "blocks":
@@ -325,13 +539,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     opt_kw = {"fused": True} if device.type == "cuda" else ({"foreach": False} if tp > 1 else {})
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **opt_kw)
     if resume:
-        state = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location=device, weights_only=False)
         if ckpt_sharded:  # resharded to however this run is spread
-            load_sharded(ckpt_dir, model, opt)
+            load_sharded(ckpt_dir, model, opt, _RESTORE)
         else:
-            opt.load_state_dict(state["optimizer"])
+            _load_optimizer(opt, state["optimizer"], state_path)
         step, tokens_seen = state["step"], state["tokens_seen"]
-        torch.set_rng_state(state["torch_rng"].cpu())
+        torch.set_rng_state(state["torch_rng"])
         if os.path.exists(metrics_path):  # drop log lines written after the checkpoint
             with open(metrics_path, "rb+") as f:
                 f.truncate(state["metrics_pos"])
@@ -436,7 +649,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
             if (rank == 0 or sharded) and (step % cfg.ckpt_every == 0 or stop["signal"]):
                 _save_checkpoint(ckpt_dir, raw_model, opt, step, tokens_seen, cfg,
-                                 log.tell() if log else 0, sharded, rank)
+                                 log.tell() if log else 0, facts, sharded, rank)
             if stop["signal"]:
                 write({"event": "interrupted", "signal": stop["signal"], "step": step})
                 break
@@ -450,16 +663,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
             if rank == 0 or sharded:
                 _save_checkpoint(ckpt_dir, raw_model, opt, step, tokens_seen, cfg, log.tell() if log else 0,
-                                 sharded, rank)
+                                 facts, sharded, rank)
             if sharded:  # gather the whole model (collective), written by rank 0 as one file
                 full = canonical_state_dict(raw_model)
                 if rank == 0:
                     with torch.device("meta"):  # no second initialisation: the gathered tensors are assigned
                         plain = build_model(mcfg)
                     plain.load_state_dict(full, assign=True)
-                    save_model(plain, os.path.join(cfg.out, "final"))
+                    save_model(plain, os.path.join(cfg.out, "final"), tokenizer=tokenizer)
             elif rank == 0:
-                save_model(raw_model, os.path.join(cfg.out, "final"))
+                save_model(raw_model, os.path.join(cfg.out, "final"), tokenizer=tokenizer)
     finally:
         bar.close()
         for s, h in old.items():

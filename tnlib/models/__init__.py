@@ -1,7 +1,6 @@
 """Models: TransNormerLLM, the Transformer baseline, presets, save/load. See ``notebooks/07_model``."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -24,26 +23,64 @@ def create_model(preset: str, **overrides) -> torch.nn.Module:
     return build_model(get_config(preset, **overrides))
 
 
-def save_model(model: torch.nn.Module, path: str) -> None:
-    """Write ``path/model.safetensors`` (weights, tied ones once) and ``path/config.json``."""
+#: config fields every save_model config.json has held (later fields may be absent: their defaults apply)
+_SHAPE_FIELDS = ("arch", "vocab_size", "d_model", "n_layers", "n_heads", "glu_dim")
+#: what to do when a save_model directory is damaged
+_REWRITE = "save the model again with save_model, or restore the directory from a copy"
+
+
+def save_model(model: torch.nn.Module, path: str, tokenizer=None) -> None:
+    """Write ``path/model.safetensors`` (weights, tied ones once), ``path/config.json`` and, given a
+    ``tokenizer``, ``path/tokenizer.json``, so that ``load_model`` and ``python -m tnlib generate
+    --checkpoint path`` need nothing else. ``tokenizer``: a ``tokenizers.Tokenizer``, or the path of a
+    ``tokenizer.json`` (or of a directory holding one, such as a prepared data directory), which is
+    checked and copied byte for byte. The files get the mode of any new file (the umask)."""
+    import shutil
+
     from safetensors.torch import save_model as _save
 
+    from ..files import set_default_mode
+
+    if tokenizer is not None and not hasattr(tokenizer, "to_str"):  # a path: checked before anything is written
+        from ..data import load_tokenizer
+
+        tok_path = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else os.fspath(tokenizer)
+        load_tokenizer(tok_path)
+        tokenizer = tok_path
     os.makedirs(path, exist_ok=True)
     _save(model, os.path.join(path, "model.safetensors"))
+    set_default_mode(os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
         f.write(model.config.to_json())
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, str):
+        if os.path.abspath(tokenizer) != os.path.abspath(os.path.join(path, "tokenizer.json")):
+            shutil.copyfile(tokenizer, os.path.join(path, "tokenizer.json"))
+    else:
+        tokenizer.save(os.path.join(path, "tokenizer.json"))
 
 
 def load_model(path: str, device="cpu") -> torch.nn.Module:
-    """Rebuild a model from ``save_model``'s directory; missing or mismatched files raise clearly."""
-    from safetensors.torch import load_model as _load
+    """Rebuild a model from ``save_model``'s directory. A missing file raises ``FileNotFoundError``; a
+    damaged ``config.json`` or ``model.safetensors`` (truncated, empty, not JSON or safetensors, other
+    keys or shapes than the config's model) raises ``tnlib.files.FileDamaged`` naming the file."""
+    from ..files import FileDamaged, load_weights, read_json
 
+    if os.path.isfile(path):
+        raise FileNotFoundError(f"load_model: {path} is a file, not a directory written by save_model")
     cfg_path, w_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"load_model: {p} is missing (expected a directory written by save_model)")
-    with open(cfg_path) as f:
-        cfg = ModelConfig.from_dict(json.load(f))
+    raw = read_json(cfg_path, _REWRITE)
+    lacking = [k for k in _SHAPE_FIELDS if k not in raw]
+    if lacking:  # the defaults would build another (385M) model
+        raise FileDamaged(cfg_path, f"lacks {lacking}, which every save_model config records", _REWRITE)
+    try:
+        cfg = ModelConfig.from_dict(raw)
+    except (ValueError, TypeError) as e:  # unknown fields or values out of their type (another tnlib version?)
+        raise FileDamaged(cfg_path, f"is not a tnlib model config: {e}", _REWRITE) from None
     model = build_model(cfg)
-    missing, unexpected = _load(model, w_path, strict=True, device=str(device))
+    load_weights(model, w_path, _REWRITE, device=device)
     return model.to(device)
