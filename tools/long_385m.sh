@@ -1,48 +1,54 @@
 #!/usr/bin/env bash
-# Issue 16: TNL-385M vs Transformer-385M on the same >= 80M tokens, on a lent GPU machine (no internet, no
-# `datasets`), over chained device calls. Same recipe as results/385m (library defaults: blocks compiled,
-# chunked loss, bf16; T=2048, batch 16 = 32,768 tokens/step, AdamW 6e-4, warmup steps/50+1, cosine to 10%),
-# evaluated every ~5M tokens on val, eval-heldout and eval-wikitext-valid, and on all four (wikitext-test too)
-# with greedy samples once each model is trained.
+# 385M training runs on a lent GPU machine (no internet, no `datasets`), over chained device calls: issue 16's
+# TNL-385M vs Transformer-385M on the same >= 80M tokens, and issue 26's fair experiment (tools/fair_385m.py
+# gives the run specs of its stages). Recipe: the library's defaults (blocks compiled, chunked loss, bf16
+# autocast); T=2048, batch 16 = 32,768 tokens/step, AdamW (LR, default 6e-4), warmup steps/50+1, cosine to 10%;
+# sampled evaluations every ~5M tokens (TRAIN_EVALS, EVAL_TOKENS each); once a run is trained, its final
+# weights are scored on the *whole* of every eval set the data has (tools/long_385m.py final), with greedy
+# samples if SAMPLES=1.
+#
+# MODELS: run specs, one after the other: NAME[=PRESET[:KEY=VALUE...]], where KEY is a TrainConfig field
+# (--set), m.FIELD a ModelConfig field (--model) and tokens=N the run's own token budget (default TOKENS).
+# A bare preset name is its own run (e.g. "tnl-385m"). Runs go to $ROOT/runs/NAME.
+#   e.g. MODELS="tnl-fp32=tnl-385m:m.residual_dtype=params:lr=6e-4:tokens=24000000"
 #
 #   stage   copies the carried data part(s) (.carry-long-K/) to $ROOT on the machine (checked with sha256sum)
 #   prepare stages, then tokenizes once every part is there (optional: `start` does it too; run on its own
 #           it lets the same call use the idle GPU meanwhile, e.g. for a benchmark)
 #   start   stages what this call carries; once every part is there: tokenizes, snapshots the code, starts the
-#           driver in its own session (setsid nohup: it outlives the call) and follows it like `status`
+#           driver in its own session (setsid nohup: it outlives the call) and follows it like `status`. After
+#           "all done", another `start` with new MODELS runs more in the same lease (finished runs are skipped)
 #   status  follows the driver for up to WAIT s (returns early when it ends), prints step, tokens, latest eval
-#           and ETA of each model, and packs $OUT/long385.tar.gz (metrics, logs, final evals + samples) and
-#           $OUT/progress.txt. Repeat until it prints "all done".
+#           and ETA of each run, and packs $OUT/long385.tar.gz (metrics, logs, final evals of every run on the
+#           machine) and $OUT/progress.txt. Repeat until it prints "all done".
 #   stop    SIGTERM to the training process(es): each writes its checkpoint and stops; `start` resumes
 #
-# The models train one after the other on one GPU, side by side (one per GPU) on two. The driver resumes a
-# model from $ROOT/runs/<model>/checkpoint (written every CKPT_EVERY_TOKENS and on SIGTERM) after a crash or
-# `stop`, while the machine is held. What is lost if the machine goes back: everything on it (data,
-# checkpoints of ~4.6 GB per model, which cannot come back through $OUT); only what the last call packed
-# survives (metrics up to then: the ratio curve so far). A fresh machine starts over from `stage`.
+# The runs train one after the other on one GPU, side by side (one per GPU) on two. The driver resumes a
+# run from $ROOT/runs/<name>/checkpoint (written every CKPT_EVERY_TOKENS and on SIGTERM) after a crash or
+# `stop`, while the machine is held; a run's checkpoint and weights are deleted once its final evals are
+# written. What is lost if the machine goes back: everything on it; only what the last call packed survives.
+# A fresh machine starts over from `stage`.
 #
-# Data: 64 MiB travel per call, and the working tree is ~31 MB now, so ~33 MB of data per call: the
-# >= 80M distinct training tokens (shards 00-06, 98.7 MB of xz) travel in 3 parts: whole shards, and two
-# shards cut at a document boundary (re-compressed pieces). Here, once (~5 min on 2 cores):
+# Data: 64 MiB travel per call, and the working tree is ~35 MB now, so ~27 MB of data per call: the
+# >= 80M distinct training tokens (shards 00-06, 98.7 MB of xz) travel in 4 parts: whole shards, and
+# shards cut at a document boundary (re-compressed pieces). Here, once (~10 min on 2 cores):
 #   python tools/long_385m_carry.py --shards ../shared/data/corpus-gutenberg-0[0-6].txt.xz \
 #     --heldout ../shared/data/gutenberg-heldout.txt.xz \
 #     --wikitext ../shared/data/wikitext103-valid.txt ../shared/data/wikitext103-test.txt \
-#     --parts 3 --max-bytes 34000000 --out .carry-long
+#     --parts 4 --max-bytes 27000000 --out .carry-long
 #   grep -qx '/.carry-long-\*/' .git/info/exclude || echo '/.carry-long-*/' >> .git/info/exclude
-# Then on nvidia-h200 (or nvidia-h200-x2: both models at once), chained calls, each issued at once:
-#   run(command="bash tools/long_385m.sh stage", carry=[".carry-long-1"], timeout_s=120)
-#   run(command="bash tools/long_385m.sh stage", carry=[".carry-long-2"], timeout_s=120)
-#   run(command="TNLIB_COMMIT=<full hash> bash tools/long_385m.sh start", carry=[".carry-long-3"], timeout_s=300)
+# Then on nvidia-h200 or nvidia-h100-x1, chained calls, each issued at once:
+#   run(command="bash tools/long_385m.sh stage", carry=[".carry-long-1"], timeout_s=120)   # and -2, -3
+#   run(command="MODELS=... TNLIB_COMMIT=<full hash> bash tools/long_385m.sh start", carry=[".carry-long-4"], timeout_s=300)
 #   run(command="bash tools/long_385m.sh status", timeout_s=300)      # repeat until "all done"
 # Each call returns after CALL_S (default 4 min): machines were kept between short calls but were gone after
 # long ones (results/385m/NOTES.md). Pass the commit as a literal: the device's copy of .git may be stale.
-# MODELS=<one model> trains one model per session (~10-15 min of device time each on one H200); the results
-# step then combines the sessions' runs, refusing them unless data, recipe and tokens agree.
 # Here, after the last call (one folder per session):
 #   mkdir -p runs/long385 && tar -xzf FILES_AT/long385.tar.gz -C runs/long385
 #   PYTHONPATH=$PWD python tools/long_385m.py results --src runs/long385 [more sources] --extra machine=... device_commands=...
+#   (issue 26: python tools/fair_385m.py results STAGE --src ...)
 # TINY=1: tnl-tiny / transformer-tiny for a few steps on data/sample, eager, on the CPU; the whole chain
-# (stage, start, stop, resume, status, results) runs in `bash tools/long_385m_tiny.sh` (~2.5 min, 2 cores).
+# (stage, start, stop, resume, status, results) runs in `bash tools/long_385m_tiny.sh` (~5 min, 2 cores).
 set -uo pipefail
 MODE=${1:?usage: $0 stage|prepare|start|status|stop}
 OUT=${OUT:-out}
@@ -139,7 +145,8 @@ follow() {  # progress every ~60 s (and at each new eval) until the driver ends 
   echo "--- driver.log (tail)"; tail -n 6 "$ROOT/driver.log" 2>/dev/null
   report
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
-  if grep -q '^all done' "$ROOT/driver.log" 2>/dev/null; then echo "all done"; fi
+  # the driver of the latest `start` (driver.log gathers every start of this lease): its last line decides
+  if ! running && tail -n 1 "$ROOT/driver.log" 2>/dev/null | grep -q '^all done'; then echo "all done"; fi
 }
 
 drive() {  # the background process (run from the code snapshot): each model trained, then its final evals
@@ -174,7 +181,7 @@ drive() {  # the background process (run from the code snapshot): each model tra
       wait $! || { echo "$(date -u +%T) $name: training failed (tail of train.log below)"; tail -n 15 "$d/train.log"; return 1; }
       [ -f "$d/final/model.safetensors" ] || { echo "$(date -u +%T) $name: stopped at its checkpoint"; return 1; }
     fi
-    echo "$(date -u +%T) $name: final evals (whole sets)${SAMPLES:+ and samples}"
+    echo "$(date -u +%T) $name: final evals (whole sets)$([ "${SAMPLES:-0}" = 1 ] && echo " and samples")"
     CUDA_VISIBLE_DEVICES=$2 python3 tools/long_385m.py final --run "$d" --data "$ROOT/data" --tokenizer "$TOKENIZER" \
       --seq-len $SEQ --batch-size $BATCH --max-new-tokens $(( ${SAMPLES:-0} ? 80 : 0 )) > "$d/final.log" 2>&1 \
       || { echo "$name: final evals failed"; tail -n 15 "$d/final.log"; return 1; }
