@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tnlib.models import build_model, get_config
-from tnlib.sweep import load_spec, plan_runs, row_model_overrides
+from tnlib.sweep import LEVEL_MARGIN, load_spec, plan_runs, row_model_overrides, verdict
 from tnlib.train import TrainConfig, batch_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ TINY_SHAPE = {"d_model": 64, "n_layers": 2, "n_heads": 2}
 def test_spec_rows_are_the_issue_rows():
     spec = load_spec(SPEC)
     runs = plan_runs(spec)
-    assert len(spec["rows"]) == 14 and len(runs) == 29  # 13 rows x 2 seeds + the default x 3
+    assert len(spec["rows"]) == 15 and len(runs) == 31  # 14 rows x 2 seeds + the default x 3
     assert {r["table"] for r in spec["rows"]} == {"default", "A", "C", "D", "E", "F", "G", "H", "ours"}
     settings = {json.dumps({k: v for k, v in r.settings.items() if k != "seed"}, sort_keys=True) for r in runs}
     assert len(settings) == 1  # one recipe for every run
@@ -58,6 +58,44 @@ def test_transformer_matches_tnl_size_at_the_sweep_shape():
             n[name] = build_model(get_config(f"{row['arch']}-tiny", vocab_size=50272,
                                              **row_model_overrides(row, spec["shape"]))).num_parameters()
     assert abs(n["transformer"] / n["default"] - 1) < 0.03, n
+
+
+@pytest.mark.parametrize("shape", [None, {"d_model": 1024, "n_layers": 24, "n_heads": 8}], ids=["sweep", "385m"])
+def test_no_gate_matched_has_the_defaults_parameters(shape):
+    spec = load_spec(SPEC, shape=shape)
+    by = {r["name"]: r for r in spec["rows"]}
+    n = {}
+    for name in ("default", "no-gate", "no-gate-matched"):
+        with torch.device("meta"):
+            n[name] = build_model(get_config("tnl-tiny", vocab_size=50272, **row_model_overrides(
+                by[name], spec["shape"]))).num_parameters()
+    assert abs(n["no-gate-matched"] / n["default"] - 1) <= 0.005, n
+    assert n["no-gate"] / n["default"] < 0.98  # the plain row loses the whole gate projection
+
+
+def test_verdict_rule():
+    # the paper reports a direction (> 0.5%): sign and 2 seed spreads decide
+    assert verdict(0.010, 0.030, 0.005) == "reproduced"
+    assert verdict(0.010, -0.030, 0.005) == "not reproduced"
+    assert verdict(0.010, 0.009, 0.005) == "inconclusive"
+    # the paper reports no material difference (<= 0.5%): ours must be level too
+    assert verdict(-0.0008, 0.004, 0.01) == "reproduced"
+    assert verdict(-0.0008, -0.036, 0.005) == "not reproduced"  # Table H's RMSNorm: 3.6% better here
+    assert verdict(-0.0008, 0.02, 0.012) == "inconclusive"      # beyond 0.5% but within 2s
+    assert verdict(-0.0008, 0.006, 0.001) == "not reproduced"   # beyond both margins
+    assert verdict(LEVEL_MARGIN, LEVEL_MARGIN, 0.0) == "reproduced"
+    # rows the paper does not have
+    assert verdict(None, 0.03, 0.005) == "worse" and verdict(None, 0.001, 0.005) == "level within 2s"
+
+
+def test_summary_rows_carry_verdicts_and_rule():
+    doc = json.load(open(os.path.join(ROOT, "results/ablation/summary.json")))
+    rows = {(r["table"], r["name"]): r for r in doc["rows"]}
+    for key, r in rows.items():
+        assert "verdict" in r and "rule" in r, key
+    assert rows[("H", "rmsnorm")]["verdict"] == "not reproduced"  # level in the paper, 3.6% apart here
+    matched = rows[("E", "no-gate-matched")]
+    assert abs(matched["params"] / rows[("default", "default")]["params"] - 1) <= 0.005
 
 
 def test_data_order_depends_on_data_seed_only():

@@ -22,6 +22,18 @@ def _commit() -> str:
         return "unknown"
 
 
+def _command() -> str:
+    """This process's command line as typed in the repository: ``python -m tnlib ...`` for the package's
+    entry point (whose argv[0] is the absolute path of ``__main__.py``), scripts relative to the working
+    directory."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(os.path.join("tnlib", "__main__.py")):
+        argv[:1] = ["-m", "tnlib"]
+    elif argv and os.path.isabs(argv[0]) and argv[0].startswith(os.getcwd() + os.sep):
+        argv[0] = os.path.relpath(argv[0])
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + argv)
+
+
 def gpu_slug(name: str | None = None) -> str:
     """``'NVIDIA H200'`` -> ``'h200'`` (for result file names); ``'cpu'`` without a GPU."""
     import torch
@@ -43,7 +55,7 @@ def provenance(extra: dict | None = None) -> dict:
     except ImportError:
         triton_version = None
     info = {
-        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv),
+        "command": _command(),
         "commit": _commit(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu": platform.processor() or platform.machine(),

@@ -24,12 +24,37 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["load_spec", "plan_runs", "run_sweep", "summarize", "row_model_overrides", "Run"]
+__all__ = ["load_spec", "plan_runs", "run_sweep", "summarize", "row_model_overrides", "Run", "verdict",
+           "VERDICT_RULE", "LEVEL_MARGIN"]
 
 _RECIPE_KEYS = {"size", "seq_len", "batch_size", "grad_accum", "tokens", "lr", "min_lr_ratio", "warmup_frac",
                 "weight_decay", "grad_clip", "evals", "eval_tokens", "eval_sets", "data_seed", "compile", "dtype",
                 "ckpts"}
-_ROW_KEYS = {"table", "name", "arch", "overrides", "seeds"}
+_ROW_KEYS = {"table", "name", "arch", "overrides", "seeds", "paper_ppl", "match_params"}
+
+#: the paper's relative difference below which it reports no material difference between two rows
+LEVEL_MARGIN = 0.005
+VERDICT_RULE = (
+    "d = (mean ppl of the row - mean ppl of the default) / mean ppl of the default, over seeds; s = the larger "
+    "relative sample standard deviation (n-1) of the two rows' seeds. Where the paper reports a direction "
+    "(|paper d| > 0.5%): 'reproduced' if d has its sign and |d| > 2s, 'not reproduced' if the opposite sign and "
+    "|d| > 2s, else 'inconclusive'. Where the paper reports no material difference (|paper d| <= 0.5%): "
+    "'reproduced' if |d| <= 0.5%, 'not reproduced' if |d| > max(0.5%, 2s), else 'inconclusive'. Rows the paper "
+    "does not have: 'better'/'worse' beyond 2s, else 'level within 2s'.")
+
+
+def verdict(paper_delta: float | None, delta: float, spread: float) -> str:
+    """``VERDICT_RULE`` on relative differences: ``paper_delta`` (None: not in the paper) and ``delta`` are
+    (row - default) / default, ``spread`` the larger relative seed standard deviation of the two rows."""
+    if paper_delta is None:
+        return ("worse" if delta > 0 else "better") if abs(delta) > 2 * spread else "level within 2s"
+    if abs(paper_delta) <= LEVEL_MARGIN:  # the paper: no material difference
+        if abs(delta) <= LEVEL_MARGIN:
+            return "reproduced"
+        return "not reproduced" if abs(delta) > max(LEVEL_MARGIN, 2 * spread) else "inconclusive"
+    if abs(delta) <= 2 * spread:
+        return "inconclusive"
+    return "reproduced" if (delta > 0) == (paper_delta > 0) else "not reproduced"
 _RECIPE_DEFAULTS = {"size": "tiny", "grad_accum": 1, "min_lr_ratio": 0.1, "warmup_frac": 0.02, "weight_decay": 0.1,
                     "grad_clip": 1.0, "evals": 4, "eval_sets": ["val"], "data_seed": 0, "compile": False,
                     "dtype": "auto", "ckpts": 4}
@@ -82,22 +107,52 @@ def load_spec(path: str, shape: dict | None = None, recipe: dict | None = None) 
         for part in (row["table"], row["name"]):
             if not part or any(c in part for c in "/ =,"):
                 raise ValueError(f"{path}: row {key}: table and name must be plain path parts")
-        get_config(f"{row['arch']}-{rec['size']}", **row_model_overrides(row, shp))
+        if row.get("paper_ppl") is not None and not isinstance(row["paper_ppl"], (int, float)):
+            raise ValueError(f"{path}: row {key}: paper_ppl must be a number")
+        get_config(f"{row['arch']}-{rec['size']}", **row_model_overrides(row, shp, rec["size"]))
     return {"recipe": rec, "shape": shp, "rows": rows, "path": path}
 
 
-def row_model_overrides(row: dict, shape: dict) -> dict:
+def row_model_overrides(row: dict, shape: dict, size: str = "tiny") -> dict:
     """Model config overrides of one row: the sweep's shape, then the row's own overrides. Without a
     ``glu_dim`` in the shape it follows ``d_model`` as in the 385M presets: ``glu_dim_for(d)`` for TNL, and
     ``+ d/3`` (rounded to 64) for the Transformer, whose SwiGLU then matches TNL's parameter count
-    (it has no gate projection)."""
+    (it has no gate projection). A row with ``match_params = true`` gets the ``glu_dim`` (a multiple of 64
+    where one is within 0.5%, else the nearest integer) that brings its parameter count closest to the
+    same architecture's without the row's overrides (e.g. the gate removed and the SGLU widened to match)."""
     from .models.config import glu_dim_for
 
     over = dict(shape)
     if "d_model" in over and "glu_dim" not in over:
         g = glu_dim_for(over["d_model"])
         over["glu_dim"] = g if row["arch"] == "tnl" else int(round((g + over["d_model"] / 3) / 64)) * 64
-    return {**over, **row["overrides"]}
+    out = {**over, **row["overrides"]}
+    if row.get("match_params"):
+        out["glu_dim"] = _matched_glu_dim(f"{row['arch']}-{size}", over, out)
+    return out
+
+
+def _param_count(preset: str, overrides: dict) -> int:
+    import torch
+
+    from .models import build_model, get_config
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return build_model(get_config(preset, **overrides)).num_parameters()
+
+
+def _matched_glu_dim(preset: str, base: dict, row: dict) -> int:
+    """The ``glu_dim`` that gives ``row``'s overrides the parameter count of ``base``'s (both on ``preset``);
+    parameters grow linearly with ``glu_dim``, so two counts find it."""
+    target = _param_count(preset, base)
+    g0 = row.get("glu_dim") or base.get("glu_dim") or 64
+    p0, p1 = _param_count(preset, {**row, "glu_dim": g0}), _param_count(preset, {**row, "glu_dim": g0 + 64})
+    exact = g0 + 64 * (target - p0) / (p1 - p0)
+    rounded = max(64, int(round(exact / 64)) * 64)
+    per_unit = (p1 - p0) / 64
+    if abs(p0 + per_unit * (rounded - g0) - target) <= LEVEL_MARGIN * target:
+        return rounded
+    return max(1, int(round(exact)))
 
 
 @dataclass
@@ -138,7 +193,8 @@ def plan_runs(spec: dict) -> list[Run]:
         for row in spec["rows"]:
             if i < len(row["seeds"]):
                 runs.append(Run(row["table"], row["name"], row["seeds"][i], f"{row['arch']}-{rec['size']}",
-                                row_model_overrides(row, spec["shape"]), {**settings, "seed": row["seeds"][i]}))
+                                row_model_overrides(row, spec["shape"], rec["size"]),
+                                {**settings, "seed": row["seeds"][i]}))
     return runs
 
 
@@ -330,8 +386,16 @@ def summarize(spec: dict, results: str, sweep_provenance: dict | None = None) ->
                  "complete": len(done) == len(finals)}
         for k in ppl_keys:
             entry[k + "_stats"] = _stats([f and f.get(k) for f in finals])
+        if entry["params"] is None:  # not run yet: counted from its config (the data's vocabulary, when known)
+            vocab = next((json.load(open(p))["model"]["vocab_size"] for p in sorted(glob.glob(
+                os.path.join(results, "*", "*", "seed*", "config.json")))), None)
+            over = row_model_overrides(row, spec["shape"], spec["recipe"]["size"])
+            entry["params"] = _param_count(f"{row['arch']}-{spec['recipe']['size']}",
+                                           {**over, **({"vocab_size": vocab} if vocab else {})})
+        entry["paper_ppl"] = row.get("paper_ppl")
         entry["provenance"] = done[0]["provenance"] if done else None
         rows_out.append(entry)
+    _add_verdicts(spec, rows_out)
     provs = [r["provenance"] for r in rows_out if r["provenance"]]
     # what ran (the sweep may have been given --shape/--set elsewhere): the first finished run's config
     ran = sorted(glob.glob(os.path.join(results, "default", "default", "seed*", "config.json"))) or \
@@ -360,6 +424,30 @@ def summarize(spec: dict, results: str, sweep_provenance: dict | None = None) ->
     with open(os.path.join(results, "summary.json"), "w") as f:
         json.dump(doc, f, indent=1)
     return doc
+
+
+def _add_verdicts(spec: dict, rows: list[dict]) -> None:
+    """Every row but the default gets ``verdict`` (on val) and ``verdict_heldout`` (on the held-out books,
+    when evaluated), with the numbers behind them and ``rule`` (``VERDICT_RULE``); rows without finished
+    seeds get ``verdict: None``."""
+    default = next((r for r in rows if r["table"] == "default"), None)
+    paper_default = default and default.get("paper_ppl")
+    for r in rows:
+        r["rule"] = VERDICT_RULE
+        if r is default:
+            r["verdict"] = None
+            continue
+        pd_ = None if r.get("paper_ppl") is None or not paper_default else r["paper_ppl"] / paper_default - 1
+        r["paper_delta_pct"] = None if pd_ is None else 100 * pd_
+        for key, tag in (("val_ppl", ""), ("eval-heldout_ppl", "_heldout")):
+            a, b = r.get(key + "_stats"), default and default.get(key + "_stats")
+            if not a or not b or a.get("mean") is None or b.get("mean") is None:
+                r["verdict" + tag] = None
+                continue
+            delta = a["mean"] / b["mean"] - 1
+            spread = max(a["std"] / a["mean"], b["std"] / b["mean"])
+            r["delta_pct" + tag], r["two_s_pct" + tag] = 100 * delta, 200 * spread
+            r["verdict" + tag] = verdict(pd_, delta, spread)
 
 
 def _plot_table(results: str, table: str, rows: list[dict]) -> None:
