@@ -377,7 +377,8 @@ def summarize(spec: dict, results: str, sweep_provenance: dict | None = None) ->
             p = os.path.join(results, row["table"], row["name"], f"seed{s}", "final.json")
             finals.append(json.load(open(p)) if os.path.exists(p) else None)
         done = [f for f in finals if f]
-        ppl_keys = sorted({k for f in done for k in f if k.endswith("_ppl")})
+        ppl_keys = sorted({k for f in done for k in f if k.endswith("_ppl")}
+                          | {f"{e}_ppl" for e in spec["recipe"]["eval_sets"]})
         entry = {"table": row["table"], "name": row["name"], "arch": row["arch"], "overrides": row["overrides"],
                  "seeds": row["seeds"], "val_ppl": [f and f.get("val_ppl") for f in finals],
                  "tokens": done[0]["tokens"] if done else None, "params": done[0]["params"] if done else None,

@@ -1,0 +1,63 @@
+"""The README's result tables say what the committed result files say (the ablation table of
+results/ablation/summary.json, the residual-precision table of results/385m-fair/residual-2x2.json)."""
+import json
+import math
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme_section(title: str) -> str:
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    start = text.index(title)
+    nxt = re.search(r"\n#{2,3} ", text[start + len(title):])
+    return text[start: start + len(title) + (nxt.start() if nxt else len(text))]
+
+
+def _table_rows(section: str) -> list[list[str]]:
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+    return rows[1:]  # without the header
+
+
+def _num(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("K"))
+
+
+def test_ablation_table_matches_the_summary():
+    summary = json.load(open(os.path.join(ROOT, "results/ablation/summary.json")))
+    rows = _table_rows(_readme_section("## Ablations"))
+    assert len(rows) == len(summary["rows"])
+    for cells, r in zip(rows, summary["rows"]):
+        label, params, paper, ours, verdict, books = cells
+        assert label.startswith(r["table"] if r["table"] not in ("default", "ours") else r["table"][:3]), (label, r)
+        assert params == f"{r['params'] / 1e6:.2f}M"
+        s = r["val_ppl_stats"]
+        if s["mean"] is None:
+            assert ours == "not run yet" and verdict == "—"
+            continue
+        m = re.match(r"([\d.]+) ± ([\d.]+)(?: \(([-+][\d.]+)%\))?", ours)
+        assert m, ours
+        assert float(m.group(1)) == round(s["mean"], 2) and float(m.group(2)) == round(s["std"], 2)
+        if r["table"] != "default":
+            assert float(m.group(3)) == round(r["delta_pct"], 2)
+            assert verdict == r["verdict"] and books == r["verdict_heldout"]
+        if r.get("paper_ppl") is not None:
+            assert paper.startswith(f"{r['paper_ppl']:.3f}")
+
+
+def test_residual_table_matches_the_2x2_file():
+    doc = json.load(open(os.path.join(ROOT, "results/385m-fair/residual-2x2.json")))
+    rows = _table_rows(_readme_section("### Towards a fair comparison"))
+    names = {"TNL-385M": "tnl-385m", "Transformer-385M": "transformer-385m"}
+    dtype = {"bf16": "compute", "fp32": "params"}
+    assert len(rows) == 4
+    for label, val, held, wiki, tps in rows:
+        model, stream = label.split(", ")
+        r = next(x for x in doc["rows"] if x["model"] == names[model] and x["residual_dtype"] == dtype[stream])
+        assert _num(val) == round(r["final"]["val"]["ppl"], 2)
+        assert _num(held) == round(r["final"]["heldout"]["ppl"], 2)
+        assert _num(wiki) == round(r["final"]["wikitext-detok-valid"]["ppl"], 1)
+        assert math.isclose(_num(tps), round(r["tokens_per_s"] / 1e3, 1))
+    assert doc["choice"] == "params"
