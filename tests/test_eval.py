@@ -157,3 +157,50 @@ def test_seed_ratio_and_specs():
     assert len(fair.specs("lr")) == 8 and len(fair.specs("residual")) == 4
     with pytest.raises(ValueError, match="learning rate of"):
         fair.specs("final")
+
+
+def test_residual_result_file_is_rebuilt_from_the_committed_runs(tmp_path):
+    fair = _fair()
+    doc = fair.results_residual([os.path.join(ROOT, "results/logs/fair-2026-12-05-h100")], str(tmp_path))
+    committed = json.load(open(os.path.join(ROOT, "results/385m-fair/residual-2x2.json")))
+    assert doc["choice"] == committed["choice"] == "params"
+    assert [r["final"] for r in doc["rows"]] == [r["final"] for r in committed["rows"]]
+    meta = json.load(open(os.path.join(ROOT, "results/logs/fair-2026-12-05-h100/data-meta.json")))
+    for r in doc["rows"]:  # whole sets: every token of each split scored
+        for name, split in fair.EVAL_NAMES.items():
+            assert r["final"][split]["tokens"] == meta["splits"][name]["tokens"]
+
+
+def _fake_run(root, name, model, seed, lr, ppl, tokens=3 * 32768):
+    d = os.path.join(root, "runs", name)
+    os.makedirs(d)
+    start = {"event": "start", "config": {"preset": model, "lr": lr, "seed": seed, "max_steps": 3},
+             "model": {"residual_dtype": "params"}, "provenance": {"commit": "abc", "gpu": "NVIDIA H200"}}
+    steps = [{"step": i, "tokens": i * 32768, "loss": 5.0 - i / 10, "tokens_per_s": 2e5, "step_s": 0.16,
+              **({"val_ppl": ppl * 1.2, "eval-heldout_ppl": ppl * 1.3} if i == 3 else {})} for i in (1, 2, 3)]
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in [start] + steps)
+    evals = {s: {"loss": math.log(ppl * (1 + i)), "ppl": ppl * (1 + i), "bpb": 1.0 + i, "tokens": 1000 + i}
+             for i, s in enumerate(("val", "eval-heldout", "eval-wikitext-detok-valid"))}
+    with open(os.path.join(d, "final.json"), "w") as f:
+        json.dump({"evals": evals}, f)
+
+
+def test_final_summary_has_the_contract_keys(tmp_path):
+    fair = _fair()
+    src = str(tmp_path / "src")
+    for m, short, lr, base in (("tnl-385m", "tnl", 6e-4, 40.0), ("transformer-385m", "transformer", 1.2e-3, 50.0)):
+        for seed, bump in ((1, 0.0), (2, 2.0)):
+            _fake_run(src, f"{short}-s{seed}", m, seed, lr, base + bump)
+    doc = fair.results_final([src], str(tmp_path / "out"))
+    saved = json.load(open(tmp_path / "out" / "summary.json"))
+    assert saved["models"]["tnl-385m"]["seeds"] == [1, 2] and saved["models"]["tnl-385m"]["lr"] == 6e-4
+    assert saved["models"]["transformer-385m"]["final"]["val"]["ppl"] == [50.0, 52.0]
+    assert saved["eval_tokens"] == {"val": 1000, "heldout": 1001, "wikitext-detok-valid": 1002}
+    r = doc["ratio"]["val"]
+    assert r["min"] == pytest.approx(40 / 52) and r["max"] == pytest.approx(42 / 50)
+    assert r["mean"] == pytest.approx(math.sqrt(40 * 42 / (50 * 52)))
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="not finished"):  # one seed has no final evals
+        os.remove(os.path.join(src, "runs", "tnl-s2", "final.json"))
+        fair.results_final([src], str(tmp_path / "out2"))

@@ -236,7 +236,49 @@ def results_final(srcs, out: str = OUT) -> dict:
     doc = {"models": models, "eval_tokens": eval_tokens, "ratio": ratio, "rows": rows,
            "provenance": _provenance(rows, "final", srcs)}
     _write(out, "summary.json", doc)
+    plot_final(runs, rows, out)
     return doc
+
+
+def plot_final(runs: dict, rows: list, out: str, sets=("val", "eval-heldout", "eval-wikitext-detok-valid")) -> None:
+    """``curves.png``: the sampled in-run perplexity of every run against training tokens, and against
+    GPU-seconds of training (the compute-matched view: the same budget of time instead of tokens), one
+    colour per model, one line style per seed; the whole-set final values as markers at the end."""
+    from tnlib.report import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, len(sets), figsize=(5 * len(sets), 8), squeeze=False)
+    names = {r["name"]: r for r in rows}
+    for name, run in runs.items():
+        if name not in names:
+            continue
+        r = names[name]
+        color = "C0" if r["model"] == MODELS[0] else "C3"
+        style = "-" if r["seed"] == SEEDS[0] else "--"
+        seconds, t = {}, 0.0
+        for s in run["steps"]:
+            t += s["step_s"]
+            seconds[s["step"]] = t
+        for j, split in enumerate(sets):
+            ev = [s for s in run["steps"] if f"{split}_ppl" in s]
+            label = f"{SHORT[r['model']]} seed {r['seed']}"
+            for i, xs in enumerate(([s["tokens"] / 1e6 for s in ev], [seconds[s["step"]] for s in ev])):
+                axes[i][j].plot(xs, [s[f"{split}_ppl"] for s in ev], style, color=color, lw=1.2, label=label)
+            fin = r["final"].get(EVAL_NAMES[split], {}).get("ppl")
+            if fin:
+                axes[0][j].plot([r["tokens"] / 1e6], [fin], "o", color=color, ms=5)
+                axes[1][j].plot([r["train_s"]], [fin], "o", color=color, ms=5)
+    for j, split in enumerate(sets):
+        for i, xl in enumerate(("training tokens (M)", "GPU-seconds of training (compute-matched)")):
+            ax = axes[i][j]
+            ax.set(xlabel=xl, ylabel="perplexity (log)", yscale="log",
+                   title=f"{EVAL_NAMES[split]}: sampled in-run evals; dots: whole set at the end")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+    plt.close(fig)
 
 
 def _write(out: str, name: str, doc: dict) -> None:
