@@ -27,12 +27,6 @@ import glob
 import json
 import math
 import os
-import sys
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-
-from tnlib.report import read_metrics  # noqa: E402
 
 MODELS = ("tnl-385m", "transformer-385m")
 SHORT = {"tnl-385m": "tnl", "transformer-385m": "transformer"}
@@ -62,7 +56,7 @@ def _fmt_lr(lr: float) -> str:
     return f"{lr:.1e}".replace("e-0", "e-")
 
 
-def specs(stage: str, residual: str = "compute", lrs: dict | None = None, models=MODELS) -> list[str]:
+def specs(stage: str, residual: str = "params", lrs: dict | None = None, models=MODELS) -> list[str]:
     """Run specs for ``tools/long_385m.sh`` (``NAME=PRESET:KEY=VALUE...``; ``m.`` marks a model field)."""
     tokens = STAGE_TOKENS[stage]
     out = []
@@ -88,6 +82,8 @@ def specs(stage: str, residual: str = "compute", lrs: dict | None = None, models
 def load_runs(srcs) -> dict:
     """``{run name: {"start", "steps", "final", "src"}}`` from unpacked ``long385.tar.gz`` folders
     (``runs/<name>/metrics.jsonl`` and ``final.json``). A run found in two sources is refused."""
+    from tnlib.report import read_metrics  # here, not at the top: `specs` runs where tnlib is not installed
+
     runs = {}
     for src in srcs:
         for path in sorted(glob.glob(os.path.join(src, "runs", "*", "metrics.jsonl"))):
@@ -293,7 +289,8 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("specs", help="the MODELS value of a stage for tools/long_385m.sh")
     p.add_argument("stage", choices=sorted(STAGE_TOKENS))
-    p.add_argument("--residual", default="compute", choices=sorted(RESIDUAL.values()))
+    p.add_argument("--residual", default="params", choices=sorted(RESIDUAL.values()),
+                   help="lr, final: the residual stream (default: the one stage 1 chose, fp32)")
     p.add_argument("--lr", nargs="*", default=[], help="final stage: MODEL=LR for each model")
     p.add_argument("--models", nargs="*", default=list(MODELS))
     p.add_argument("--only", nargs="*", default=None, help="only these run names")
