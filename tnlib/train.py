@@ -426,33 +426,76 @@ def _check_replicas_in_sync(model) -> None:
         raise RuntimeError("DDP replicas diverged: the processes hold different weights")
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Train (or resume) one model; returns the final metrics dict. Writes ``cfg.out``/metrics.jsonl,
-    ``checkpoint/`` and ``final/`` (safetensors + config + the data's ``tokenizer.json``, so that
-    ``python -m tnlib generate --checkpoint OUT/final`` needs nothing else).
+@dataclass
+class _Run:
+    """What one training run holds between its steps (built by ``_setup``/``_build``, used by the rest)."""
 
-    Everything is read and checked before anything is written: the data (``meta.json``, token files,
-    ``tokenizer.json``) and, with ``resume``, the checkpoint (its settings against this run's, see
-    :data:`RESUME_MAY_CHANGE`; its files, see ``tnlib.files``). A damaged file raises ``FileDamaged``, a
-    changed setting ``ValueError`` naming each setting and both values."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    sharded: bool  # checkpoints through torch.distributed.checkpoint (FSDP or tensor parallelism)
+    dp_world: int  # the data dimension (tensor-parallel ranks share a batch)
+    train_tf: TokenFile
+    eval_tfs: dict
+    meta: dict
+    tokenizer: str | None  # the data's tokenizer.json, saved with the final model
+    mcfg: object
+    facts: dict
+    ckpt_dir: str
+    metrics_path: str
+    resume_state: dict | None = None  # the checkpoint's state.pt when resuming
+    ckpt_sharded: bool = False
+    step: int = 0
+    tokens_seen: int = 0
+    dp_rank: int = 0
+    own_group: bool = False
+    model: torch.nn.Module | None = None  # as trained (wrapped by DDP/FSDP where they apply)
+    raw_model: torch.nn.Module | None = None  # the plain model
+    fwd: object = None  # what the step calls (the model, or its compiled graph)
+    opt: torch.optim.Optimizer | None = None
+    fsdp: bool = False
+    ddp: bool = False
+    n_params: int = 0
+    peak: float | None = None
+    log: object = None
+
+
+def _setup(cfg: TrainConfig):
+    """The run's place (rank, device, precision) and its data, every file read and checked; returns
+    ``(cfg, run fields)`` with ``fused_loss`` resolved, so the recorded config says what ran."""
     rank, world = _world()
     tp = cfg.tensor_parallel
     check_parallel(cfg.parallel, tp, world, get_config(cfg.preset, **cfg.model_overrides))
     if cfg.compile and tp > 1:
         raise ValueError("compile=true with tensor_parallel > 1 is not supported (untested): use compile=false")
-    sharded = cfg.parallel == "fsdp" or tp > 1  # checkpoints through torch.distributed.checkpoint
+    sharded = cfg.parallel == "fsdp" or tp > 1
     if cfg.device == "auto":
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dp_world = world // tp if sharded else world  # the data dimension (tensor-parallel ranks share a batch)
     autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
                       "fp32": None}[cfg.dtype]
-    if cfg.fused_loss is None:  # resolved here, so the run's recorded config says what ran
+    if cfg.fused_loss is None:
         cfg = dataclasses.replace(cfg, fused_loss=device.type == "cuda")
+    train_tf, meta, eval_tfs, tokenizer = _read_data(cfg)
+    mcfg = get_config(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model_overrides,
+                                     "checkpointing": cfg.checkpointing})
+    if mcfg.vocab_size < meta["vocab_size"]:
+        raise DataError(f"model vocab {mcfg.vocab_size} < tokenizer vocab {meta['vocab_size']}")
+    dp_world = world // tp if sharded else world
+    return _Run(cfg=cfg, rank=rank, world=world, device=device, autocast_dtype=autocast_dtype, sharded=sharded,
+                dp_world=dp_world, train_tf=train_tf, eval_tfs=eval_tfs, meta=meta, tokenizer=tokenizer, mcfg=mcfg,
+                facts=_resume_facts(cfg, meta, dp_world, autocast_dtype),
+                ckpt_dir=os.path.join(cfg.out, "checkpoint"), metrics_path=os.path.join(cfg.out, "metrics.jsonl"))
 
+
+def _read_data(cfg: TrainConfig):
+    """The training and eval token files, ``meta.json`` and the tokenizer path (None when the data has
+    none), each checked: token ids inside the vocabulary, the tokenizer the one meta.json names."""
     train_tf = TokenFile.open(cfg.data, "train")
     meta = read_json(os.path.join(cfg.data, "meta.json"), "prepare the data again")  # checked by TokenFile.open
     eval_tfs = {name: TokenFile.open(cfg.data, name) for name in cfg.eval_sets}
@@ -465,222 +508,259 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                               f"(meta.json): overwritten?", f"prepare the data again: python -m tnlib prepare --out "
                                                             f"{cfg.data} --force ...")
     tokenizer = os.path.join(cfg.data, "tokenizer.json")  # saved with the final model; checked now, not then
-    if os.path.isfile(tokenizer):
-        from .data import load_tokenizer, tokenizer_hash
+    if not os.path.isfile(tokenizer):
+        return train_tf, meta, eval_tfs, None  # data prepared by other means: the final model has no tokenizer
+    from .data import load_tokenizer, tokenizer_hash
 
-        if tokenizer_hash(load_tokenizer(tokenizer)) != meta["tokenizer_sha256"]:
-            raise FileDamaged(tokenizer, f"is not the tokenizer meta.json names ({meta['tokenizer_sha256']})",
-                              f"prepare the data again: python -m tnlib prepare --out {cfg.data} --force ...")
-    else:
-        tokenizer = None  # data prepared by other means: the final model is saved without one
+    if tokenizer_hash(load_tokenizer(tokenizer)) != meta["tokenizer_sha256"]:
+        raise FileDamaged(tokenizer, f"is not the tokenizer meta.json names ({meta['tokenizer_sha256']})",
+                          f"prepare the data again: python -m tnlib prepare --out {cfg.data} --force ...")
+    return train_tf, meta, eval_tfs, tokenizer
 
-    mcfg = get_config(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model_overrides,
-                                     "checkpointing": cfg.checkpointing})
-    if mcfg.vocab_size < meta["vocab_size"]:
-        raise DataError(f"model vocab {mcfg.vocab_size} < tokenizer vocab {meta['vocab_size']}")
-    facts = _resume_facts(cfg, meta, dp_world, autocast_dtype)
-    ckpt_dir = os.path.join(cfg.out, "checkpoint")
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    step, tokens_seen = 0, 0
-    ckpt_sharded = False
-    if resume:  # every file of the checkpoint read and checked before any process group, model or file
-        if not os.path.isdir(ckpt_dir):
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-        for name in ("config.json", "state.pt"):
-            if not os.path.isfile(os.path.join(ckpt_dir, name)):
-                raise FileNotFoundError(f"--resume: {os.path.join(ckpt_dir, name)} is missing ({_RESTORE})")
-        cfg_path = os.path.join(ckpt_dir, "config.json")
-        saved = _read_checkpoint_config(cfg_path)
-        diffs = resume_differences(saved, cfg, mcfg.to_dict(), facts)
-        if diffs:
-            _refuse_resume(cfg_path, diffs)
-        ckpt_sharded = os.path.isdir(os.path.join(ckpt_dir, SHARDED_DIR))
-        saved_tp = saved["train"]["tensor_parallel"]
-        if ckpt_sharded and saved_tp != tp:
-            raise ValueError(f"--resume: the checkpoint was written with tensor_parallel={saved_tp}; resume with the "
-                             f"same (any number of data-parallel ranks), or consolidate it first")
-        if not ckpt_sharded and sharded:
-            raise ValueError("--resume: this checkpoint is single-file (written by parallel=ddp): resume it with "
-                             "parallel=ddp")
-        state_path = os.path.join(ckpt_dir, "state.pt")
-        state = _read_train_state(state_path, single_file=not ckpt_sharded)
-        if ckpt_sharded:
-            check_sharded(ckpt_dir, _RESTORE)
-        elif not os.path.isfile(os.path.join(ckpt_dir, "model.safetensors")):
-            raise FileNotFoundError(f"--resume: {os.path.join(ckpt_dir, 'model.safetensors')} is missing ({_RESTORE})")
-        if os.path.exists(metrics_path) and os.path.getsize(metrics_path) < state["metrics_pos"]:
-            raise FileDamaged(metrics_path, f"holds {os.path.getsize(metrics_path):,} bytes, fewer than the "
-                                            f"{state['metrics_pos']:,} the checkpoint recorded: truncated",
-                              "restore it from a copy, or delete it to resume without the earlier lines")
+
+def _read_checkpoint(run: _Run) -> None:
+    """``--resume``: every file of the checkpoint read and checked (settings against this run's,
+    ``RESUME_MAY_CHANGE``) before any process group, model or file exists; sets ``run.resume_state``."""
+    cfg, ckpt_dir = run.cfg, run.ckpt_dir
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
+    for name in ("config.json", "state.pt"):
+        if not os.path.isfile(os.path.join(ckpt_dir, name)):
+            raise FileNotFoundError(f"--resume: {os.path.join(ckpt_dir, name)} is missing ({_RESTORE})")
+    cfg_path = os.path.join(ckpt_dir, "config.json")
+    saved = _read_checkpoint_config(cfg_path)
+    diffs = resume_differences(saved, cfg, run.mcfg.to_dict(), run.facts)
+    if diffs:
+        _refuse_resume(cfg_path, diffs)
+    run.ckpt_sharded = os.path.isdir(os.path.join(ckpt_dir, SHARDED_DIR))
+    saved_tp = saved["train"]["tensor_parallel"]
+    if run.ckpt_sharded and saved_tp != cfg.tensor_parallel:
+        raise ValueError(f"--resume: the checkpoint was written with tensor_parallel={saved_tp}; resume with the "
+                         f"same (any number of data-parallel ranks), or consolidate it first")
+    if not run.ckpt_sharded and run.sharded:
+        raise ValueError("--resume: this checkpoint is single-file (written by parallel=ddp): resume it with "
+                         "parallel=ddp")
+    state = _read_train_state(os.path.join(ckpt_dir, "state.pt"), single_file=not run.ckpt_sharded)
+    if run.ckpt_sharded:
+        check_sharded(ckpt_dir, _RESTORE)
+    elif not os.path.isfile(os.path.join(ckpt_dir, "model.safetensors")):
+        raise FileNotFoundError(f"--resume: {os.path.join(ckpt_dir, 'model.safetensors')} is missing ({_RESTORE})")
+    mp = run.metrics_path
+    if os.path.exists(mp) and os.path.getsize(mp) < state["metrics_pos"]:
+        raise FileDamaged(mp, f"holds {os.path.getsize(mp):,} bytes, fewer than the {state['metrics_pos']:,} the "
+                              f"checkpoint recorded: truncated",
+                          "restore it from a copy, or delete it to resume without the earlier lines")
+    run.resume_state = state
+
+
+def _build(run: _Run) -> None:
+    """The model (the checkpoint's weights when resuming), the process group, compilation, the parallel
+    wrappers and AdamW (its state when resuming); the metrics file is cut back to the checkpoint."""
+    cfg, device, tp = run.cfg, run.device, run.cfg.tensor_parallel
     torch.manual_seed(cfg.seed)
-    model = build_model(mcfg).to(device)
-    if resume and not ckpt_sharded:  # whole weights, before any wrapping
-        load_weights(model, os.path.join(ckpt_dir, "model.safetensors"), _RESTORE, device=device)
-
-    own_group = False
-    if (world > 1 or sharded) and not torch.distributed.is_initialized():
+    model = build_model(run.mcfg).to(device)
+    if run.resume_state is not None and not run.ckpt_sharded:  # whole weights, before any wrapping
+        load_weights(model, os.path.join(run.ckpt_dir, "model.safetensors"), _RESTORE, device=device)
+    if (run.world > 1 or run.sharded) and not torch.distributed.is_initialized():
         init_distributed(device.type)  # a lone process gets a 1-rank group (FSDP needs one)
-        own_group = True
-    mesh = build_mesh(device.type, world, tp) if sharded else None
-    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else rank
+        run.own_group = True
+    mesh = build_mesh(device.type, run.world, tp) if run.sharded else None
+    run.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else run.rank
     os.makedirs(cfg.out, exist_ok=True)
-
-    raw_model = model
+    run.raw_model = model
     if cfg.compile and cfg.compile_scope == "blocks":
-        raw_model.compile_blocks()
+        model.compile_blocks()
     if tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
     if cfg.parallel == "fsdp":  # on one rank apply_fsdp returns the plain model unless fsdp_one_rank
-        apply_fsdp(model, mesh["dp"], autocast_dtype, one_rank=cfg.fsdp_one_rank)
+        apply_fsdp(model, mesh["dp"], run.autocast_dtype, one_rank=cfg.fsdp_one_rank)
     from torch.distributed.fsdp import FSDPModule
 
-    fsdp = isinstance(model, FSDPModule)
+    run.fsdp = isinstance(model, FSDPModule)
     # fused AdamW on CUDA; the per-tensor loop where plain and tensor-parallel (DTensor) weights mix
     opt_kw = {"fused": True} if device.type == "cuda" else ({"foreach": False} if tp > 1 else {})
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **opt_kw)
-    if resume:
-        if ckpt_sharded:  # resharded to however this run is spread
-            load_sharded(ckpt_dir, model, opt, _RESTORE)
+    run.opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                **opt_kw)
+    state = run.resume_state
+    if state is not None:
+        if run.ckpt_sharded:  # resharded to however this run is spread
+            load_sharded(run.ckpt_dir, model, run.opt, _RESTORE)
         else:
-            _load_optimizer(opt, state["optimizer"], state_path)
-        step, tokens_seen = state["step"], state["tokens_seen"]
+            _load_optimizer(run.opt, state["optimizer"], os.path.join(run.ckpt_dir, "state.pt"))
+        run.step, run.tokens_seen = state["step"], state["tokens_seen"]
         torch.set_rng_state(state["torch_rng"])
-        if os.path.exists(metrics_path):  # drop log lines written after the checkpoint
-            with open(metrics_path, "rb+") as f:
+        if os.path.exists(run.metrics_path):  # drop log lines written after the checkpoint
+            with open(run.metrics_path, "rb+") as f:
                 f.truncate(state["metrics_pos"])
-    elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-
-    ddp = world > 1 and not sharded
-    if ddp:
+    elif run.rank == 0 and os.path.exists(run.metrics_path):
+        os.remove(run.metrics_path)
+    run.ddp = run.world > 1 and not run.sharded
+    if run.ddp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cfg.ddp_bucket_mb,
             gradient_as_bucket_view=True)
-    fwd = torch.compile(model) if cfg.compile and cfg.compile_scope == "model" else model
-    n_params = raw_model.num_parameters()
-    peak = cfg.peak_tflops or (_measure_peak_tflops(device) if device.type == "cuda" else None)
+    run.model = model
+    run.fwd = torch.compile(model) if cfg.compile and cfg.compile_scope == "model" else model
+    run.n_params = run.raw_model.num_parameters()
+    run.peak = cfg.peak_tflops or (_measure_peak_tflops(device) if device.type == "cuda" else None)
 
+
+def _write(run: _Run, rec: dict) -> None:
+    if run.log:
+        run.log.write(json.dumps(rec) + "\n")
+        run.log.flush()
+
+
+def _run_evals(run: _Run) -> dict:
+    """Every eval set of the run (``eval_tokens`` each): ``{<set>_loss, <set>_ppl, <set>_bpb}``."""
+    res = {}
+    for name, tf in run.eval_tfs.items():
+        r = evaluate(run.raw_model, tf, run.cfg.seq_len, run.cfg.eval_tokens, run.cfg.batch_size, run.device,
+                     run.autocast_dtype, run.meta["eot_id"])
+        res.update({f"{name}_loss": r["loss"], f"{name}_ppl": r["ppl"], f"{name}_bpb": r["bpb"]})
+    return res
+
+
+def _step(run: _Run, stop: dict) -> dict:
+    """One optimizer step (its micro-batches, the clip, AdamW); returns the step's record. Under DDP/FSDP
+    the gradients are reduced once, on the last micro-batch; ``stop`` learns of a signal on any rank."""
+    cfg, device, model = run.cfg, run.device, run.model
+    t0 = time.time()  # the previous step ended with a synchronize
+    lr = lr_at(run.step, cfg)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    loss_sum = torch.zeros((), device=device)  # read once, after the step: no wait per micro-batch
+    for micro in range(cfg.grad_accum):
+        x = batch_at(run.train_tf.tokens, run.step, micro, cfg, run.dp_rank, run.dp_world).to(device, non_blocking=True)
+        last_micro = micro == cfg.grad_accum - 1
+        if run.fsdp:
+            model.set_requires_gradient_sync(last_micro)
+        with (model.no_sync() if run.ddp and not last_micro else contextlib.nullcontext()):
+            with torch.autocast(device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
+                # fused: the model returns the loss itself (LM head + cross-entropy in row chunks)
+                out = run.fwd(x[:, :-1], x[:, 1:]) if cfg.fused_loss else run.fwd(x[:, :-1])
+            loss = out if cfg.fused_loss else F.cross_entropy(out.float().flatten(0, 1), x[:, 1:].flatten())
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach().float() / cfg.grad_accum
+    # launched while the GPU still runs the backward: the clip and the optimizer step queue up behind it
+    gnorm = clip_grad_norm(list(model.parameters()), cfg.grad_clip)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    run.step += 1
+    run.tokens_seen += cfg.tokens_per_step
+    if run.world > 1:  # the mean loss, and whether any rank was signalled (all ranks stop together)
+        t = torch.stack([loss_sum, torch.tensor(float(stop["signal"] is not None), device=device)])
+        torch.distributed.all_reduce(t)
+        loss = t[0].item() / run.world
+        if t[1].item() > 0 and stop["signal"] is None:
+            stop["signal"] = "SIGTERM"
+    else:
+        loss = loss_sum.item()
+    tps = cfg.tokens_per_step / dt
+    rec = {"step": run.step, "tokens": run.tokens_seen, "loss": loss, "lr": lr, "grad_norm": float(gnorm),
+           "tokens_per_s": tps, "step_s": dt}
+    if run.peak:
+        rec["mfu"] = 6 * run.n_params * tps / (run.peak * 1e12 * run.world)  # per GPU: tps counts every rank
+    if device.type == "cuda":
+        rec["mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return rec
+
+
+def _checkpoint(run: _Run) -> None:
+    if run.rank == 0 or run.sharded:
+        _save_checkpoint(run.ckpt_dir, run.raw_model, run.opt, run.step, run.tokens_seen, run.cfg,
+                         run.log.tell() if run.log else 0, run.facts, run.sharded, run.rank)
+
+
+def _save_final(run: _Run) -> None:
+    """The last checkpoint, then ``out/final`` (weights, config, tokenizer); sharded runs gather the whole
+    model first (a collective), written by rank 0 as one file."""
+    from .models import save_model
+
+    _checkpoint(run)
+    final = os.path.join(run.cfg.out, "final")
+    if run.sharded:
+        full = canonical_state_dict(run.raw_model)
+        if run.rank == 0:
+            with torch.device("meta"):  # no second initialisation: the gathered tensors are assigned
+                plain = build_model(run.mcfg)
+            plain.load_state_dict(full, assign=True)
+            save_model(plain, final, tokenizer=run.tokenizer)
+    elif run.rank == 0:
+        save_model(run.raw_model, final, tokenizer=run.tokenizer)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train (or resume) one model; returns the final metrics dict. Writes ``cfg.out``/metrics.jsonl,
+    ``checkpoint/`` and ``final/`` (safetensors + config + the data's ``tokenizer.json``, so that
+    ``python -m tnlib generate --checkpoint OUT/final`` needs nothing else).
+
+    Everything is read and checked before anything is written: the data (``meta.json``, token files,
+    ``tokenizer.json``) and, with ``resume``, the checkpoint (its settings against this run's, see
+    :data:`RESUME_MAY_CHANGE`; its files, see ``tnlib.files``). A damaged file raises ``FileDamaged``, a
+    changed setting ``ValueError`` naming each setting and both values. The steps: ``_setup`` (place,
+    data), ``_read_checkpoint``, ``_build`` (model, wrappers, optimizer), then ``_step`` until the end,
+    evaluating (``_run_evals``) and checkpointing on their cadence, and ``_save_final``."""
+    run = _setup(cfg)
+    cfg = run.cfg
+    if resume:
+        _read_checkpoint(run)
+    _build(run)
     stop = {"signal": None}
 
     def on_signal(signum, frame):
         stop["signal"] = signal.Signals(signum).name
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    log = open(metrics_path, "a") if rank == 0 else None
-
-    def write(rec):
-        if log:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-
-    if rank == 0 and step == 0:
-        write({"event": "start", "config": dataclasses.asdict(cfg), "model": mcfg.to_dict(), "params": n_params,
-               "provenance": provenance(), "data_meta": {k: meta[k] for k in ("vocab_size", "tokenizer_sha256", "splits")}})
-
-    def run_eval():
-        res = {}
-        for name, tf in eval_tfs.items():
-            r = evaluate(raw_model, tf, cfg.seq_len, cfg.eval_tokens, cfg.batch_size, device, autocast_dtype,
-                         meta["eot_id"])
-            res.update({f"{name}_loss": r["loss"], f"{name}_ppl": r["ppl"], f"{name}_bpb": r["bpb"]})
-        return res
-
+    run.log = open(run.metrics_path, "a") if run.rank == 0 else None
+    if run.rank == 0 and run.step == 0:
+        _write(run, {"event": "start", "config": dataclasses.asdict(cfg), "model": run.mcfg.to_dict(),
+                     "params": run.n_params, "provenance": provenance(),
+                     "data_meta": {k: run.meta[k] for k in ("vocab_size", "tokenizer_sha256", "splits")}})
     from .progress import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.preset}", disable=not (cfg.progress and rank == 0),
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=f"train {cfg.preset}",
+               disable=not (cfg.progress and run.rank == 0), dynamic_ncols=True)
     t_start = time.time()
-    model.train()
+    run.model.train()
     last = {}
     try:
-        while step < cfg.max_steps:
-            if cfg.max_tokens is not None and tokens_seen >= cfg.max_tokens:
+        while run.step < cfg.max_steps:
+            if cfg.max_tokens is not None and run.tokens_seen >= cfg.max_tokens:
                 break
             if cfg.max_minutes is not None and (time.time() - t_start) / 60 >= cfg.max_minutes:
                 break
-            t0 = time.time()  # the previous step ended with a synchronize
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss_sum = torch.zeros((), device=device)  # read once, after the step: no wait per micro-batch
-            for micro in range(cfg.grad_accum):
-                x = batch_at(train_tf.tokens, step, micro, cfg, dp_rank, dp_world).to(device, non_blocking=True)
-                # DDP/FSDP: reduce the gradients once per step, on the last micro-batch only
-                last_micro = micro == cfg.grad_accum - 1
-                if fsdp:
-                    model.set_requires_gradient_sync(last_micro)
-                with (model.no_sync() if ddp and not last_micro else contextlib.nullcontext()):
-                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        # fused: the model returns the loss itself (LM head + cross-entropy in row chunks)
-                        out = fwd(x[:, :-1], x[:, 1:]) if cfg.fused_loss else fwd(x[:, :-1])
-                    loss = out if cfg.fused_loss else F.cross_entropy(out.float().flatten(0, 1), x[:, 1:].flatten())
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float() / cfg.grad_accum
-            # launched while the GPU still runs the backward: the clip and the optimizer step queue up behind it
-            gnorm = clip_grad_norm(list(model.parameters()), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            gnorm = float(gnorm)
-            step += 1
-            tokens_seen += cfg.tokens_per_step
-            if world > 1:  # the mean loss, and whether any rank was signalled (all ranks stop together)
-                t = torch.stack([loss_sum, torch.tensor(float(stop["signal"] is not None), device=device)])
-                torch.distributed.all_reduce(t)
-                loss_sum = t[0].item() / world
-                if t[1].item() > 0 and stop["signal"] is None:
-                    stop["signal"] = "SIGTERM"
-            else:
-                loss_sum = loss_sum.item()
-            tps = cfg.tokens_per_step / dt
-            rec = {"step": step, "tokens": tokens_seen, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
-                   "tokens_per_s": tps, "step_s": dt, "elapsed_s": time.time() - t_start}
-            if peak:
-                rec["mfu"] = 6 * n_params * tps / (peak * 1e12 * world)  # per GPU: tps counts every rank
-            if device.type == "cuda":
-                rec["mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                rec.update(run_eval())
-            write(rec)
+            rec = _step(run, stop)
+            rec["elapsed_s"] = time.time() - t_start
+            if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
+                rec.update(_run_evals(run))
+            _write(run, rec)
             last = rec
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
-            if (rank == 0 or sharded) and (step % cfg.ckpt_every == 0 or stop["signal"]):
-                _save_checkpoint(ckpt_dir, raw_model, opt, step, tokens_seen, cfg,
-                                 log.tell() if log else 0, facts, sharded, rank)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
+            if run.step % cfg.ckpt_every == 0 or stop["signal"]:
+                _checkpoint(run)
             if stop["signal"]:
-                write({"event": "interrupted", "signal": stop["signal"], "step": step})
+                _write(run, {"event": "interrupted", "signal": stop["signal"], "step": run.step})
                 break
-        if ddp:
-            _check_replicas_in_sync(raw_model)
+        if run.ddp:
+            _check_replicas_in_sync(run.raw_model)
         if not stop["signal"]:
-            if "val_loss" not in last and eval_tfs:
-                last = {**last, "step": step, "tokens": tokens_seen, **run_eval()}
-                write({**last, "event": "final_eval"})
-            from .models import save_model
-
-            if rank == 0 or sharded:
-                _save_checkpoint(ckpt_dir, raw_model, opt, step, tokens_seen, cfg, log.tell() if log else 0,
-                                 facts, sharded, rank)
-            if sharded:  # gather the whole model (collective), written by rank 0 as one file
-                full = canonical_state_dict(raw_model)
-                if rank == 0:
-                    with torch.device("meta"):  # no second initialisation: the gathered tensors are assigned
-                        plain = build_model(mcfg)
-                    plain.load_state_dict(full, assign=True)
-                    save_model(plain, os.path.join(cfg.out, "final"), tokenizer=tokenizer)
-            elif rank == 0:
-                save_model(raw_model, os.path.join(cfg.out, "final"), tokenizer=tokenizer)
+            if "val_loss" not in last and run.eval_tfs:
+                last = {**last, "step": run.step, "tokens": run.tokens_seen, **_run_evals(run)}
+                _write(run, {**last, "event": "final_eval"})
+            _save_final(run)
     finally:
         bar.close()
         for s, h in old.items():
             signal.signal(s, h)
-        if log:
-            log.close()
-        if (world > 1 or sharded) and torch.distributed.is_initialized():
+        if run.log:
+            run.log.close()
+        if (run.world > 1 or run.sharded) and torch.distributed.is_initialized():
             torch.distributed.barrier()
-            if own_group:  # a group made here is ended here
+            if run.own_group:  # a group made here is ended here
                 torch.distributed.destroy_process_group()
-    return {**last, "interrupted": stop["signal"], "params": n_params}
+    return {**last, "interrupted": stop["signal"], "params": run.n_params}
