@@ -32,16 +32,15 @@ Behaviours of the official code a user of these files should know (reference REA
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 
 import torch
-from torch import nn
 
 from .files import FileDamaged, _few, read_json, read_torch_file, safetensors_header, set_default_mode
 from .models import ModelConfig, TransNormerLLM
+from .nn.gla import GatedLinearAttention
 
 __all__ = ["load_official", "save_official", "is_official_dir", "official_to_config", "config_to_official",
            "find_weight_files"]
@@ -303,28 +302,14 @@ class _Shard:
             self._bin = None
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Within the block, every parameter a module registers moves to the meta device (no storage), while
-    buffers (the decay slopes, computed from the config) stay real."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def _empty_model(cfg: ModelConfig) -> TransNormerLLM:
-    """``TransNormerLLM(cfg)`` with every parameter on the meta device: no weight memory, no init work."""
-    with _parameters_on_meta():
-        return TransNormerLLM(cfg)
+    """``TransNormerLLM(cfg)`` built on the meta device (no weight memory, no init work), its fixed buffers
+    (the decay slopes, computed from the config, never stored) then made real on the CPU."""
+    with torch.device("meta"):
+        model = TransNormerLLM(cfg)
+    for i, layer in enumerate(model.layers):
+        layer.token_mixer.slope = GatedLinearAttention.decay_slope(cfg, i)
+    return model
 
 
 def _resolve_dtype(dtype, cfg: dict):

@@ -17,6 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .. import ops as _ops
 from .decay import decay_slopes
@@ -37,7 +38,7 @@ def _qk_activation(name: str):
 
 def _is_dtensor(t) -> bool:
     """Whether ``t`` is a ``torch.distributed`` DTensor (a weight split by ``tnlib.parallel``)."""
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+    return isinstance(t, DTensor)
 
 
 class GatedLinearAttention(nn.Module):
@@ -60,19 +61,24 @@ class GatedLinearAttention(nn.Module):
         self.qk_act = cfg.qk_act
         self.act = _qk_activation(cfg.qk_act)
         self.lrpe = LRPE(H, cfg.head_dim, learnable=cfg.lrpe_learnable) if cfg.lrpe_on(layer_idx) else None
-        if cfg.uses_decay:
-            slope = decay_slopes(H, layer_idx, cfg.n_layers, cfg.decay_formula, cfg.layer_temperature)
-        else:
-            slope = torch.zeros(H)
-        self.register_buffer("slope", slope, persistent=False)  # fixed, recomputed from the config
+        self.register_buffer("slope", self.decay_slope(cfg, layer_idx), persistent=False)  # fixed by the config
         self.norm = build_norm(cfg.norm, d, cfg.norm_eps)
+
+    @staticmethod
+    def decay_slope(cfg, layer_idx: int) -> torch.Tensor:
+        """The fixed decay of layer ``layer_idx`` as ``slope = -ln(lambda)`` per head (fp32 ``[H]``, on the
+        CPU whatever the default device; zeros where the config has no decay)."""
+        with torch.device("cpu"):
+            if cfg.uses_decay:
+                return decay_slopes(cfg.n_heads, layer_idx, cfg.n_layers, cfg.decay_formula, cfg.layer_temperature)
+            return torch.zeros(cfg.n_heads)
 
     def forward(self, x, state=None, offset=0, return_state=False, pad_mask=None):
         """``x: [B, T, d]`` -> ``[B, T, d]`` (and the final recurrent state if ``return_state``).
 
         ``state`` (``[B, H, K, V]`` fp32) continues a sequence; ``offset`` (int or ``[B]``) is the LRPE
         position of token 0; ``pad_mask`` (``[B, T]`` bool, True = real token) zeroes the values of
-        padding so it contributes nothing to the state (spec section 3.3).
+        padding so it contributes nothing to the state.
         """
         B, T, d = x.shape
         H, D = self.n_heads, self.head_dim
