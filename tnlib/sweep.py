@@ -384,7 +384,8 @@ def summarize(spec: dict, results: str, sweep_provenance: dict | None = None) ->
                  "tokens": done[0]["tokens"] if done else None, "params": done[0]["params"] if done else None,
                  "tokens_per_s": [f and f["tokens_per_s"] for f in finals],
                  "tokens_per_s_385m": speed.get(f"{row['table']}/{row['name']}"),
-                 "complete": len(done) == len(finals)}
+                 "complete": len(done) == len(finals),
+                 **({"match_params": True} if row.get("match_params") else {})}
         for k in ppl_keys:
             entry[k + "_stats"] = _stats([f and f.get(k) for f in finals])
         if entry["params"] is None:  # not run yet: counted from its config (the data's vocabulary, when known)
