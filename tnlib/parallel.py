@@ -197,13 +197,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, src_data_rank: int | None =
     group = tp_mesh.get_group()
     for block in model.layers:
         gla = block.token_mixer
-        H = gla.n_heads
-        h0, h1 = r * H // tp, (r + 1) * H // tp
         d = gla.out_proj.in_features
         parts = gla.qkvu_proj.out_features // d
         with torch.no_grad():  # heads grouped per rank (see the module docstring)
             gla.qkvu_proj.weight.copy_(gla.qkvu_proj.weight[qkvu_rank_order(d, parts, tp).to(gla.qkvu_proj.weight.device)])
-        gla.tp_size = tp  # read by canonical_state_dict
         parallelize_module(block, tp_mesh, src_data_rank=src_data_rank, parallelize_plan={
             "token_mixer.qkvu_proj": ColwiseParallel(),
             "token_mixer.out_proj": RowwiseParallel(),
@@ -211,17 +208,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, src_data_rank: int | None =
             "channel_mixer.l2": ColwiseParallel(),
             "channel_mixer.l3": RowwiseParallel(),
         })
-        # this rank's heads: their decay slopes (a fixed buffer) and LRPE angles (a sharded parameter,
-        # used as its local shard by tnlib.nn.lrpe)
-        gla.n_heads = h1 - h0
-        gla.slope = gla.slope[h0:h1].clone()
-        if gla.lrpe is not None:
+        gla.keep_heads(r, tp)  # this rank's heads: their decay slopes (and a fixed LRPE theta)
+        if gla.lrpe is not None and isinstance(gla.lrpe.theta, nn.Parameter):  # used as its local shard by tnlib.nn.lrpe
             theta = gla.lrpe.theta
-            if isinstance(theta, nn.Parameter):
-                gla.lrpe.theta = nn.Parameter(distribute_tensor(theta.data, tp_mesh, [Shard(0)], src_data_rank=src_data_rank),
-                                              requires_grad=theta.requires_grad)
-            else:
-                gla.lrpe.theta = theta[h0:h1].clone()
+            gla.lrpe.theta = nn.Parameter(distribute_tensor(theta.data, tp_mesh, [Shard(0)], src_data_rank=src_data_rank),
+                                          requires_grad=theta.requires_grad)
         norm = gla.norm
         weight = None
         if getattr(norm, "weight", None) is not None:  # RMSNorm's gain: split like o

@@ -62,7 +62,20 @@ class GatedLinearAttention(nn.Module):
         self.act = _qk_activation(cfg.qk_act)
         self.lrpe = LRPE(H, cfg.head_dim, learnable=cfg.lrpe_learnable) if cfg.lrpe_on(layer_idx) else None
         self.register_buffer("slope", self.decay_slope(cfg, layer_idx), persistent=False)  # fixed by the config
+        self.tp_size = 1  # how many ranks share its heads (keep_heads, under tnlib.parallel's tensor parallelism)
         self.norm = build_norm(cfg.norm, d, cfg.norm_eps)
+
+    def keep_heads(self, rank: int, tp: int) -> tuple[int, int]:
+        """Tensor parallelism over ``tp`` ranks: this rank keeps heads ``h0:h1`` of ``tp`` equal groups, with
+        their decay slopes (and LRPE's theta when it is a fixed buffer; a learnable theta is a parameter,
+        sharded by ``tnlib.parallel``, which also splits the projections). Returns ``(h0, h1)``."""
+        H = self.n_heads
+        h0, h1 = rank * H // tp, (rank + 1) * H // tp
+        self.n_heads, self.tp_size = h1 - h0, tp
+        self.slope = self.slope[h0:h1].clone()
+        if self.lrpe is not None and not isinstance(self.lrpe.theta, nn.Parameter):
+            self.lrpe.theta = self.lrpe.theta[h0:h1].clone()
+        return h0, h1
 
     @staticmethod
     def decay_slope(cfg, layer_idx: int) -> torch.Tensor:
