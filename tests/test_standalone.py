@@ -155,6 +155,17 @@ def test_download_writes_the_open_corpus_and_prepare_reads_it(tmp_path, monkeypa
     assert download_open_data(out, corpus_bytes=budget) == paths
     assert "holds the open corpus downloaded on" in capsys.readouterr().out
 
+    # make data without a local corpus: the download (reused here, offline) and then prepare on it
+    if os.access(os.path.join(ROOT, ".venv", "bin", "python"), os.X_OK):
+        res = _run(["make", "-s", "-o", "setup", "data", f"CORPUS={tmp_path}/none/corpus-*.txt.xz",
+                    f"OPEN_DATA={out}", f"DATA_DIR={tmp_path}/made", f"BPE_50K={TOKENIZER}"], {})
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.startswith(f"{out} holds the open corpus downloaded on")
+        made = json.load(open(tmp_path / "made" / "meta.json"))
+        assert made["sources"] == prepared["sources"] and made["tokenizer_sha256"] == prepared["tokenizer_sha256"]
+        assert {f"eval-{k}" for k in ("heldout", "wikitext-valid", "wikitext-test", "wikitext-detok-valid",
+                                      "wikitext-detok-test")} <= set(made["splits"])
+
 
 def _run(args, env_extra, cwd=ROOT):
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", **env_extra)  # offline, whatever the network
