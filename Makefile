@@ -75,19 +75,29 @@ QUICKSTART_ARGS ?=
 quickstart: setup ## tiny TNL vs tiny Transformer on the shipped sample -> runs/quickstart (CPU, minutes)
 	$(BIN)/python -m tnlib quickstart $(QUICKSTART_ARGS)
 
-# the full open corpus (../shared/data by default) -> $(DATA_DIR) with a 50,272-token BPE. The BPE is
-# trained on the first 300 training books unless $(BPE_50K) exists (the committed one, for identical data).
-CORPUS ?= ../shared/data/corpus-gutenberg-*.txt.xz
+# the full open corpus -> $(DATA_DIR) with a 50,272-token BPE. The corpus is the local one ($(CORPUS), with the
+# eval sets beside it in $(SHARED_DATA)) when it is there; otherwise `python -m tnlib download` first fetches
+# an open one of the same kind from the Hugging Face hub into $(OPEN_DATA) (English Project Gutenberg books,
+# 400 MB of text, and WikiText-103; it says what and how big before downloading), prepared the same way.
+# The BPE is trained on the first 300 training books unless $(BPE_50K) exists (the committed one, for identical
+# tokenization). Offline with no local corpus it stops with one line naming both ways out.
+SHARED_DATA ?= ../shared/data
+CORPUS ?= $(SHARED_DATA)/corpus-gutenberg-*.txt.xz
+OPEN_DATA ?= data/open
 DATA_DIR ?= data/full
 BPE_50K ?= data/tokenizer-gutenberg-50272.json
-data: setup ## tokenize the full corpus -> data/full (FORCE=--force to redo)
+PREPARE = $(BIN)/python -m tnlib prepare --out $(DATA_DIR) --vocab-size 50272 --val-permille 10 \
+  $$( [ -f $(BPE_50K) ] && echo --tokenizer $(BPE_50K) || echo --tokenizer-docs 300 ) $(FORCE)
+# the eval sets of a folder laid out as ../shared/data (the download writes the same file names)
+EVAL_SETS = heldout=$(1)/gutenberg-heldout.txt.xz wikitext-valid=$(1)/wikitext103-valid.txt \
+  wikitext-test=$(1)/wikitext103-test.txt wikitext-detok-valid=wikitext-detok:$(1)/wikitext103-valid.txt \
+  wikitext-detok-test=wikitext-detok:$(1)/wikitext103-test.txt
+data: setup ## tokenize the full corpus -> data/full (local, else downloaded; FORCE=--force to redo)
 	@if [ -f $(DATA_DIR)/meta.json ] && [ -z "$(FORCE)" ]; then echo "$(DATA_DIR) is prepared (FORCE=--force to redo)"; \
-	else $(BIN)/python -m tnlib prepare --corpus "$(CORPUS)" --out $(DATA_DIR) --vocab-size 50272 --val-permille 10 \
-	  $$( [ -f $(BPE_50K) ] && echo --tokenizer $(BPE_50K) || echo --tokenizer-docs 300 ) $(FORCE) \
-	  --eval heldout=../shared/data/gutenberg-heldout.txt.xz wikitext-valid=../shared/data/wikitext103-valid.txt \
-	         wikitext-test=../shared/data/wikitext103-test.txt \
-	         wikitext-detok-valid=wikitext-detok:../shared/data/wikitext103-valid.txt \
-	         wikitext-detok-test=wikitext-detok:../shared/data/wikitext103-test.txt; fi
+	elif ls -d $(CORPUS) >/dev/null 2>&1; then \
+	  $(PREPARE) --corpus "$(CORPUS)" --eval $(call EVAL_SETS,$(SHARED_DATA)); \
+	else $(BIN)/python -m tnlib download --out $(OPEN_DATA) --local-corpus "$(CORPUS)" && \
+	  $(PREPARE) --corpus "$(OPEN_DATA)/corpus-gutenberg-*.txt.xz" --eval $(call EVAL_SETS,$(OPEN_DATA)); fi
 
 # TNL-385M vs Transformer-385M on the same tokens (GPUs). Defaults: 400M tokens per model (about 4
 # epochs of the 95M-token corpus): on one H200 ~33 min (TNL) + ~43 min (Transformer) of training steps at

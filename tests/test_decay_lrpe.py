@@ -1,4 +1,4 @@
-"""Decay tables (spec sections 4.2 and 10.5) and LRPE-d's relative-position property."""
+"""Decay tables (the official formula, docs/sources.md) and LRPE-d's relative-position property."""
 import math
 
 import pytest

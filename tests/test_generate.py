@@ -55,7 +55,7 @@ def test_mixed_length_batch_equals_separate_runs(preset):
 
 
 def test_new_prompt_resets_positions():
-    """Spec 7.4: the LRPE offset must restart at 0 for every new prompt."""
+    """docs/sources.md (the official code's offset): the LRPE offset must restart at 0 for every new prompt."""
     m = tiny("tnl-tiny")
     p = torch.randint(0, 101, (1, 11))
     first = generate(m, p, max_new_tokens=6)

@@ -18,7 +18,7 @@ def meta_model(preset, **kw):
 
 
 def test_paper_parameter_counts():
-    # spec 11.2: the paper's sizes count layers + one tied 50,272-row embedding (not LRPE's theta)
+    # docs/sources.md, parameter counts: the paper's sizes count layers + one tied 50,272-row embedding (not LRPE's theta)
     tnl = meta_model("tnl-385m", vocab_size=50272)
     assert tnl.num_parameters(exclude_lrpe_theta=True) == 384_925_696
     assert tnl.num_parameters() == 384_925_696 + 1024  # + theta of layer 0 (H * d_h)

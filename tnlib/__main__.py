@@ -1,4 +1,4 @@
-"""Command line: ``python -m tnlib {prepare,train,generate,convert,compare,quickstart,sweep,consolidate} ...``
+"""Command line: ``python -m tnlib {prepare,download,train,generate,convert,compare,quickstart,sweep,consolidate} ...``
 (``--help`` on each; ``python -m tnlib`` alone lists the commands).
 
 Every error is one line on stderr, ``error: ...``, with exit status 2, and nothing is written: argument
@@ -72,18 +72,50 @@ def _train_config(a):
 
 
 def cmd_prepare(a):
-    from .data import load_tokenizer, prepare_data
+    from .data import _split_transform, load_tokenizer, prepare_data
 
     if a.tokenizer:  # checked before anything is written
         load_tokenizer(a.tokenizer)
 
     evals = dict(e.split("=", 1) for e in a.eval) if a.eval else {}
+    for name, spec in evals.items():  # said before the corpus is read and tokenized, not after
+        path = _split_transform(spec)[1]
+        if not path.startswith("hub:") and not glob.glob(path):
+            raise CommandError(f"--eval {name}: {path} does not exist")
     corpus = a.corpus
+    if corpus == [DEFAULT_CORPUS] and not glob.glob(DEFAULT_CORPUS):
+        raise CommandError(f"no corpus at {DEFAULT_CORPUS} (the default --corpus): pass --corpus PATH, or fetch "
+                           f"an open one from the Hugging Face hub with python -m tnlib download (make data does both)")
     if len(corpus) == 1 and any(ch in corpus[0] for ch in "*?["):
         corpus = sorted(glob.glob(corpus[0])) or corpus
     meta = prepare_data(corpus, a.out, vocab_size=a.vocab_size, val_permille=a.val_permille, eval_sets=evals,
                         tokenizer=a.tokenizer, tokenizer_docs=a.tokenizer_docs, force=a.force)
     print(json.dumps(meta["splits"], indent=1))
+
+
+def cmd_download(a):
+    from .download import download_open_data
+
+    download_open_data(a.out, corpus_bytes=a.corpus_mb * 1_000_000, heldout_permille=a.heldout_permille,
+                       force=a.force, local_corpus=a.local_corpus)
+
+
+def _add_download_parser(sub):
+    from .download import DEFAULT_CORPUS_BYTES, GUTENBERG
+
+    p = sub.add_parser("download", help=f"fetch an open corpus ({GUTENBERG.repo}) and the WikiText-103 eval sets from "
+                                        f"the Hugging Face hub into local files for prepare (what make data does "
+                                        f"without a local corpus)")
+    p.add_argument("--out", default="data/open", help="folder for the corpus, held-out and WikiText files")
+    p.add_argument("--corpus-mb", type=_number(int, lo=1), default=DEFAULT_CORPUS_BYTES // 1_000_000,
+                   help=f"MB of book text to keep from {GUTENBERG.repo} (split {GUTENBERG.split}), streamed in order")
+    p.add_argument("--heldout-permille", type=_number(int, lo=1, hi=999), default=10,
+                   help="books per 1000 of the stream set aside as the held-out eval set (by a hash of their id)")
+    p.add_argument("--local-corpus", default=None,
+                   help="where a local corpus was looked for first (make data passes its CORPUS), named in the error "
+                        "when the hub cannot be reached")
+    p.add_argument("--force", action="store_true", help="download again over a finished download in --out")
+    p.set_defaults(fn=cmd_download)
 
 
 def cmd_train(a):
@@ -350,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", nargs="*", default=[], help="name=path held-out sets to tokenize too; name=wikitext-detok:path detokenizes WikiText first")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     p.set_defaults(fn=cmd_prepare)
+
+    _add_download_parser(sub)
 
     p = sub.add_parser("train", help="train a preset on prepared data")
     p.add_argument("--preset", default="tnl-tiny", help=f"model preset: {', '.join(PRESETS)}")

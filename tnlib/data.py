@@ -9,8 +9,9 @@ into ``out_dir/``::
     eval-<name>.bin     optional extra held-out sets (same tokenizer)
     meta.json           token and byte counts, tokenizer hash, source file hashes, split rule
 
-Documents inside a text file are separated by a line holding only ``<|endoftext|>`` (the corpus in
-``../shared/data``); a text file without that line is one document. The train/val split is by
+Documents inside a text file are separated by a line holding only ``<|endoftext|>`` (the local corpus
+in ``../shared/data``, and the open one ``tnlib.download`` writes); a text file without that line is one
+document. The train/val split is by
 document, decided by a hash of the document's text, so it does not depend on file order.
 """
 from __future__ import annotations

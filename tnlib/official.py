@@ -22,7 +22,7 @@ Official key -> tnlib key (shapes for width d, H heads of D = d/H, vocabulary V)
     (norm weights/biases, LayerNorm configs only)  same names without the ``model.`` prefix
 
 The checkpoints hold no decay slopes: both codes recompute them from the head and layer counts.
-Behaviours of the official code a user of these files should know (reference README, spec 7.4):
+Behaviours of the official code a user of these files should know (``docs/sources.md``):
 
 * its SRMSNorm computes in fp32 and casts back; tnlib's does the same (fp64 inputs stay fp64 here);
 * its eval-mode decoding keeps the LRPE offset on the module across prompts; tnlib restarts every

@@ -12,7 +12,7 @@ Three ways to put one model on several GPUs, all through ``torch.distributed`` (
   fp32: a bf16 angle at position 2000 is off by radians). One rank has nothing to shard: it trains the
   plain model and writes the same sharded checkpoints.
 * ``tensor_parallel=N``: a 2-D mesh ``("dp", "tp")``; within a ``tp`` group each rank holds ``1/N`` of
-  every block's heads and SGLU channels (spec section 11.3, the paper's plan): GLA's fused ``qkvu`` and
+  every block's heads and SGLU channels (the paper's Megatron-style plan, ``docs/sources.md``): GLA's fused ``qkvu`` and
   SGLU's ``l1``/``l2`` column-wise, the output projections row-wise, so a block costs one all-reduce
   forward and one backward per mixer. Each rank runs Lightning Attention on its own heads (their decay
   slopes and LRPE ``theta``). The ``dp`` dimension is sharded with FSDP.

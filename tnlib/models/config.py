@@ -1,4 +1,5 @@
-"""Typed model configs and named presets (spec section 11). Taught in ``notebooks/07_model.ipynb``.
+"""Typed model configs and named presets (the released shapes: ``docs/sources.md``). Taught in
+``notebooks/07_model.ipynb``.
 
 Every ablation of the paper is a config field whose default is the paper's choice.
 """
@@ -29,7 +30,7 @@ CHOICES = {
 
 
 def glu_dim_for(d_model: int, multiple: int = 256) -> int:
-    """``ceil(8/3 d / 256) * 256``: 1024 -> 2816, 2048 -> 5632, 4096 -> 11008 (spec section 8)."""
+    """``ceil(8/3 d / 256) * 256``: 1024 -> 2816, 2048 -> 5632, 4096 -> 11008 (ours: fits every released config)."""
     return math.ceil(8 * d_model / 3 / multiple) * multiple
 
 
@@ -115,7 +116,7 @@ PRESETS: dict[str, dict] = {
     # a few million parameters: fast on a CPU (vocab small on purpose; override it to match a tokenizer)
     "tnl-tiny": dict(_TNL, vocab_size=4096, d_model=128, n_layers=4, n_heads=4, glu_dim=352),
     "transformer-tiny": dict(_TF, vocab_size=4096, d_model=128, n_layers=4, n_heads=4, glu_dim=400),
-    # the paper's sizes (shapes of spec section 11.1; vocab 50272 = the ablation checkpoints' GPT-2 BPE)
+    # the paper's sizes (the released shapes, docs/sources.md; vocab 50272 = the ablation checkpoints' GPT-2 BPE)
     "tnl-385m": dict(_TNL, d_model=1024, n_layers=24, n_heads=8, glu_dim=2816),
     # LLaMA-style baseline of the same width/depth/heads; the SwiGLU width is raised to 3136 so that the
     # parameter count matches tnl-385m within 2% (it lacks the gate projection u)

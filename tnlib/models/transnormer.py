@@ -1,4 +1,4 @@
-"""TransNormerLLM (spec sections 2, 3, 8, 9): pre-norm blocks of GLA + SGLU. See ``notebooks/07_model``."""
+"""TransNormerLLM (arXiv 2307.14995, Figure 1): pre-norm blocks of GLA + SGLU. See ``notebooks/07_model``."""
 from __future__ import annotations
 
 import math
@@ -85,8 +85,9 @@ class TransNormerLLM(CausalLM):
 
         Prefill runs the parallel (Lightning Attention) form and keeps each layer's final state; a
         one-token step runs the robust recurrence. ``pad_mask`` marks real tokens of a *left-padded*
-        prefill; positions restart at 0 for every new prompt (spec section 7.4). ``last_only`` returns
-        logits for the last position only; ``validate=False`` skips the host-side id check (CUDA graphs).
+        prefill; positions restart at 0 for every new prompt (the official code does not reset them:
+        ``docs/sources.md``). ``last_only`` returns logits for the last position only; ``validate=False``
+        skips the host-side id check (CUDA graphs).
         """
         if cache is None:
             start = left_pad_positions(input_ids, pad_mask)

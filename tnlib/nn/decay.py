@@ -1,6 +1,6 @@
 """Fixed per-(layer, head) exponential decay: ``lambda = exp(-slope)``.
 
-Taught in ``notebooks/03_decay.ipynb``. Two formulas (spec section 4):
+Taught in ``notebooks/03_decay.ipynb``. Two formulas (``docs/sources.md``, "Decay slopes"):
 
 * ``"official"`` (default, the OpenNLPLab code that trained the released weights):
   ALiBi base slopes ``m_h = 2^(-8h/H)`` (h = 1..H, with ALiBi's interleaving for non-powers of two)
@@ -8,7 +8,7 @@ Taught in ``notebooks/03_decay.ipynb``. Two formulas (spec section 4):
 * ``"paper"`` (the paper's equation read literally): ``slope = (8h/H) (1 - l/L)`` with h = 1..H,
   l = 1..L (so the last layer has no decay and larger h decays faster).
 
-``layer_temperature=False`` drops the layer factor (the ablation of paper Table 5).
+``layer_temperature=False`` drops the layer factor (the ablation of arXiv 2307.14995, Table 4).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Gated Linear Attention (the token mixer) and SGLU (the channel mixer). See ``notebooks/05_gating``.
 
-GLA (spec section 3)::
+GLA (arXiv 2307.14995; the details as in the official code, ``docs/sources.md``)::
 
     q, k, v, u = split(x W_qkvu)                  one fused projection, no biases
     q, k = phi(q), phi(k)                          SiLU by default ("1+elu" / "none" as ablations)
@@ -8,7 +8,7 @@ GLA (spec section 3)::
     o = DecayLinearAttention(q, k, v; slope)       no 1/sqrt(d) scaling, no softmax, no denominator
     out = (SRMSNorm(o over the full width) * u) W_o
 
-SGLU (spec section 8): ``((x W_v) * (x W_u)) W_o`` with no activation (``glu_act="silu"`` is the ablation).
+SGLU (arXiv 2307.14995, Table 7): ``((x W_v) * (x W_u)) W_o`` with no activation (``glu_act="silu"`` is the ablation).
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class GatedLinearAttention(nn.Module):
 
         ``state`` (``[B, H, K, V]`` fp32) continues a sequence; ``offset`` (int or ``[B]``) is the LRPE
         position of token 0; ``pad_mask`` (``[B, T]`` bool, True = real token) zeroes the values of
-        padding so it contributes nothing to the state.
+        padding so it contributes nothing to the state (as the official code does).
         """
         B, T, d = x.shape
         H, D = self.n_heads, self.head_dim
@@ -132,7 +132,7 @@ class GatedLinearAttention(nn.Module):
 
     @staticmethod
     def recurrent_step(q, k, v, slope, state):
-        """The robust recurrence for one token (spec section 7.2): ``S <- lambda S + k^T v``, ``o = q S``.
+        """The paper's robust recurrence for one token (arXiv 2307.14995): ``S <- lambda S + k^T v``, ``o = q S``.
 
         ``q, k: [B, H, K]``, ``v: [B, H, V]``, ``state: [B, H, K, V]`` (fp32, or fp64 for fp64 inputs).
         Only ``lambda <= 1`` is ever applied, so nothing overflows however long the context.

@@ -1,4 +1,5 @@
-"""LRPE-d's relative-position feature map (spec section 5.2), taught in ``notebooks/02_lrpe_d.ipynb``.
+"""LRPE-d's relative-position feature map (as the official code computes it, ``docs/sources.md``),
+taught in ``notebooks/02_lrpe_d.ipynb``.
 
 ``x_t -> [x_t * cos(theta t) || x_t * sin(theta t)]`` doubles the head dim, and then
 ``q~_t . k~_s = sum_j q_tj k_sj cos(theta_j (t - s))`` depends on positions only through ``t - s``.

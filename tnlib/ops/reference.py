@@ -117,7 +117,7 @@ def linear_attention_recurrent(q, k, v, slope=None, initial_state=None, output_f
 def linear_attention_chunked(
     q, k, v, slope=None, initial_state=None, output_final_state=False, block_size: int = 64
 ):
-    """Lightning Attention-2's block algorithm in PyTorch (spec section 6.3), 0-based in-block index.
+    """Lightning Attention-2's block algorithm (arXiv 2401.04658) in PyTorch, 0-based in-block index.
 
     For each block of ``m <= block_size`` tokens starting after state ``S``::
 

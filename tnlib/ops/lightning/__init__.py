@@ -1,4 +1,4 @@
-"""Lightning Attention (spec section 6.3): Triton forward and hand-derived backward.
+"""Lightning Attention-2 (arXiv 2401.04658): Triton forward and hand-derived backward.
 
 ``plan`` chooses the launches (tiles, segments), ``op`` holds the custom ops with their autograd
 and the launchers, ``kernels`` the Triton kernels. Notebook: ``04_lightning_attention``.

@@ -1,4 +1,4 @@
-"""Triton kernels for Lightning Attention (spec section 6.3), forward and hand-derived backward.
+"""Triton kernels for Lightning Attention-2 (arXiv 2401.04658), forward and hand-derived backward.
 
 Notebook ``04_lightning_attention`` writes a tutorial-sized forward kernel (one program per
 (batch, head), the chunk loop, the state in registers). The production kernels add:

@@ -9,7 +9,7 @@ Backward, derived by hand. With ``dO`` the output gradient and ``G`` the gradien
 the returned final state ``S_{T-1}`` (zero when unused)::
 
     S_t   = lambda^(t+1) S_{-1} + sum_{s<=t} lambda^(t-s) k_s^T v_s
-    D_t   = lambda^(T-1-t) G + sum_{s>=t} lambda^(s-t) q_s^T dO_s          (the dKV of the spec)
+    D_t   = lambda^(T-1-t) G + sum_{s>=t} lambda^(s-t) q_s^T dO_s          (dKV in arXiv 2401.04658)
     dq_t  = dO_t S_t^T        dk_t = v_t D_t^T        dv_t = k_t D_t       dS_{-1} = lambda D_0
 
 Each of the three gradient lines is itself a decayed linear attention: ``dq`` runs forward in
