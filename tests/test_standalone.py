@@ -16,16 +16,12 @@ TOKENIZER = os.path.join(ROOT, "data/sample/tokenizer.json")
 
 # references to files that are not in the repository (the private spec and design notes)
 OUTSIDE = re.compile(r"spec §|spec section|\.\./shared/spec|spec/transnormerllm|spec/paper_tables|DESIGN\.md", re.I)
-# notebooks 04, 09 and 10 are being rewritten on other branches, which drop their references; remove this
-# skip once they are merged
-OTHER_BRANCHES = ("04_lightning_attention.ipynb", "09_train_385m.ipynb", "10_ablations.ipynb")
 
 
 def _checked_files():
     files = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
     files += sorted(glob.glob(os.path.join(ROOT, "tnlib", "**", "*.py"), recursive=True))
-    files += [p for p in sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
-              if os.path.basename(p) not in OTHER_BRANCHES]
+    files += sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
     return files
 
 
