@@ -72,6 +72,11 @@ def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @torch.library.custom_op("tnlib::gemv", mutates_args=())
 def gemv_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _gemv_launch(x, weight)
+
+
+def _gemv_launch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The custom op's body: ``x @ weight.T`` through the autotuned kernel."""
     K = x.shape[-1]
     N = weight.shape[0]
     x2 = x.reshape(-1, K)
