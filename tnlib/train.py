@@ -1,4 +1,5 @@
-"""Training loop: AdamW + warmup/cosine, bf16 autocast, accumulation, checkpoints, resume, DDP/FSDP/TP.
+"""Training loop: AdamW + warmup/cosine, bf16 autocast (fp16 with a loss scaler on GPUs without bf16),
+accumulation, checkpoints, resume, DDP/FSDP/TP.
 
 Taught in ``notebooks/09_train_385m.ipynb``; run as ``python -m tnlib train --preset tnl-tiny --data DIR``
 (or under ``torchrun --nproc_per_node N`` for data parallelism; ``parallel=fsdp`` and ``tensor_parallel``
@@ -28,13 +29,14 @@ from .fields import check_fields
 from .models import build_model, get_config
 from .parallel import (SHARDED_DIR, apply_fsdp, apply_tensor_parallel, build_mesh, canonical_state_dict,
                        check_parallel, clip_grad_norm, init_distributed, load_sharded, save_sharded)
+from .ops.targets import device_target
 from .provenance import provenance
 
-__all__ = ["TrainConfig", "TRAIN_CHOICES", "train", "evaluate", "lr_at", "batch_at"]
+__all__ = ["TrainConfig", "TRAIN_CHOICES", "train", "evaluate", "lr_at", "batch_at", "precision_for"]
 
 #: allowed values of TrainConfig's string-valued switches
 TRAIN_CHOICES = {
-    "dtype": ("auto", "bf16", "fp32"),
+    "dtype": ("auto", "bf16", "fp16", "fp32"),
     "compile_scope": ("blocks", "model"),
     "parallel": ("ddp", "fsdp"),
 }
@@ -73,7 +75,9 @@ class TrainConfig:
     ckpt_every: int = 100
     seed: int = 1234  # initialisation (and, unless data_seed is set, the data order)
     data_seed: int | None = None  # the data order alone: runs that differ only in `seed` then see the same batches
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast on a CUDA GPU with bf16 (sm_80+), fp16 autocast with a loss scaler on one without
+    # (sm_75: T4, RTX 20xx), fp32 on a CPU (precision_for)
+    dtype: str = "auto"
     compile: bool = False
     # what torch.compile sees: "blocks" (each block compiled on its own, the embedding/head/loss eager;
     # under DDP the blocks' backward graphs hand gradients to the all-reduce as they finish: the better
@@ -118,6 +122,31 @@ class TrainConfig:
 
 def _world():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def precision_for(dtype: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None, loss scaler on)`` for ``TrainConfig.dtype`` on ``device``.
+
+    ``"auto"``: bf16 on a GPU with bf16 tensor cores, fp16 with a loss scaler (``torch.amp.GradScaler``)
+    on one without, none (fp32) on a CPU. Raises ``ValueError``, saying what to use instead, for bf16 on a
+    GPU without bf16 and for fp16 on a CPU."""
+    if device.type != "cuda":
+        if dtype == "fp16":
+            raise ValueError("TrainConfig.dtype='fp16' is for CUDA GPUs (fp16 autocast with a loss scaler); on a "
+                             "CPU use dtype=fp32 (what auto picks) or bf16")
+        return (torch.bfloat16 if dtype == "bf16" else None), False
+    try:
+        target = device_target(device)
+        has_bf16, what = target.bf16, f"{target.gpus} ({target.name})"
+    except ValueError:  # below sm_75: no kernels, and no bf16 either
+        major, minor = torch.cuda.get_device_capability(device)
+        has_bf16, what = False, f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+    if dtype == "bf16" and not has_bf16:
+        raise ValueError(f"TrainConfig.dtype='bf16': {what} has no bf16 tensor cores; use dtype=auto or fp16 (fp16 "
+                         "autocast with a loss scaler, the default on this GPU) or dtype=fp32")
+    if dtype == "fp16" or (dtype == "auto" and not has_bf16):
+        return torch.float16, True
+    return (torch.bfloat16 if dtype in ("auto", "bf16") else None), False
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -173,10 +202,11 @@ def _param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos, sharded=False, rank=0):
+def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos, sharded=False, rank=0, scaler=None):
     """Write ``path`` atomically (a ``.tmp`` folder renamed at the end). Single-file (rank 0 only):
-    ``model.safetensors`` + the optimizer in ``state.pt``. ``sharded`` (every rank calls it): each rank's
-    shards of weights and optimizer under ``sharded/`` (``tnlib.parallel.save_sharded``)."""
+    ``model.safetensors`` + the optimizer (and the fp16 loss scaler, if any) in ``state.pt``. ``sharded``
+    (every rank calls it): each rank's shards of weights and optimizer under ``sharded/``
+    (``tnlib.parallel.save_sharded``)."""
     import shutil
 
     tmp = path + ".tmp"
@@ -191,6 +221,8 @@ def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos, shar
     os.makedirs(tmp, exist_ok=True)
     state = {"step": step, "tokens_seen": tokens_seen, "torch_rng": torch.get_rng_state(), "metrics_pos": metrics_pos,
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     if not sharded:
         from safetensors.torch import save_model
 
@@ -204,9 +236,9 @@ def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos, shar
     os.replace(tmp, path)
 
 
-def _measure_peak_tflops(device) -> float:
-    """bf16 matmul rate measured on this GPU (no hard-coded hardware peaks)."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+def _measure_peak_tflops(device, dtype=torch.bfloat16) -> float:
+    """``dtype`` (the autocast dtype) matmul rate measured on this GPU (no hard-coded hardware peaks)."""
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
     for _ in range(3):
         a @ a
     torch.cuda.synchronize()
@@ -242,6 +274,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    autocast_dtype, loss_scaling = precision_for(cfg.dtype, device)  # refuses what this device cannot run, first
+    if loss_scaling and sharded:
+        raise ValueError("fp16 training with a loss scaler runs with parallel=ddp and tensor_parallel=1 only; on this "
+                         "GPU use those, or dtype=fp32")
     own_group = False
     if (world > 1 or sharded) and not torch.distributed.is_initialized():
         init_distributed(device.type)  # a lone process gets a 1-rank group (FSDP needs one)
@@ -249,8 +285,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     mesh = build_mesh(device.type, world, tp) if sharded else None
     # the data dimension: tensor-parallel ranks of one group read the same batch
     dp_rank, dp_world = (mesh["dp"].get_local_rank(), world // tp) if mesh is not None else (rank, world)
-    autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
-                      "fp32": None}[cfg.dtype]
     if cfg.fused_loss is None:  # resolved here, so the run's recorded config says what ran
         cfg = dataclasses.replace(cfg, fused_loss=device.type == "cuda")
 
@@ -306,6 +340,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     # fused AdamW on CUDA; the per-tensor loop where plain and tensor-parallel (DTensor) weights mix
     opt_kw = {"fused": True} if device.type == "cuda" else ({"foreach": False} if tp > 1 else {})
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **opt_kw)
+    scaler = torch.amp.GradScaler(device.type) if loss_scaling else None  # fp16: gradients scaled against underflow
     if resume:
         state = torch.load(os.path.join(ckpt_dir, "state.pt"), map_location=device, weights_only=False)
         if ckpt_sharded:  # resharded to however this run is spread
@@ -313,6 +348,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         else:
             opt.load_state_dict(state["optimizer"])
         step, tokens_seen = state["step"], state["tokens_seen"]
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"].cpu())
         if os.path.exists(metrics_path):  # drop log lines written after the checkpoint
             with open(metrics_path, "rb+") as f:
@@ -327,7 +364,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             gradient_as_bucket_view=True)
     fwd = torch.compile(model) if cfg.compile and cfg.compile_scope == "model" else model
     n_params = raw_model.num_parameters()
-    peak = cfg.peak_tflops or (_measure_peak_tflops(device) if device.type == "cuda" else None)
+    peak = cfg.peak_tflops or (_measure_peak_tflops(device, autocast_dtype or torch.float32)
+                               if device.type == "cuda" else None)
 
     stop = {"signal": None}
 
@@ -344,6 +382,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     if rank == 0 and step == 0:
         write({"event": "start", "config": dataclasses.asdict(cfg), "model": mcfg.to_dict(), "params": n_params,
+               "precision": {"autocast": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
+                             "loss_scaler": loss_scaling},
                "provenance": provenance(), "data_meta": {k: meta[k] for k in ("vocab_size", "tokenizer_sha256", "splits")}})
 
     def run_eval():
@@ -382,11 +422,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                         # fused: the model returns the loss itself (LM head + cross-entropy in row chunks)
                         out = fwd(x[:, :-1], x[:, 1:]) if cfg.fused_loss else fwd(x[:, :-1])
                     loss = out if cfg.fused_loss else F.cross_entropy(out.float().flatten(0, 1), x[:, 1:].flatten())
-                    (loss / cfg.grad_accum).backward()
+                    (loss / cfg.grad_accum if scaler is None else scaler.scale(loss / cfg.grad_accum)).backward()
                 loss_sum += loss.detach().float() / cfg.grad_accum
             # launched while the GPU still runs the backward: the clip and the optimizer step queue up behind it
+            if scaler is not None:
+                scaler.unscale_(opt)  # clip the true gradients
             gnorm = clip_grad_norm(list(model.parameters()), cfg.grad_clip)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)  # skipped when a gradient overflowed; the scale then shrinks
+                scaler.update()
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -409,6 +455,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 rec["mfu"] = 6 * n_params * tps / (peak * 1e12 * world)  # per GPU: tps counts every rank
             if device.type == "cuda":
                 rec["mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            if scaler is not None:
+                rec["loss_scale"] = scaler.get_scale()
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 rec.update(run_eval())
             write(rec)
@@ -417,7 +465,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
             if (rank == 0 or sharded) and (step % cfg.ckpt_every == 0 or stop["signal"]):
                 _save_checkpoint(ckpt_dir, raw_model, opt, step, tokens_seen, cfg,
-                                 log.tell() if log else 0, sharded, rank)
+                                 log.tell() if log else 0, sharded, rank, scaler)
             if stop["signal"]:
                 write({"event": "interrupted", "signal": stop["signal"], "step": step})
                 break
@@ -431,7 +479,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
             if rank == 0 or sharded:
                 _save_checkpoint(ckpt_dir, raw_model, opt, step, tokens_seen, cfg, log.tell() if log else 0,
-                                 sharded, rank)
+                                 sharded, rank, scaler)
             if sharded:  # gather the whole model (collective), written by rank 0 as one file
                 full = canonical_state_dict(raw_model)
                 if rank == 0:
