@@ -140,7 +140,7 @@ PLANS: dict[tuple[str, str], Plan] = {
                           dkdv={64 * 64: None, 128 * 64: None, 128 * 128: None}),
     ("ampere", F32): Plan(generic={64: Tile(16, 16, 8, 1), 128: Tile(16, 16, 8, 1), 256: Tile(16, 16, 8, 1)},
                           state=None,
-                          dkdv={64 * 64: Tile(32, 0, 4, 1), 128 * 64: None, 128 * 128: None}),
+                          dkdv={64 * 64: None, 128 * 64: None, 128 * 128: None}),
     # T4, RTX 20xx (sm_75): Triton's dots are fp32 FMAs there (no tensor cores): small tiles, 8 warps
     ("turing", V16): Plan(generic={64: Tile(16, 16, 4, 1), 128: Tile(16, 16, 8, 1), 256: Tile(16, 16, 8, 1)},
                           state={64: Tile(32, 32, 8, 1, True), 128: Tile(32, 32, 8, 1, True), 256: Tile(16, 32, 8, 1, True)},
