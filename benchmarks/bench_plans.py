@@ -17,6 +17,8 @@ Parts (``--parts``, all by default, run in this order; about 4 minutes on an H10
            clipping) with every op planned as for each target, fp16 autocast with a GradScaler for sm_75 (what
            ``train`` picks there): losses against the default plan's, tokens/s; then the default plan with
            each block compiled (``torch.compile``: the device lookup inside traced code)
+  fp32     (only when named) fp32 inputs at B=16 T=2K: this GPU's fp32 plan (Hopper's, as tuned) beside the
+           fp32 tiles of the other families (ptxas reports heavy spills for Hopper's: results/gpus/NOTES.md)
 
 Model shapes: H=8 K=256 V=128 (the LRPE layer) and H=8 K=V=128, B*T = 32,768 (B=16, T=2K) and 65,536
 (B=2, T=32K: sequences split into segments); bf16 unless said. Writes ``<out>/plans-<gpu>.json`` (rows
@@ -295,6 +297,19 @@ def part_forced(path, rows):
                                         config=str(cfg)), HEADER)
 
 
+def part_fp32(path, rows):
+    from tnlib.ops.lightning.plan import launch_config
+    from tnlib.ops.targets import parse_target
+
+    B, T = BT[0]
+    for name, H, K, V in SHAPES:
+        cfg = launch_config(B, T, H, K, V, torch.float32, parse_target("sm_86"))
+        d_fwd, d_fb = time_kernels(B, T, H, K, V, torch.float32)
+        fwd, fb = time_kernels(B, T, H, K, V, torch.float32, cfg)
+        record(path, rows, dict(part="fp32", shape=name, B=B, T=T, default_fwd_ms=d_fwd, default_fwdbwd_ms=d_fb,
+                                other_fwd_ms=fwd, other_fwdbwd_ms=fb, other_config=str(cfg)), HEADER)
+
+
 def train_run(target, layers, steps, B, T, compiled=False, vocab=None):
     """Losses and tokens/s of ``steps`` training steps with every op planned as for ``target``."""
     import tnlib
@@ -423,6 +438,9 @@ def main():
             part_forced(path, rows)
         if "train" in parts:
             part_train(args, path, rows)
+        if "fp32" in parts:
+            log("fp32: this GPU's fp32 plan vs the other families' fp32 tiles")
+            part_fp32(path, rows)
     plot(rows, path[: -len(".json")] + ".png", HEADER)
     log(f"done in {time.time() - t_start:.0f} s: {path}")
 

@@ -133,6 +133,7 @@ PLANS: dict[tuple[str, str], Plan] = {
     ("hopper", F32): Plan(generic={64: Tile(64, 32, 4, 1), 128: Tile(32, 32, 4, 1), 256: Tile(32, 32, 4, 1)},
                           state=None,
                           dkdv={64 * 64: Tile(32, 0, 4, 1), 128 * 64: None, 128 * 128: None}),
+    # fp32 inputs, every family but Hopper's (kept as tuned): exact fp32 dots are FMAs, small tiles and 8 warps
     # A100, RTX 30xx/40xx/50xx, L4 (sm_80, sm_86, sm_89, sm_120): mma.sync keeps dot operands in registers
     ("ampere", V16): Plan(generic={64: Tile(64, 64, 4, 2, True), 128: Tile(32, 32, 4, 2, True), 256: Tile(32, 32, 8, 1)},
                           state={64: Tile(64, 128, 8, 2, True), 128: Tile(64, 128, 8, 2, True),
@@ -153,9 +154,9 @@ PLANS: dict[tuple[str, str], Plan] = {
                              state={64: Tile(64, 128, 8, 2, True), 128: Tile(64, 128, 8, 2, True),
                                     256: Tile(64, 64, 8, 2, True)},
                              dkdv={64 * 64: Tile(64, 0, 4, 2), 128 * 64: Tile(64, 0, 4, 2), 128 * 128: Tile(64, 0, 8, 2)}),
-    ("blackwell", F32): Plan(generic={64: Tile(64, 32, 4, 1), 128: Tile(32, 32, 4, 1), 256: Tile(32, 32, 4, 1)},
+    ("blackwell", F32): Plan(generic={64: Tile(16, 16, 8, 1), 128: Tile(16, 16, 8, 1), 256: Tile(16, 16, 8, 1)},
                              state=None,
-                             dkdv={64 * 64: Tile(32, 0, 4, 1), 128 * 64: None, 128 * 128: None}),
+                             dkdv={64 * 64: None, 128 * 64: None, 128 * 128: None}),
 }
 
 
