@@ -226,34 +226,44 @@ def part_tests(args):
     return wait
 
 
+def guarded(path, rows, row, fn):
+    """Record ``row`` updated with ``fn()``'s dict, or with the error it raised (the run goes on)."""
+    try:
+        row.update(fn())
+    except Exception as e:  # noqa: BLE001 - a failing configuration is a result, recorded
+        row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+    record(path, rows, row, HEADER)
+    empty_cache()
+
+
 def part_check(path, rows):
     from tnlib.ops import lightning_attention, linear_attention_chunked
     from tnlib.ops.lightning.plan import launch_config
+    from tnlib.ops.targets import parse_target
     from tnlib.testing import TOLERANCE, rel_err
 
-    from tnlib.ops.targets import parse_target
+    def check(cfg, B, T, H, K, V, dtype):
+        q, k, v, do, s = inputs(B, T, H, K, V, dtype, seed=1)
+        o = lightning_attention(q, k, v, s, config=cfg)
+        o.backward(do)
+        b = slice(0, 1)  # the reference on one sequence (float64, chunked form)
+        xr = [x[b].detach().double().requires_grad_() for x in (q, k, v)]
+        orf = linear_attention_chunked(*xr, s.double(), block_size=256)
+        orf.backward(do[b].double())
+        errs = dict(o=rel_err(o[b], orf), dq=rel_err(q.grad[b], xr[0].grad), dk=rel_err(k.grad[b], xr[1].grad),
+                    dv=rel_err(v.grad[b], xr[2].grad))
+        tol = TOLERANCE[dtype]  # a model-sized sum: test_model_sized_launch_on_gpu's budget
+        return dict(tol=tol, errs={k_: float(f"{e:.3e}") for k_, e in errs.items()},
+                    ok=all(e <= tol for e in errs.values()))
 
     for t in FORCED:
         dtype = dtype_of(t)
         for name, H, K, V in SHAPES:
             for B, T in BT:
                 cfg = launch_config(B, T, H, K, V, dtype, parse_target(t))
-                q, k, v, do, s = inputs(B, T, H, K, V, dtype, seed=1)
-                o = lightning_attention(q, k, v, s, config=cfg)
-                o.backward(do)
-                b = slice(0, 1)  # the reference on one sequence (float64, chunked form)
-                xr = [x[b].detach().double().requires_grad_() for x in (q, k, v)]
-                orf = linear_attention_chunked(*xr, s.double(), block_size=256)
-                orf.backward(do[b].double())
-                errs = dict(o=rel_err(o[b], orf), dq=rel_err(q.grad[b], xr[0].grad), dk=rel_err(k.grad[b], xr[1].grad),
-                            dv=rel_err(v.grad[b], xr[2].grad))
-                tol = TOLERANCE[dtype]  # a model-sized sum: test_model_sized_launch_on_gpu's budget
-                record(path, rows, dict(part="check", target=t, dtype=str(dtype)[6:], shape=name, B=B, T=T,
-                                        n_seg=cfg.n_seg(T), dkdv_fused=cfg.dkdv is not None, tol=tol,
-                                        errs={k_: float(f"{e:.3e}") for k_, e in errs.items()},
-                                        ok=all(e <= tol for e in errs.values())), HEADER)
-                del q, k, v, do, o, xr, orf
-                empty_cache()
+                guarded(path, rows, dict(part="check", target=t, dtype=str(dtype)[6:], shape=name, B=B, T=T,
+                                         n_seg=cfg.n_seg(T), dkdv_fused=cfg.dkdv is not None),
+                        lambda: check(cfg, B, T, H, K, V, dtype))
 
 
 def part_hopper(args, path, rows, tmp):
@@ -264,10 +274,15 @@ def part_hopper(args, path, rows, tmp):
     results = {}
     for label, pp, old in runs * args.rounds:
         log(f"hopper: {label} ({how if label == 'before' else 'this tree'})")
-        for r in run_worker(pp, old):
-            record(path, rows, dict(part="hopper", tree=label, source=how if label == "before" else "this tree", **r),
-                   HEADER)
-            results.setdefault(label, {})[(r["shape"], r["B"], r["T"])] = r
+        source = how if label == "before" else "this tree"
+        try:
+            for r in run_worker(pp, old):
+                record(path, rows, dict(part="hopper", tree=label, source=source, **r), HEADER)
+                results.setdefault(label, {})[(r["shape"], r["B"], r["T"])] = r
+        except RuntimeError as e:
+            record(path, rows, dict(part="hopper", tree=label, source=source, error=str(e)[-1500:]), HEADER)
+    if len(results) < 2:
+        return results
     same = all(results["before"][key]["config"] == results["after"][key]["config"] for key in results["after"])
     record(path, rows, dict(part="hopper-configs", equal=same, configs={
         f"{s} B={b} T={t}": str(LaunchConfig.from_ints(r["config"])) for (s, b, t), r in results["after"].items()}),
@@ -284,17 +299,20 @@ def part_forced(path, rows):
         for B, T in BT:
             for dtype in (torch.bfloat16, torch.float16):
                 base[(name, B, T, dtype)] = time_kernels(B, T, H, K, V, dtype)
+
+    def timed(cfg, B, T, H, K, V, dtype, d_fwd, d_fb):
+        fwd, fb = time_kernels(B, T, H, K, V, dtype, cfg)
+        return dict(fwd_ms=fwd, fwdbwd_ms=fb, slowdown_fwd=round(fwd / d_fwd, 3), slowdown_fwdbwd=round(fb / d_fb, 3))
+
     for t in FORCED:
         dtype = dtype_of(t)
         for name, H, K, V in SHAPES:
             for B, T in BT:
                 cfg = launch_config(B, T, H, K, V, dtype, parse_target(t))
-                fwd, fb = time_kernels(B, T, H, K, V, dtype, cfg)
                 d_fwd, d_fb = base[(name, B, T, dtype)]
-                record(path, rows, dict(part="forced", target=t, dtype=str(dtype)[6:], shape=name, B=B, T=T,
-                                        fwd_ms=fwd, fwdbwd_ms=fb, default_fwd_ms=d_fwd, default_fwdbwd_ms=d_fb,
-                                        slowdown_fwd=round(fwd / d_fwd, 3), slowdown_fwdbwd=round(fb / d_fb, 3),
-                                        config=str(cfg)), HEADER)
+                guarded(path, rows, dict(part="forced", target=t, dtype=str(dtype)[6:], shape=name, B=B, T=T,
+                                         default_fwd_ms=d_fwd, default_fwdbwd_ms=d_fb, config=str(cfg)),
+                        lambda: timed(cfg, B, T, H, K, V, dtype, d_fwd, d_fb))
 
 
 def part_fp32(path, rows):
@@ -302,12 +320,15 @@ def part_fp32(path, rows):
     from tnlib.ops.targets import parse_target
 
     B, T = BT[0]
-    for name, H, K, V in SHAPES:
-        cfg = launch_config(B, T, H, K, V, torch.float32, parse_target("sm_86"))
+
+    def both(cfg, H, K, V):
         d_fwd, d_fb = time_kernels(B, T, H, K, V, torch.float32)
         fwd, fb = time_kernels(B, T, H, K, V, torch.float32, cfg)
-        record(path, rows, dict(part="fp32", shape=name, B=B, T=T, default_fwd_ms=d_fwd, default_fwdbwd_ms=d_fb,
-                                other_fwd_ms=fwd, other_fwdbwd_ms=fb, other_config=str(cfg)), HEADER)
+        return dict(default_fwd_ms=d_fwd, default_fwdbwd_ms=d_fb, other_fwd_ms=fwd, other_fwdbwd_ms=fb)
+
+    for name, H, K, V in SHAPES:
+        cfg = launch_config(B, T, H, K, V, torch.float32, parse_target("sm_86"))
+        guarded(path, rows, dict(part="fp32", shape=name, B=B, T=T, other_config=str(cfg)), lambda: both(cfg, H, K, V))
 
 
 def train_run(target, layers, steps, B, T, compiled=False, vocab=None):
@@ -353,17 +374,18 @@ def train_run(target, layers, steps, B, T, compiled=False, vocab=None):
 
 def part_train(args, path, rows):
     runs = [(None, False)] + [(t, False) for t in FORCED] + ([(None, True)] if DEV == "cuda" else [])
-    ref = None
+    ref = []
+
+    def run(t, compiled):
+        r = train_run(t, args.layers, args.steps, args.batch, args.seq, compiled)
+        ref[:] = ref or r["losses"]
+        return dict(max_rel_loss_diff_vs_default=round(max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref)), 5),
+                    **r)
+
     for t, compiled in runs:
         log(f"train: plan {t or 'default'}{' compiled' if compiled else ''}")
-        r = train_run(t, args.layers, args.steps, args.batch, args.seq, compiled)
-        if ref is None:
-            ref = r["losses"]
-        diff = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref))
-        record(path, rows, dict(part="train", plan=t or "default", compiled=compiled, layers=args.layers,
-                                B=args.batch, T=args.seq, steps=args.steps, max_rel_loss_diff_vs_default=round(diff, 5),
-                                **r), HEADER)
-        empty_cache()
+        guarded(path, rows, dict(part="train", plan=t or "default", compiled=compiled, layers=args.layers,
+                                 B=args.batch, T=args.seq, steps=args.steps), lambda: run(t, compiled))
 
 
 def plot(rows, path, header=None):
@@ -373,6 +395,8 @@ def plot(rows, path, header=None):
     keys = [(s, b, t) for s, *_ in SHAPES for b, t in BT]
     series = {}
     for r in rows:
+        if "error" in r:
+            continue
         if r.get("part") == "hopper":
             series.setdefault(f"sm_90 default, {r['tree']}", {})[(r["shape"], r["B"], r["T"])] = r["fwdbwd_ms"]
         elif r.get("part") == "forced":

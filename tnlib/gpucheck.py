@@ -22,7 +22,6 @@ cached in Triton's cache directory: a second run takes seconds.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import sys
 import time
@@ -41,7 +40,6 @@ __all__ = ["Launch", "collect_launches", "check_target", "run_gpu_check", "DEFAU
 DEFAULT_MAX_SPILL = 1024
 
 _TRITON_DEFAULTS = dict(num_warps=4, num_stages=3)  # what a launch without these options gets (CUDAOptions)
-_SHOWN_FALSE = ()  # constexpr flags are shown only when set
 
 
 @dataclass
