@@ -212,8 +212,8 @@ def part_tests(args):
         env = dict(os.environ, TNLIB_TEST_TARGET=t, PYTHONPATH=ROOT)
         path = os.path.join(args.out, f"tests-{t}.log")
         f = open(path, "w")
-        cmd = [sys.executable, "-m", "pytest", "tests/test_lightning.py", "-m", "triton", "-q", "-p", "no:cacheprovider",
-               "-rf", "-k", TEST_SELECTION] + (["--collect-only"] if DEV == "cpu" else [])
+        cmd = [sys.executable, "-m", "pytest", "tests/test_lightning.py", "-m", "triton", "-o", "addopts=", "-q", "-rf",
+               "-p", "no:cacheprovider", "-k", TEST_SELECTION] + (["--collect-only"] if DEV == "cpu" else [])
         procs[t] = (subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT), f, path, time.time())
 
     def wait(path_json, rows):

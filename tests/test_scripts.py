@@ -98,7 +98,7 @@ def test_bench_plans_dry_run(tmp_path):
     (path,) = glob.glob(str(tmp_path / "plans-*.json"))
     rows = json.load(open(path))["rows"]
     assert {r["part"] for r in rows} == {"tests", "check", "hopper", "hopper-configs", "forced", "train"}
-    assert all(r["returncode"] == 0 and "tests/test_lightning.py" in r["summary"] for r in rows if r["part"] == "tests")
+    assert all(r["returncode"] == 0 and "tests collected" in r["summary"] for r in rows if r["part"] == "tests")
     assert all(r["ok"] for r in rows if r["part"] == "check")
     assert [r["equal"] for r in rows if r["part"] == "hopper-configs"] == [True]
     assert {r["plan"] for r in rows if r["part"] == "train"} == {"default", "sm_80", "sm_86", "sm_75"}
