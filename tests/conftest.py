@@ -28,6 +28,28 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _forced_gpu_target(monkeypatch):
+    """``TNLIB_TEST_TARGET=sm_86`` (GPU runs only): every launch plans as for that target, whatever the
+    GPU (``benchmarks/bench_plans.py`` runs the kernel tests so on an H100/H200 with the smaller GPUs'
+    plans); without the variable, nothing changes."""
+    name = os.environ.get("TNLIB_TEST_TARGET")
+    if not name:
+        yield
+        return
+    from tnlib.ops import _triton, targets
+    from tnlib.ops.lightning import op, plan
+
+    forced, plan_for = targets.parse_target(name), plan.plan_for
+    monkeypatch.setattr(targets, "_cuda_target", lambda index: forced)
+    monkeypatch.setattr(plan, "plan_for", lambda target=None, dtype=torch.bfloat16: plan_for(target or forced, dtype))
+    _triton._kernels_take.cache_clear()
+    op._cached_config.cache_clear()
+    yield
+    _triton._kernels_take.cache_clear()
+    op._cached_config.cache_clear()
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same global RNG state (tests that draw without a generator)."""
     torch.manual_seed(0)

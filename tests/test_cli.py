@@ -48,8 +48,8 @@ def test_int_and_float_fields():
 def test_choices():
     with pytest.raises(ValueError, match=r"ModelConfig\.norm='batch': expected one of \('srms', 'rms', 'layer'\)"):
         get_config("tnl-tiny", norm="batch")
-    with pytest.raises(ValueError, match=r"TrainConfig\.dtype='fp16': expected one of \('auto', 'bf16', 'fp32'\)"):
-        TrainConfig(dtype="fp16")
+    with pytest.raises(ValueError, match=r"TrainConfig\.dtype='fp8': expected one of \('auto', 'bf16', 'fp16', 'fp32'\)"):
+        TrainConfig(dtype="fp8")
 
 
 def test_train_config_parses_strings():
@@ -128,7 +128,7 @@ def _run(argv, capsys):
     (["--model", "d_model=big"], r"ModelConfig\.d_model='big': expected an integer"),
     (["--set", "lr=abc"], r"TrainConfig\.lr='abc': expected a number"),
     (["--set", "compile=maybe"], r"TrainConfig\.compile='maybe': expected a boolean"),
-    (["--set", "dtype=fp16"], r"TrainConfig\.dtype='fp16': expected one of"),
+    (["--set", "dtype=fp8"], r"TrainConfig\.dtype='fp8': expected one of"),
     (["--set", "max_steps=0"], r"TrainConfig\.max_steps=0: expected an integer >= 1"),
     (["--set", "lr"], "expected key=value"),
     (["--set", "learning_rate=1"], "unknown training options"),

@@ -131,6 +131,33 @@ def test_logged_loss_and_grad_norm_of_an_accumulated_step(prepared, tmp_path):
     assert rec["grad_norm"] > cfg.grad_clip  # the step clipped: the norm logged is the one before
 
 
+def test_loss_scaled_run_equals_the_plain_one_and_resumes(prepared, tmp_path, monkeypatch):
+    """The fp16 path's loss scaler (GPUs without bf16), run here in fp32 on the CPU: scaling by a power of
+    two and unscaling before the clip is exact, so every step equals the unscaled run's; its state is
+    checkpointed and resumed with the run."""
+    import torch
+
+    import tnlib.train as T
+
+    data, _ = prepared
+    plain_cfg = small_cfg(data, str(tmp_path / "plain"))
+    train(plain_cfg)
+    plain = steps_of(plain_cfg.out)
+    monkeypatch.setattr(T, "precision_for", lambda dtype, device: (None, True))  # fp32 compute, scaler on
+    part = small_cfg(data, str(tmp_path / "scaled"), max_tokens=3 * 64)
+    train(part)
+    state = torch.load(os.path.join(part.out, "checkpoint", "state.pt"), weights_only=False)
+    assert state["scaler"]["scale"] == 2.0 ** 16  # no overflow in these steps: never lowered
+    train(small_cfg(data, str(tmp_path / "scaled")), resume=True)
+    scaled = steps_of(part.out)
+    assert sorted(scaled) == sorted(plain) == [1, 2, 3, 4, 5, 6]
+    for s in plain:
+        assert scaled[s] == pytest.approx(plain[s], rel=1e-6, abs=1e-6), s
+    recs = list(map(json.loads, open(os.path.join(part.out, "metrics.jsonl"))))
+    assert recs[0]["precision"] == {"autocast": None, "loss_scaler": True}
+    assert all(r["loss_scale"] == 2.0 ** 16 for r in recs if "step" in r and "event" not in r)
+
+
 def test_sigint_checkpoints_and_resume_finishes(prepared, tmp_path):
     data, _ = prepared
     out = str(tmp_path / "sig")

@@ -370,7 +370,7 @@ def test_feature_map_fallback_for_uneven_rows():
 def test_model_sized_launch_on_gpu(B, T, H, K, V):
     """The model's shapes at full size on the GPU. At K=256 (the LRPE layer) Triton 3.6's build of the
     value-scaled state update faulted with an illegal memory access from about 8 x 1024 tokens x 8
-    heads up, while the tiny interpreter-sized cases above passed (see ``plan._generic_tile``)."""
+    heads up, while the tiny interpreter-sized cases above passed (see ``plan.PLANS``, ``scale_value``)."""
     q, k, v, slope, S0, do, G = _inputs(B, T, H, K, V, torch.bfloat16, "cuda", init=False)
     xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     o = lightning_attention(*xs, slope)

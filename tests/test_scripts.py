@@ -83,3 +83,23 @@ def test_result_files_named_by_notebooks_and_notes_exist():
     missing = sorted({(os.path.relpath(f, ROOT), p) for f in files for p in pat.findall(open(f).read())
                       if not os.path.exists(os.path.join(ROOT, p))})
     assert not missing, missing
+
+
+def test_bench_plans_dry_run(tmp_path):
+    """The one-call GPU script of issue 31 runs every part on the CPU at tiny sizes (its code, not numbers):
+    the forced-plan pytest selection collects, both trees' workers report equal Hopper configurations."""
+    import json
+
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "benchmarks/bench_plans.py", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (path,) = glob.glob(str(tmp_path / "plans-*.json"))
+    rows = json.load(open(path))["rows"]
+    assert {r["part"] for r in rows} == {"tests", "check", "hopper", "hopper-configs", "forced", "train"}
+    assert all(r["returncode"] == 0 and "tests collected" in r["summary"] for r in rows if r["part"] == "tests")
+    assert all(r["ok"] for r in rows if r["part"] == "check")
+    assert [r["equal"] for r in rows if r["part"] == "hopper-configs"] == [True]
+    assert {r["plan"] for r in rows if r["part"] == "train"} == {"default", "sm_80", "sm_86", "sm_75"}
+    assert os.path.isfile(path[: -len(".json")] + ".png")

@@ -1,5 +1,5 @@
-"""Command line: ``python -m tnlib {prepare,download,train,generate,convert,compare,quickstart,sweep,consolidate} ...``
-(``--help`` on each; ``python -m tnlib`` alone lists the commands).
+"""Command line: ``python -m tnlib {prepare,download,train,generate,convert,compare,quickstart,sweep,consolidate,
+gpu-check} ...`` (``--help`` on each; ``python -m tnlib`` alone lists the commands).
 
 Every error is one line on stderr, ``error: ...``, with exit status 2, and nothing is written: argument
 errors (checked before any work), bad config values, missing paths, changed settings on ``--resume``,
@@ -316,6 +316,30 @@ def cmd_consolidate(a):
     print(consolidate(a.checkpoint, a.out))
 
 
+def cmd_gpu_check(a):
+    from .gpucheck import run_gpu_check
+
+    sys.exit(run_gpu_check(a.target, a.presets, a.dtypes, a.max_spill, a.markdown, progress=not a.no_progress))
+
+
+def _add_gpu_check_parser(sub):
+    from .gpucheck import DEFAULT_MAX_SPILL
+    from .ops.targets import TARGETS
+
+    p = sub.add_parser("gpu-check", help="compile every kernel configuration for a GPU target and check that it fits "
+                                         "(any machine, no GPU needed)")
+    p.add_argument("--target", default=None,
+                   help=f"{', '.join(TARGETS)}, several comma-separated, or all (default: this machine's GPU)")
+    p.add_argument("--presets", nargs="*", default=None, help="model presets to cover (default: all)")
+    p.add_argument("--dtypes", nargs="*", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="input dtypes (default: the target's training dtype, bf16 or fp16, and fp32)")
+    p.add_argument("--max-spill", type=_number(int, lo=0), default=DEFAULT_MAX_SPILL,
+                   help="spill stores (bytes per thread) above which a configuration does not fit")
+    p.add_argument("--markdown", action="store_true", help="also print a Markdown table of the targets' summaries")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(fn=cmd_gpu_check)
+
+
 def _number(kind, lo=None, hi=None, lo_open=False, none_ok=False):
     """An argparse ``type`` that parses ``kind`` and checks its range, so bad values stop the command
     at parse time, before anything is loaded or printed."""
@@ -441,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_consolidate)
 
     _add_sweep_parser(sub)
+    _add_gpu_check_parser(sub)
     return ap
 
 

@@ -1,4 +1,5 @@
-"""Training loop: AdamW + warmup/cosine, bf16 autocast, accumulation, checkpoints, resume, DDP/FSDP/TP.
+"""Training loop: AdamW + warmup/cosine, bf16 autocast (fp16 with a loss scaler on GPUs without bf16),
+accumulation, checkpoints, resume, DDP/FSDP/TP.
 
 Taught in ``notebooks/09_train_385m.ipynb``; run as ``python -m tnlib train --preset tnl-tiny --data DIR``
 (or under ``torchrun --nproc_per_node N`` for data parallelism; ``parallel=fsdp`` and ``tensor_parallel``
@@ -35,14 +36,15 @@ from .files import FileDamaged, _one_line, load_weights, read_json, read_torch_f
 from .models import build_model, get_config
 from .parallel import (SHARDED_DIR, apply_fsdp, apply_tensor_parallel, build_mesh, canonical_state_dict,
                        check_parallel, check_sharded, clip_grad_norm, init_distributed, load_sharded, save_sharded)
+from .ops.targets import device_target
 from .provenance import provenance
 
 __all__ = ["TrainConfig", "TRAIN_CHOICES", "RESUME_MAY_CHANGE", "train", "evaluate", "lr_at", "batch_at",
-           "resume_differences"]
+           "resume_differences", "precision_for"]
 
 #: allowed values of TrainConfig's string-valued switches
 TRAIN_CHOICES = {
-    "dtype": ("auto", "bf16", "fp32"),
+    "dtype": ("auto", "bf16", "fp16", "fp32"),
     "compile_scope": ("blocks", "model"),
     "parallel": ("ddp", "fsdp"),
 }
@@ -81,7 +83,9 @@ class TrainConfig:
     ckpt_every: int = 100
     seed: int = 1234  # initialisation (and, unless data_seed is set, the data order)
     data_seed: int | None = None  # the data order alone: runs that differ only in `seed` then see the same batches
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast on a CUDA GPU with bf16 (sm_80+), fp16 autocast with a loss scaler on one without
+    # (sm_75: T4, RTX 20xx), fp32 on a CPU (precision_for)
+    dtype: str = "auto"
     compile: bool = False
     # what torch.compile sees: "blocks" (each block compiled on its own, the embedding/head/loss eager;
     # under DDP the blocks' backward graphs hand gradients to the all-reduce as they finish: the better
@@ -298,6 +302,31 @@ def _world():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def precision_for(dtype: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None, loss scaler on)`` for ``TrainConfig.dtype`` on ``device``.
+
+    ``"auto"``: bf16 on a GPU with bf16 tensor cores, fp16 with a loss scaler (``torch.amp.GradScaler``)
+    on one without, none (fp32) on a CPU. Raises ``ValueError``, saying what to use instead, for bf16 on a
+    GPU without bf16 and for fp16 on a CPU."""
+    if device.type != "cuda":
+        if dtype == "fp16":
+            raise ValueError("TrainConfig.dtype='fp16' is for CUDA GPUs (fp16 autocast with a loss scaler); on a "
+                             "CPU use dtype=fp32 (what auto picks) or bf16")
+        return (torch.bfloat16 if dtype == "bf16" else None), False
+    try:
+        target = device_target(device)
+        has_bf16, what = target.bf16, f"{target.gpus} ({target.name})"
+    except ValueError:  # below sm_75: no kernels, and no bf16 either
+        major, minor = torch.cuda.get_device_capability(device)
+        has_bf16, what = False, f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+    if dtype == "bf16" and not has_bf16:
+        raise ValueError(f"TrainConfig.dtype='bf16': {what} has no bf16 tensor cores; use dtype=auto or fp16 (fp16 "
+                         "autocast with a loss scaler, the default on this GPU) or dtype=fp32")
+    if dtype == "fp16" or (dtype == "auto" and not has_bf16):
+        return torch.float16, True
+    return (torch.bfloat16 if dtype in ("auto", "bf16") else None), False
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
     if step < cfg.warmup_steps:
@@ -369,9 +398,10 @@ def _param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos, facts, sharded=False, rank=0):
+def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos, facts, sharded=False, rank=0,
+                     scaler=None):
     """Write ``path`` atomically (a ``.tmp`` folder renamed at the end). Single-file (rank 0 only):
-    ``model.safetensors`` + the optimizer in ``state.pt``. ``sharded`` (every rank calls it): each rank's
+    ``model.safetensors`` + the optimizer (and the fp16 loss scaler, if any) in ``state.pt``. ``sharded`` (every rank calls it): each rank's
     shards of weights and optimizer under ``sharded/`` (``tnlib.parallel.save_sharded``). ``state.pt``
     holds tensors and plain values only (read back with ``weights_only=True``); ``config.json`` the train
     and model configs and ``facts`` (:func:`_resume_facts`), which ``--resume`` compares."""
@@ -389,6 +419,8 @@ def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos, fact
     os.makedirs(tmp, exist_ok=True)
     state = {"step": step, "tokens_seen": tokens_seen, "torch_rng": torch.get_rng_state(), "metrics_pos": metrics_pos,
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     if not sharded:
         from safetensors.torch import save_model
 
@@ -403,9 +435,9 @@ def _save_checkpoint(path, model, opt, step, tokens_seen, cfg, metrics_pos, fact
     os.replace(tmp, path)
 
 
-def _measure_peak_tflops(device) -> float:
-    """bf16 matmul rate measured on this GPU (no hard-coded hardware peaks)."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+def _measure_peak_tflops(device, dtype=torch.bfloat16) -> float:
+    """``dtype`` (the autocast dtype) matmul rate measured on this GPU (no hard-coded hardware peaks)."""
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
     for _ in range(3):
         a @ a
     torch.cuda.synchronize()
@@ -435,6 +467,7 @@ class _Run:
     world: int
     device: torch.device
     autocast_dtype: torch.dtype | None
+    loss_scaling: bool  # fp16 autocast: gradients scaled against underflow (a GradScaler)
     sharded: bool  # checkpoints through torch.distributed.checkpoint (FSDP or tensor parallelism)
     dp_world: int  # the data dimension (tensor-parallel ranks share a batch)
     train_tf: TokenFile
@@ -460,6 +493,7 @@ class _Run:
     n_params: int = 0
     peak: float | None = None
     log: object = None
+    scaler: object = None  # torch.amp.GradScaler when loss_scaling
 
 
 def _setup(cfg: TrainConfig):
@@ -477,8 +511,10 @@ def _setup(cfg: TrainConfig):
         device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
-                      "fp32": None}[cfg.dtype]
+    autocast_dtype, loss_scaling = precision_for(cfg.dtype, device)  # refuses what this device cannot run, first
+    if loss_scaling and sharded:
+        raise ValueError("fp16 training with a loss scaler runs with parallel=ddp and tensor_parallel=1 only; on this "
+                         "GPU use those, or dtype=fp32")
     if cfg.fused_loss is None:
         cfg = dataclasses.replace(cfg, fused_loss=device.type == "cuda")
     train_tf, meta, eval_tfs, tokenizer = _read_data(cfg)
@@ -487,7 +523,8 @@ def _setup(cfg: TrainConfig):
     if mcfg.vocab_size < meta["vocab_size"]:
         raise DataError(f"model vocab {mcfg.vocab_size} < tokenizer vocab {meta['vocab_size']}")
     dp_world = world // tp if sharded else world
-    return _Run(cfg=cfg, rank=rank, world=world, device=device, autocast_dtype=autocast_dtype, sharded=sharded,
+    return _Run(cfg=cfg, rank=rank, world=world, device=device, autocast_dtype=autocast_dtype,
+                loss_scaling=loss_scaling, sharded=sharded,
                 dp_world=dp_world, train_tf=train_tf, eval_tfs=eval_tfs, meta=meta, tokenizer=tokenizer, mcfg=mcfg,
                 facts=_resume_facts(cfg, meta, dp_world, autocast_dtype),
                 ckpt_dir=os.path.join(cfg.out, "checkpoint"), metrics_path=os.path.join(cfg.out, "metrics.jsonl"))
@@ -581,8 +618,11 @@ def _build(run: _Run) -> None:
     opt_kw = {"fused": True} if device.type == "cuda" else ({"foreach": False} if tp > 1 else {})
     run.opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                 **opt_kw)
+    run.scaler = torch.amp.GradScaler(device.type) if run.loss_scaling else None
     state = run.resume_state
     if state is not None:
+        if run.scaler is not None and state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
         if run.ckpt_sharded:  # resharded to however this run is spread
             load_sharded(run.ckpt_dir, model, run.opt, _RESTORE)
         else:
@@ -602,7 +642,8 @@ def _build(run: _Run) -> None:
     run.model = model
     run.fwd = torch.compile(model) if cfg.compile and cfg.compile_scope == "model" else model
     run.n_params = run.raw_model.num_parameters()
-    run.peak = cfg.peak_tflops or (_measure_peak_tflops(device) if device.type == "cuda" else None)
+    run.peak = cfg.peak_tflops or (_measure_peak_tflops(device, run.autocast_dtype or torch.float32)
+                                   if device.type == "cuda" else None)
 
 
 def _write(run: _Run, rec: dict) -> None:
@@ -640,11 +681,17 @@ def _step(run: _Run, stop: dict) -> dict:
                 # fused: the model returns the loss itself (LM head + cross-entropy in row chunks)
                 out = run.fwd(x[:, :-1], x[:, 1:]) if cfg.fused_loss else run.fwd(x[:, :-1])
             loss = out if cfg.fused_loss else F.cross_entropy(out.float().flatten(0, 1), x[:, 1:].flatten())
-            (loss / cfg.grad_accum).backward()
+            (loss / cfg.grad_accum if run.scaler is None else run.scaler.scale(loss / cfg.grad_accum)).backward()
         loss_sum += loss.detach().float() / cfg.grad_accum
     # launched while the GPU still runs the backward: the clip and the optimizer step queue up behind it
+    if run.scaler is not None:
+        run.scaler.unscale_(run.opt)  # clip the true gradients
     gnorm = clip_grad_norm(list(model.parameters()), cfg.grad_clip)
-    run.opt.step()
+    if run.scaler is not None:
+        run.scaler.step(run.opt)  # skipped when a gradient overflowed; the scale then shrinks
+        run.scaler.update()
+    else:
+        run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -666,13 +713,15 @@ def _step(run: _Run, stop: dict) -> dict:
         rec["mfu"] = 6 * run.n_params * tps / (run.peak * 1e12 * run.world)  # per GPU: tps counts every rank
     if device.type == "cuda":
         rec["mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    if run.scaler is not None:
+        rec["loss_scale"] = run.scaler.get_scale()
     return rec
 
 
 def _checkpoint(run: _Run) -> None:
     if run.rank == 0 or run.sharded:
         _save_checkpoint(run.ckpt_dir, run.raw_model, run.opt, run.step, run.tokens_seen, run.cfg,
-                         run.log.tell() if run.log else 0, run.facts, run.sharded, run.rank)
+                         run.log.tell() if run.log else 0, run.facts, run.sharded, run.rank, run.scaler)
 
 
 def _save_final(run: _Run) -> None:
@@ -718,7 +767,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     run.log = open(run.metrics_path, "a") if run.rank == 0 else None
     if run.rank == 0 and run.step == 0:
         _write(run, {"event": "start", "config": dataclasses.asdict(cfg), "model": run.mcfg.to_dict(),
-                     "params": run.n_params, "provenance": provenance(),
+                     "params": run.n_params,
+                     "precision": {"autocast": str(run.autocast_dtype).removeprefix("torch.") if run.autocast_dtype
+                                   else None, "loss_scaler": run.loss_scaling},
+                     "provenance": provenance(),
                      "data_meta": {k: run.meta[k] for k in ("vocab_size", "tokenizer_sha256", "splits")}})
     from .progress import tqdm
 

@@ -1,81 +1,25 @@
 """Compile Triton kernels for sm_90 (Hopper) without a GPU, and read their register use.
 
-``triton.compile`` with a ``GPUTarget`` runs the whole GPU toolchain (frontend, MLIR passes, PTX,
-ptxas) on any machine. ``tests/test_kernels_compile.py`` uses it to catch what the interpreter
-accepts but the GPU compiler rejects; ``tools/kernel_registers.py`` uses :func:`ptxas_usage` to
-report registers and spills per kernel configuration.
+The sm_90 shorthands of :mod:`tnlib.ops._compile` (any target) used by ``tests/test_kernels_compile.py``
+and ``tools/kernel_registers.py``, and the representative integer arguments of the model's Lightning
+launches.
 """
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import tempfile
+from ._compile import compile_kernel, kernel_usage
 
 BF16, FP32, I32 = "*bf16", "*fp32", "*i32"
 
 
 def compile_sm90(fn, constexprs: dict, ptr_types: dict, num_warps: int = 4, num_stages: int = 2,
                  int_values: dict | None = None):
-    """``triton.compile`` the ``@triton.jit`` function ``fn`` for sm_90: arguments named in
-    ``constexprs`` are compile-time constants (constexpr parameters left out keep their defaults),
-    those in ``ptr_types`` get that type (``"*bf16"``, ``"fp32"``, ...), every other one is ``i32``.
-
-    Like a real launch, pointers are taken as 16-byte aligned, and the integers given in
-    ``int_values`` (representative values, e.g. the strides of the shape to study) are specialized
-    as the JIT would: 1 becomes a constant, multiples of 16 carry ``tt.divisibility = 16`` (without
-    that, Triton neither vectorizes nor software-pipelines the loads)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    constexprs = dict(constexprs)
-    int_values = int_values or {}
-    for name, v in int_values.items():
-        if v == 1:
-            constexprs[name] = 1
-    for p in fn.params:
-        if p.is_constexpr and p.name not in constexprs:
-            constexprs[p.name] = p.default
-    sig = {n: ("constexpr" if n in constexprs else ptr_types.get(n, "i32")) for n in fn.arg_names}
-    div16 = [["tt.divisibility", 16]]
-    attrs = {(i,): div16 for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*")
-             or (n in int_values and n not in constexprs and int_values[n] % 16 == 0)}
-    src = ASTSource(fn=fn, signature=sig,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
-                    attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    """``tnlib.ops._compile.compile_kernel`` for sm_90."""
+    return compile_kernel(fn, constexprs, ptr_types, 90, num_warps, num_stages, int_values)
 
 
 def ptxas_usage(kernel) -> dict:
-    """Registers per thread and spill bytes of a compiled kernel (``ptxas -v`` on its PTX)."""
-    import triton
-
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(kernel.asm["ptx"])
-    try:
-        out = ""
-        for exe in ("ptxas-blackwell", "ptxas"):  # the one that reads this Triton's PTX version
-            path = os.path.join(bindir, exe)
-            if os.path.exists(path):
-                r = subprocess.run([path, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                                   capture_output=True, text=True)
-                out = r.stdout + r.stderr
-                if r.returncode == 0:
-                    break
-    finally:
-        os.unlink(f.name)
-
-    def num(pattern):
-        m = re.search(pattern, out)
-        return int(m.group(1)) if m else None
-
-    return dict(registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
-                spill_loads=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"),
-                shared=kernel.metadata.shared)
+    """Registers per thread, spill bytes and shared memory of a compiled kernel (``kernel_usage``)."""
+    return kernel_usage(kernel)
 
 
 def lightning_launch_ints(B: int = 16, T: int = 2048, H: int = 8, D: int = 128) -> dict:

@@ -68,7 +68,8 @@ class XentConfig:
 
 def xent_config(V: int) -> XentConfig:
     """The default launch for rows of ``V`` logits (wide programs: fewer rows in flight, so the
-    gradient pass's second read of a row comes from L2; tuned by ``tools/tune_xent.py``)."""
+    gradient pass's second read of a row comes from L2; tuned by ``tools/tune_xent.py``). The same on
+    every GPU target: no shared memory beyond a reduction's scratch (``python -m tnlib gpu-check``)."""
     block = min(8192, triton.next_power_of_2(V))
     return XentConfig(block, 16 if block >= 8192 else 8 if block >= 2048 else 4)
 

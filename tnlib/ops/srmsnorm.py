@@ -54,6 +54,8 @@ def _srms_bwd_kernel(X, DY, DX, RSTD, stride_x, stride_dy, stride_dx, N, BLOCK: 
 
 
 def _launch_config(N: int):
+    """``(BLOCK, num_warps)`` for rows of ``N``; the same on every GPU target (the row lives in registers,
+    shared memory holds only the reduction's scratch: ``python -m tnlib gpu-check`` compiles it for each)."""
     block = triton.next_power_of_2(N)
     if block > 65536:
         raise ValueError(f"srms_norm: rows of {N} elements exceed the kernel's 65536 limit")

@@ -34,6 +34,7 @@ import torch
 from .._checks import check_attention_inputs
 from .._triton import interpreting, use_triton
 from ..reference import linear_attention_chunked
+from ..targets import device_target
 from .plan import LaunchConfig, Tile, launch_config
 
 SUPPORTED_K = (16, 32, 64, 128, 256)
@@ -82,13 +83,15 @@ _cached_config = functools.lru_cache(maxsize=256)(launch_config)  # a cache: ~20
 
 
 def _config(cfg: list[int], q, v) -> LaunchConfig:
-    """The call's launch config: ``cfg`` (``LaunchConfig.to_ints``), or empty for the default."""
+    """The call's launch config: ``cfg`` (``LaunchConfig.to_ints``), or empty for the default of the
+    tensors' shapes, dtype and device (``targets.device_target``: the GPU's compute capability)."""
     if cfg:
         return LaunchConfig.from_ints(cfg)
     dims = (*q.shape, v.shape[3])
+    target = device_target(q.device)
     if all(isinstance(d, int) for d in dims):
-        return _cached_config(*dims, q.dtype)
-    return launch_config(*dims, q.dtype)  # symbolic sizes: a fake implementation under torch.compile
+        return _cached_config(*dims, q.dtype, target)
+    return launch_config(*dims, q.dtype, target)  # symbolic sizes: a fake implementation under torch.compile
 
 
 def _local_states(b, c, slope, cfg: LaunchConfig, reverse):
@@ -319,6 +322,28 @@ def _feature_map(x, act: int):
     return feature_map_reference(x, act)
 
 
+def _packed_forward(qkv, slope, n_heads: int, act: int, config: list[int]):
+    """``(o, phi(q | k) or None, k/v segment states or None)`` of the packed path (the custom op's body)."""
+    q, k, v = _split_packed(qkv, n_heads)
+    qk = None
+    if act:
+        qk = _feature_map(qkv[..., : 2 * (qkv.shape[-1] // 3)], act)
+        q, k = _split_qk(qk, n_heads)
+    o, _, local = _forward_impl(q, k, v, slope, None, False, _config(config, q, v))
+    return o, qk, local
+
+
+def _packed_backward_impl(do, qkv, qk, slope, n_heads: int, act: int, local_kv, config: list[int]):
+    """The gradient of ``qkv`` as one buffer (the custom op's body); ``qk``: the forward's ``phi(q | k)``
+    (None without a feature map), ``local_kv``: its segment states (None: one segment)."""
+    dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
+    q_pre, k_pre, v = _split_packed(qkv, n_heads)
+    q, k = _split_qk(qk, n_heads) if act else (q_pre, k_pre)
+    _backward_impl(do, None, q, k, v, slope, None, False, _config(config, q, v), local_kv, act, (q_pre, k_pre),
+                   _split_packed(dqkv, n_heads))
+    return dqkv
+
+
 @torch.library.custom_op("tnlib::lightning_packed_fwd", mutates_args=())
 def _packed_fwd_op(qkv: torch.Tensor, slope: torch.Tensor, n_heads: int, act: int,
                    config: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -327,12 +352,7 @@ def _packed_fwd_op(qkv: torch.Tensor, slope: torch.Tensor, n_heads: int, act: in
     The feature map is one elementwise pass over the q | k columns (applying it inside the Lightning
     kernels was measured slower: each CTA recomputes it for its tiles on the special-function units);
     its output is kept for the backward, like the unfused model's activations."""
-    q, k, v = _split_packed(qkv, n_heads)
-    qk = None
-    if act:
-        qk = _feature_map(qkv[..., : 2 * (qkv.shape[-1] // 3)], act)
-        q, k = _split_qk(qk, n_heads)
-    o, _, local = _forward_impl(q, k, v, slope, None, False, _config(config, q, v))
+    o, qk, local = _packed_forward(qkv, slope, n_heads, act, config)
     return o, (_empty_f32(qkv) if qk is None else qk), (_empty_f32(qkv) if local is None else local)
 
 
@@ -351,13 +371,8 @@ def _packed_bwd_op(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor, slope:
                    act: int, local_kv: torch.Tensor, config: list[int]) -> torch.Tensor:
     """The gradient of the packed ``qkv`` in one buffer: the kernels write its three column blocks
     directly (dq and dk already through the feature map's derivative), so nothing is concatenated."""
-    dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
-    q_pre, k_pre, v = _split_packed(qkv, n_heads)
-    q, k = _split_qk(qk, n_heads) if act else (q_pre, k_pre)
-    loc = local_kv if local_kv.dim() == 5 else None
-    _backward_impl(do, None, q, k, v, slope, None, False, _config(config, q, v), loc, act, (q_pre, k_pre),
-                   _split_packed(dqkv, n_heads))
-    return dqkv
+    return _packed_backward_impl(do, qkv, qk if act else None, slope, n_heads, act,
+                                 local_kv if local_kv.dim() == 5 else None, config)
 
 
 @_packed_bwd_op.register_fake

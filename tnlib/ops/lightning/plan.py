@@ -1,9 +1,14 @@
-"""Launch planning for the Lightning kernels: tile configurations and the segment plan.
+"""Launch planning for the Lightning kernels: tile configurations per GPU family and the segment plan.
 
 Everything a launch needs beyond the tensors comes from :func:`launch_config`, one frozen
-:class:`LaunchConfig` per (shape, dtype). ``lightning_attention(..., config=...)`` takes another one
-(e.g. ``dataclasses.replace(launch_config(...), seg_len=128)``) for tuning and tests. The tile
-sizes are the winners of ``tools/tune_lightning.py`` (``results/bench/NOTES-kernels.md``).
+:class:`LaunchConfig` per (shape, dtype, GPU target). The tiles come from one table, :data:`PLANS`:
+a row per GPU family (``tnlib.ops.targets``: Turing, Ampere/Ada/consumer Blackwell, Hopper,
+datacenter Blackwell) and input precision. The Hopper rows are the winners of
+``tools/tune_lightning.py`` on the H200 (``results/bench/NOTES-kernels.md``); the others were chosen
+on a CPU to fit each target's shared memory with no or few register spills (``python -m tnlib
+gpu-check``, ``results/gpus/NOTES.md``). ``lightning_attention(..., config=...)`` takes another
+config (e.g. ``dataclasses.replace(launch_config(...), seg_len=128)``, or another target's plan) for
+tuning and tests.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Tile", "LaunchConfig", "launch_config", "segment_plan"]
+__all__ = ["Tile", "LaunchConfig", "Plan", "PLANS", "plan_for", "launch_config", "segment_plan"]
 
 # Split sequences into parallel segments only when the forward has fewer CTAs than SPLIT_BELOW, and
 # then aim for about TARGET_CTAS of them, with segments of at least MIN_SEG tokens.
@@ -74,17 +79,92 @@ class LaunchConfig:
         return cls(xs[0], t[0], t[1], t[2], t[3] if t[3].chunk else None, t[4], t[5])
 
 
-def _generic_tile(DK: int, DV: int, fp32: bool) -> Tile:
-    """A pass of the generic kernel whose query/key width is ``DK`` and value width ``DV``."""
-    if fp32:
-        t = Tile(32 if DK >= 128 else 64, min(DV, 32), 4, 1)
-    elif DK >= 256:
-        t = Tile(64, min(DV, 32), 4, 1)
-    else:
-        t = Tile(64, min(DV, 64), 4, 2)
-    # the value-scaled update spills less, but its build faulted at DK = 256 on the GPU and it was
-    # never run at scale in fp32: those keep the key-scaled form (results/bench/NOTES-kernels.md)
-    return dataclasses.replace(t, scale_value=DK <= 128 and not fp32)
+@dataclass(frozen=True)
+class Plan:
+    """The tiles of one GPU family for one input precision (a row of ``PLANS``).
+
+    ``generic`` (passes of the generic kernel) and ``state`` (the segment-state kernel) by key width:
+    64 (any width up to 64), 128, 256; ``dkdv`` by state size DK * DV: up to 64 * 64, 128 * 64 and
+    128 * 128 (wider states have no fused kernel). A tile's ``block_v`` is a cap: a pass takes
+    ``min(cap, its value width)``; the fused kernel's is the whole value width (0 here). ``state``
+    None: the forward's tile. A ``dkdv`` entry of None: dk and dv as two passes of the generic kernel."""
+
+    generic: dict
+    state: Optional[dict]
+    dkdv: dict
+
+    def generic_tile(self, DK: int, DV: int) -> Tile:
+        t = self.generic[_width(DK)]
+        return dataclasses.replace(t, block_v=min(DV, t.block_v))
+
+    def state_tile(self, DK: int, DV: int) -> Optional[Tile]:
+        if self.state is None:
+            return None
+        t = self.state[_width(DK)]
+        return dataclasses.replace(t, block_v=min(DV, t.block_v))
+
+    def dkdv_tile(self, DK: int, DV: int) -> Optional[Tile]:
+        if DK > 128 or DV > 128:
+            return None
+        t = self.dkdv[min(s for s in self.dkdv if s >= DK * DV)]
+        return None if t is None else dataclasses.replace(t, block_v=DV)
+
+
+def _width(DK: int) -> int:
+    return 64 if DK <= 64 else DK
+
+
+V16, F32 = "16-bit", "fp32"  # input precision: fp16/bf16 (fp32 accumulation) or fp32 (exact fp32 dots)
+
+#: The launch table: family (``targets.GpuTarget.family``) x input precision -> tiles. Each row was
+#: chosen on a CPU from ``triton.compile`` + ptxas for its targets (shared memory within the limit,
+#: no or few register spills: ``python -m tnlib gpu-check``, ``results/gpus/NOTES.md``); only the
+#: Hopper rows are timed (the H200 tuning of ``results/bench/NOTES-kernels.md``). ``scale_value``
+#: (value-scaled state update) only for 16-bit inputs with DK <= 128: at DK = 256 its build faulted
+#: on the H200, and fp32 never ran it at scale.
+PLANS: dict[tuple[str, str], Plan] = {
+    # H100, H200 (sm_90): the H200 tuning
+    #                     key width DK:  <= 64                       128                          256
+    ("hopper", V16): Plan(generic={64: Tile(64, 64, 4, 2, True), 128: Tile(64, 64, 4, 2, True), 256: Tile(64, 32, 4, 1)},
+                          state={64: Tile(64, 128, 8, 2, True), 128: Tile(64, 128, 8, 2, True),
+                                 256: Tile(64, 64, 8, 2, True)},
+                          #   DK * DV:  <= 64 * 64                <= 128 * 64               <= 128 * 128
+                          dkdv={64 * 64: Tile(64, 0, 4, 2), 128 * 64: Tile(64, 0, 4, 2), 128 * 128: Tile(64, 0, 8, 2)}),
+    ("hopper", F32): Plan(generic={64: Tile(64, 32, 4, 1), 128: Tile(32, 32, 4, 1), 256: Tile(32, 32, 4, 1)},
+                          state=None,
+                          dkdv={64 * 64: Tile(32, 0, 4, 1), 128 * 64: None, 128 * 128: None}),
+    # fp32 inputs, every family but Hopper's (kept as tuned): exact fp32 dots are FMAs, small tiles and 8 warps
+    # A100, RTX 30xx/40xx/50xx, L4 (sm_80, sm_86, sm_89, sm_120): mma.sync keeps dot operands in registers
+    ("ampere", V16): Plan(generic={64: Tile(64, 64, 4, 2, True), 128: Tile(32, 32, 4, 2, True), 256: Tile(32, 32, 8, 1)},
+                          state={64: Tile(64, 128, 8, 2, True), 128: Tile(64, 128, 8, 2, True),
+                                 256: Tile(64, 64, 8, 2, True)},
+                          dkdv={64 * 64: None, 128 * 64: None, 128 * 128: None}),
+    ("ampere", F32): Plan(generic={64: Tile(16, 16, 8, 1), 128: Tile(16, 16, 8, 1), 256: Tile(16, 16, 8, 1)},
+                          state=None,
+                          dkdv={64 * 64: None, 128 * 64: None, 128 * 128: None}),
+    # T4, RTX 20xx (sm_75): Triton's dots are fp32 FMAs there (no tensor cores): small tiles, 8 warps
+    ("turing", V16): Plan(generic={64: Tile(16, 16, 4, 1), 128: Tile(16, 16, 8, 1), 256: Tile(16, 16, 8, 1)},
+                          state={64: Tile(32, 32, 8, 1, True), 128: Tile(32, 32, 8, 1, True), 256: Tile(16, 32, 8, 1, True)},
+                          dkdv={64 * 64: None, 128 * 64: None, 128 * 128: None}),
+    ("turing", F32): Plan(generic={64: Tile(16, 16, 8, 1), 128: Tile(16, 16, 8, 1), 256: Tile(16, 16, 8, 1)},
+                          state=None,
+                          dkdv={64 * 64: None, 128 * 64: None, 128 * 128: None}),
+    # B200 (sm_100): tcgen05 takes its operands from shared and tensor memory; Hopper's tiles, 8 warps at DK = 256
+    ("blackwell", V16): Plan(generic={64: Tile(64, 64, 4, 2, True), 128: Tile(64, 64, 4, 2, True), 256: Tile(64, 32, 8, 1)},
+                             state={64: Tile(64, 128, 8, 2, True), 128: Tile(64, 128, 8, 2, True),
+                                    256: Tile(64, 64, 8, 2, True)},
+                             dkdv={64 * 64: Tile(64, 0, 4, 2), 128 * 64: Tile(64, 0, 4, 2), 128 * 128: Tile(64, 0, 8, 2)}),
+    ("blackwell", F32): Plan(generic={64: Tile(16, 16, 8, 1), 128: Tile(16, 16, 8, 1), 256: Tile(16, 16, 8, 1)},
+                             state=None,
+                             dkdv={64 * 64: None, 128 * 64: None, 128 * 128: None}),
+}
+
+
+def plan_for(target=None, dtype: torch.dtype = torch.bfloat16) -> Plan:
+    """The row of ``PLANS`` for a ``tnlib.ops.targets.GpuTarget`` (None: the CPU interpreter, which
+    plans as sm_90) and an input dtype."""
+    family = "hopper" if target is None else target.family
+    return PLANS[(family, F32 if dtype == torch.float32 else V16)]
 
 
 def segment_plan(B: int, H: int, T: int, n_vblocks: int, target_ctas: int = TARGET_CTAS) -> int:
@@ -97,17 +177,15 @@ def segment_plan(B: int, H: int, T: int, n_vblocks: int, target_ctas: int = TARG
     return max(-(-seg // 128) * 128, 1)
 
 
-def launch_config(B: int, T: int, H: int, DK: int, DV: int, dtype: torch.dtype) -> LaunchConfig:
-    """The default launches for ``q, k: [B, T, H, DK]``, ``v: [B, T, H, DV]`` of ``dtype``.
+def launch_config(B: int, T: int, H: int, DK: int, DV: int, dtype: torch.dtype, target=None) -> LaunchConfig:
+    """The default launches for ``q, k: [B, T, H, DK]``, ``v: [B, T, H, DV]`` of ``dtype`` on ``target``
+    (a ``tnlib.ops.targets.GpuTarget``; the op passes the tensors' device's, ``targets.device_target``;
+    None: the CPU interpreter, planned as sm_90).
 
     Works on symbolic sizes too (the custom ops' fake implementations call it under
     ``torch.compile``)."""
-    fp32 = dtype == torch.float32
-    fwd = _generic_tile(DK, DV, fp32)
-    state = fwd if fp32 else Tile(64, min(DV, 128 if DK <= 128 else 64), 8, 2, True)
-    dkdv = None  # one reverse sweep for dk and dv needs the whole [DK, DV] state in one CTA
-    if DK <= 128 and DV <= 128 and (not fp32 or DK * DV <= 64 * 64):
-        dkdv = Tile(32 if fp32 else 64, DV, 8 if DK * DV >= 128 * 128 else 4, 1 if fp32 else 2)
+    plan = plan_for(target, dtype)
+    fwd = plan.generic_tile(DK, DV)
     return LaunchConfig(seg_len=segment_plan(B, H, T, DV // fwd.block_v), forward=fwd,
-                        dq=_generic_tile(DV, DK, fp32), state=state, dkdv=dkdv,
-                        dv=_generic_tile(DK, DV, fp32), dk=_generic_tile(DV, DK, fp32))
+                        dq=plan.generic_tile(DV, DK), state=plan.state_tile(DK, DV) or fwd,
+                        dkdv=plan.dkdv_tile(DK, DV), dv=plan.generic_tile(DK, DV), dk=plan.generic_tile(DV, DK))

@@ -1,0 +1,79 @@
+"""Shared memory, registers and spills of candidate Lightning tiles for one GPU target, on any machine.
+
+How the rows of ``tnlib.ops.lightning.plan.PLANS`` for GPUs we have no access to were chosen
+(``results/gpus/NOTES.md``): each candidate (value block, chunk, warps, stages) of one kernel role is
+compiled for the target with Triton's toolchain (``tnlib.ops._compile``) at tnl-385m's strides
+(T=2K, packed path) and reported; a candidate that fits the target's shared memory with the fewest
+spills and registers is a row candidate, to be confirmed by ``python -m tnlib gpu-check``.
+
+Roles: ``forward`` (the generic kernel; also the dq pass with ``--grad-act 1``, and the two-pass
+dv/dk with ``--reverse``), ``dkdv`` (the fused reverse sweep; ``--dk`` is its K and V), ``state``
+(the segment-state kernel).
+
+Usage: PYTHONPATH=$PWD python3 tools/tile_sweep.py --target sm_86 --role forward --dk 128 [--dv 128]
+           [--dtype bf16] [--bv 16,32,64] [--chunk 16,32,64] [--warps 4,8] [--stages 1,2] [--out FILE.jsonl]
+"""
+import argparse
+import itertools
+import json
+
+from tnlib.ops._compile import compile_kernel, kernel_usage
+from tnlib.ops._sm90 import lightning_launch_ints
+from tnlib.ops.lightning import kernels as K
+from tnlib.ops.targets import parse_target
+
+
+def ints(arg):
+    return [int(x) for x in arg.split(",") if x]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", required=True, help="sm_75, sm_80, sm_86, sm_89, sm_90, sm_100 or sm_120")
+    ap.add_argument("--role", choices=["forward", "dkdv", "state"], default="forward")
+    ap.add_argument("--dk", type=int, default=128, help="key width of the kernel (K of the state)")
+    ap.add_argument("--dv", type=int, default=128, help="value width (the fused dk/dv kernel: its V)")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    ap.add_argument("--bv", type=ints, default=[16, 32, 64], help="value blocks (not for dkdv)")
+    ap.add_argument("--chunk", type=ints, default=[16, 32, 64])
+    ap.add_argument("--warps", type=ints, default=[4, 8])
+    ap.add_argument("--stages", type=ints, default=[1, 2])
+    ap.add_argument("--grad-act", type=int, default=0, help="1: the SiLU-derivative epilogue (dq pass, fused dk)")
+    ap.add_argument("--reverse", action="store_true", help="time reversed (the two-pass dv/dk)")
+    ap.add_argument("--scale-value", action="store_true", help="the value-scaled state update (forward role)")
+    ap.add_argument("--out", default=None, help="append one JSON line per candidate")
+    a = ap.parse_args()
+    t = parse_target(a.target)
+    p, prec = "*" + a.dtype, "ieee" if a.dtype == "fp32" else "tf32"
+    ptrs = dict(A=p, Bp=p, Cp=p, O=p, E=p, Q=p, K=p, V=p, DO=p, DK_out=p, DV_out=p, INIT="*fp32", LOCAL="*fp32",
+                FINAL="*fp32", slope_ptr="*fp32")
+    launch = lightning_launch_ints()
+    print(f"{t.name} ({t.gpus}), shared memory limit {t.smem:,} B; {a.role} DK={a.dk} DV={a.dv} {a.dtype}")
+    print(f"{'BV':>4s} {'chunk':>5s} {'warps':>5s} {'stages':>6s} {'shared B':>9s} {'regs':>4s} {'spills B':>8s}")
+    bvs = [0] if a.role == "dkdv" else [b for b in a.bv if a.dv % b == 0]
+    for bv, ch, nw, ns in itertools.product(bvs, a.chunk, a.warps, a.stages):
+        if a.role == "forward":
+            c = dict(DK=a.dk, BV=bv, CH=ch, HAS_INIT=False, INIT_DECAY=not a.reverse, HAS_LOCAL=False,
+                     STORE_FINAL=False, REVERSE=a.reverse, DOT_PREC=prec, UPCAST=False, GRAD_ACT=a.grad_act,
+                     FAST=True, SCALE_C=a.scale_value)
+            k = compile_kernel(K._lightning_kernel, c, ptrs, t.capability, nw, ns,
+                               launch["dq" if a.grad_act else "forward"])
+        elif a.role == "dkdv":
+            c = dict(DK=a.dk, DV=a.dv, CH=ch, HAS_INIT=False, HAS_LOCAL=False, STORE_FINAL=False, DOT_PREC=prec,
+                     UPCAST=False, GRAD_ACT=a.grad_act, FAST=True)
+            k = compile_kernel(K._dkdv_kernel, c, ptrs, t.capability, nw, ns, launch["dkdv"])
+        else:
+            c = dict(DK=a.dk, BV=bv, CH=ch, REVERSE=a.reverse, DOT_PREC=prec, UPCAST=False)
+            k = compile_kernel(K._segment_state_kernel, c, ptrs, t.capability, nw, ns, launch["state"])
+        u = kernel_usage(k)
+        fits = "" if u["shared"] <= t.smem else "  (does not fit)"
+        print(f"{bv:4d} {ch:5d} {nw:5d} {ns:6d} {u['shared']:9,d} {u['registers'] or 0:4d} {u['spill_stores'] or 0:8d}"
+              f"{fits}", flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(dict(target=t.name, role=a.role, DK=a.dk, DV=a.dv, dtype=a.dtype, BV=bv, chunk=ch,
+                                        warps=nw, stages=ns, grad_act=a.grad_act, reverse=a.reverse, **u)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
