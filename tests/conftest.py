@@ -6,12 +6,21 @@ they need the Triton interpreter, which must be switched on before ``triton`` is
 without it (the model then uses the PyTorch fallbacks, which is much faster on a CPU).
 """
 import os
+import socket
 
 import pytest
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = torch.cuda.is_available()
+
+
+def free_port() -> str:
+    """A TCP port nothing listens on now, for a torchrun rendezvous (a fixed port collides when two test runs
+    share the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def pytest_configure(config):

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 from tnlib.data import DataError, TokenFile, load_tokenizer, prepare_data, read_documents
 from tnlib.train import TrainConfig, lr_at, train
@@ -188,7 +189,7 @@ def test_sigint_checkpoints_and_resume_finishes(prepared, tmp_path):
 def test_two_process_gloo_run(prepared, tmp_path, compiled):
     data, _ = prepared
     out = str(tmp_path / "ddp")
-    port = "29518" if compiled else "29517"
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "tnlib", "train", "--preset", "tnl-tiny", "--data", data, "--out", out,
            "--set", "seq_len=32", "batch_size=2", "grad_accum=2", "max_steps=3", "eval_every=3", "eval_tokens=256",

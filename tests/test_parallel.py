@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import free_port
 from tnlib.train import TrainConfig, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,8 +48,8 @@ def losses(out, key="loss"):
         return {r["step"]: r[key] for r in map(json.loads, f) if key in r and "event" not in r}
 
 
-def torchrun(mode, arg, port):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+def torchrun(mode, arg):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            os.path.join(ROOT, "tests", "test_parallel.py"), mode, arg]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -71,7 +72,7 @@ def fsdp_run(data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     out, tp_json = str(tmp / "run"), str(tmp / "tp.json")
     cfg = config(data, out, batch_size=2, parallel="fsdp", checkpointing=True, max_tokens=3 * 4 * 32)
-    torchrun("train", json.dumps({"cfg": cfg, "resume": False, "tp_check": tp_json}), 29631)
+    torchrun("train", json.dumps({"cfg": cfg, "resume": False, "tp_check": tp_json}))
     return out, cfg, tp_json
 
 
@@ -87,7 +88,7 @@ def test_fsdp_matches_single_process_and_resumes_on_1_and_2_ranks(reference, fsd
     for name in one_rank:
         copies[name] = str(tmp_path / name)
         shutil.copytree(out, copies[name])
-    torchrun("train", json.dumps({"cfg": {**cfg, "max_tokens": None}, "resume": True}), 29632)
+    torchrun("train", json.dumps({"cfg": {**cfg, "max_tokens": None}, "resume": True}))
     for name, kw in one_rank.items():
         train(TrainConfig(**config(cfg["data"], copies[name], checkpointing=True, **kw)), resume=True)
     ref_loss, ref_norm = reference
