@@ -48,7 +48,7 @@ def auto_decoder(model, ids, max_new_tokens: int) -> str:
 
     Eager on a CPU, for the Transformer, and when nothing is decoded after the prefill token; else the
     compiled step in a CUDA graph, fastest per token once built, and built once per (model, batch size)
-    (the measurement behind this choice: ``results/bench/NOTES-model.md``).
+    in a ``DecoderCache`` (the measurement behind this choice: ``results/bench/NOTES-model.md``).
     """
     if max_new_tokens < 2 or not _graph_capable(model, ids):
         return "eager"
