@@ -36,7 +36,7 @@ def plot(rows, path, header=None):
 
 
 #: decode modes beyond the decoders (eager, graph, compiled-graph): the compiled step with another
-#: Inductor mode, or with cuBLAS for the projections (ModelConfig.decode_gemv=False)
+#: Inductor mode, or with cuBLAS for the projections (Implementation(decode_gemv=False))
 _COMPILE_MODES = {"compiled-graph-max": "max-autotune-no-cudagraphs"}
 _CUBLAS_MODE = "compiled-graph-cublas"
 
@@ -113,7 +113,8 @@ def main():
         modes = tuple(a.tnl_modes.split(",")) if name.startswith("tnl") else ("eager",)
         cublas_model = None
         if _CUBLAS_MODE in modes:
-            cublas_model = tnlib.create_model(name, vocab_size=a.vocab, decode_gemv=False).to("cuda", torch.bfloat16).eval()
+            cublas_model = tnlib.create_model(name, vocab_size=a.vocab, impl=tnlib.Implementation(decode_gemv=False))
+            cublas_model = cublas_model.to("cuda", torch.bfloat16).eval()
             cublas_model.load_state_dict(model.state_dict())
         if name.startswith("tnl"):
             checks["graph_vs_eager_rel_err"] = check_graph(model, a.vocab)

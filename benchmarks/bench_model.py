@@ -43,8 +43,8 @@ def plot(rows, path, header=None):
 
 
 def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile_mode=None,
-        compile_scope="blocks", overrides=None):
-    model, fwd, graphs = build(preset, vocab, mode == "compiled", compile_scope, compile_mode, overrides)
+        compile_scope="blocks", overrides=None, impl=None):
+    model, fwd, graphs = build(preset, vocab, mode == "compiled", compile_scope, compile_mode, overrides, impl)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     B = max(1, tokens // T)
     batches = [torch.randint(0, vocab, (B, T + 1), device="cuda") for _ in range(2)]
@@ -69,6 +69,7 @@ def run(preset, T, tokens, mode, steps, warmup, vocab, fused_loss=False, compile
     ms = start.elapsed_time(end) / steps
     row = dict(model=preset, T=T, B=B, mode=mode, fused_loss=fused_loss, tokens_per_step=B * T, step_ms=ms,
                compile_scope=compile_scope if mode == "compiled" else None, overrides=overrides or None,
+               impl=impl or None,
                tokens_per_s=B * T / (ms / 1e3), peak_gb=torch.cuda.max_memory_allocated() / 1e9,
                reserved_gb=torch.cuda.max_memory_reserved() / 1e9, cuda_graphs=graphs,
                loss=float(loss), warmup_s=warm_s, params=model.num_parameters())
@@ -92,6 +93,8 @@ def main():
                          "training's default on a GPU), logits (F.cross_entropy on fp32 logits)")
     ap.add_argument("--override", default="", help="model config overrides for both models, e.g. "
                     "'residual_dtype=\"compute\"' (comma list, JSON values; recorded in the header)")
+    ap.add_argument("--impl", default="", help="implementation choices for both models (tnlib.models.Implementation "
+                    "fields), e.g. packed_attention=false (comma list, JSON values; recorded in the header)")
     ap.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"),
                     help="compile each block (training's default) or the whole model as one graph")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs "
@@ -108,8 +111,9 @@ def main():
         if not hasattr(ic, k):
             raise SystemExit(f"unknown torch._inductor.config setting {k!r}")
         setattr(ic, k, v)
-    overrides = parse_settings(a.override)
+    overrides, impl = parse_settings(a.override), parse_settings(a.impl)
     tnlib.models.get_config("tnl-tiny", **overrides)  # unknown names or values stop the run here
+    tnlib.models.Implementation(**impl)
     require_cuda("bench_model.py")
     out = result_path(a, "model")
     rows = []
@@ -118,12 +122,13 @@ def main():
             for T, loss_kind in ((T, k) for T in map(int, a.lens.split(",")) for k in a.loss.split(",")):
                 try:
                     r = run(preset, T, a.tokens, mode, a.steps, a.warmup, a.vocab, fused_loss=loss_kind == "fused",
-                            compile_mode=a.compile_mode, compile_scope=a.compile_scope, overrides=overrides)
+                            compile_mode=a.compile_mode, compile_scope=a.compile_scope, overrides=overrides,
+                            impl=impl)
                 except Exception as e:  # record failures instead of losing the whole run
                     r = dict(model=preset, T=T, mode=mode, fused_loss=loss_kind == "fused", error=repr(e)[:300])
                     torch.cuda.empty_cache()
                 record(out, rows, r, {"tokens_per_step": a.tokens, "inductor": inductor, "compile_mode": a.compile_mode,
-                                      "compile_scope": a.compile_scope, "overrides": overrides})
+                                      "compile_scope": a.compile_scope, "overrides": overrides, "impl": impl})
     plot(rows, result_path(a, "model", ".png"), provenance())
     print_table(rows, [("model", "model", "18s"), ("mode", "mode", "9s"), ("fused_loss", "fused loss", "10d"),
                        ("T", "T", "6d"), ("tokens_per_s", "tok/s", "10.0f"), ("peak_gb", "peak GB", "8.1f")])

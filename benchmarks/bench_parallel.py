@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from common import figure, parser, print_table, record, replot, result_path, save_figure
 
-from tnlib.models import build_model, get_config
+from tnlib.models import Implementation, build_model, get_config
 from tnlib.parallel import (apply_fsdp, apply_tensor_parallel, build_mesh, check_parallel, clip_grad_norm,
                             qkvu_rank_order)
 from tnlib.provenance import provenance
@@ -73,16 +73,17 @@ class Bench:
         self.meshes = {}
         self.solo = dist.new_group([0])  # rank 0 alone: the 1-GPU runs (collective: every rank creates it)
 
-    def model_config(self, preset, checkpointing):
+    def model_config(self, preset):
         if self.dry:
-            return get_config(DRY_MODEL[0], **DRY_MODEL[1], checkpointing=checkpointing)
-        return get_config(preset, checkpointing=checkpointing)
+            return get_config(DRY_MODEL[0], **DRY_MODEL[1])
+        return get_config(preset)
 
-    def build(self, mcfg, seed=0):
-        """The model built on the device itself (a 7B model initialised on the CPU takes minutes), seeded."""
+    def build(self, mcfg, checkpointing=False, seed=0):
+        """The model built on the device itself (a 7B model initialised on the CPU takes minutes), seeded;
+        ``checkpointing``: activation checkpointing of every block (``Implementation.checkpointing``)."""
         torch.manual_seed(seed)
         with torch.device(self.device):
-            return build_model(mcfg)
+            return build_model(mcfg, Implementation(checkpointing=checkpointing))
 
     def mesh(self, tp):
         if tp not in self.meshes:  # each init_device_mesh makes new process groups: one per shape
@@ -126,13 +127,13 @@ def wrap(b: Bench, model, mode: str, gpus: int):
 def train_steps(b: Bench, preset, mode, gpus, seq_len, steps, checkpointing, lr=3e-4, losses=False):
     """Build, spread and train ``steps`` steps on random tokens; returns ``{"times", "losses", "n_params", "mcfg"}``.
     ``losses``: the global mean loss of every step (one more all-reduce per step; for the correctness part)."""
-    mcfg = b.model_config(preset, checkpointing)
+    mcfg = b.model_config(preset)
     parallel, tp = ("fsdp", 2) if mode == "tp+fsdp" else ("ddp", 2) if mode == "tp" else (mode, 1)
     check_parallel(parallel, tp, gpus, mcfg)
     tokens = b.a.tokens_per_gpu * gpus
     if tokens % seq_len:
         raise SystemExit(f"{tokens} tokens per step is not a multiple of seq_len={seq_len}")
-    model = b.build(mcfg)
+    model = b.build(mcfg, checkpointing)
     n_params = model.num_parameters()
     fwd, dp_rank, dp_world = wrap(b, model, mode, gpus)
     opt_kw = {"fused": True} if b.device.type == "cuda" else ({"foreach": False} if tp > 1 else {})
@@ -218,7 +219,7 @@ def fwd_bwd(model, ids, dtype, device_type):
 
 def check_tp(b: Bench, seq_len, rows):
     """TP=2 logits and gradients of tnl-385m vs one GPU (rank 0): the TP error against bf16's own."""
-    mcfg = b.model_config("tnl-385m", False)
+    mcfg = b.model_config("tnl-385m")
     ref = b.build(mcfg)
     ids = b.batch(0, rows, seq_len, mcfg.vocab_size, 0, 1)
     grads, ref_logits, own = {}, None, {}

@@ -134,14 +134,16 @@ def cuda_median_ms(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def build(preset, vocab, compiled, compile_scope="blocks", compile_mode=None, overrides=None):
-    """``(model, fwd, graphs)``: the preset on the GPU (seeded); ``fwd`` what a step calls: the model with
+def build(preset, vocab, compiled, compile_scope="blocks", compile_mode=None, overrides=None, impl=None):
+    """``(model, fwd, graphs)``: the preset on the GPU (seeded), with ``ModelConfig`` ``overrides`` and
+    ``impl`` (a dict of ``tnlib.models.Implementation`` fields); ``fwd`` what a step calls: the model with
     its blocks compiled (``TrainConfig``'s default scope) or the whole model as one compiled graph
     (``compile_scope="model"``); ``graphs``: whether CUDA graphs record it (mode reduce-overhead)."""
     import tnlib
 
     torch.manual_seed(0)
-    model = tnlib.create_model(preset, vocab_size=vocab, **(overrides or {})).cuda()
+    model = tnlib.create_model(preset, vocab_size=vocab, impl=tnlib.Implementation(**(impl or {})),
+                               **(overrides or {})).cuda()
     fwd = model
     if compiled and compile_scope == "blocks":
         model.compile_blocks(mode=compile_mode)

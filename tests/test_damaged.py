@@ -478,6 +478,41 @@ def test_resume_accepts_the_listed_changes_and_old_checkpoints(run, data, tmp_pa
     assert steps[-1] == 3 and steps.count(3) == 1
 
 
+def test_checkpoints_that_recorded_implementation_fields_still_load_and_resume(run, data, tmp_path, capsys):
+    """Before issue 27, ``packed_attention``, ``decode_gemv`` and ``checkpointing`` were ModelConfig fields,
+    so every ``config.json`` recorded them. Such a final model still loads (and generates, and consolidates),
+    and such a training checkpoint still resumes, whatever values it recorded; nothing written now records
+    them."""
+    import tnlib
+    from tnlib.models import Implementation
+
+    former = {"checkpointing": True, "packed_attention": False, "decode_gemv": False}
+    r = _copy(run, tmp_path / "old-run")
+    for name in ("final/config.json", "checkpoint/config.json"):
+        assert not set(former) & set(json.loads(open(os.path.join(run, name)).read()).get("model", {}))
+    final_cfg = r / "final" / "config.json"
+    cfg = json.loads(final_cfg.read_text())
+    assert not set(former) & set(cfg)
+    final_cfg.write_text(json.dumps({**cfg, **former}, indent=2))
+    old = tnlib.load_model(str(r / "final"))
+    assert old.impl == Implementation()  # the recorded values are dropped: how to compute is the loader's choice
+    new = tnlib.load_model(os.path.join(run, "final"))
+    assert old.config == new.config and all(torch.equal(a, b) for a, b in zip(old.state_dict().values(),
+                                                                               new.state_dict().values()))
+    cli.main(["generate", "--checkpoint", str(r / "final"), "--prompt", "It was", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.startswith("It was")
+    ckpt_cfg = r / "checkpoint" / "config.json"
+    saved = json.loads(ckpt_cfg.read_text())
+    saved["model"].update(former)
+    ckpt_cfg.write_text(json.dumps(saved))
+    cli.main(["consolidate", "--checkpoint", str(r / "checkpoint"), "--out", str(tmp_path / "one")])
+    assert tnlib.load_model(str(tmp_path / "one")).config == new.config
+    cli.main([a.replace("max_steps=2", "max_steps=3") for a in _resume(r, data)])
+    steps = [json.loads(line).get("step") for line in open(r / "metrics.jsonl") if '"loss"' in line]
+    assert steps[-1] == 3
+    assert not set(former) & set(json.loads(ckpt_cfg.read_text())["model"])  # rewritten by the resumed run
+
+
 # ------------------------------------------------------------------------------------------- the rest of issue 30
 def test_final_model_generates_alone_and_the_error_points_to_a_tokenizer(run, data, tmp_path, capsys):
     final = os.path.join(run, "final")

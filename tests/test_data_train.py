@@ -109,7 +109,7 @@ def test_logged_loss_and_grad_norm_of_an_accumulated_step(prepared, tmp_path):
     import torch
     import torch.nn.functional as F
 
-    from tnlib.models import build_model, get_config
+    from tnlib.models import Implementation, build_model, get_config
     from tnlib.train import batch_at
 
     data, meta = prepared
@@ -117,8 +117,8 @@ def test_logged_loss_and_grad_norm_of_an_accumulated_step(prepared, tmp_path):
     train(cfg)
     rec = [r for r in map(json.loads, open(os.path.join(cfg.out, "metrics.jsonl"))) if r.get("step") == 1][0]
     torch.manual_seed(cfg.seed)  # the same initial weights as train()
-    model = build_model(get_config(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model_overrides,
-                                                  "checkpointing": cfg.checkpointing}))
+    model = build_model(get_config(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model_overrides}),
+                        Implementation(checkpointing=cfg.checkpointing))
     tokens = TokenFile.open(data, "train").tokens
     losses = []
     for micro in range(2):

@@ -166,30 +166,55 @@ class _FakeGraphDecoder:
 
 def test_graph_decoders_are_built_once_per_model_and_batch(monkeypatch):
     """The decoder cache: a second call (new prompt, same batch size) reuses the decoder and gives the
-    tokens of a fresh one; another batch size or a ``model.to(dtype)`` builds a new one."""
+    tokens of a fresh one; another batch size or a ``model.to(dtype)`` builds a new one. The decoders live
+    in the ``DecoderCache`` given (else ``default_decoder_cache``), which a caller can inspect and clear;
+    nothing is stored on the model."""
+    import copy
+
     from tnlib import generation
 
     monkeypatch.setattr(generation, "GraphDecoder", _FakeGraphDecoder)
     monkeypatch.setattr(generation, "_graph_capable", lambda model, ids: model.config.arch == "tnl")
     _FakeGraphDecoder.built = 0
     m = tiny("tnl-tiny")
+    attrs = dict(vars(m))
+    cache = generation.DecoderCache()
+    assert len(cache) == 0 and cache.models() == [] and cache.decoders(m) == {}
     a, b = torch.randint(0, 101, (2, 1, 9))
     want = [generate(m, p, 5, decoder="eager") for p in (a, b)]
-    assert torch.equal(generate(m, a, 5, decoder="compiled-graph"), want[0])
-    assert torch.equal(generate(m, b, 5, decoder="compiled-graph"), want[1])
+    assert torch.equal(generate(m, a, 5, decoder="compiled-graph", decoder_cache=cache), want[0])
+    assert torch.equal(generate(m, b, 5, decoder="compiled-graph", decoder_cache=cache), want[1])
     assert _FakeGraphDecoder.built == 1
-    assert list(generation.decoder_cache(m)) == [("compiled-graph", 1)]
-    generate(m, torch.cat([a, b]), 5, decoder="compiled-graph")  # batch 2
-    generate(m, a, 5, decoder="graph")  # another decoder
-    assert _FakeGraphDecoder.built == 3
+    assert list(cache.decoders(m)) == [("compiled-graph", 1)] and cache.models() == [m]
+    generate(m, torch.cat([a, b]), 5, decoder="compiled-graph", decoder_cache=cache)  # batch 2
+    streamed = list(stream_generate(m, a, 5, decoder="graph", decoder_cache=cache))  # another decoder
+    assert torch.equal(torch.stack(streamed, 1), want[0][:, 9:])
+    assert _FakeGraphDecoder.built == 3 and len(cache) == 3
     m.float()  # new tensors: the cached decoders are stale
-    generate(m, a, 5, decoder="compiled-graph")
-    assert _FakeGraphDecoder.built == 4
-    import copy
-
-    assert generation.decoder_cache(copy.deepcopy(m)) == {}  # a copy starts empty
-    generation.clear_decoder_cache(m)
-    assert generation.decoder_cache(m) == {}
+    generate(m, a, 5, decoder="compiled-graph", decoder_cache=cache)
+    assert _FakeGraphDecoder.built == 4 and len(cache) == 3  # the stale one replaced
+    assert vars(m) == attrs  # nothing stored on the model
+    assert len(generation.default_decoder_cache) == 0  # an explicit cache leaves the default alone
+    other = copy.deepcopy(m)
+    assert cache.decoders(other) == {}  # a copy is another model
+    generate(other, a, 5, decoder="compiled-graph", decoder_cache=cache)
+    assert _FakeGraphDecoder.built == 5 and cache.models() == [m, other]
+    assert "4 decoders for 2 models" in repr(cache)
+    cache.clear(m)
+    assert cache.decoders(m) == {} and cache.models() == [other]
+    cache.clear()
+    assert len(cache) == 0 and cache.models() == []
+    # without a cache argument: the module's default one
+    try:
+        generate(m, a, 5, decoder="compiled-graph")
+        generate(m, b, 5, decoder="compiled-graph")
+        assert _FakeGraphDecoder.built == 6 and list(generation.default_decoder_cache.decoders(m)) == [("compiled-graph", 1)]
+    finally:
+        generation.default_decoder_cache.clear()
+    with pytest.raises(TypeError, match="DecoderCache"):
+        generate(m, a, 5, decoder="compiled-graph", decoder_cache={})
+    with pytest.raises(ValueError, match="graph decoders"):
+        cache.get(m, m.step(a)[1], "eager")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

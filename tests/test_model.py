@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tnlib.models import CHOICES, create_model, glu_dim_for, load_model, save_model
+from tnlib.models import CHOICES, Implementation, ModelConfig, create_model, glu_dim_for, load_model, save_model
 from tnlib.nn import decay_slopes, lrpe_theta_init
 from tnlib.testing import rel_err
 
@@ -79,13 +79,21 @@ SWITCHES = [
     dict(positional=p) for p in CHOICES["positional"]
 ] + [
     dict(decay_formula="paper"), dict(layer_temperature=False), dict(gate=False), dict(qk_act="1+elu"),
-    dict(qk_act="none"), dict(glu_act="silu"), dict(norm="rms"), dict(norm="layer"), dict(checkpointing=True),
+    dict(qk_act="none"), dict(glu_act="silu"), dict(norm="rms"), dict(norm="layer"),
     dict(scale_embedding=False), dict(tie_embeddings=False), dict(lrpe_learnable=False),
-    dict(residual_dtype="params"), dict(packed_attention=False), dict(decode_gemv=False),
+    dict(residual_dtype="params"),
+    # implementation choices (tnlib.models.Implementation), given to create_model as impl=
+    dict(impl=Implementation(checkpointing=True)), dict(impl=Implementation(packed_attention=False)),
+    dict(impl=Implementation(decode_gemv=False)),
 ]
 
 
-@pytest.mark.parametrize("overrides", SWITCHES, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def _switch_id(d):
+    return ",".join(f"impl.{k}={v}" for k, v in vars(d["impl"]).items() if v != getattr(Implementation(), k)) \
+        if "impl" in d else ",".join(f"{k}={v}" for k, v in d.items())
+
+
+@pytest.mark.parametrize("overrides", SWITCHES, ids=_switch_id)
 def test_every_ablation_switch_runs_forward_and_backward(overrides):
     torch.manual_seed(0)
     m = create_model("tnl-tiny", vocab_size=97, n_layers=2, **overrides).train()
@@ -145,7 +153,7 @@ def test_tiny_model_learns_a_repeated_batch(preset):
 def test_checkpointing_gives_the_same_gradients():
     torch.manual_seed(3)
     a = create_model("tnl-tiny", vocab_size=50, n_layers=2)
-    b = create_model("tnl-tiny", vocab_size=50, n_layers=2, checkpointing=True)
+    b = create_model("tnl-tiny", vocab_size=50, n_layers=2, impl=Implementation(checkpointing=True))
     b.load_state_dict(a.state_dict())
     ids = torch.randint(0, 50, (2, 17))
     for m in (a, b):
@@ -154,17 +162,96 @@ def test_checkpointing_gives_the_same_gradients():
         assert rel_err(q.grad, p.grad) < 1e-5, n
 
 
+def test_checkpointing_recomputes_each_block():
+    """``Implementation.checkpointing`` reaches the block loop: with it, a training forward + backward runs
+    every block's forward twice (once more in the backward); without it, or in eval mode, once."""
+    for checkpointing, train_mode, want in ((False, True, 1), (True, True, 2), (True, False, 1)):
+        m = create_model("tnl-tiny", vocab_size=50, n_layers=2, impl=Implementation(checkpointing=checkpointing))
+        m.train(train_mode)
+        calls = []
+        m.layers[1].register_forward_pre_hook(lambda *_: calls.append(1))
+        m(torch.randint(0, 50, (1, 9))).float().pow(2).mean().backward()
+        assert len(calls) == want, (checkpointing, train_mode, calls)
+
+
+def test_implementation_is_held_by_the_model_not_its_config():
+    """``ModelConfig`` has no implementation field; the model holds an ``Implementation`` (its defaults:
+    packed attention and the GEMV kernel on, checkpointing off), set at build time or by ``set_impl``,
+    which reaches every module that makes the choice, and parses values like every config field."""
+    from tnlib.nn import GatedLinearAttention, Linear
+
+    names = {"packed_attention", "decode_gemv", "checkpointing"}
+    assert not names & {f for f in ModelConfig.__dataclass_fields__}
+    assert Implementation() == Implementation(packed_attention=True, decode_gemv=True, checkpointing=False)
+    for preset in ("tnl-tiny", "transformer-tiny"):
+        m = create_model(preset, vocab_size=61, n_layers=2)
+        assert m.impl == Implementation()
+
+        def flags(model):
+            return ({lin.gemv for lin in model.modules() if isinstance(lin, Linear)},
+                    {g.packed for g in model.modules() if isinstance(g, GatedLinearAttention)})
+
+        assert flags(m) == ({True}, {True} if preset.startswith("tnl") else set())
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        assert m.set_impl(decode_gemv="false", packed_attention=False) is m
+        assert m.impl == Implementation(decode_gemv=False, packed_attention=False)
+        assert flags(m) == ({False}, {False} if preset.startswith("tnl") else set())
+        built = create_model(preset, vocab_size=61, n_layers=2, impl=m.impl)
+        assert flags(built) == flags(m) and built.impl == m.impl
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # parameters untouched
+        m.set_impl(Implementation())
+        assert flags(m) == ({True}, {True} if preset.startswith("tnl") else set())
+    with pytest.raises(ValueError, match=r"Implementation\.checkpointing='maybe'"):
+        Implementation(checkpointing="maybe")
+    with pytest.raises(ValueError, match="unknown Implementation fields"):
+        m.set_impl(gemv=False)
+    with pytest.raises(ValueError, match="implementation choices, not ModelConfig fields"):
+        create_model("tnl-tiny", packed_attention=False)
+
+
 @pytest.mark.parametrize("preset", ["tnl-tiny", "transformer-tiny"])
 def test_save_load_roundtrip(preset, tmp_path):
     m = create_model(preset, vocab_size=77, n_layers=2, gate=False) if preset.startswith("tnl") else create_model(preset, vocab_size=77)
+    m.set_impl(decode_gemv=False, checkpointing=True)
     save_model(m, tmp_path / "ckpt")
+    import json
+
+    saved = json.load(open(tmp_path / "ckpt" / "config.json"))
+    assert not {"packed_attention", "decode_gemv", "checkpointing"} & set(saved)  # the architecture only
     m2 = load_model(tmp_path / "ckpt")
-    assert m2.config == m.config
+    assert m2.config == m.config and m2.impl == Implementation()  # how it computes is the loader's choice
+    assert load_model(tmp_path / "ckpt", impl=m.impl).impl == m.impl
     ids = torch.randint(0, 77, (1, 9))
     with torch.no_grad():
         assert torch.equal(m(ids), m2(ids))
     with pytest.raises(FileNotFoundError, match="missing"):
         load_model(tmp_path / "nowhere")
+
+
+def test_old_config_json_with_implementation_fields_loads(tmp_path):
+    """A ``save_model`` directory written before issue 27 records ``checkpointing``, ``packed_attention`` and
+    ``decode_gemv`` in ``config.json`` (as the ModelConfig fields they were): it loads, the three are
+    dropped, and the model is the same; any other unknown field is still refused."""
+    import json
+
+    from tnlib.files import FileDamaged
+
+    m = create_model("tnl-tiny", vocab_size=77, n_layers=2)
+    save_model(m, tmp_path / "old")
+    path = tmp_path / "old" / "config.json"
+    cfg = json.loads(path.read_text())
+    old = {**cfg, "checkpointing": False, "packed_attention": True, "decode_gemv": True}  # the old layout
+    assert list(old) != list(cfg)
+    path.write_text(json.dumps(old, indent=2, sort_keys=True))
+    back = load_model(tmp_path / "old")
+    assert back.config == m.config and back.impl == Implementation()
+    assert ModelConfig.from_dict({**cfg, "checkpointing": True, "decode_gemv": False}) == m.config
+    ids = torch.randint(0, 77, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(back(ids), m(ids))
+    path.write_text(json.dumps({**cfg, "fused_sglu": True}))
+    with pytest.raises(FileDamaged, match="unknown ModelConfig fields"):
+        load_model(tmp_path / "old")
 
 
 def test_input_id_errors():
@@ -213,8 +300,8 @@ def test_packed_attention_matches_unfused(overrides, device):
 
 
 def test_packed_attention_dispatch():
-    """``packed_attention`` takes the packed path only on CUDA, in layers without LRPE, for a stateless
-    forward; ``packed_attention=False`` never does."""
+    """``Implementation.packed_attention`` takes the packed path only on CUDA, in layers without LRPE, for
+    a stateless forward; ``packed_attention=False`` never does."""
     from tnlib.nn import gla
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -223,7 +310,7 @@ def test_packed_attention_dispatch():
     gla.GatedLinearAttention._forward_packed = lambda self, x: calls.append(self.layer_idx) or orig(self, x)
     try:
         for packed in (True, False):
-            m = create_model("tnl-tiny", vocab_size=61, n_layers=2, packed_attention=packed).to(device)
+            m = create_model("tnl-tiny", vocab_size=61, n_layers=2, impl=Implementation(packed_attention=packed)).to(device)
             ids = torch.randint(0, 61, (2, 21), device=device)
             calls.clear()
             m(ids)
@@ -234,12 +321,12 @@ def test_packed_attention_dispatch():
 
 
 def test_decode_gemv_switch():
-    """``decode_gemv`` reaches every projection and the tied head; outside compiled or captured code
-    (here) both settings compute ``F.linear``: the same logits."""
+    """``Implementation.decode_gemv`` reaches every projection and the tied head; outside compiled or
+    captured code (here) both settings compute ``F.linear``: the same logits."""
     from tnlib.nn import Linear
 
     on = create_model("tnl-tiny", vocab_size=61, n_layers=2)
-    off = create_model("tnl-tiny", vocab_size=61, n_layers=2, decode_gemv=False)
+    off = create_model("tnl-tiny", vocab_size=61, n_layers=2, impl=Implementation(decode_gemv=False))
     off.load_state_dict(on.state_dict())
     lin = [m for m in on.modules() if isinstance(m, Linear)]
     assert lin and all(m.gemv for m in lin)

@@ -234,8 +234,8 @@ def test_built_on_meta_and_streamed_per_shard(monkeypatch):
     built, at_shard_start = [], []
     empty, tensors = O._empty_model, O._Shard.tensors
 
-    def spy_empty(cfg):
-        built.append(empty(cfg))
+    def spy_empty(cfg, impl=None):
+        built.append(empty(cfg, impl))
         assert all(p.is_meta for p in built[-1].parameters()), "parameters were allocated"
         return built[-1]
 
@@ -286,13 +286,17 @@ def test_round_trip_official(tmp_path, name):
                                                     positional="lrpe-d", qk_act="1+elu", scale_embedding=False)])
 def test_round_trip_tnlib_model(tmp_path, overrides):
     torch.manual_seed(0)
-    m = create_model("tnl-tiny", vocab_size=300, n_layers=3, **overrides)
+    impl = tnlib.Implementation(packed_attention=False, decode_gemv=False, checkpointing=True)
+    m = create_model("tnl-tiny", vocab_size=300, n_layers=3, impl=impl, **overrides)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # every parameter, norms and theta included, off its init
     out = O.save_official(m, str(tmp_path / "o"))
     assert os.path.isfile(os.path.join(out, "model.safetensors"))  # fits one file: no index
     assert not os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    with open(os.path.join(out, "config.json")) as f:  # how the model computed is not part of the checkpoint
+        assert not {"packed_attention", "decode_gemv", "checkpointing"} & set(json.load(f))
+    assert O.load_official(out).impl == tnlib.Implementation() and O.load_official(out, impl=impl).impl == impl
     m2 = O.load_official(out)
     for field in ("vocab_size", "d_model", "n_layers", "n_heads", "glu_dim", "positional", "qk_act", "norm",
                   "norm_eps", "scale_embedding", "tie_embeddings", "init_std"):

@@ -17,9 +17,10 @@ How TransNormerLLM's decode steps run is the ``decoder`` argument (``DECODERS``)
   captured: the fastest per token, at the price of a one-time compilation;
 * ``"auto"``: ``auto_decoder`` picks one.
 
-Graph decoders are built once per (model, batch size), kept on the model, and reused by later calls
-(``decoder_cache``, ``clear_decoder_cache``): a new prompt only copies its prefill state into the
-static buffers.
+A graph decoder costs a compilation and a capture to build, so the built ones are kept in a
+``DecoderCache``, once per (model, decoder, batch size), and reused by later calls: a new prompt only
+copies its prefill state into the static buffers. ``generate(..., decoder_cache=cache)`` uses the
+caller's cache; without one, the module's ``default_decoder_cache``. Nothing is stored on the model.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 from .nn.linear import autotune_gemv
 
 __all__ = ["generate", "stream_generate", "sample_next", "DECODERS", "auto_decoder", "GraphDecoder",
-           "StaticDecodeStep", "decoder_cache", "clear_decoder_cache"]
+           "StaticDecodeStep", "DecoderCache", "default_decoder_cache"]
 
 DECODERS = ("auto", "eager", "graph", "compiled-graph")
 
@@ -47,7 +48,7 @@ def auto_decoder(model, ids, max_new_tokens: int) -> str:
 
     Eager on a CPU, for the Transformer, and when nothing is decoded after the prefill token; else the
     compiled step in a CUDA graph, fastest per token once built, and built once per (model, batch size)
-    (the measurement behind this choice: ``results/bench/NOTES-model.md``).
+    in a ``DecoderCache`` (the measurement behind this choice: ``results/bench/NOTES-model.md``).
     """
     if max_new_tokens < 2 or not _graph_capable(model, ids):
         return "eager"
@@ -135,20 +136,6 @@ class GraphDecoder:
         return self.logits
 
 
-class _DecoderCache(dict):
-    """``{(decoder, batch size): (GraphDecoder, signature)}`` kept on the model it serves (so it lives and
-    dies with it); a copied or pickled model starts with an empty cache."""
-
-    def __deepcopy__(self, memo):
-        return _DecoderCache()
-
-    def __reduce__(self):
-        return _DecoderCache, ()
-
-
-_CACHE_ATTR = "_tnlib_graph_decoders"
-
-
 def _signature(model) -> tuple:
     """What a built decoder depends on: each parameter's and buffer's storage, dtype and device (a
     ``model.to(...)`` or a replaced tensor changes it; in-place weight updates keep it, and the graph
@@ -157,28 +144,64 @@ def _signature(model) -> tuple:
                  for t in (*model.parameters(), *model.buffers()))
 
 
-def decoder_cache(model) -> dict:
-    """The graph decoders built for ``model`` so far, keyed by ``(decoder, batch size)`` (a copy)."""
-    return {k: v[0] for k, v in model.__dict__.get(_CACHE_ATTR, {}).items()}
+class DecoderCache:
+    """The graph decoders that ``generate`` / ``stream_generate`` have built, for later calls to reuse.
+
+    One ``GraphDecoder`` per (model, decoder, batch size): ``get`` returns the one built before, loaded
+    with the new prompt's prefill state, or builds it (a compilation and a CUDA-graph capture) when there
+    is none or when the model's tensors changed since (``model.to(...)``, a replaced parameter; weights
+    updated in place keep it, and the graph reads their new values). The eager decoder needs no cache.
+
+    The cache holds a reference to every model it has decoders for (the captured graphs read that
+    model's tensors), so such a model and the decoders' GPU memory live as long as the cache holds them:
+    ``clear(model)`` drops one model's decoders, ``clear()`` all. ``generate(..., decoder_cache=cache)``
+    uses ``cache``; without one, the module's ``default_decoder_cache``. Inspect with ``len(cache)``,
+    ``cache.models()`` and ``cache.decoders(model)``.
+    """
+
+    def __init__(self):
+        self._entries: dict = {}  # id(model) -> (model, {(decoder, batch size): (GraphDecoder, _signature)})
+
+    def get(self, model, cache, decoder: str) -> GraphDecoder:
+        """The ``decoder`` (``"graph"`` or ``"compiled-graph"``) for ``model`` at ``cache``'s batch size,
+        loaded with ``cache`` (a prefill's ``RecurrentCache``); built if absent or stale."""
+        if decoder not in ("graph", "compiled-graph"):
+            raise ValueError(f"DecoderCache holds the graph decoders ('graph', 'compiled-graph'), not {decoder!r}")
+        key, sig = (decoder, cache.positions.shape[0]), _signature(model)
+        entry = self._entries.get(id(model))
+        hit = None if entry is None else entry[1].get(key)
+        if hit is not None and hit[1] == sig:
+            hit[0].load(cache)
+            return hit[0]
+        dec = GraphDecoder(model, cache, fuse=decoder == "compiled-graph")
+        self._entries.setdefault(id(model), (model, {}))[1][key] = (dec, sig)
+        return dec
+
+    def decoders(self, model) -> dict:
+        """``{(decoder, batch size): GraphDecoder}`` built for ``model`` (a new dict; empty if none)."""
+        entry = self._entries.get(id(model))
+        return {} if entry is None else {k: v[0] for k, v in entry[1].items()}
+
+    def models(self) -> list:
+        """The models this cache holds decoders for."""
+        return [m for m, _ in self._entries.values()]
+
+    def clear(self, model=None) -> None:
+        """Drop the decoders of ``model`` (and the cache's reference to it), or of every model."""
+        if model is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(id(model), None)
+
+    def __len__(self) -> int:
+        return sum(len(per_model) for _, per_model in self._entries.values())
+
+    def __repr__(self) -> str:
+        return f"DecoderCache({len(self)} decoders for {len(self._entries)} models)"
 
 
-def clear_decoder_cache(model) -> None:
-    """Drop the graph decoders built for ``model`` (their CUDA graphs and static buffers)."""
-    model.__dict__.pop(_CACHE_ATTR, None)
-
-
-def _graph_decoder(model, cache, decoder: str) -> GraphDecoder:
-    """The cached ``GraphDecoder`` for (model, decoder, batch size), loaded with ``cache``; built if absent
-    or if the model's tensors changed since."""
-    key, sig = (decoder, cache.positions.shape[0]), _signature(model)
-    per_model = model.__dict__.setdefault(_CACHE_ATTR, _DecoderCache())
-    hit = per_model.get(key)
-    if hit is not None and hit[1] == sig:
-        hit[0].load(cache)
-        return hit[0]
-    dec = GraphDecoder(model, cache, fuse=decoder == "compiled-graph")
-    per_model[key] = (dec, sig)
-    return dec
+#: the cache ``generate`` and ``stream_generate`` use when no ``decoder_cache`` is given
+default_decoder_cache = DecoderCache()
 
 
 def _prepare_prompts(model, input_ids, pad_token_id):
@@ -250,18 +273,22 @@ def stream_generate(
     pad_token_id: int = 0,
     generator: torch.Generator | None = None,
     decoder: str = "auto",
+    decoder_cache: DecoderCache | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence (``[B]`` long) as it is produced.
 
     Sequences that have emitted an end token keep yielding ``pad_token_id``; the stream stops when
     all are done or after ``max_new_tokens`` steps. ``decoder`` (one of ``DECODERS``, see the module
     docstring) chooses how decode steps run; every choice yields the same tokens up to floating-point
-    rounding. ``"graph"`` and ``"compiled-graph"`` need TransNormerLLM on a CUDA device.
+    rounding. ``"graph"`` and ``"compiled-graph"`` need TransNormerLLM on a CUDA device; the decoders
+    they build are kept in ``decoder_cache`` (a ``DecoderCache``; ``default_decoder_cache`` if None).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder_cache is not None and not isinstance(decoder_cache, DecoderCache):
+        raise TypeError(f"decoder_cache must be a tnlib.generation.DecoderCache, got {type(decoder_cache).__name__}")
     _, ids, mask = _prepare_prompts(model, input_ids, pad_token_id)
     if decoder == "auto":
         decoder = auto_decoder(model, ids, max_new_tokens)
@@ -275,7 +302,9 @@ def stream_generate(
         if max_new_tokens == 0:
             return
         logits, cache = model.step(ids, None, mask, last_only=True)
-        graph = _graph_decoder(model, cache, decoder) if decoder != "eager" and max_new_tokens > 1 else None
+        graph = None
+        if decoder != "eager" and max_new_tokens > 1:
+            graph = (default_decoder_cache if decoder_cache is None else decoder_cache).get(model, cache, decoder)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for i in range(max_new_tokens):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
@@ -293,16 +322,17 @@ def stream_generate(
 
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
-             eos_token_id=None, pad_token_id: int = 0, generator=None, decoder: str = "auto"):
+             eos_token_id=None, pad_token_id: int = 0, generator=None, decoder: str = "auto",
+             decoder_cache: DecoderCache | None = None):
     """Prompt followed by up to ``max_new_tokens`` new tokens (greedy when ``temperature == 0``).
 
     ``input_ids``: a ``[B, T]`` tensor (returns ``[B, T + n]``, finished rows filled with
     ``pad_token_id``) or a list of 1-D prompts of any lengths (returns a list of 1-D tensors, each
-    ending at its end token if one was produced). ``decoder``: see ``stream_generate``.
+    ending at its end token if one was produced). ``decoder``, ``decoder_cache``: see ``stream_generate``.
     """
     prompts, ids, _ = _prepare_prompts(model, input_ids, pad_token_id)
     steps = list(stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                 pad_token_id, generator, decoder))
+                                 pad_token_id, generator, decoder, decoder_cache))
     new = torch.stack(steps, dim=1) if steps else ids.new_zeros(ids.shape[0], 0)
     if isinstance(input_ids, torch.Tensor):
         base = input_ids if input_ids.dim() == 2 else input_ids[None]

@@ -39,7 +39,7 @@ import re
 import torch
 
 from .files import FileDamaged, _few, read_json, read_torch_file, safetensors_header, set_default_mode
-from .models import ModelConfig, TransNormerLLM
+from .models import Implementation, ModelConfig, TransNormerLLM
 from .nn.gla import GatedLinearAttention
 
 __all__ = ["load_official", "save_official", "is_official_dir", "official_to_config", "config_to_official",
@@ -302,11 +302,11 @@ class _Shard:
             self._bin = None
 
 
-def _empty_model(cfg: ModelConfig) -> TransNormerLLM:
-    """``TransNormerLLM(cfg)`` built on the meta device (no weight memory, no init work), its fixed buffers
-    (the decay slopes, computed from the config, never stored) then made real on the CPU."""
+def _empty_model(cfg: ModelConfig, impl: Implementation | None = None) -> TransNormerLLM:
+    """``TransNormerLLM(cfg, impl)`` built on the meta device (no weight memory, no init work), its fixed
+    buffers (the decay slopes, computed from the config, never stored) then made real on the CPU."""
     with torch.device("meta"):
-        model = TransNormerLLM(cfg)
+        model = TransNormerLLM(cfg, impl)
     for i, layer in enumerate(model.layers):
         layer.token_mixer.slope = GatedLinearAttention.decay_slope(cfg, i)
     return model
@@ -324,13 +324,14 @@ def _resolve_dtype(dtype, cfg: dict):
     return dtype
 
 
-def load_official(path: str, dtype=None, device=None) -> TransNormerLLM:
+def load_official(path: str, dtype=None, device=None, impl: Implementation | None = None) -> TransNormerLLM:
     """A :class:`~tnlib.models.TransNormerLLM` from an official checkpoint directory.
 
     ``path`` holds ``config.json`` and ``model.safetensors`` | ``pytorch_model.bin`` | either sharded
     with its ``*.index.json``. ``dtype`` (a torch dtype or its name): the parameters' dtype, by default
     the config's ``torch_dtype`` (else as stored), except LRPE's theta, which stays at least fp32 (tnlib
-    forms the angles in fp64; a bf16 theta would move them); ``device``: where they live (default CPU).
+    forms the angles in fp64; a bf16 theta would move them); ``device``: where they live (default CPU);
+    ``impl``: how the model computes (``tnlib.models.Implementation``, the defaults if None).
 
     Everything is checked before any weight is read: config values tnlib cannot express raise
     ``ValueError`` naming ``config.json`` and the field, missing shards ``FileNotFoundError``, and damaged
@@ -352,7 +353,7 @@ def load_official(path: str, dtype=None, device=None) -> TransNormerLLM:
     files, weight_map = find_weight_files(path)
 
     # plan: every stored key -> (shard, tnlib name), checked against the model's names and shapes
-    model = _empty_model(cfg)
+    model = _empty_model(cfg, impl)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     shards = [_Shard(f) for f in files]
     plan, seen = {s.path: [] for s in shards}, {}

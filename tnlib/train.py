@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from .data import DataError, TokenFile
 from .fields import check_fields, parse_field
 from .files import FileDamaged, _one_line, load_weights, read_json, read_torch_file, set_default_mode
-from .models import build_model, get_config
+from .models import Implementation, build_model, get_config
+from .models.config import FORMER_IMPLEMENTATION_FIELDS
 from .parallel import (SHARDED_DIR, apply_fsdp, apply_tensor_parallel, build_mesh, canonical_state_dict,
                        check_parallel, check_sharded, clip_grad_norm, init_distributed, load_sharded, save_sharded)
 from .ops.targets import device_target
@@ -92,7 +93,7 @@ class TrainConfig:
     # scaling, results/385m/scaling-*.json) or "model" (one graph per forward; dynamo splits it at DDP's
     # gradient buckets)
     compile_scope: str = "blocks"
-    checkpointing: bool = False
+    checkpointing: bool = False  # activation checkpointing of every block: the model's Implementation.checkpointing
     ddp_bucket_mb: float = 25.0  # DDP gradient bucket size (torch's default); larger = fewer, bigger all-reduces
     # how the model is spread over the processes (tnlib.parallel): "ddp" = a whole replica on each (fastest
     # while it fits); "fsdp" = fully_shard per block: parameters, gradients and AdamW state split over ranks
@@ -147,9 +148,10 @@ RESUME_MAY_CHANGE = {
     "parallel": "how the model is spread", "fsdp_one_rank": "how the model is spread",
     "tensor_parallel": "how the model is spread",
 }
-#: ModelConfig fields that may change on resume: implementation choices with the same parameters and
-#: results (``checkpointing`` follows TrainConfig.checkpointing); ``name`` is the preset, compared as such
-_MODEL_MAY_CHANGE = ("name", "checkpointing", "packed_attention", "decode_gemv")
+#: model config fields not compared on resume: ``name`` is the preset, compared as such; the others are
+#: implementation choices that earlier versions recorded in the model config (``Implementation`` now,
+#: never saved), so checkpoints written then still resume
+_MODEL_MAY_CHANGE = ("name", *FORMER_IMPLEMENTATION_FIELDS)
 #: what to do when a file of a training checkpoint is damaged
 _RESTORE = "restore the checkpoint from a copy, or start the run again without --resume"
 
@@ -178,10 +180,11 @@ def resume_differences(saved: dict, cfg: "TrainConfig", model: dict, facts: dict
     """The settings of this run (``cfg``, its model config as a dict ``model`` and its
     :func:`_resume_facts` ``facts``) that differ from a checkpoint's (``saved``, its ``config.json`` as
     :func:`_read_checkpoint_config` returns it), as ``(setting, checkpoint value, this run's value, how to
-    set it)`` in field order; empty when the run may resume. Fields in :data:`RESUME_MAY_CHANGE` and the
-    model's implementation fields are not compared; a model field the checkpoint does not record counts
-    as a difference. Checkpoints written before the facts were recorded compare ``batch_size``, ``dtype``
-    and ``data`` as spelled."""
+    set it)`` in field order; empty when the run may resume. Fields in :data:`RESUME_MAY_CHANGE` are not
+    compared, nor the implementation choices that older checkpoints record in their model config
+    (``FORMER_IMPLEMENTATION_FIELDS``); a model field the checkpoint does not record counts as a
+    difference. Checkpoints written before the facts were recorded compare ``batch_size``, ``dtype`` and
+    ``data`` as spelled."""
     out = []
     then_train, then_facts = saved["train"], saved.get("run")
     by_meaning = ("batch_size", "dtype", "data") if then_facts is not None else ()
@@ -518,8 +521,7 @@ def _setup(cfg: TrainConfig):
     if cfg.fused_loss is None:
         cfg = dataclasses.replace(cfg, fused_loss=device.type == "cuda")
     train_tf, meta, eval_tfs, tokenizer = _read_data(cfg)
-    mcfg = get_config(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model_overrides,
-                                     "checkpointing": cfg.checkpointing})
+    mcfg = get_config(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model_overrides})
     if mcfg.vocab_size < meta["vocab_size"]:
         raise DataError(f"model vocab {mcfg.vocab_size} < tokenizer vocab {meta['vocab_size']}")
     dp_world = world // tp if sharded else world
@@ -595,7 +597,7 @@ def _build(run: _Run) -> None:
     wrappers and AdamW (its state when resuming); the metrics file is cut back to the checkpoint."""
     cfg, device, tp = run.cfg, run.device, run.cfg.tensor_parallel
     torch.manual_seed(cfg.seed)
-    model = build_model(run.mcfg).to(device)
+    model = build_model(run.mcfg, Implementation(checkpointing=cfg.checkpointing)).to(device)
     if run.resume_state is not None and not run.ckpt_sharded:  # whole weights, before any wrapping
         load_weights(model, os.path.join(run.ckpt_dir, "model.safetensors"), _RESTORE, device=device)
     if (run.world > 1 or run.sharded) and not torch.distributed.is_initialized():

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from tnlib import generate
+from tnlib import DecoderCache, generate
 from tnlib.official import load_official
 from tnlib.provenance import write_results
 
@@ -51,8 +51,10 @@ def check(name, dtype, device):
         rows.append(logits[0, -1])
     row["step_logits_max_rel"] = max_rel(torch.stack(rows), gr["step_logits"])
     sure = [m > 1e-4 for m in gr["step_top1_margin"]]
+    decoders = DecoderCache()  # this model's graph decoder, dropped with it when check() returns
     for graph in ((True, False) if device == "cuda" else (False,)):
-        new = generate(model, prompt, len(gr["tokens"]), decoder="compiled-graph" if graph else "eager")[0, prompt.shape[1]:].tolist()
+        new = generate(model, prompt, len(gr["tokens"]), decoder="compiled-graph" if graph else "eager",
+                       decoder_cache=decoders)[0, prompt.shape[1]:].tolist()
         row[f"greedy_equal_{'graph' if graph else 'eager'}"] = sum(a == b for a, b in zip(new, gr["tokens"]))
         row[f"greedy_sure_equal_{'graph' if graph else 'eager'}"] = all(
             a == b for a, b, s in zip(new, gr["tokens"], sure) if s)

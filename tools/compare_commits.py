@@ -136,9 +136,14 @@ def part_train(a, device, emit):
     for T in a.train_lens:
         B = max(1, a.train_tokens // T)
         torch.manual_seed(cfg.seed)
+        # activation checkpointing: a ModelConfig field in older trees, an Implementation field in newer ones
+        ckpt = {"checkpointing": cfg.checkpointing} if "checkpointing" in fields else {}
+        model_fields = {f.name for f in dataclasses.fields(tnlib.models.ModelConfig)}
         mcfg = get_config(a.preset, vocab_size=a.vocab, **cfg.model_overrides,
-                          **({"checkpointing": cfg.checkpointing} if "checkpointing" in fields else {}))
-        model = build_model(mcfg).to(device)
+                          **(ckpt if "checkpointing" in model_fields else {}))
+        impl = getattr(tnlib.models, "Implementation", None)
+        model = (build_model(mcfg) if impl is None or "checkpointing" in model_fields else
+                 build_model(mcfg, impl(**ckpt))).to(device)
         groups = tr._param_groups(model, cfg.weight_decay) if hasattr(tr, "_param_groups") else model.parameters()
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                 **({"fused": True} if device.type == "cuda" else {}))

@@ -29,13 +29,15 @@ def main():
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (reduce-overhead: CUDA graphs; the "
                     "profiler then sees graph launches, not every kernel)")
     ap.add_argument("--override", default="", help="model config overrides as in benchmarks/bench_model.py, "
-                    "e.g. packed_attention=false")
+                    "e.g. 'residual_dtype=\"compute\"'")
+    ap.add_argument("--impl", default="", help="implementation choices as in benchmarks/bench_model.py "
+                    "(tnlib.models.Implementation fields), e.g. packed_attention=false")
     ap.add_argument("--out", default="runs/profile")
     a = ap.parse_args()
     from benchmarks.common import build, parse_settings, train_step
 
-    overrides = parse_settings(a.override)
-    model, fwd, graphs = build(a.preset, a.vocab, a.compile, a.compile_scope, a.compile_mode, overrides)
+    overrides, impl = parse_settings(a.override), parse_settings(a.impl)
+    model, fwd, graphs = build(a.preset, a.vocab, a.compile, a.compile_scope, a.compile_mode, overrides, impl)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     B = max(1, a.tokens // a.T)
     ids = torch.randint(0, a.vocab, (B, a.T + 1), device="cuda")

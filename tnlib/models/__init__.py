@@ -5,22 +5,23 @@ import os
 
 import torch
 
-from .config import CHOICES, PRESETS, ModelConfig, get_config, glu_dim_for
+from .config import CHOICES, PRESETS, Implementation, ModelConfig, get_config, glu_dim_for
 from .transformer import Transformer
 from .transnormer import TransNormerLLM
 
-__all__ = ["ModelConfig", "PRESETS", "CHOICES", "get_config", "glu_dim_for", "create_model",
+__all__ = ["ModelConfig", "Implementation", "PRESETS", "CHOICES", "get_config", "glu_dim_for", "create_model",
            "build_model", "save_model", "load_model", "TransNormerLLM", "Transformer"]
 
 
-def build_model(cfg: ModelConfig) -> torch.nn.Module:
-    """Instantiate the architecture that ``cfg.arch`` names."""
-    return TransNormerLLM(cfg) if cfg.arch == "tnl" else Transformer(cfg)
+def build_model(cfg: ModelConfig, impl: Implementation | None = None) -> torch.nn.Module:
+    """Instantiate the architecture that ``cfg.arch`` names, computing as ``impl`` says (the defaults if None)."""
+    return TransNormerLLM(cfg, impl) if cfg.arch == "tnl" else Transformer(cfg, impl)
 
 
-def create_model(preset: str, **overrides) -> torch.nn.Module:
-    """``create_model("tnl-385m", vocab_size=...)``: a model whose ``forward(input_ids)`` returns logits."""
-    return build_model(get_config(preset, **overrides))
+def create_model(preset: str, impl: Implementation | None = None, **overrides) -> torch.nn.Module:
+    """``create_model("tnl-385m", vocab_size=...)``: a model whose ``forward(input_ids)`` returns logits.
+    ``overrides``: ``ModelConfig`` fields; ``impl``: how it computes (``Implementation``)."""
+    return build_model(get_config(preset, **overrides), impl)
 
 
 #: config fields every save_model config.json has held (later fields may be absent: their defaults apply)
@@ -61,8 +62,10 @@ def save_model(model: torch.nn.Module, path: str, tokenizer=None) -> None:
         tokenizer.save(os.path.join(path, "tokenizer.json"))
 
 
-def load_model(path: str, device="cpu") -> torch.nn.Module:
-    """Rebuild a model from ``save_model``'s directory. A missing file raises ``FileNotFoundError``; a
+def load_model(path: str, device="cpu", impl: Implementation | None = None) -> torch.nn.Module:
+    """Rebuild a model from ``save_model``'s directory, computing as ``impl`` says (the defaults if None;
+    ``config.json`` holds the architecture only, and the implementation choices that earlier versions
+    wrote there are ignored: ``ModelConfig.from_dict``). A missing file raises ``FileNotFoundError``; a
     damaged ``config.json`` or ``model.safetensors`` (truncated, empty, not JSON or safetensors, other
     keys or shapes than the config's model) raises ``tnlib.files.FileDamaged`` naming the file."""
     from ..files import FileDamaged, load_weights, read_json
@@ -81,6 +84,6 @@ def load_model(path: str, device="cpu") -> torch.nn.Module:
         cfg = ModelConfig.from_dict(raw)
     except (ValueError, TypeError) as e:  # unknown fields or values out of their type (another tnlib version?)
         raise FileDamaged(cfg_path, f"is not a tnlib model config: {e}", _REWRITE) from None
-    model = build_model(cfg)
+    model = build_model(cfg, impl)
     load_weights(model, w_path, _REWRITE, device=device)
     return model.to(device)

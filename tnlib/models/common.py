@@ -1,12 +1,16 @@
-"""What both decoders share: weight init, input checks, left-padding positions, the block loop
-(with optional activation checkpointing) and the tied LM head."""
+"""What both decoders share: weight init, input checks, left-padding positions, the implementation
+choices (``Implementation``), the block loop (with optional activation checkpointing) and the tied LM head."""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..nn.gla import GatedLinearAttention
 from ..nn.linear import Linear, linear
+from .config import Implementation
 
 __all__ = ["init_weights", "check_input_ids", "left_pad_positions", "CausalLM"]
 
@@ -47,7 +51,31 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
 
 
 class CausalLM(nn.Module):
-    """Base of TransNormerLLM and the Transformer: ``embed``, ``layers``, ``final_norm``, ``lm_head``."""
+    """Base of TransNormerLLM and the Transformer: ``embed``, ``layers``, ``final_norm``, ``lm_head``;
+    ``config`` (what the model is, saved with it) and ``impl`` (how it computes, ``Implementation``)."""
+
+    impl: Implementation = Implementation()
+
+    def set_impl(self, impl: Implementation | None = None, **changes) -> "CausalLM":
+        """Choose how the model computes: ``impl`` as a whole, and/or ``changes`` to its fields
+        (``model.set_impl(checkpointing=True)``). Sets ``self.impl`` and hands each choice to the modules
+        that make it (every ``Linear``'s ``gemv``, every ``GatedLinearAttention``'s ``packed``); the
+        parameters are untouched. Returns the model."""
+        base = self.impl if impl is None else impl
+        if not isinstance(base, Implementation):
+            raise TypeError(f"impl must be a tnlib.models.Implementation, got {type(base).__name__}")
+        unknown = set(changes) - {f.name for f in dataclasses.fields(Implementation)}
+        if unknown:
+            raise ValueError(f"unknown Implementation fields {sorted(unknown)}; fields are "
+                             f"{[f.name for f in dataclasses.fields(Implementation)]}")
+        impl = dataclasses.replace(base, **changes)
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.gemv = impl.decode_gemv
+            elif isinstance(m, GatedLinearAttention):
+                m.packed = impl.packed_attention
+        self.impl = impl
+        return self
 
     def residual_stream(self, x):
         """The embeddings as the residual stream's first value: cast to the autocast dtype when the config
@@ -57,9 +85,9 @@ class CausalLM(nn.Module):
         return x
 
     def run_blocks(self, x):
-        """The training/parallel pass through every block, checkpointing each one if configured."""
+        """The training/parallel pass through every block, checkpointing each one if ``impl.checkpointing``."""
         for layer in self.layers:
-            if self.config.checkpointing and self.training and torch.is_grad_enabled():
+            if self.impl.checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x)
@@ -75,12 +103,12 @@ class CausalLM(nn.Module):
     def logits(self, h):
         """Final norm, then the LM head (tied to the embedding unless ``tie_embeddings=False``)."""
         h = self.final_norm(h)
-        return linear(h, self.embed.weight, gemv=self.config.decode_gemv) if self.lm_head is None else self.lm_head(h)
+        return linear(h, self.embed.weight, gemv=self.impl.decode_gemv) if self.lm_head is None else self.lm_head(h)
 
     def gemv_weights(self) -> list:
         """The weights that a decode step may send to ``tnlib.ops.gemv`` (for ``autotune_gemv``)."""
         ws = [m.weight for m in self.modules() if isinstance(m, Linear) and m.gemv and m.bias is None]
-        if self.lm_head is None and self.config.decode_gemv:
+        if self.lm_head is None and self.impl.decode_gemv:
             ws.append(self.embed.weight)
         return ws
 

@@ -1,7 +1,10 @@
 """Typed model configs and named presets (the released shapes: ``docs/sources.md``). Taught in
 ``notebooks/07_model.ipynb``.
 
-Every ablation of the paper is a config field whose default is the paper's choice.
+``ModelConfig`` is what a model *is*: every ablation of the paper is a field whose default is the paper's
+choice, and it is what ``save_model`` writes to ``config.json``. ``Implementation`` is how a model
+*computes* (same parameters, same results up to rounding): the model holds it at run time and it is
+never saved.
 """
 from __future__ import annotations
 
@@ -10,9 +13,10 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from ..fields import check_fields
+from ..fields import check_fields, parse_field
 
-__all__ = ["ModelConfig", "PRESETS", "get_config", "glu_dim_for", "CHOICES"]
+__all__ = ["ModelConfig", "Implementation", "PRESETS", "get_config", "glu_dim_for", "CHOICES",
+           "FORMER_IMPLEMENTATION_FIELDS"]
 
 #: allowed values of the string-valued switches
 CHOICES = {
@@ -61,14 +65,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    checkpointing: bool = False
     # the residual stream between blocks under autocast: "params" = the parameters' dtype (fp32);
     # "compute" = the autocast dtype (bf16), ~4% faster steps at 385M but worse out of domain for TNL
     # (chosen by the rule of tools/fair_385m.py on results/385m-fair/residual-2x2.json)
     residual_dtype: str = "params"
-    # implementation choices (same parameters and results; defaults measured fastest, results/bench/NOTES-model.md)
-    packed_attention: bool = True  # on a GPU, GLA layers without LRPE train through lightning_attention_packed
-    decode_gemv: bool = True  # few-row products in compiled/captured decode steps use tnlib.ops.gemv
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -102,11 +102,47 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """The config of a dict such as ``to_dict`` writes. The implementation choices that earlier versions
+        recorded here (``FORMER_IMPLEMENTATION_FIELDS``) are accepted and dropped, so their checkpoints load;
+        any other unknown key raises ``ValueError``."""
         known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in FORMER_IMPLEMENTATION_FIELDS}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
         return cls(**d)
+
+
+#: ModelConfig fields of earlier versions that are ``Implementation`` fields now: ``ModelConfig.from_dict``
+#: drops them from old ``config.json`` files, and a resumed training run does not compare them
+FORMER_IMPLEMENTATION_FIELDS = ("checkpointing", "packed_attention", "decode_gemv")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """How a model computes, not what: the parameters, their names and the results (up to floating-point
+    rounding) are the same whatever these are, so they are not part of ``ModelConfig`` and never saved.
+
+    A model holds one (``model.impl``), given when it is built (``build_model(cfg, impl=...)``,
+    ``create_model(preset, impl=...)``, ``load_model(path, impl=...)``, ``load_official(path, impl=...)``)
+    or set later (``model.set_impl(checkpointing=True)``); training sets ``checkpointing`` from
+    ``TrainConfig.checkpointing``. The defaults are the faster paths as measured
+    (``results/bench/NOTES-model.md``); ``False`` gives the plain PyTorch form. Values are parsed like every
+    config field (``"false"`` is ``False``, ``tnlib.fields``).
+    """
+
+    # on a GPU, the stateless (training) forward of GLA layers without LRPE runs through
+    # tnlib.ops.lightning_attention_packed (GatedLinearAttention.packed)
+    packed_attention: bool = True
+    # products of at most a few rows inside compiled or CUDA-graph-captured code (decode steps) run the
+    # tnlib.ops.gemv kernel (tnlib.nn.Linear.gemv and the tied LM head)
+    decode_gemv: bool = True
+    # activation checkpointing of every block while training (recomputed in the backward: less memory)
+    checkpointing: bool = False
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # frozen: parsed values are set through object.__setattr__
+            object.__setattr__(self, f.name, parse_field(Implementation, f.name, getattr(self, f.name)))
 
 
 _TNL = dict(arch="tnl")
@@ -131,6 +167,11 @@ def get_config(preset: str, **overrides) -> ModelConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
+    impl = sorted(set(overrides) & set(FORMER_IMPLEMENTATION_FIELDS))
+    if impl:
+        raise ValueError(f"unknown config overrides {impl}: implementation choices, not ModelConfig fields; pass "
+                         f"impl=Implementation({impl[0]}=...) to create_model/build_model/load_model, or call "
+                         f"model.set_impl({impl[0]}=...) (training: TrainConfig.checkpointing)")
     bad = set(overrides) - known
     if bad:
         raise ValueError(f"unknown config overrides {sorted(bad)}; fields are {sorted(known)}")

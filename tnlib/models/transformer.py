@@ -13,7 +13,7 @@ from torch import nn
 from ..nn.linear import Linear
 from ..nn.norm import build_norm
 from .common import CausalLM, check_input_ids, init_weights, left_pad_positions
-from .config import ModelConfig
+from .config import Implementation, ModelConfig
 
 __all__ = ["Transformer", "KVCache", "rope"]
 
@@ -50,8 +50,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim, self.theta = cfg.n_heads, cfg.head_dim, cfg.rope_theta
-        self.qkv_proj = Linear(cfg.d_model, 3 * cfg.d_model, bias=False, gemv=cfg.decode_gemv)
-        self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=False, gemv=cfg.decode_gemv)
+        self.qkv_proj = Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, offset=0, past=None, key_valid=None, want_kv=False):
         """Causal attention. ``past=(k, v)`` continues a sequence; ``key_valid`` ([B, L] bool) masks
@@ -95,7 +95,7 @@ class TransformerBlock(nn.Module):
         self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.glu_dim, gemv=cfg.decode_gemv)
+        self.mlp = SwiGLU(cfg.d_model, cfg.glu_dim)
 
     def forward(self, x, offset=0, past=None, key_valid=None, want_kv=False):
         h = self.attn(self.attn_norm(x), offset, past, key_valid, want_kv)
@@ -107,9 +107,10 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(CausalLM):
-    """LLaMA-style decoder with a tied LM head (like TransNormerLLM, for a like-for-like count)."""
+    """LLaMA-style decoder with a tied LM head (like TransNormerLLM, for a like-for-like count).
+    ``impl``: how it computes (``Implementation``; the defaults if None)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, impl: Implementation | None = None):
         super().__init__()
         if cfg.arch != "transformer":
             raise ValueError(f"Transformer needs arch='transformer', got {cfg.arch!r}")
@@ -119,8 +120,9 @@ class Transformer(CausalLM):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False, gemv=cfg.decode_gemv)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         init_weights(self, cfg.init_std)
+        self.set_impl(impl or Implementation())
 
     @torch.no_grad()
     def step(self, input_ids, cache: KVCache | None = None, pad_mask=None, last_only=False):

@@ -11,7 +11,7 @@ from ..nn.linear import Linear
 from ..nn.gla import SGLU, GatedLinearAttention
 from ..nn.norm import build_norm
 from .common import CausalLM, check_input_ids, init_weights, left_pad_positions
-from .config import ModelConfig
+from .config import Implementation, ModelConfig
 
 __all__ = ["TransNormerLLM", "TNLBlock", "RecurrentCache", "init_weights", "check_input_ids", "left_pad_positions"]
 
@@ -36,7 +36,7 @@ class TNLBlock(nn.Module):
         self.token_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.token_mixer = GatedLinearAttention(cfg, layer_idx)
         self.channel_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.channel_mixer = SGLU(cfg.d_model, cfg.glu_dim, cfg.glu_act, gemv=cfg.decode_gemv)
+        self.channel_mixer = SGLU(cfg.d_model, cfg.glu_dim, cfg.glu_act)
 
     def forward(self, x, state=None, offset=0, return_state=False, pad_mask=None):
         h = self.token_mixer(self.token_norm(x), state=state, offset=offset, return_state=return_state, pad_mask=pad_mask)
@@ -48,9 +48,10 @@ class TNLBlock(nn.Module):
 
 
 class TransNormerLLM(CausalLM):
-    """Embedding (x sqrt(d) if configured), blocks, final norm, LM head tied to the embedding."""
+    """Embedding (x sqrt(d) if configured), blocks, final norm, LM head tied to the embedding.
+    ``impl``: how it computes (``Implementation``; the defaults if None)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, impl: Implementation | None = None):
         super().__init__()
         if cfg.arch != "tnl":
             raise ValueError(f"TransNormerLLM needs arch='tnl', got {cfg.arch!r}")
@@ -59,9 +60,10 @@ class TransNormerLLM(CausalLM):
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positional == "ape" else None
         self.layers = nn.ModuleList(TNLBlock(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False, gemv=cfg.decode_gemv)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         init_weights(self, cfg.init_std)
+        self.set_impl(impl or Implementation())
 
     def embed_tokens(self, input_ids, start=None, validate=True):
         """Scaled token embeddings (+ absolute positions when configured); ``start``: ``[B]`` positions."""

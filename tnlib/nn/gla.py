@@ -44,20 +44,21 @@ def _is_dtensor(t) -> bool:
 class GatedLinearAttention(nn.Module):
     """TransNormerLLM's token mixer for one layer (``layer_idx`` sets LRPE and the decay).
 
-    ``cfg.packed_attention``: on a GPU, layers without LRPE run their stateless (training) forward
-    through ``tnlib.ops.lightning_attention_packed`` (the activation's backward and the q|k|v gradient
-    as one buffer inside the kernels; ``u`` from its own product with the same fused weight). Same
-    parameters and outputs either way; on a CPU the unfused form does the same work in one product.
+    ``packed`` (the model's ``Implementation.packed_attention``): on a GPU, layers without LRPE run their
+    stateless (training) forward through ``tnlib.ops.lightning_attention_packed`` (the activation's
+    backward and the q|k|v gradient as one buffer inside the kernels; ``u`` from its own product with the
+    same fused weight). Same parameters and outputs either way; on a CPU the unfused form does the same
+    work in one product. ``gemv``: the projections' ``Linear.gemv`` (``Implementation.decode_gemv``).
     """
 
-    def __init__(self, cfg, layer_idx: int):
+    def __init__(self, cfg, layer_idx: int, packed: bool = True, gemv: bool = True):
         super().__init__()
         d, H = cfg.d_model, cfg.n_heads
         self.n_heads, self.head_dim, self.layer_idx = H, cfg.head_dim, layer_idx
         self.gate = cfg.gate
-        self.packed = cfg.packed_attention
-        self.qkvu_proj = Linear(d, (4 if cfg.gate else 3) * d, bias=False, gemv=cfg.decode_gemv)
-        self.out_proj = Linear(d, d, bias=False, gemv=cfg.decode_gemv)
+        self.packed = packed
+        self.qkvu_proj = Linear(d, (4 if cfg.gate else 3) * d, bias=False, gemv=gemv)
+        self.out_proj = Linear(d, d, bias=False, gemv=gemv)
         self.qk_act = cfg.qk_act
         self.act = _qk_activation(cfg.qk_act)
         self.lrpe = LRPE(H, cfg.head_dim, learnable=cfg.lrpe_learnable) if cfg.lrpe_on(layer_idx) else None

@@ -4,9 +4,9 @@ Training and prefill (many rows, or autograd) run ``F.linear`` exactly as ``nn.L
 product on at most ``tnlib.ops.gemv.GEMV_MAX_ROWS`` rows (a decode step at batch 1-4), outside
 autograd, inside ``torch.compile`` or a CUDA-graph capture, runs ``tnlib.ops.gemv.gemv``, which reads
 the weight once at a higher bandwidth than cuBLAS's tiles for one row. Plain eager calls keep cuBLAS:
-there each Triton launch costs more Python time than the product itself. ``gemv=False`` (the
-``ModelConfig.decode_gemv`` field) keeps cuBLAS everywhere. Same parameters, state-dict keys and
-initialisation as ``nn.Linear``.
+there each Triton launch costs more Python time than the product itself. ``gemv=False`` keeps cuBLAS
+everywhere (a model's ``Implementation(decode_gemv=False)`` sets it on each of its ``Linear``). Same
+parameters, state-dict keys and initialisation as ``nn.Linear``.
 """
 from __future__ import annotations
 
