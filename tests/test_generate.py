@@ -211,6 +211,14 @@ def test_graph_decoders_are_built_once_per_model_and_batch(monkeypatch):
         assert _FakeGraphDecoder.built == 6 and list(generation.default_decoder_cache.decoders(m)) == [("compiled-graph", 1)]
     finally:
         generation.default_decoder_cache.clear()
+    # a bounded cache drops its least recently used model's decoders (the default keeps 2 models)
+    assert generation.default_decoder_cache.max_models == 2
+    small, third = generation.DecoderCache(max_models=2), copy.deepcopy(m)
+    for model in (m, other, m, third):  # m used again before third comes: other is the oldest
+        generate(model, a, 5, decoder="compiled-graph", decoder_cache=small)
+    assert small.models() == [m, third]
+    with pytest.raises(ValueError, match="max_models"):
+        generation.DecoderCache(max_models=0)
     with pytest.raises(TypeError, match="DecoderCache"):
         generate(m, a, 5, decoder="compiled-graph", decoder_cache={})
     with pytest.raises(ValueError, match="graph decoders"):

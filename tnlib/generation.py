@@ -24,6 +24,8 @@ caller's cache; without one, the module's ``default_decoder_cache``. Nothing is 
 """
 from __future__ import annotations
 
+import collections
+
 from typing import Iterator, Sequence
 
 import torch
@@ -156,11 +158,17 @@ class DecoderCache:
     model's tensors), so such a model and the decoders' GPU memory live as long as the cache holds them:
     ``clear(model)`` drops one model's decoders, ``clear()`` all. ``generate(..., decoder_cache=cache)``
     uses ``cache``; without one, the module's ``default_decoder_cache``. Inspect with ``len(cache)``,
-    ``cache.models()`` and ``cache.decoders(model)``.
+    ``cache.models()`` and ``cache.decoders(model)``. ``max_models`` bounds how many models it keeps:
+    building a decoder for one more drops the least recently used model's (the module's default cache
+    keeps 2, so a notebook that builds model after model does not keep them all alive).
     """
 
-    def __init__(self):
-        self._entries: dict = {}  # id(model) -> (model, {(decoder, batch size): (GraphDecoder, _signature)})
+    def __init__(self, max_models: int | None = None):
+        if max_models is not None and max_models < 1:
+            raise ValueError(f"DecoderCache(max_models={max_models!r}): expected None or an integer >= 1")
+        self.max_models = max_models
+        # id(model) -> (model, {(decoder, batch size): (GraphDecoder, _signature)}), least recently used first
+        self._entries: collections.OrderedDict = collections.OrderedDict()
 
     def get(self, model, cache, decoder: str) -> GraphDecoder:
         """The ``decoder`` (``"graph"`` or ``"compiled-graph"``) for ``model`` at ``cache``'s batch size,
@@ -169,10 +177,15 @@ class DecoderCache:
             raise ValueError(f"DecoderCache holds the graph decoders ('graph', 'compiled-graph'), not {decoder!r}")
         key, sig = (decoder, cache.positions.shape[0]), _signature(model)
         entry = self._entries.get(id(model))
+        if entry is not None:
+            self._entries.move_to_end(id(model))
         hit = None if entry is None else entry[1].get(key)
         if hit is not None and hit[1] == sig:
             hit[0].load(cache)
             return hit[0]
+        if entry is None and self.max_models is not None:
+            while len(self._entries) >= self.max_models:
+                self._entries.popitem(last=False)
         dec = GraphDecoder(model, cache, fuse=decoder == "compiled-graph")
         self._entries.setdefault(id(model), (model, {}))[1][key] = (dec, sig)
         return dec
@@ -201,7 +214,7 @@ class DecoderCache:
 
 
 #: the cache ``generate`` and ``stream_generate`` use when no ``decoder_cache`` is given
-default_decoder_cache = DecoderCache()
+default_decoder_cache = DecoderCache(max_models=2)
 
 
 def _prepare_prompts(model, input_ids, pad_token_id):
