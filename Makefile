@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 ifeq ($(HAS_GPU),1)
-	$(BIN)/python -m pip install -q "torch>=2.6" triton
+	$(BIN)/python -m pip install -q "torch>=2.7" triton
 else
 	@# CPU machine: a CPU build of torch (local wheel or the CPU index), never the multi-GB CUDA build.
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX) \

@@ -264,12 +264,13 @@ def variants(tokens, dtype, shapes=((16, 128, 128),), lens=(1024, 32768), target
                 print("variant", row, flush=True)
             # breakdown of the default plan: segment-state kernel, main forward kernel, backward
             qd, kd, vd, dod = (x.detach() for x in (q, k, v, do))
-            loc = op._local_states(kd, vd, s, cfg, False)
-            t_main = do_bench(lambda: op._attn(qd, kd, vd, s, None, True, False, False, loc, cfg.seg_len, dtype,
-                                               cfg.forward), warmup=25, rep=100, return_mode="median")
-            t_loc = (do_bench(lambda: op._local_states(kd, vd, s, cfg, False), warmup=25, rep=100,
+            loc = op._local_states(kd, vd, s, cfg, reverse=False)
+            t_main = do_bench(lambda: op._attn(qd, kd, vd, s, cfg.forward, init_decay=True, local=loc,
+                                               seg_len=cfg.seg_len, out_dtype=dtype),
+                              warmup=25, rep=100, return_mode="median")
+            t_loc = (do_bench(lambda: op._local_states(kd, vd, s, cfg, reverse=False), warmup=25, rep=100,
                               return_mode="median") if loc is not None else 0.0)
-            t_bwd = do_bench(lambda: op._backward_impl(dod, None, qd, kd, vd, s, None, False, cfg, loc), warmup=25,
+            t_bwd = do_bench(lambda: op._backward_impl(dod, qd, kd, vd, s, cfg, loc_kv=loc), warmup=25,
                              rep=100, return_mode="median")
             out.append(dict(H=H, K=K, V=V, T=T, breakdown=dict(
                 main_fwd_kernel_ms=round(t_main, 4), segment_state_kernel_ms=round(t_loc, 4),
@@ -358,8 +359,8 @@ def main():
     q, k, v, do = (x.detach() for x in inputs(2, 3000, 4, 128, 128, "bthd", dtype, seed=11))
     s4 = slopes(4).to(DEV)
     cfg = plan.launch_config(2, 3000, 4, 128, 128, dtype)
-    got = op._backward_impl(do, None, q, k, v, s4, None, False, cfg)
-    want = op._backward_impl(do, None, q, k, v, s4, None, False, dataclasses.replace(cfg, dkdv=None))
+    got = op._backward_impl(do, q, k, v, s4, cfg)
+    want = op._backward_impl(do, q, k, v, s4, dataclasses.replace(cfg, dkdv=None))
     notes["fused_dkdv_vs_two_pass_rel_err"] = max(rel_err(a_, b_) for a_, b_ in zip(got[:3], want[:3]))
     print("fused dkdv:", notes, flush=True)
     if a.long_first and not a.no_long_check:

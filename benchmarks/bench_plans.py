@@ -114,7 +114,8 @@ def _plan_94efa3b(B, T, H, DK, DV, dtype):
         return dataclasses.replace(t, scale_value=DK <= 128 and not fp32)
 
     fwd = generic(DK, DV)
-    state = fwd if fp32 else Tile(64, min(DV, 128 if DK <= 128 else 64), 8, 2, True)
+    # the state kernel of 94efa3b scaled the value tile whatever its tile said: scale_value=True is what ran
+    state = dataclasses.replace(fwd, scale_value=True) if fp32 else Tile(64, min(DV, 128 if DK <= 128 else 64), 8, 2, True)
     dkdv = None
     if DK <= 128 and DV <= 128 and (not fp32 or DK * DV <= 64 * 64):
         dkdv = Tile(32 if fp32 else 64, DV, 8 if DK * DV >= 128 * 128 else 4, 1 if fp32 else 2)

@@ -3,6 +3,7 @@ rejects bad arguments before any data is read, any model is built or anything is
 import argparse
 import dataclasses
 import json
+import os
 import typing
 
 import pytest
@@ -226,9 +227,19 @@ def test_progress_bars_are_text_unless_a_live_notebook(monkeypatch):
     assert progress.tqdm.__module__ == "tnlib.progress" and tqdm.auto.tqdm is not None
 
 
-def test_triton_fp_fusion_default_is_stated():
-    import os
+def test_importing_tnlib_leaves_the_environment_unchanged():
+    """No environment variable is set at import (the kernels request fp fusion at each launch instead:
+    tests/test_gpus.py::test_every_launch_requests_fp_fusion_and_absent_tensors_are_none)."""
+    import subprocess
+    import sys
 
-    import tnlib.ops  # noqa: F401  (imports Triton through tnlib.ops._triton)
-
-    assert os.environ.get("TRITON_DEFAULT_FP_FUSION") in ("0", "1")  # set by us, or by the user first
+    # torch._dynamo sets TORCHINDUCTOR_CACHE_DIR when imported: torch's own, imported before the snapshot
+    code = ("import os, json, torch, torch._dynamo, triton; before = dict(os.environ); "
+            "import tnlib, tnlib.ops, tnlib.ops.lightning.kernels, "
+            "tnlib.gpucheck, tnlib.train, tnlib.generation; after = dict(os.environ); "
+            "print(json.dumps({k: [before.get(k), after.get(k)] for k in set(before) | set(after) "
+            "if before.get(k) != after.get(k)}))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_DEFAULT_FP_FUSION", "TORCHINDUCTOR_CACHE_DIR")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "{}", r.stdout

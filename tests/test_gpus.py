@@ -36,7 +36,9 @@ def _plan_94efa3b(B, T, H, DK, DV, dtype):
         return dataclasses.replace(t, scale_value=DK <= 128 and not fp32)
 
     fwd = generic(DK, DV)
-    state = fwd if fp32 else Tile(64, min(DV, 128 if DK <= 128 else 64), 8, 2, True)
+    # the state tile's scale_value: the segment-state kernel of 94efa3b ignored it and always scaled the value
+    # tile; it reads it now, so the fp32 state tile (the forward's) says what ran: True
+    state = dataclasses.replace(fwd, scale_value=True) if fp32 else Tile(64, min(DV, 128 if DK <= 128 else 64), 8, 2, True)
     dkdv = None
     if DK <= 128 and DV <= 128 and (not fp32 or DK * DV <= 64 * 64):
         dkdv = Tile(32 if fp32 else 64, DV, 8 if DK * DV >= 128 * 128 else 4, 1 if fp32 else 2)
@@ -172,6 +174,27 @@ def test_gpu_check_collects_what_the_launchers_launch():
     assert {(l.constexprs["BV"], l.constexprs["CH"], l.num_warps, l.num_stages) for l in fwd} == {(32, 64, 4, 1)}
     assert len({l.key() for l in hopper}) == len(hopper)  # each distinct configuration once
     assert any("tnl-385m train bfloat16 T=2048 (LRPE layer)" in l.uses for l in fwd)
+
+
+def test_every_launch_requests_fp_fusion_and_absent_tensors_are_none():
+    """Every kernel launch of tnlib (Lightning, feature map, SRMSNorm, loss, decode GEMV) goes through
+    ``_triton.launch``, which requests fused multiply-adds at the launch (no environment variable), and an
+    optional tensor that is absent is None (no stand-in pointer with zero strides)."""
+    from tnlib.gpucheck import collect_launches
+    from tnlib.ops._triton import LAUNCH_OPTIONS
+
+    assert LAUNCH_OPTIONS == {"enable_fp_fusion": True}
+    launches = collect_launches(TARGETS["sm_90"], ["tnl-385m", "tnl-tiny"], [torch.bfloat16, torch.float32])
+    assert {l.kernel for l in launches} >= {"lightning", "dkdv", "segment_state", "feature_map", "srms_fwd",
+                                            "srms_bwd", "xent_grad", "gemv"}
+    assert all(l.options == {"enable_fp_fusion": True} for l in launches), \
+        {(l.kernel, l.describe()) for l in launches if l.options != {"enable_fp_fusion": True}}
+    for l in launches:
+        if l.kernel in ("lightning", "dkdv"):
+            for tensor, flag in (("INIT", "HAS_INIT"), ("LOCAL", "HAS_LOCAL"), ("FINAL", "STORE_FINAL")):
+                assert (tensor in l.ptr_types) == l.constexprs[flag] and (l.constexprs.get(tensor, 0) is None) != \
+                    l.constexprs[flag], (l.kernel, l.describe())
+            assert ("E" in l.ptr_types) == (l.constexprs["GRAD_ACT"] != 0)
 
 
 def test_gpu_check_command_errors(capsys, monkeypatch):

@@ -10,6 +10,7 @@ and asserts each fits. They run in the process without the interpreter (under it
 interpreter functions). Compiled kernels are cached in Triton's cache: a cold run of the per-target
 test takes about two minutes on two cores, a warm one seconds.
 """
+import importlib.util
 import os
 
 import pytest
@@ -18,77 +19,88 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="kernels are interpreter functions under TRITON_INTERPRET=1")
 triton = pytest.importorskip("triton")
 
-from tnlib.ops._sm90 import BF16 as BF, FP32 as F32  # noqa: E402
-from tnlib.ops._sm90 import compile_sm90 as _compile  # noqa: E402
-from tnlib.ops._sm90 import lightning_launch_ints  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("kernel_launches", os.path.join(ROOT, "tools", "kernel_launches.py"))
+KL = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(KL)
+BF, F32 = "*bf16", "*fp32"
 
-INTS = lightning_launch_ints()
+
+@pytest.fixture(scope="module")
+def launches():
+    """tnl-385m's Lightning launches (tools/kernel_launches.py), recorded from the launchers."""
+    return KL.lightning_launches()
 
 
-def compile_sm90(fn, constexprs, ptr_types, num_warps=4, num_stages=2, int_values=None):
+def compile_sm90(*args, **kwargs):
     try:
-        return _compile(fn, constexprs, ptr_types, num_warps, num_stages, int_values)
+        return KL.compile_variant(*args, capability=90, **kwargs)
     except (ImportError, FileNotFoundError) as e:  # a Triton build without the CUDA backend or ptxas
         pytest.skip(f"no CUDA compiler in this Triton build: {e}")
 
 
-MAIN = dict(A=BF, Bp=BF, Cp=BF, O=BF, INIT=F32, LOCAL=F32, FINAL=F32, slope_ptr=F32, E=BF)
-MAIN_BASE = dict(DK=128, BV=64, CH=64, HAS_INIT=False, INIT_DECAY=True, HAS_LOCAL=False, STORE_FINAL=False,
-                 REVERSE=False, DOT_PREC="tf32", UPCAST=False, GRAD_ACT=0, FAST=True, SCALE_C=True)
-MAIN_CASES = {
-    "forward": dict(),
-    "forward, init + segments + final": dict(HAS_INIT=True, HAS_LOCAL=True, STORE_FINAL=True),
-    "dq pass with the SiLU derivative": dict(GRAD_ACT=1),
-    "dq pass with the 1+elu derivative, exact sigmoid": dict(GRAD_ACT=2, FAST=False),
-    "reverse pass (two-pass dk/dv)": dict(REVERSE=True, INIT_DECAY=False, HAS_INIT=True, STORE_FINAL=True),
-    "LRPE shape K=256": dict(DK=256, BV=32, SCALE_C=False),
+def compile_fn_sm90(fn, constexprs, ptr_types, num_warps=4, num_stages=2):
+    from tnlib.ops._compile import compile_kernel
+
+    try:
+        return compile_kernel(fn, constexprs, ptr_types, 90, num_warps, num_stages)
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"no CUDA compiler in this Triton build: {e}")
+
+
+MAIN_CASES = {  # (recorded launch, constexprs changed)
+    "forward": ("forward", {}),
+    "forward, init + segments + final": ("prefill", {}),
+    "dq pass with the SiLU derivative": ("dq", {}),
+    "dq pass with the 1+elu derivative, exact sigmoid": ("dq", dict(GRAD_ACT=2, FAST=False)),
+    "reverse pass (two-pass dk/dv)": ("dv", {}),
+    "LRPE shape K=256": ("lrpe", {}),
 }
 
 
 @pytest.mark.parametrize("case", list(MAIN_CASES))
-def test_lightning_kernel_compiles_for_sm90(case):
-    from tnlib.ops.lightning import kernels as K
-
+def test_lightning_kernel_compiles_for_sm90(case, launches):
+    role, change = MAIN_CASES[case]
+    launch = launches[role]
     # with the model's strides (aligned: the loads are vectorized and software-pipelined, as at a
     # real launch) and without any integer specialization (the general code)
-    ints = INTS["dq"] if MAIN_CASES[case].get("GRAD_ACT") else INTS["forward"]
-    aligned = compile_sm90(K._lightning_kernel, {**MAIN_BASE, **MAIN_CASES[case]}, MAIN, int_values=ints)
-    compile_sm90(K._lightning_kernel, {**MAIN_BASE, **MAIN_CASES[case]}, MAIN)
-    if case in ("forward", "dq pass with the SiLU derivative"):  # what the model runs: loads as async copies
+    aligned = compile_sm90(launch, **change)
+    compile_sm90(launch, int_values=KL.general_ints(launch.int_values), **change)
+    if role in ("forward", "dq"):  # what the model runs: loads as async copies
         assert "async_copy_global_to_local" in aligned.asm["ttgir"], "the chunk loop is no longer software-pipelined"
 
 
-def test_lightning_kernel_fp32_compiles_for_sm90():
-    from tnlib.ops.lightning import kernels as K
-
-    ptrs = {k: (F32 if v == BF else v) for k, v in MAIN.items()}
-    compile_sm90(K._lightning_kernel, {**MAIN_BASE, "BV": 32, "CH": 32, "DOT_PREC": "ieee", "SCALE_C": False}, ptrs,
-                 num_stages=1)
+def test_lightning_kernel_fp32_compiles_for_sm90(launches):
+    launch = launches["forward"]
+    ptrs = {k: F32 for k, v in launch.ptr_types.items() if v == BF}
+    compile_sm90(launch, ptr_types=ptrs, num_stages=1, BV=32, CH=32, DOT_PREC="ieee", SCALE_C=False)
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(GRAD_ACT=1), dict(HAS_LOCAL=True, HAS_INIT=True, STORE_FINAL=True)],
-                         ids=["plain", "k derivative", "segments"])
-def test_dkdv_kernel_compiles_for_sm90(extra):
-    from tnlib.ops.lightning import kernels as K
+@pytest.mark.parametrize("extra", ["plain", "k derivative", "segments"])
+def test_dkdv_kernel_compiles_for_sm90(extra, launches):
+    launch = launches["dkdv"]  # with the SiLU derivative (the packed path)
+    change, ptrs, ints = {}, {}, dict(launch.int_values)
+    if extra != "k derivative":
+        change = dict(GRAD_ACT=0, E=None, se=None)
+    if extra == "segments":  # a start state G, segment states and D_0, with the prefill's state strides
+        ptrs = dict(INIT=F32, LOCAL=F32, FINAL=F32)
+        ints.update({n: launches["prefill"].int_values[n] for n in ("si", "sl", "sf")})
+        change.update(HAS_INIT=True, HAS_LOCAL=True, STORE_FINAL=True)
+    for int_values in (ints, KL.general_ints(ints)):
+        compile_sm90(launch, ptr_types=ptrs, int_values=int_values, **change)
 
-    ptrs = dict(Q=BF, K=BF, V=BF, DO=BF, DK_out=BF, DV_out=BF, INIT=F32, LOCAL=F32, FINAL=F32, slope_ptr=F32, E=BF)
-    base = dict(DK=128, DV=128, CH=64, HAS_INIT=False, HAS_LOCAL=False, STORE_FINAL=False, DOT_PREC="tf32",
-                UPCAST=False, GRAD_ACT=0, FAST=True)
-    for int_values in (INTS["dkdv"], None):
-        compile_sm90(K._dkdv_kernel, {**base, **extra}, ptrs, num_warps=8, int_values=int_values)
 
-
-def test_small_kernels_compile_for_sm90():
+def test_small_kernels_compile_for_sm90(launches):
     from tnlib.ops import loss, srmsnorm
     from tnlib.ops.lightning import kernels as K
 
-    compile_sm90(K._segment_state_kernel, dict(DK=128, BV=128, CH=64, REVERSE=True, DOT_PREC="tf32", UPCAST=False),
-                 dict(Bp=BF, Cp=BF, slope_ptr=F32, LOCAL=F32), num_warps=8)
+    compile_sm90(launches["state"], REVERSE=True)
     for act in (1, 2):
-        compile_sm90(K._feature_map_kernel, dict(ACT=act, BR=4, BC=1024), dict(X=BF, Y=BF))
-    compile_sm90(loss._xent_grad_kernel, dict(BLOCK=4096), dict(L=F32, TGT="*i64", NLL=F32, scale="fp32"), num_warps=8)
-    compile_sm90(srmsnorm._srms_fwd_kernel, dict(BLOCK=1024), dict(X=BF, Y=BF, RSTD=F32, eps="fp32"))
-    compile_sm90(srmsnorm._srms_bwd_kernel, dict(BLOCK=1024), dict(X=BF, DY=BF, DX=BF, RSTD=F32))
+        compile_fn_sm90(K._feature_map_kernel, dict(ACT=act, BR=4, BC=1024), dict(X=BF, Y=BF))
+    compile_fn_sm90(loss._xent_grad_kernel, dict(BLOCK=4096), dict(L=F32, TGT="*i64", NLL=F32, scale="fp32"),
+                    num_warps=8)
+    compile_fn_sm90(srmsnorm._srms_fwd_kernel, dict(BLOCK=1024), dict(X=BF, Y=BF, RSTD=F32, eps="fp32"))
+    compile_fn_sm90(srmsnorm._srms_bwd_kernel, dict(BLOCK=1024), dict(X=BF, DY=BF, DX=BF, RSTD=F32))
 
 
 #: What a configuration may spill (bytes per thread) in these tests: the H200-tuned fused dk/dv

@@ -222,10 +222,62 @@ def test_bad_launch_config_raises_before_launch(device):
 
 def test_slope_values_checked_again_after_in_place_change():
     q, k, v, slope, _, _, _ = _inputs(1, 10, 2, 16, 16, torch.float32, "cpu", init=False)
-    lightning_attention(q, k, v, slope)  # validated and remembered
-    slope.mul_(-1)  # bumps the version counter: must be checked again
+    lightning_attention(q, k, v, slope)  # a CPU slope's values are checked at every call (no sync needed)
+    slope.mul_(-1)
     with pytest.raises(ValueError, match=">= 0"):
         lightning_attention(q, k, v, slope)
+
+
+def _snapshot(*tensors):
+    """What a call must leave as it was on its inputs: Python attributes and the version counter."""
+    return [(dict(vars(t)), t._version) for t in tensors]
+
+
+def _call_everything(q, k, v, slope, S0, do):
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    s0 = S0.clone().requires_grad_()
+    inputs = (*xs, slope, s0)
+    before = _snapshot(*inputs)
+    o, S = lightning_attention(*xs, slope, s0, output_final_state=True)
+    ((o.float() * do).sum() + S.sum()).backward()
+    lightning_attention(*xs, slope)
+    H = q.shape[2]
+    qkv = torch.cat([q, k, v], dim=-1).flatten(2).requires_grad_()
+    before_packed = _snapshot(qkv, slope)
+    L.lightning_attention_packed(qkv, slope, H).sum().backward()
+    assert _snapshot(*inputs) == before and _snapshot(qkv, slope) == before_packed, \
+        [vars(t) for t in (*inputs, qkv)]
+
+
+@triton_test
+def test_nothing_written_onto_callers_tensors(device):
+    """Issue 27: no attribute (such as a checked-version stamp) set on, and no write into, a caller's
+    tensor, on the kernel path (forward, backward, packed)."""
+    q, k, v, slope, S0, do, _ = _inputs(1, 20, 2, 16, 16, torch.float32, device)
+    _call_everything(q, k, v, slope, S0, do)
+
+
+def test_nothing_written_onto_callers_tensors_fallback(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch path
+    q, k, v, slope, S0, do, _ = _inputs(1, 20, 2, 16, 16, torch.float32, "cpu")
+    _call_everything(q, k, v, slope, S0, do)
+
+
+def test_slope_values_are_checked_where_they_are_made(monkeypatch):
+    """A GPU slope's values are not read by the op (a device sync per call); the model's decay is checked
+    once, at construction, and ``check_slope_values`` checks any other."""
+    import tnlib
+    from tnlib.nn import gla
+    from tnlib.ops import check_slope_values
+
+    with pytest.raises(ValueError, match=">= 0"):
+        check_slope_values(torch.tensor([0.1, -0.2]))
+    check_slope_values(torch.tensor([0.0, 3.0]))
+    monkeypatch.setattr(gla, "decay_slopes", lambda *a, **k: torch.tensor([0.5, -1.0]))
+    with pytest.raises(ValueError, match="decay: slope = -ln\\(lambda\\) must be finite and >= 0"):
+        tnlib.create_model("tnl-tiny", vocab_size=64, n_layers=1, n_heads=2)
+    q, k, v, slope, _, _, _ = _inputs(1, 10, 2, 16, 16, torch.float32, "meta", init=False)
+    op._check_inputs(q, k, v, -slope, None, "lightning_attention")  # meta (no values to read): shape only
 
 
 @triton_test

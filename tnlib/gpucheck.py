@@ -34,19 +34,22 @@ import torch
 
 from .ops.targets import TARGETS, GpuTarget, device_target, parse_target
 
-__all__ = ["Launch", "collect_launches", "check_target", "run_gpu_check", "DEFAULT_MAX_SPILL"]
+__all__ = ["Launch", "collect_launches", "record_launches", "compile_launch", "check_target", "run_gpu_check",
+           "DEFAULT_MAX_SPILL"]
 
 #: Spill stores (bytes per thread) above which a configuration counts as not fitting.
 DEFAULT_MAX_SPILL = 1024
 
 _TRITON_DEFAULTS = dict(num_warps=4, num_stages=3)  # what a launch without these options gets (CUDAOptions)
+_COMPILE_OPTIONS = ("enable_fp_fusion",)  # other compile options a launch may request (recorded, compiled so)
 
 
 @dataclass
 class Launch:
     """One distinct kernel configuration: the kernel (``module``, ``name``: importable), its constexpr
-    arguments, pointer types, warps and stages, and the integers it was launched with (for the JIT's
-    specialization); ``uses``: which preset/purpose/dtype launch it."""
+    arguments (None: an absent optional tensor), pointer types, warps and stages, the integers it was
+    launched with (for the JIT's specialization) and the other compile options it requested
+    (``options``, e.g. ``enable_fp_fusion``); ``uses``: which preset/purpose/dtype launch it."""
 
     module: str
     name: str
@@ -55,12 +58,16 @@ class Launch:
     num_warps: int
     num_stages: int
     int_values: dict
+    options: dict = field(default_factory=dict)
     uses: set = field(default_factory=set)
 
     def key(self):
-        spec = tuple(sorted((n, 1 if v == 1 else 16 if v % 16 == 0 else 0) for n, v in self.int_values.items()))
+        def cls(v):  # what the JIT's specialization sees of an integer (or of each in a tuple of them)
+            return tuple(map(cls, v)) if isinstance(v, tuple) else 1 if v == 1 else 16 if v % 16 == 0 else 0
+
+        spec = tuple(sorted((n, cls(v)) for n, v in self.int_values.items()))
         return (self.module, self.name, tuple(sorted(self.constexprs.items())), tuple(sorted(self.ptr_types.items())),
-                self.num_warps, self.num_stages, spec)
+                self.num_warps, self.num_stages, spec, tuple(sorted(self.options.items())))
 
     @property
     def kernel(self) -> str:
@@ -71,7 +78,7 @@ class Launch:
         skip = {"DOT_PREC", "UPCAST", "FAST"}
         parts = []
         for k, v in self.constexprs.items():
-            if k in skip or v is False or (k in ("GRAD_ACT",) and v == 0) or (k == "INIT_DECAY" and v is True):
+            if k in skip or v is False or v is None or (k in ("GRAD_ACT",) and v == 0) or (k == "INIT_DECAY" and v is True):
                 continue
             parts.append(k if v is True else f"{k}={v}")
         return " ".join(parts) + f" w{self.num_warps} s{self.num_stages}"
@@ -81,26 +88,26 @@ class Launch:
         return types[0][1:] if types else "fp32"
 
 
-def _jit(obj):
-    """The ``JITFunction`` under an autotuner (or the object itself)."""
-    return getattr(obj, "fn", obj) if not hasattr(obj, "params") else obj
-
-
 class _Recorder:
     """Stands in for a Triton kernel: ``kernel[grid](**kwargs)`` records the launch(es) instead of running.
     For an autotuned kernel it records one launch per configuration the autotuner would try."""
 
     def __init__(self, kernel, module: str, name: str, sink: "_Sink"):
+        from .ops._compile import jit_function
+
         self.kernel, self.module, self.name, self.sink = kernel, module, name, sink
-        self.jit = _jit(kernel)
+        self.jit = jit_function(kernel)
 
     def __getitem__(self, grid):
         return self._launch
 
     def _launch(self, **kwargs):
+        from .ops._compile import heuristic_constexprs
+
         configs = getattr(self.kernel, "configs", None)
         for extra in ([c.all_kwargs() for c in configs] if configs else [{}]):
-            self.sink.add(self, {**kwargs, **extra})
+            args = {**kwargs, **extra}
+            self.sink.add(self, {**args, **heuristic_constexprs(self.kernel, args)})
 
 
 class _Sink:
@@ -114,22 +121,23 @@ class _Sink:
         from .ops._compile import ptr_type
 
         opts = {k: kwargs.pop(k, d) for k, d in _TRITON_DEFAULTS.items()}
+        options = {k: kwargs.pop(k) for k in _COMPILE_OPTIONS if k in kwargs}
         kwargs.pop("num_ctas", None)
         constexprs, ptrs, ints = {}, {}, {}
         for p in rec.jit.params:
             v = kwargs.get(p.name)
-            if p.is_constexpr:
+            if p.is_constexpr or (v is None and p.name in kwargs):  # None: an absent tensor, a constexpr
                 if p.name in kwargs:
                     constexprs[p.name] = v
             elif isinstance(v, torch.Tensor):
                 ptrs[p.name] = ptr_type(v.dtype)
             elif isinstance(v, bool) or v is None:
                 raise TypeError(f"{rec.name}: argument {p.name}={v!r} has no Triton type here")
-            elif isinstance(v, int):
-                ints[p.name] = v
+            elif isinstance(v, int) or (isinstance(v, tuple) and all(isinstance(x, int) for x in v)):
+                ints[p.name] = v  # an integer, or a tuple of them (a tensor's strides)
             elif isinstance(v, float):
                 ptrs[p.name] = "fp32"
-        launch = Launch(rec.module, rec.name, constexprs, ptrs, opts["num_warps"], opts["num_stages"], ints)
+        launch = Launch(rec.module, rec.name, constexprs, ptrs, opts["num_warps"], opts["num_stages"], ints, options)
         launch = self.launches.setdefault(launch.key(), launch)
         launch.uses.add(self.use)
 
@@ -150,6 +158,15 @@ def _recorders(sink: _Sink) -> ExitStack:
     return stack
 
 
+def record_launches(fn) -> list[Launch]:
+    """Run ``fn()`` with every Triton kernel of tnlib replaced by a recorder (run it on ``meta`` tensors:
+    nothing is computed) and return the distinct launches it made, in order."""
+    sink = _Sink()
+    with _recorders(sink):
+        fn()
+    return list(sink.launches.values())
+
+
 def _attention_launches(sink, target, dtype, H, K, D, lrpe: bool, act: int, B, T, train: bool, init: bool):
     """The Lightning launches of one layer: the packed path (no LRPE, training) or the unpacked one."""
     from .ops.lightning import op
@@ -167,9 +184,10 @@ def _attention_launches(sink, target, dtype, H, K, D, lrpe: bool, act: int, B, T
     q, k = torch.empty(B, T, H, K, **meta), torch.empty(B, T, H, K, **meta)
     v = torch.empty(B, T, 4 * H * D, **meta)[..., 2 * H * D: 3 * H * D].unflatten(-1, (H, D))
     s0 = torch.empty(B, H, K, D, device="meta", dtype=torch.float32) if init else None
-    o, final, local = op._forward_impl(q, k, v, slope, s0, not train, op._config(cfg, q, v))
+    o, final, local = op._forward_impl(q, k, v, slope, op._config(cfg, q, v), initial_state=s0,
+                                       output_final_state=not train)
     if train:
-        op._backward_impl(torch.empty_like(o), None, q, k, v, slope, None, False, op._config(cfg, q, v), local)
+        op._backward_impl(torch.empty_like(o), q, k, v, slope, op._config(cfg, q, v), loc_kv=local)
 
 
 def collect_launches(target: GpuTarget, presets=None, dtypes=None) -> list[Launch]:
@@ -224,10 +242,10 @@ def compile_launch(launch: Launch, capability: int) -> dict:
     """Compile one configuration for ``sm_<capability>``; its ``kernel_usage`` (or ``error``)."""
     from .ops._compile import compile_kernel, kernel_usage
 
-    fn = _jit(getattr(importlib.import_module(launch.module), launch.name))
+    fn = getattr(importlib.import_module(launch.module), launch.name)
     try:
         k = compile_kernel(fn, launch.constexprs, launch.ptr_types, capability, launch.num_warps, launch.num_stages,
-                           launch.int_values)
+                           launch.int_values, launch.options.get("enable_fp_fusion"))
         return kernel_usage(k)
     except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a finding, reported
         return dict(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")

@@ -3,7 +3,7 @@
 How the rows of ``tnlib.ops.lightning.plan.PLANS`` for GPUs we have no access to were chosen
 (``results/gpus/NOTES.md``): each candidate (value block, chunk, warps, stages) of one kernel role is
 compiled for the target with Triton's toolchain (``tnlib.ops._compile``) at tnl-385m's strides
-(T=2K, packed path) and reported; a candidate that fits the target's shared memory with the fewest
+(T=2K, packed path: its launches as recorded by ``tools/kernel_launches.py``) and reported; a candidate that fits the target's shared memory with the fewest
 spills and registers is a row candidate, to be confirmed by ``python -m tnlib gpu-check``.
 
 Roles: ``forward`` (the generic kernel; also the dq pass with ``--grad-act 1``, and the two-pass
@@ -14,13 +14,17 @@ Usage: PYTHONPATH=$PWD python3 tools/tile_sweep.py --target sm_86 --role forward
            [--dtype bf16] [--bv 16,32,64] [--chunk 16,32,64] [--warps 4,8] [--stages 1,2] [--out FILE.jsonl]
 """
 import argparse
+import importlib.util
 import itertools
 import json
+import os
 
-from tnlib.ops._compile import compile_kernel, kernel_usage
-from tnlib.ops._sm90 import lightning_launch_ints
-from tnlib.ops.lightning import kernels as K
 from tnlib.ops.targets import parse_target
+
+_spec = importlib.util.spec_from_file_location("kernel_launches", os.path.join(os.path.dirname(__file__),
+                                                                                "kernel_launches.py"))
+KL = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(KL)
 
 
 def ints(arg):
@@ -45,27 +49,23 @@ def main():
     a = ap.parse_args()
     t = parse_target(a.target)
     p, prec = "*" + a.dtype, "ieee" if a.dtype == "fp32" else "tf32"
-    ptrs = dict(A=p, Bp=p, Cp=p, O=p, E=p, Q=p, K=p, V=p, DO=p, DK_out=p, DV_out=p, INIT="*fp32", LOCAL="*fp32",
-                FINAL="*fp32", slope_ptr="*fp32")
-    launch = lightning_launch_ints()
+    launches = KL.lightning_launches()
     print(f"{t.name} ({t.gpus}), shared memory limit {t.smem:,} B; {a.role} DK={a.dk} DV={a.dv} {a.dtype}")
     print(f"{'BV':>4s} {'chunk':>5s} {'warps':>5s} {'stages':>6s} {'shared B':>9s} {'regs':>4s} {'spills B':>8s}")
     bvs = [0] if a.role == "dkdv" else [b for b in a.bv if a.dv % b == 0]
     for bv, ch, nw, ns in itertools.product(bvs, a.chunk, a.warps, a.stages):
+        launch = launches["dq" if a.grad_act else "forward"] if a.role == "forward" else launches[a.role]
+        ptrs = {n: p for n, v in launch.ptr_types.items() if v != "*fp32"}  # the inputs' dtype; states stay fp32
+        grad = dict(GRAD_ACT=a.grad_act) if a.grad_act else dict(GRAD_ACT=0, E=None, se=None)
         if a.role == "forward":
-            c = dict(DK=a.dk, BV=bv, CH=ch, HAS_INIT=False, INIT_DECAY=not a.reverse, HAS_LOCAL=False,
-                     STORE_FINAL=False, REVERSE=a.reverse, DOT_PREC=prec, UPCAST=False, GRAD_ACT=a.grad_act,
-                     FAST=True, SCALE_C=a.scale_value)
-            k = compile_kernel(K._lightning_kernel, c, ptrs, t.capability, nw, ns,
-                               launch["dq" if a.grad_act else "forward"])
+            c = dict(DK=a.dk, BV=bv, CH=ch, INIT_DECAY=not a.reverse, REVERSE=a.reverse, DOT_PREC=prec, **grad,
+                     SCALE_C=a.scale_value)
         elif a.role == "dkdv":
-            c = dict(DK=a.dk, DV=a.dv, CH=ch, HAS_INIT=False, HAS_LOCAL=False, STORE_FINAL=False, DOT_PREC=prec,
-                     UPCAST=False, GRAD_ACT=a.grad_act, FAST=True)
-            k = compile_kernel(K._dkdv_kernel, c, ptrs, t.capability, nw, ns, launch["dkdv"])
+            c = dict(DK=a.dk, DV=a.dv, CH=ch, DOT_PREC=prec, **grad)
         else:
-            c = dict(DK=a.dk, BV=bv, CH=ch, REVERSE=a.reverse, DOT_PREC=prec, UPCAST=False)
-            k = compile_kernel(K._segment_state_kernel, c, ptrs, t.capability, nw, ns, launch["state"])
-        u = kernel_usage(k)
+            c = dict(DK=a.dk, BV=bv, CH=ch, REVERSE=a.reverse, DOT_PREC=prec)
+        k = KL.compile_variant(launch, t.capability, nw, ns, ptr_types=ptrs, **c)
+        u = KL.kernel_usage(k)
         fits = "" if u["shared"] <= t.smem else "  (does not fit)"
         print(f"{bv:4d} {ch:5d} {nw:5d} {ns:6d} {u['shared']:9,d} {u['registers'] or 0:4d} {u['spill_stores'] or 0:8d}"
               f"{fits}", flush=True)

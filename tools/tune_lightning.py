@@ -70,7 +70,7 @@ def sweep(DK, DV, H, T, dtype, configs):
                                    num_warps=nw, num_stages=ns)
         try:
             t0 = time.time()
-            fn = lambda: op._attn(a, b, c, s, None, True, False, False, None, T, dtype, tile)  # noqa: E731
+            fn = lambda: op._attn(a, b, c, s, tile, init_decay=True, seg_len=T, out_dtype=dtype)  # noqa: E731
             fn()
             torch.cuda.synchronize()
             ms = do_bench(fn, warmup=10, rep=40, return_mode="median")

@@ -42,7 +42,7 @@ def main():
         if nseg == 1:
             print(f"H={H} K={K} T={T}: one segment, no state pass")
             continue
-        ref = op._local_states(k, v, s, default, False)
+        ref = op._local_states(k, v, s, default, reverse=False)
         nbytes = (k.numel() + v.numel()) * 2 * (nseg - 1) / nseg
         for c in a.configs.split(","):
             cfg = default if c == "default" else dataclasses.replace(
@@ -50,10 +50,10 @@ def main():
             row = dict(H=H, K=K, V=V, T=T, B=B, seg=(seg_len, nseg), config=c, cfg=dataclasses.astuple(cfg.state))
             try:
                 cfg.check(K, V)  # a value block that does not divide V would skip columns
-                out = op._local_states(k, v, s, cfg, False)
+                out = op._local_states(k, v, s, cfg, reverse=False)
                 row["rel_err"] = ((out - ref).abs().max() / ref.abs().max()).item()
                 if dev == "cuda":
-                    ms = do_bench(lambda: op._local_states(k, v, s, cfg, False), warmup=25, rep=100,
+                    ms = do_bench(lambda: op._local_states(k, v, s, cfg, reverse=False), warmup=25, rep=100,
                                   return_mode="median")
                     row.update(ms=round(ms, 4), tb_per_s=round(nbytes / ms / 1e9, 2))
             except Exception as e:  # noqa: BLE001

@@ -11,9 +11,11 @@ from .reference import (
     linear_attention_recurrent,
     softmax_attention,
 )
+from ._checks import check_slope_values
 from .lightning import lightning_attention, lightning_attention_packed
 
 __all__ = [
+    "check_slope_values",
     "decay_mask",
     "linear_attention_chunked",
     "linear_attention_quadratic",

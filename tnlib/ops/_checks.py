@@ -18,8 +18,19 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float32
 
 
-def check_attention_inputs(q, k, v, slope=None, initial_state=None, *, name="attention"):
-    """Validate the ``[B, T, H, D]`` layout, dtypes and devices; return ``(B, T, H, K, V)``."""
+def check_slope_values(slope: torch.Tensor, *, name: str = "slope") -> None:
+    """Raise ``ValueError`` unless every ``slope = -ln(lambda)`` is finite and ``>= 0``. It reads the values on
+    the host: a device sync for a GPU tensor, so it runs where a slope is made (the model's decay, at
+    construction) and on CPU tensors, not in every kernel call."""
+    if not torch.isfinite(slope).all() or (slope < 0).any():
+        raise ValueError(
+            f"{name}: slope = -ln(lambda) must be finite and >= 0 (0 means no decay), got {slope.tolist()}"
+        )
+
+
+def check_attention_inputs(q, k, v, slope=None, initial_state=None, *, name="attention", slope_values=True):
+    """Validate the ``[B, T, H, D]`` layout, dtypes and devices; return ``(B, T, H, K, V)``. ``slope_values``:
+    also the slope's values (:func:`check_slope_values`), else only its shape, dtype and device."""
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
@@ -63,10 +74,8 @@ def check_attention_inputs(q, k, v, slope=None, initial_state=None, *, name="att
             raise TypeError(f"{name}: slope must be floating point (fp32 recommended), got {slope.dtype}")
         if slope.device != q.device:
             raise ValueError(f"{name}: slope is on {slope.device} but q is on {q.device}")
-        if not torch.isfinite(slope).all() or (slope < 0).any():
-            raise ValueError(
-                f"{name}: slope = -ln(lambda) must be finite and >= 0 (0 means no decay), got {slope.tolist()}"
-            )
+        if slope_values:
+            check_slope_values(slope, name=name)
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
             raise TypeError(f"{name}: initial_state must be a tensor [B, H, K, V]")

@@ -15,7 +15,7 @@ import re
 import subprocess
 import tempfile
 
-__all__ = ["compile_kernel", "kernel_usage", "ptr_type", "ptxas_arch"]
+__all__ = ["compile_kernel", "heuristic_constexprs", "jit_function", "kernel_usage", "ptr_type", "ptxas_arch"]
 
 _PTR = {"torch.bfloat16": "*bf16", "torch.float16": "*fp16", "torch.float32": "*fp32", "torch.int64": "*i64",
         "torch.int32": "*i32"}
@@ -31,39 +31,84 @@ def ptxas_arch(capability: int) -> str:
     return f"sm_{capability}{'a' if capability >= 90 else ''}"
 
 
+def jit_function(fn):
+    """The ``@triton.jit`` function under ``@triton.heuristics`` / ``@triton.autotune`` wrappers."""
+    while not hasattr(fn, "params"):
+        fn = fn.fn
+    return fn
+
+
+def heuristic_constexprs(fn, args: dict) -> dict:
+    """The constexprs ``@triton.heuristics`` wrappers of ``fn`` compute from a launch's arguments ``args``
+    (by name; every parameter not named there counts as None), as their ``run`` does at a launch."""
+    out = {}
+    while not hasattr(fn, "params"):
+        values = getattr(fn, "values", None)
+        if values:
+            given = {n: args.get(n) for n in jit_function(fn).arg_names}
+            for name, rule in values.items():
+                out[name] = rule({**given, **out})
+        fn = fn.fn
+    return out
+
+
 def compile_kernel(fn, constexprs: dict, ptr_types: dict, capability: int = 90, num_warps: int = 4,
-                   num_stages: int = 2, int_values: dict | None = None):
-    """``triton.compile`` the ``@triton.jit`` function ``fn`` for ``sm_<capability>``: arguments named
-    in ``constexprs`` are compile-time constants (constexpr parameters left out keep their defaults),
-    those in ``ptr_types`` get that type (``"*bf16"``, ``"fp32"``, ...), every other one is ``i32``.
+                   num_stages: int = 2, int_values: dict | None = None, enable_fp_fusion: bool | None = None):
+    """``triton.compile`` the ``@triton.jit`` function ``fn`` (or a heuristics/autotune wrapper of one) for
+    ``sm_<capability>``: arguments named in ``constexprs`` are compile-time constants (a None there is an
+    absent optional tensor, as a launch passes it; constexpr parameters left out keep their defaults, or
+    take what ``fn``'s ``@triton.heuristics`` compute), those in ``ptr_types`` get that type
+    (``"*bf16"``, ``"fp32"``, ...), every other one is ``i32``. ``enable_fp_fusion``: default, what every
+    tnlib launch requests (``tnlib.ops._triton.LAUNCH_OPTIONS``).
 
     Like a real launch, pointers are taken as 16-byte aligned, and the integers given in
-    ``int_values`` (representative values, e.g. the strides of the shape to study) are specialized
-    as the JIT would: 1 becomes a constant, multiples of 16 carry ``tt.divisibility = 16`` (without
-    that, Triton neither vectorizes nor software-pipelines the loads). Raises what Triton raises
+    ``int_values`` (representative values, e.g. the strides of the shape to study; a tuple of them for a
+    tuple parameter) are specialized as the JIT would: 1 becomes a constant, multiples of 16 carry
+    ``tt.divisibility = 16`` (without that, Triton neither vectorizes nor software-pipelines the loads). Raises what Triton raises
     (``ImportError``/``FileNotFoundError`` where this Triton build has no CUDA backend or ptxas)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from ._triton import LAUNCH_OPTIONS
+
     constexprs = dict(constexprs)
     int_values = int_values or {}
-    for name, v in int_values.items():
-        if v == 1:
-            constexprs[name] = 1
+    present = {**{n: True for n in ptr_types}, **int_values, **constexprs}
+    for name, v in heuristic_constexprs(fn, present).items():
+        constexprs.setdefault(name, v)
+    fn = jit_function(fn)
     for p in fn.params:
         if p.is_constexpr and p.name not in constexprs:
             constexprs[p.name] = p.default
-    sig = {n: ("constexpr" if n in constexprs else ptr_types.get(n, "i32")) for n in fn.arg_names}
+    sig, consts, attrs = {}, {}, {}
     div16 = [["tt.divisibility", 16]]
-    attrs = {(i,): div16 for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*")
-             or (n in int_values and n not in constexprs and int_values[n] % 16 == 0)}
-    src = ASTSource(fn=fn, signature=sig,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
-                    attrs=attrs)
+
+    def integer(path, v):  # as the JIT specializes an integer argument: 1 a constant, multiples of 16 aligned
+        if v == 1:
+            consts[path] = 1
+            return "constexpr"
+        if v % 16 == 0:
+            attrs[path] = div16
+        return "i32" if -2**31 <= v < 2**31 else "i64"
+
+    for i, n in enumerate(fn.arg_names):
+        if n in constexprs:
+            sig[n], consts[(i,)] = "constexpr", constexprs[n]
+        elif n in ptr_types:
+            sig[n] = ptr_types[n]
+            if ptr_types[n].startswith("*"):
+                attrs[(i,)] = div16
+        elif isinstance(int_values.get(n), tuple):  # a tuple of integers (a tensor's strides)
+            sig[n] = tuple(integer((i, j), v) for j, v in enumerate(int_values[n]))
+        elif n in int_values:
+            sig[n] = integer((i,), int_values[n])
+        else:
+            sig[n] = "i32"
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    fusion = LAUNCH_OPTIONS["enable_fp_fusion"] if enable_fp_fusion is None else enable_fp_fusion
     return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": fusion})
 
 
 def _ptxas_v(ptx: str, capability: int) -> str:

@@ -1,4 +1,4 @@
-"""The one rule for every Triton-backed op: can a kernel take this tensor here?
+"""The one rule for every Triton-backed op: can a kernel take this tensor here? And the one way they launch.
 
 Kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton
 was imported (its interpreter; how the tests run them on a machine without a GPU). On a GPU the
@@ -6,6 +6,9 @@ device decides too (``tnlib.ops.targets``): below sm_75 no kernel runs, and bf16
 kernel on a GPU without Triton's bf16 path (sm_75: T4, RTX 20xx); those take the ops' PyTorch paths,
 with a warning, once per device and dtype, that says why. Each op adds only what is its own (the
 GEMV's row count, SRMSNorm leaving ``torch.compile`` to Inductor).
+
+Every tnlib kernel launches through :func:`launch`, which requests the compile options the kernels were
+tested and timed with (:data:`LAUNCH_OPTIONS`); importing tnlib changes no environment variable.
 """
 from __future__ import annotations
 
@@ -17,16 +20,22 @@ import torch
 
 from .targets import MIN_CAPABILITY, device_target
 
-__all__ = ["KERNEL_DTYPES", "interpreting", "use_triton", "kernels_take"]
+__all__ = ["KERNEL_DTYPES", "LAUNCH_OPTIONS", "interpreting", "launch", "use_triton", "kernels_take"]
 
-# Triton 3.9 warns at the first compile of every process that TRITON_DEFAULT_FP_FUSION is unset: its
-# default (fused multiply-adds on) flips to off in 3.10. Our kernels were tested and timed with fusion
-# on (the default of every Triton before 3.10), so we state that default here, before any kernel
-# compiles (it is read at compile time); a value the user exported wins.
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+#: Compile options every tnlib kernel launch requests (Triton takes them as launch keywords).
+#: ``enable_fp_fusion``: fused multiply-adds, as every kernel was tested and timed (the default of every
+#: Triton before 3.10, which turns it off; 3.9 warns at a compile that requests nothing). Requested per
+#: launch, so the process environment (``TRITON_DEFAULT_FP_FUSION``) is left alone; Triton's
+#: ``TRITON_FORCE_DISABLE_FP_FUSION`` still overrides it.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 #: Input dtypes the kernels take (float64 goes to the PyTorch paths, which are exact references).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def launch(kernel, grid, **args):
+    """``kernel[grid](**args)`` with :data:`LAUNCH_OPTIONS`: how every tnlib kernel is launched (by keyword)."""
+    return kernel[grid](**args, **LAUNCH_OPTIONS)
 
 
 def interpreting() -> bool:

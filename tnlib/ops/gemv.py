@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import interpreting, use_triton
+from ._triton import interpreting, launch, use_triton
 
 __all__ = ["gemv", "gemv_op", "gemv_supported", "GEMV_MAX_ROWS"]
 
@@ -88,8 +88,8 @@ def _gemv_launch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     block_m = max(1, triton.next_power_of_2(M))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _gemv_kernel[grid](X=x2, W=weight, Y=y, M=M, N=N, K=K, stride_xm=x2.stride(0), stride_wn=weight.stride(0),
-                       stride_ym=y.stride(0), BLOCK_M=block_m)
+    launch(_gemv_kernel, grid, X=x2, W=weight, Y=y, M=M, N=N, K=K, stride_xm=x2.stride(0),
+           stride_wn=weight.stride(0), stride_ym=y.stride(0), BLOCK_M=block_m)
     return y.reshape(*x.shape[:-1], N)
 
 

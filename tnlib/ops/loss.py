@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import use_triton
+from ._triton import launch, use_triton
 
 __all__ = ["linear_cross_entropy", "xent_grad_", "XentConfig", "xent_config"]
 
@@ -79,8 +79,8 @@ def _xent_launch(logits: torch.Tensor, targets: torch.Tensor, scale: float,
     n, V = logits.shape
     nll = torch.empty(n, dtype=torch.float32, device=logits.device)
     c = config or xent_config(V)
-    _xent_grad_kernel[(n,)](L=logits, TGT=targets, NLL=nll, stride_l=logits.stride(0), V=V, scale=scale,
-                            BLOCK=c.block, num_warps=c.num_warps)
+    launch(_xent_grad_kernel, (n,), L=logits, TGT=targets, NLL=nll, stride_l=logits.stride(0), V=V, scale=scale,
+           BLOCK=c.block, num_warps=c.num_warps)
     return nll
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import use_triton
+from ._triton import launch, use_triton
 
 __all__ = ["srms_norm", "srms_norm_reference", "srms_norm_triton"]
 
@@ -75,8 +75,8 @@ class _SRMSNormFn(torch.autograd.Function):
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         block, warps = _launch_config(N)
         if M > 0:
-            _srms_fwd_kernel[(M,)](X=x2, Y=y, RSTD=rstd, stride_x=x2.stride(0), stride_y=y.stride(0), N=N,
-                                   eps=eps, BLOCK=block, num_warps=warps)
+            launch(_srms_fwd_kernel, (M,), X=x2, Y=y, RSTD=rstd, stride_x=x2.stride(0), stride_y=y.stride(0), N=N,
+                   eps=eps, BLOCK=block, num_warps=warps)
         ctx.save_for_backward(x2, rstd)
         ctx.shape = shape
         return y.reshape(shape)
@@ -91,9 +91,8 @@ class _SRMSNormFn(torch.autograd.Function):
         dx = torch.empty_like(x2)
         block, warps = _launch_config(N)
         if M > 0:
-            _srms_bwd_kernel[(M,)](X=x2, DY=dy2, DX=dx, RSTD=rstd, stride_x=x2.stride(0),
-                                   stride_dy=dy2.stride(0), stride_dx=dx.stride(0), N=N, BLOCK=block,
-                                   num_warps=warps)
+            launch(_srms_bwd_kernel, (M,), X=x2, DY=dy2, DX=dx, RSTD=rstd, stride_x=x2.stride(0),
+                   stride_dy=dy2.stride(0), stride_dx=dx.stride(0), N=N, BLOCK=block, num_warps=warps)
         return dx.reshape(ctx.shape), None
 
 

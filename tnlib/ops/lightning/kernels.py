@@ -14,6 +14,13 @@ Notebook ``04_lightning_attention`` writes a tutorial-sized forward kernel (one 
   gradient of the pre-activation projection directly, with no separate elementwise pass;
 * strided rows: q, k, v read as views of the fused projection's output, with no copy.
 
+Interfaces. Each tensor argument comes with one tuple of its strides in elements (``sa`` for ``A``,
+...): ``(s_b, s_t, s_h)`` for a ``[B, T, H, D]`` tensor (its last dimension contiguous), ``(s_b, s_h,
+s_k, s_v)`` for a ``[B, H, K, V]`` state, ``(s_b, s_h, s_seg, s_k, s_v)`` for the segment states. An
+optional tensor that is absent is None, with None strides; ``@triton.heuristics`` derive the flags the
+kernel body reads (``HAS_INIT``, ``HAS_LOCAL``, ``STORE_FINAL``) from that. The launchers of
+:mod:`.op` pass every argument by keyword (``_attn(..., init=..., init_decay=..., reverse=...)``).
+
 The generic kernel computes, for a "query" ``a``, "key" ``b`` and "value" ``c`` (all
 ``[B, T, H, *]``) and a per-head decay ``lambda = exp(-slope)``::
 
@@ -103,15 +110,22 @@ def _state_ptrs(S, i_b, i_h, s_b, s_h, s_k, s_v, offs_k, offs_v):
 
 
 @triton.jit
-def _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
-                           sl_b, sl_h, sl_s, sl_k, sl_v):
+def _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v, sl):
     """Start state of segment ``seg`` (shifted convention): fold in the local end states of segments
-    ``0 .. seg-1``, each decayed over the segments after it."""
-    l_base = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v)
+    ``0 .. seg-1`` (``LOCAL``, strides ``sl = (s_b, s_h, s_seg, s_k, s_v)``), each decayed over the
+    segments after it."""
+    l_base = _state_ptrs(LOCAL, i_b, i_h, sl[0], sl[1], sl[3], sl[4], offs_k, offs_v)
     seg_decay = tl.exp(-slope * seg_len.to(tl.float32))  # underflows to 0 for long segments: exact enough
     for j in range(0, seg):
-        P = P * seg_decay + lam * tl.load(l_base + j * sl_s)
+        P = P * seg_decay + lam * tl.load(l_base + j * sl[2])
     return P
+
+
+@triton.jit
+def _row_base(X, i_b, i_h, s):
+    """Start of (batch, head) in a ``[B, T, H, D]`` tensor with strides ``s = (s_b, s_t, s_h)``: row ``t``
+    of it is at ``+ t * s[1]``, its ``D`` elements contiguous."""
+    return X + i_b.to(tl.int64) * s[0] + i_h.to(tl.int64) * s[2]
 
 
 @triton.jit
@@ -169,11 +183,12 @@ def _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC: tl.constexpr
 
 @triton.jit
 def _segment_state_kernel(
-    Bp, Cp, slope_ptr, LOCAL, T, H, seg_len, sb_b, sb_t, sb_h, sc_b, sc_t, sc_h, sl_b, sl_h, sl_s, sl_k, sl_v,
+    Bp, Cp, slope_ptr, LOCAL, T, H, seg_len, sb, sc, sl,
     DK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
-    REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SCALE_C: tl.constexpr,
 ):
-    """LOCAL[b, h, seg, :, vblk] = sum_{s in seg} lambda^(end-1-s) b_s^T c_s (zero start state)."""
+    """LOCAL[b, h, seg, :, vblk] = sum_{s in seg} lambda^(end-1-s) b_s^T c_s (zero start state); ``SCALE_C``
+    as in ``_chunk_state`` (the plan's state tiles scale the value tile)."""
     pid_v = tl.program_id(0)
     seg = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -184,27 +199,28 @@ def _segment_state_kernel(
     rows = tl.arange(0, CH)
     offs_k = tl.arange(0, DK)
     offs_v = pid_v * BV + tl.arange(0, BV)
-    b_base = Bp + i_b.to(tl.int64) * sb_b + i_h.to(tl.int64) * sb_h
-    c_base = Cp + i_b.to(tl.int64) * sc_b + i_h.to(tl.int64) * sc_h
+    b_base = _row_base(Bp, i_b, i_h, sb)
+    c_base = _row_base(Cp, i_b, i_h, sc)
 
     seg_start = seg * seg_len
     seg_end = tl.minimum(seg_start + seg_len, T)
     acc = tl.zeros([DK, BV], dtype=tl.float32)
     for start in range(seg_start, seg_end, CH):
         valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
-        bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
-        ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+        bt = tl.load(b_base + t_phys[:, None] * sb[1] + offs_k[None, :], mask=valid[:, None], other=0.0)
+        ct = tl.load(c_base + t_phys[:, None] * sc[1] + offs_v[None, :], mask=valid[:, None], other=0.0)
         acc = acc * tl.exp(-slope * m.to(tl.float32))
-        acc += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST, True)
-    l_ptr = _state_ptrs(LOCAL, i_b, i_h, sl_b, sl_h, sl_k, sl_v, offs_k, offs_v) + seg.to(tl.int64) * sl_s
+        acc += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST, SCALE_C)
+    l_ptr = _state_ptrs(LOCAL, i_b, i_h, sl[0], sl[1], sl[3], sl[4], offs_k, offs_v) + seg.to(tl.int64) * sl[2]
     tl.store(l_ptr, acc)
 
 
+@triton.heuristics(dict(HAS_INIT=lambda args: args["INIT"] is not None,
+                        HAS_LOCAL=lambda args: args["LOCAL"] is not None,
+                        STORE_FINAL=lambda args: args["FINAL"] is not None))
 @triton.jit
 def _lightning_kernel(
-    A, Bp, Cp, O, INIT, LOCAL, FINAL, slope_ptr, E, T, H, seg_len,
-    sa_b, sa_t, sa_h, sb_b, sb_t, sb_h, sc_b, sc_t, sc_h, so_b, so_t, so_h,
-    si_b, si_h, si_k, si_v, sl_b, sl_h, sl_s, sl_k, sl_v, sf_b, sf_h, sf_k, sf_v, se_b, se_t, se_h,
+    A, Bp, Cp, O, INIT, LOCAL, FINAL, slope_ptr, E, T, H, seg_len, sa, sb, sc, so, si, sl, sf, se,
     DK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
     HAS_INIT: tl.constexpr, INIT_DECAY: tl.constexpr, HAS_LOCAL: tl.constexpr,
     STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -213,8 +229,9 @@ def _lightning_kernel(
     """One pass (see the module docstring) for the (value block, segment, batch*head) of the grid:
     start state, earlier segments folded in, then the chunk sweep. ``GRAD_ACT`` (1: SiLU, 2: 1+elu)
     multiplies the output by the q/k feature map's derivative at ``E`` (the pre-activation at the
-    output's positions): the dq pass of the packed path then returns the gradient of the projection's
-    q block. Strides are in elements; the last dimension of every tensor is contiguous."""
+    output's positions; None without ``GRAD_ACT``): the dq pass of the packed path then returns the
+    gradient of the projection's q block. ``INIT``, ``LOCAL`` and ``FINAL`` may be None (absent; the
+    ``HAS_INIT``, ``HAS_LOCAL`` and ``STORE_FINAL`` flags follow from that)."""
     pid_v = tl.program_id(0)
     seg = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -229,32 +246,32 @@ def _lightning_kernel(
 
     # start state P = lambda * S_{seg_start - 1}
     if HAS_INIT:
-        P = tl.load(_state_ptrs(INIT, i_b, i_h, si_b, si_h, si_k, si_v, offs_k, offs_v)).to(tl.float32)
+        P = tl.load(_state_ptrs(INIT, i_b, i_h, si[0], si[1], si[2], si[3], offs_k, offs_v)).to(tl.float32)
         if INIT_DECAY:
             P = P * lam
     else:
         P = tl.zeros([DK, BV], dtype=tl.float32)
 
-    a_base = A + i_b.to(tl.int64) * sa_b + i_h.to(tl.int64) * sa_h
-    b_base = Bp + i_b.to(tl.int64) * sb_b + i_h.to(tl.int64) * sb_h
-    c_base = Cp + i_b.to(tl.int64) * sc_b + i_h.to(tl.int64) * sc_h
-    o_base = O + i_b.to(tl.int64) * so_b + i_h.to(tl.int64) * so_h
-    e_base = E + i_b.to(tl.int64) * se_b + i_h.to(tl.int64) * se_h
+    a_base = _row_base(A, i_b, i_h, sa)
+    b_base = _row_base(Bp, i_b, i_h, sb)
+    c_base = _row_base(Cp, i_b, i_h, sc)
+    o_base = _row_base(O, i_b, i_h, so)
+    if GRAD_ACT != 0:
+        e_base = _row_base(E, i_b, i_h, se)
     seg_start = seg * seg_len
     seg_end = tl.minimum(seg_start + seg_len, T)
 
     if HAS_LOCAL:
-        P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
-                                   sl_b, sl_h, sl_s, sl_k, sl_v)
+        P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v, sl)
     mask_dec, qdec = _chunk_decays(rows, slope)
     U = P
     for start in range(seg_start, seg_end, CH):
         valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
-        at = tl.load(a_base + t_phys[:, None] * sa_t + offs_k[None, :], mask=valid[:, None], other=0.0)
-        bt = tl.load(b_base + t_phys[:, None] * sb_t + offs_k[None, :], mask=valid[:, None], other=0.0)
-        ct = tl.load(c_base + t_phys[:, None] * sc_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+        at = tl.load(a_base + t_phys[:, None] * sa[1] + offs_k[None, :], mask=valid[:, None], other=0.0)
+        bt = tl.load(b_base + t_phys[:, None] * sb[1] + offs_k[None, :], mask=valid[:, None], other=0.0)
+        ct = tl.load(c_base + t_phys[:, None] * sc[1] + offs_v[None, :], mask=valid[:, None], other=0.0)
         if GRAD_ACT != 0:  # issued with the other loads, so its latency hides behind the dots
-            et = tl.load(e_base + t_phys[:, None] * se_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+            et = tl.load(e_base + t_phys[:, None] * se[1] + offs_v[None, :], mask=valid[:, None], other=0.0)
         # inter-chunk part: lambda^r a_r P
         o = _dot(at, P.to(at.dtype), DOT_PREC, UPCAST) * qdec[:, None]
         # intra-chunk part: [(A B^T) * M] C
@@ -262,21 +279,22 @@ def _lightning_kernel(
         o += _dot(s.to(ct.dtype), ct, DOT_PREC, UPCAST)
         if GRAD_ACT != 0:
             o = o * _act_grad(et, GRAD_ACT, FAST)
-        tl.store(o_base + t_phys[:, None] * so_t + offs_v[None, :], o.to(O.dtype.element_ty),
+        tl.store(o_base + t_phys[:, None] * so[1] + offs_v[None, :], o.to(O.dtype.element_ty),
                  mask=valid[:, None])
         U, P = _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC, UPCAST, SCALE_C)
 
     if STORE_FINAL:
         if seg == tl.num_programs(1) - 1:
-            tl.store(_state_ptrs(FINAL, i_b, i_h, sf_b, sf_h, sf_k, sf_v, offs_k, offs_v), U)
+            tl.store(_state_ptrs(FINAL, i_b, i_h, sf[0], sf[1], sf[2], sf[3], offs_k, offs_v), U)
 
 
+@triton.heuristics(dict(HAS_INIT=lambda args: args["INIT"] is not None,
+                        HAS_LOCAL=lambda args: args["LOCAL"] is not None,
+                        STORE_FINAL=lambda args: args["FINAL"] is not None))
 @triton.jit
 def _dkdv_kernel(
     Q, K, V, DO, DK_out, DV_out, INIT, LOCAL, FINAL, slope_ptr, E, T, H, seg_len,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h,
-    sgk_b, sgk_t, sgk_h, sgv_b, sgv_t, sgv_h,
-    si_b, si_h, si_k, si_v, sl_b, sl_h, sl_s, sl_k, sl_v, sf_b, sf_h, sf_k, sf_v, se_b, se_t, se_h,
+    sq, sk, sv, sd, sgk, sgv, si, sl, sf, se,
     DK: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_LOCAL: tl.constexpr, STORE_FINAL: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_ACT: tl.constexpr, FAST: tl.constexpr,
@@ -289,8 +307,9 @@ def _dkdv_kernel(
         U  = lambda^(m-1) P + (diag(lambda^(m-1-c)) Q)^T dO,   P = lambda U
 
     With ``GRAD_ACT`` the stored dk is multiplied by the feature map's derivative at ``E`` (the
-    pre-activation k): the gradient of the projection's k block. ``LOCAL``: the segment states of
-    ``q^T dO`` (reverse time).
+    pre-activation k; None without it): the gradient of the projection's k block. ``INIT`` (G), ``LOCAL``
+    (the segment states of ``q^T dO``, reverse time) and ``FINAL`` (D_0) may be None, as in
+    ``_lightning_kernel``.
     """
     seg = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -304,50 +323,50 @@ def _dkdv_kernel(
     offs_v = tl.arange(0, DV)
 
     if HAS_INIT:
-        P = tl.load(_state_ptrs(INIT, i_b, i_h, si_b, si_h, si_k, si_v, offs_k, offs_v)).to(tl.float32)
+        P = tl.load(_state_ptrs(INIT, i_b, i_h, si[0], si[1], si[2], si[3], offs_k, offs_v)).to(tl.float32)
     else:
         P = tl.zeros([DK, DV], dtype=tl.float32)
 
-    q_base = Q + i_b.to(tl.int64) * sq_b + i_h.to(tl.int64) * sq_h
-    k_base = K + i_b.to(tl.int64) * sk_b + i_h.to(tl.int64) * sk_h
-    v_base = V + i_b.to(tl.int64) * sv_b + i_h.to(tl.int64) * sv_h
-    d_base = DO + i_b.to(tl.int64) * sd_b + i_h.to(tl.int64) * sd_h
-    gk_base = DK_out + i_b.to(tl.int64) * sgk_b + i_h.to(tl.int64) * sgk_h
-    gv_base = DV_out + i_b.to(tl.int64) * sgv_b + i_h.to(tl.int64) * sgv_h
-    e_base = E + i_b.to(tl.int64) * se_b + i_h.to(tl.int64) * se_h
+    q_base = _row_base(Q, i_b, i_h, sq)
+    k_base = _row_base(K, i_b, i_h, sk)
+    v_base = _row_base(V, i_b, i_h, sv)
+    d_base = _row_base(DO, i_b, i_h, sd)
+    gk_base = _row_base(DK_out, i_b, i_h, sgk)
+    gv_base = _row_base(DV_out, i_b, i_h, sgv)
+    if GRAD_ACT != 0:
+        e_base = _row_base(E, i_b, i_h, se)
 
     seg_start = seg * seg_len
     seg_end = tl.minimum(seg_start + seg_len, T)
     if HAS_LOCAL:
-        P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v,
-                                   sl_b, sl_h, sl_s, sl_k, sl_v)
+        P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v, sl)
     mask_dec, qdec = _chunk_decays(rows, slope)
     U = P
     for start in range(seg_start, seg_end, CH):
         valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, True)
-        qt = tl.load(q_base + t_phys[:, None] * sq_t + offs_k[None, :], mask=valid[:, None], other=0.0)
-        kt = tl.load(k_base + t_phys[:, None] * sk_t + offs_k[None, :], mask=valid[:, None], other=0.0)
-        vt = tl.load(v_base + t_phys[:, None] * sv_t + offs_v[None, :], mask=valid[:, None], other=0.0)
-        dot_ = tl.load(d_base + t_phys[:, None] * sd_t + offs_v[None, :], mask=valid[:, None], other=0.0)
+        qt = tl.load(q_base + t_phys[:, None] * sq[1] + offs_k[None, :], mask=valid[:, None], other=0.0)
+        kt = tl.load(k_base + t_phys[:, None] * sk[1] + offs_k[None, :], mask=valid[:, None], other=0.0)
+        vt = tl.load(v_base + t_phys[:, None] * sv[1] + offs_v[None, :], mask=valid[:, None], other=0.0)
+        dot_ = tl.load(d_base + t_phys[:, None] * sd[1] + offs_v[None, :], mask=valid[:, None], other=0.0)
         Pc = P.to(kt.dtype)
         # dv
         dv = _dot(kt, Pc, DOT_PREC, UPCAST) * qdec[:, None]
         s1 = _dot(kt, tl.trans(qt), DOT_PREC, UPCAST) * mask_dec
         dv += _dot(s1.to(dot_.dtype), dot_, DOT_PREC, UPCAST)
-        tl.store(gv_base + t_phys[:, None] * sgv_t + offs_v[None, :], dv.to(DV_out.dtype.element_ty),
+        tl.store(gv_base + t_phys[:, None] * sgv[1] + offs_v[None, :], dv.to(DV_out.dtype.element_ty),
                  mask=valid[:, None])
         # dk
         dk = _dot(vt, tl.trans(Pc), DOT_PREC, UPCAST) * qdec[:, None]
         s2 = _dot(vt, tl.trans(dot_), DOT_PREC, UPCAST) * mask_dec
         dk += _dot(s2.to(qt.dtype), qt, DOT_PREC, UPCAST)
         if GRAD_ACT != 0:  # loaded here: with the full [DK, DV] state live, an earlier load spills more
-            et = tl.load(e_base + t_phys[:, None] * se_t + offs_k[None, :], mask=valid[:, None], other=0.0)
+            et = tl.load(e_base + t_phys[:, None] * se[1] + offs_k[None, :], mask=valid[:, None], other=0.0)
             dk = dk * _act_grad(et, GRAD_ACT, FAST)
-        tl.store(gk_base + t_phys[:, None] * sgk_t + offs_k[None, :], dk.to(DK_out.dtype.element_ty),
+        tl.store(gk_base + t_phys[:, None] * sgk[1] + offs_k[None, :], dk.to(DK_out.dtype.element_ty),
                  mask=valid[:, None])
         # state D (reverse time) from q^T dO
         U, P = _advance_state(P, qt, dot_, valid, m, rows, slope, lam, DOT_PREC, UPCAST, False)
 
     if STORE_FINAL:
         if seg == tl.num_programs(1) - 1:
-            tl.store(_state_ptrs(FINAL, i_b, i_h, sf_b, sf_h, sf_k, sf_v, offs_k, offs_v), U)
+            tl.store(_state_ptrs(FINAL, i_b, i_h, sf[0], sf[1], sf[2], sf[3], offs_k, offs_v), U)

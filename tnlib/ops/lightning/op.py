@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from .._checks import check_attention_inputs
-from .._triton import interpreting, use_triton
+from .._triton import interpreting, launch, use_triton
 from ..reference import linear_attention_chunked
 from ..targets import device_target
 from .plan import LaunchConfig, Tile, launch_config
@@ -59,17 +59,26 @@ def _empty_f32(like):
     return like.new_empty((0,), dtype=torch.float32)
 
 
-def _strides3(x):
-    return x.stride()[:3]
-
-
 def _last_contig(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """``x``, or a copy of it where its last dimension is not contiguous (the kernels read rows of ``D``)."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
-def _optional(t, stand_in, ndim):
-    """A kernel argument that may be absent: ``(tensor, strides)``, or a stand-in pointer and zeros."""
-    return (t, t.stride()) if t is not None else (stand_in, (0,) * ndim)
+#: Each tensor parameter of the kernels and the parameter of its stride tuple. Row tensors ``[B, T, H, D]``
+#: (``_ROWS``) take ``(s_b, s_t, s_h)`` (their last dimension contiguous); state tensors every stride.
+_STRIDES = dict(A="sa", Bp="sb", Cp="sc", O="so", E="se", Q="sq", K="sk", V="sv", DO="sd", DK_out="sgk",
+                DV_out="sgv", INIT="si", LOCAL="sl", FINAL="sf")
+_ROWS = ("A", "Bp", "Cp", "O", "E", "Q", "K", "V", "DO", "DK_out", "DV_out")
+
+
+def _tensors(**tensors):
+    """The kernel arguments of ``tensors`` (by parameter name; None: absent): each tensor and its stride
+    tuple (None for an absent one). The one place where the kernels' strides are taken."""
+    out = {}
+    for name, x in tensors.items():
+        out[name] = x
+        out[_STRIDES[name]] = None if x is None else tuple(x.stride()[:3] if name in _ROWS else x.stride())
+    return out
 
 
 def _precision(x):
@@ -94,7 +103,18 @@ def _config(cfg: list[int], q, v) -> LaunchConfig:
     return launch_config(*dims, q.dtype, target)  # symbolic sizes: a fake implementation under torch.compile
 
 
-def _local_states(b, c, slope, cfg: LaunchConfig, reverse):
+def _launch(name: str, grid, tile: Tile, **args):
+    """Launch kernel ``name`` of :mod:`.kernels` with ``tile``'s warps and stages (``_triton.launch``: the
+    compile options every tnlib launch requests)."""
+    launch(getattr(_kernels(), name), grid, num_warps=tile.num_warps, num_stages=tile.num_stages, **args)
+
+
+def _transposed(state):
+    """``S^T`` of a ``[..., K, V]`` state (None stays None): the dq and dk passes start from transposes."""
+    return None if state is None else state.transpose(-1, -2)
+
+
+def _local_states(b, c, slope, cfg: LaunchConfig, *, reverse: bool):
     """End states of segments ``0 .. nseg-2`` from a zero start, ``[B, H, nseg-1, DK, DV]`` fp32, or
     None for one segment (the last segment's state is never needed: a segment folds in earlier ones)."""
     B, T, H, DK = b.shape
@@ -102,19 +122,17 @@ def _local_states(b, c, slope, cfg: LaunchConfig, reverse):
     if nseg == 1:
         return None
     loc = _alloc((B, H, nseg - 1, DK, DV), torch.float32, b.device)
-    sb, sc, sl = _strides3(b), _strides3(c), loc.stride()
-    _kernels()._segment_state_kernel[(DV // t.block_v, nseg - 1, B * H)](
-        Bp=b, Cp=c, slope_ptr=slope, LOCAL=loc, T=T, H=H, seg_len=cfg.seg_len,
-        sb_b=sb[0], sb_t=sb[1], sb_h=sb[2], sc_b=sc[0], sc_t=sc[1], sc_h=sc[2],
-        sl_b=sl[0], sl_h=sl[1], sl_s=sl[2], sl_k=sl[3], sl_v=sl[4],
-        DK=DK, BV=t.block_v, CH=t.chunk, REVERSE=reverse, **_precision(b),
-        num_warps=t.num_warps, num_stages=t.num_stages)
+    _launch("_segment_state_kernel", (DV // t.block_v, nseg - 1, B * H), t,
+            **_tensors(Bp=b, Cp=c, LOCAL=loc), slope_ptr=slope, T=T, H=H, seg_len=cfg.seg_len,
+            DK=DK, BV=t.block_v, CH=t.chunk, REVERSE=reverse, **_precision(b), SCALE_C=t.scale_value)
     return loc
 
 
-def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len, out_dtype, tile: Tile,
-          grad_act=0, pre=None, out=None):
-    """One pass of the generic kernel (see :mod:`.kernels`); returns ``(o, final state or None)``.
+def _attn(a, b, c, slope, tile: Tile, *, seg_len: int, out_dtype, init=None, init_decay: bool,
+          reverse: bool = False, want_final: bool = False, local=None, grad_act: int = 0, pre=None, out=None):
+    """One pass of the generic kernel, one row of the table in :mod:`.kernels`: ``o_t = a_t (lambda^(t+1-z)
+    init + sum_{s <= t} lambda^(t-s) b_s^T c_s)`` (``z = 0`` with ``init_decay``, else 1), in reversed time
+    with ``reverse``; returns ``(o, the state after the last token if want_final, else None)``.
 
     ``local``: segment states to fold in (``seg_len`` tokens per segment); ``grad_act``: multiply
     the output by the q/k feature map's derivative at ``pre`` (``[B, T, H, DV]``, see ``ACT_CODES``);
@@ -122,64 +140,47 @@ def _attn(a, b, c, slope, init, init_decay, reverse, want_final, local, seg_len,
     B, T, H, DK = a.shape
     DV = c.shape[3]
     o = _alloc((B, T, H, DV), out_dtype, a.device) if out is None else out
-    final, sf = _optional(_alloc((B, H, DK, DV), torch.float32, a.device) if want_final else None, o, 4)
-    init_t, si = _optional(init, o, 4)
-    loc_t, sl = _optional(local, o, 5)
-    pre_t, se = (pre, _strides3(pre)) if grad_act else (o, (0, 0, 0))
-    sa, sb, sc, so = _strides3(a), _strides3(b), _strides3(c), _strides3(o)
-    nseg = -(-T // seg_len)
-    _kernels()._lightning_kernel[(DV // tile.block_v, nseg, B * H)](
-        A=a, Bp=b, Cp=c, O=o, INIT=init_t, LOCAL=loc_t, FINAL=final, slope_ptr=slope, E=pre_t,
-        T=T, H=H, seg_len=seg_len, sa_b=sa[0], sa_t=sa[1], sa_h=sa[2], sb_b=sb[0], sb_t=sb[1], sb_h=sb[2],
-        sc_b=sc[0], sc_t=sc[1], sc_h=sc[2], so_b=so[0], so_t=so[1], so_h=so[2],
-        si_b=si[0], si_h=si[1], si_k=si[2], si_v=si[3], sl_b=sl[0], sl_h=sl[1], sl_s=sl[2], sl_k=sl[3],
-        sl_v=sl[4], sf_b=sf[0], sf_h=sf[1], sf_k=sf[2], sf_v=sf[3], se_b=se[0], se_t=se[1], se_h=se[2],
-        DK=DK, BV=tile.block_v, CH=tile.chunk, HAS_INIT=init is not None, INIT_DECAY=init_decay,
-        HAS_LOCAL=local is not None, STORE_FINAL=want_final, REVERSE=reverse, **_precision(a),
-        GRAD_ACT=grad_act, FAST=not interpreting(), SCALE_C=tile.scale_value,
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
-    return o, (final if want_final else None)
+    final = _alloc((B, H, DK, DV), torch.float32, a.device) if want_final else None
+    _launch("_lightning_kernel", (DV // tile.block_v, -(-T // seg_len), B * H), tile,
+            **_tensors(A=a, Bp=b, Cp=c, O=o, INIT=init, LOCAL=local, FINAL=final, E=pre if grad_act else None),
+            slope_ptr=slope, T=T, H=H, seg_len=seg_len, DK=DK, BV=tile.block_v, CH=tile.chunk,
+            INIT_DECAY=init_decay, REVERSE=reverse, **_precision(a), GRAD_ACT=grad_act, FAST=not interpreting(),
+            SCALE_C=tile.scale_value)
+    return o, final
 
 
-def _dkdv(q, k, v, do, slope, dfinal, need_ds0, local, seg_len, tile: Tile, grad_act=0, k_pre=None,
-          dk=None, dv=None):
-    """dk and dv from one reverse-time sweep sharing the state D (see ``_dkdv_kernel``); with
+def _dkdv(q, k, v, do, slope, tile: Tile, *, seg_len: int, dfinal=None, need_ds0: bool = False, local=None,
+          grad_act: int = 0, k_pre=None, dk=None, dv=None):
+    """dk and dv from one reverse-time sweep sharing the state D (see ``_dkdv_kernel``): the table's dv and
+    dk rows at once, D starting from ``dfinal`` (G); returns ``(dk, dv, D_0 if need_ds0 else None)``. With
     ``grad_act`` dk is taken through the feature map's derivative at ``k_pre``."""
     B, T, H, DK = q.shape
     DV = v.shape[3]
     dk = _alloc((B, T, H, DK), k.dtype, q.device) if dk is None else dk
     dv = _alloc((B, T, H, DV), v.dtype, q.device) if dv is None else dv
-    final, sf = _optional(_alloc((B, H, DK, DV), torch.float32, q.device) if need_ds0 else None, dk, 4)
-    init_t, si = _optional(dfinal, dk, 4)
-    loc_t, sl = _optional(local, dk, 5)
-    pre_t, se = (k_pre, _strides3(k_pre)) if grad_act else (dk, (0, 0, 0))
-    sq, sk, sv, sd, sgk, sgv = (_strides3(x) for x in (q, k, v, do, dk, dv))
-    _kernels()._dkdv_kernel[(1, -(-T // seg_len), B * H)](
-        Q=q, K=k, V=v, DO=do, DK_out=dk, DV_out=dv, INIT=init_t, LOCAL=loc_t, FINAL=final, slope_ptr=slope,
-        E=pre_t, T=T, H=H, seg_len=seg_len, sq_b=sq[0], sq_t=sq[1], sq_h=sq[2], sk_b=sk[0], sk_t=sk[1],
-        sk_h=sk[2], sv_b=sv[0], sv_t=sv[1], sv_h=sv[2], sd_b=sd[0], sd_t=sd[1], sd_h=sd[2],
-        sgk_b=sgk[0], sgk_t=sgk[1], sgk_h=sgk[2], sgv_b=sgv[0], sgv_t=sgv[1], sgv_h=sgv[2],
-        si_b=si[0], si_h=si[1], si_k=si[2], si_v=si[3], sl_b=sl[0], sl_h=sl[1], sl_s=sl[2], sl_k=sl[3],
-        sl_v=sl[4], sf_b=sf[0], sf_h=sf[1], sf_k=sf[2], sf_v=sf[3], se_b=se[0], se_t=se[1], se_h=se[2],
-        DK=DK, DV=DV, CH=tile.chunk, HAS_INIT=dfinal is not None, HAS_LOCAL=local is not None,
-        STORE_FINAL=need_ds0, **_precision(q), GRAD_ACT=grad_act, FAST=not interpreting(),
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
-    return dk, dv, (final if need_ds0 else None)
+    final = _alloc((B, H, DK, DV), torch.float32, q.device) if need_ds0 else None
+    _launch("_dkdv_kernel", (1, -(-T // seg_len), B * H), tile,
+            **_tensors(Q=q, K=k, V=v, DO=do, DK_out=dk, DV_out=dv, INIT=dfinal, LOCAL=local, FINAL=final,
+                       E=k_pre if grad_act else None),
+            slope_ptr=slope, T=T, H=H, seg_len=seg_len, DK=DK, DV=DV, CH=tile.chunk, **_precision(q),
+            GRAD_ACT=grad_act, FAST=not interpreting())
+    return dk, dv, final
 
 
-def _forward_impl(q, k, v, slope, initial_state, output_final_state, cfg: LaunchConfig):
-    """``(o, final state or None, k/v segment states or None)``."""
+def _forward_impl(q, k, v, slope, cfg: LaunchConfig, *, initial_state=None, output_final_state: bool = False):
+    """``(o, final state or None, k/v segment states or None)``: the table's forward row."""
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
-    local = _local_states(k, v, slope, cfg, False)
-    o, final = _attn(q, k, v, slope, initial_state, True, False, output_final_state, local, cfg.seg_len,
-                     v.dtype, cfg.forward)
+    local = _local_states(k, v, slope, cfg, reverse=False)
+    o, final = _attn(q, k, v, slope, cfg.forward, init=initial_state, init_decay=True,
+                     want_final=output_final_state, local=local, seg_len=cfg.seg_len, out_dtype=v.dtype)
     return o, final, local
 
 
-def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, cfg: LaunchConfig, loc_kv=None,
-                   grad_act=0, pre=None, grads=None):
-    """dq, dk, dv (and dS0). ``loc_kv``: the forward's k/v segment states (recomputed if None). With
+def _backward_impl(do, q, k, v, slope, cfg: LaunchConfig, *, dfinal=None, initial_state=None, need_ds0: bool = False,
+                   loc_kv=None, grad_act: int = 0, pre=None, grads=None):
+    """dq, dk, dv (and dS0 if ``need_ds0``): the table's dq, dv and dk rows. ``dfinal``: G, the gradient into
+    the returned final state (None: zero). ``loc_kv``: the forward's k/v segment states (recomputed if None). With
     ``grad_act`` and ``pre = (q_pre, k_pre)`` (q and k being the feature map of those) dq and dk are the
     gradients of the pre-activations. ``grads``: three tensors (views of one buffer in the packed path)
     to write dq, dk, dv into."""
@@ -192,22 +193,22 @@ def _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, cfg: Lau
     # dq_t = dO_t S_t^T: forward in time, query dO, key v, value k, start S_{-1}^T; the forward's
     # plan, so the k/v segment states it kept serve here
     if multi and loc_kv is None:
-        loc_kv = _local_states(k, v, slope, cfg, False)
-    s0t = initial_state.transpose(-1, -2) if initial_state is not None else None
-    dq, _ = _attn(do, v, k, slope, s0t, True, False, False, loc_kv.transpose(-1, -2) if multi else None, seg,
-                  q.dtype, cfg.dq, grad_act=grad_act, pre=q_pre, out=dq_out)
+        loc_kv = _local_states(k, v, slope, cfg, reverse=False)
+    dq, _ = _attn(do, v, k, slope, cfg.dq, init=_transposed(initial_state), init_decay=True,
+                  local=_transposed(loc_kv if multi else None), seg_len=seg, out_dtype=q.dtype,
+                  grad_act=grad_act, pre=q_pre, out=dq_out)
     del loc_kv
     # D_t (reverse in time) from q^T dO, start G entering undecayed
-    loc_qdo = _local_states(q, do, slope, cfg, True)
+    loc_qdo = _local_states(q, do, slope, cfg, reverse=True)
     if cfg.dkdv is not None:
-        dk, dv, d0 = _dkdv(q, k, v, do, slope, dfinal, need_ds0, loc_qdo, seg, cfg.dkdv, grad_act, k_pre,
-                           dk_out, dv_out)
+        dk, dv, d0 = _dkdv(q, k, v, do, slope, cfg.dkdv, dfinal=dfinal, need_ds0=need_ds0, local=loc_qdo,
+                           seg_len=seg, grad_act=grad_act, k_pre=k_pre, dk=dk_out, dv=dv_out)
     else:
-        dv, d0 = _attn(k, q, do, slope, dfinal, False, True, need_ds0, loc_qdo, seg, v.dtype, cfg.dv,
-                       out=dv_out)
-        gt = dfinal.transpose(-1, -2) if dfinal is not None else None
-        dk, _ = _attn(v, do, q, slope, gt, False, True, False, loc_qdo.transpose(-1, -2) if multi else None,
-                      seg, k.dtype, cfg.dk, grad_act=grad_act, pre=k_pre, out=dk_out)
+        dv, d0 = _attn(k, q, do, slope, cfg.dv, init=dfinal, init_decay=False, reverse=True, want_final=need_ds0,
+                       local=loc_qdo, seg_len=seg, out_dtype=v.dtype, out=dv_out)
+        dk, _ = _attn(v, do, q, slope, cfg.dk, init=_transposed(dfinal), init_decay=False, reverse=True,
+                      local=_transposed(loc_qdo), seg_len=seg, out_dtype=k.dtype, grad_act=grad_act, pre=k_pre,
+                      out=dk_out)
     ds0 = d0 * torch.exp(-slope.float())[None, :, None, None] if need_ds0 else None
     return dq, dk, dv, ds0
 
@@ -225,7 +226,8 @@ def _lightning_fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(o, final state or empty, segment states or empty)``; the segment states of k, v
     are kept for the backward's dq pass, which needs exactly them."""
-    o, final, local = _forward_impl(q, k, v, slope, initial_state, output_final_state, _config(config, q, v))
+    o, final, local = _forward_impl(q, k, v, slope, _config(config, q, v), initial_state=initial_state,
+                                    output_final_state=output_final_state)
     return o, (_empty_f32(q) if final is None else final), (_empty_f32(q) if local is None else local)
 
 
@@ -247,7 +249,8 @@ def _lightning_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loc = local_kv if local_kv.dim() == 5 else None
     cfg = _config(config, q, v)
-    dq, dk, dv, ds0 = _backward_impl(do, dfinal, q, k, v, slope, initial_state, need_ds0, cfg, loc)
+    dq, dk, dv, ds0 = _backward_impl(do, q, k, v, slope, cfg, dfinal=dfinal, initial_state=initial_state,
+                                     need_ds0=need_ds0, loc_kv=loc)
     if ds0 is None:
         ds0 = _empty_f32(q)
     elif initial_state is not None:
@@ -316,8 +319,8 @@ def _feature_map(x, act: int):
     if act in (1, 2) and x.stride(-1) == 1 and x.stride(0) == T * x.stride(1):
         y = torch.empty((B, T, C), dtype=x.dtype, device=x.device)
         BR, BC = 4, 1024
-        _kernels()._feature_map_kernel[(-(-B * T // BR), -(-C // BC))](
-            X=x, Y=y, n_rows=B * T, n_cols=C, sx=x.stride(1), sy=C, ACT=act, BR=BR, BC=BC, num_warps=4)
+        launch(_kernels()._feature_map_kernel, (-(-B * T // BR), -(-C // BC)),
+               X=x, Y=y, n_rows=B * T, n_cols=C, sx=x.stride(1), sy=C, ACT=act, BR=BR, BC=BC, num_warps=4)
         return y
     return feature_map_reference(x, act)
 
@@ -329,7 +332,7 @@ def _packed_forward(qkv, slope, n_heads: int, act: int, config: list[int]):
     if act:
         qk = _feature_map(qkv[..., : 2 * (qkv.shape[-1] // 3)], act)
         q, k = _split_qk(qk, n_heads)
-    o, _, local = _forward_impl(q, k, v, slope, None, False, _config(config, q, v))
+    o, _, local = _forward_impl(q, k, v, slope, _config(config, q, v))
     return o, qk, local
 
 
@@ -339,8 +342,8 @@ def _packed_backward_impl(do, qkv, qk, slope, n_heads: int, act: int, local_kv, 
     dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
     q_pre, k_pre, v = _split_packed(qkv, n_heads)
     q, k = _split_qk(qk, n_heads) if act else (q_pre, k_pre)
-    _backward_impl(do, None, q, k, v, slope, None, False, _config(config, q, v), local_kv, act, (q_pre, k_pre),
-                   _split_packed(dqkv, n_heads))
+    _backward_impl(do, q, k, v, slope, _config(config, q, v), loc_kv=local_kv, grad_act=act, pre=(q_pre, k_pre),
+                   grads=_split_packed(dqkv, n_heads))
     return dqkv
 
 
@@ -399,32 +402,14 @@ _packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_c
 # Public functions: input checks, then the kernel path or the PyTorch fallback
 # ----------------------------------------------------------------------------------------------
 
-def _slope_validated(slope) -> bool:
-    """True if this very tensor, unmodified since, already passed the value check (the tensor itself
-    carries the version it was checked at, so there is no module-level cache)."""
-    return getattr(slope, "_tnlib_checked_version", None) == getattr(slope, "_version", -1)
-
-
-def _remember_slope(slope) -> None:
-    try:
-        slope._tnlib_checked_version = slope._version
-    except (AttributeError, RuntimeError):  # a tensor that takes no attributes: checked every time
-        pass
-
-
 def _check_inputs(q, k, v, slope, initial_state, name):
-    """``check_attention_inputs``; the slope's value check (finite, >= 0) needs its values on the host,
-    a device sync (in a traced graph also a graph break per layer and a recompile per slope tensor), so
-    it runs once per slope tensor and never under ``torch.compile``: then only its shape and device."""
-    if torch.compiler.is_compiling() or _slope_validated(slope):
-        dims = check_attention_inputs(q, k, v, None, initial_state, name=name)
-        if not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (dims[2],) or slope.device != q.device:
-            dims = check_attention_inputs(q, k, v, slope, initial_state, name=name)
-    else:
-        dims = check_attention_inputs(q, k, v, slope, initial_state, name=name)
-        _remember_slope(slope)
-    return dims
-
+    """``check_attention_inputs``: shapes, dtypes and devices, and the slope's values (finite, >= 0) only where
+    reading them costs nothing, a CPU tensor outside ``torch.compile``. On a GPU that read is a device sync per
+    call (and under ``torch.compile`` a graph break), so a GPU slope's values are checked where it is made:
+    the model's decay at construction (``GatedLinearAttention.decay_slope``), any other with
+    ``tnlib.ops.check_slope_values``. Nothing is written onto the caller's tensors."""
+    values = isinstance(slope, torch.Tensor) and slope.device.type == "cpu" and not torch.compiler.is_compiling()
+    return check_attention_inputs(q, k, v, slope, initial_state, name=name, slope_values=values)
 
 
 def _fallback(q, k, v, slope, initial_state=None, output_final_state=False):
@@ -436,8 +421,9 @@ def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=F
                         config: Optional[LaunchConfig] = None):
     """Causal linear attention with per-head decay ``exp(-slope)``, Triton Lightning Attention-2.
 
-    ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``slope: [H]`` (fp32), ``initial_state:
-    [B, H, K, V]`` (fp32). Returns ``o`` ``[B, T, H, V]`` in ``v``'s dtype, or ``(o, S_{T-1})``
+    ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``slope: [H]`` (fp32, finite and >= 0: checked here for a
+    CPU tensor; a GPU tensor's values are its maker's to check, ``tnlib.ops.check_slope_values``, as the
+    model does at construction), ``initial_state: [B, H, K, V]`` (fp32). Returns ``o`` ``[B, T, H, V]`` in ``v``'s dtype, or ``(o, S_{T-1})``
     with the fp32 final state when ``output_final_state``. Supported head dims: K in
     {16, 32, 64, 128, 256}, V in {16, 32, 64, 128}. ``config``: launches instead of
     ``plan.launch_config``'s (tuning, tests). Notebook: ``04_lightning_attention``.

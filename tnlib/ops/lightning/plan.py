@@ -30,8 +30,9 @@ MIN_SEG = 512
 @dataclass(frozen=True)
 class Tile:
     """One kernel launch's tiling: ``chunk`` tokens per step, ``block_v`` value columns per CTA,
-    warps and pipeline stages; ``scale_value``: the generic kernel's state update scales the value
-    tile (``SCALE_C``) rather than the key tile."""
+    warps and pipeline stages; ``scale_value``: the state update of the generic kernel or the
+    segment-state kernel scales the value tile (their ``SCALE_C``) rather than the key tile (the fused
+    dk/dv kernel always scales the key tile: ``dkdv`` tiles leave it False)."""
 
     chunk: int
     block_v: int
@@ -87,7 +88,8 @@ class Plan:
     64 (any width up to 64), 128, 256; ``dkdv`` by state size DK * DV: up to 64 * 64, 128 * 64 and
     128 * 128 (wider states have no fused kernel). A tile's ``block_v`` is a cap: a pass takes
     ``min(cap, its value width)``; the fused kernel's is the whole value width (0 here). ``state``
-    None: the forward's tile. A ``dkdv`` entry of None: dk and dv as two passes of the generic kernel."""
+    None: the forward's tile, with ``scale_value`` (the segment-state kernel scales the value tile at
+    every width). A ``dkdv`` entry of None: dk and dv as two passes of the generic kernel."""
 
     generic: dict
     state: Optional[dict]
@@ -120,8 +122,9 @@ V16, F32 = "16-bit", "fp32"  # input precision: fp16/bf16 (fp32 accumulation) or
 #: chosen on a CPU from ``triton.compile`` + ptxas for its targets (shared memory within the limit,
 #: no or few register spills: ``python -m tnlib gpu-check``, ``results/gpus/NOTES.md``); only the
 #: Hopper rows are timed (the H200 tuning of ``results/bench/NOTES-kernels.md``). ``scale_value``
-#: (value-scaled state update) only for 16-bit inputs with DK <= 128: at DK = 256 its build faulted
-#: on the H200, and fp32 never ran it at scale.
+#: (value-scaled state update) in the generic passes only for 16-bit inputs with DK <= 128: at DK = 256
+#: its build faulted on the H200, and fp32 never ran it at scale; the segment-state kernel's tiles (its
+#: own kernel, measured so at every width) always scale the value tile.
 PLANS: dict[tuple[str, str], Plan] = {
     # H100, H200 (sm_90): the H200 tuning
     #                     key width DK:  <= 64                       128                          256
@@ -186,6 +189,7 @@ def launch_config(B: int, T: int, H: int, DK: int, DV: int, dtype: torch.dtype, 
     ``torch.compile``)."""
     plan = plan_for(target, dtype)
     fwd = plan.generic_tile(DK, DV)
+    state = plan.state_tile(DK, DV) or dataclasses.replace(fwd, scale_value=True)
     return LaunchConfig(seg_len=segment_plan(B, H, T, DV // fwd.block_v), forward=fwd,
-                        dq=plan.generic_tile(DV, DK), state=plan.state_tile(DK, DV) or fwd,
+                        dq=plan.generic_tile(DV, DK), state=state,
                         dkdv=plan.dkdv_tile(DK, DV), dv=plan.generic_tile(DK, DV), dk=plan.generic_tile(DV, DK))
