@@ -134,7 +134,7 @@ def test_public_api_and_decoder_choice():
     """``tnlib.generate`` is the function; ``decoder="auto"`` is eager on a CPU; graph decoders refuse
     a CPU model or the Transformer with a clear error; unknown names are refused."""
     assert tnlib.generate is generate and callable(tnlib.stream_generate)
-    assert DECODERS == ("auto", "eager", "graph", "compiled-graph")
+    assert DECODERS == ("auto", "eager", "graph", "compiled-graph", "fused-graph")
     m = tiny("tnl-tiny")
     ids = torch.randint(0, 101, (1, 5))
     assert auto_decoder(m, ids, 10) == "eager"
@@ -151,9 +151,9 @@ class _FakeGraphDecoder:
 
     built = 0
 
-    def __init__(self, model, cache, fuse=False):
+    def __init__(self, model, cache, fuse=False, kernels=False, capacity=None):
         type(self).built += 1
-        self.model, self.fuse = model, fuse
+        self.model, self.fuse, self.kernels, self.capacity = model, fuse, kernels, capacity
         self.load(cache)
 
     def load(self, cache):

@@ -7,14 +7,18 @@ their ``model.step(input_ids, cache, pad_mask)`` method, so the two compare like
 * decode: one token per step; TransNormerLLM updates a constant-size state, the Transformer
   appends to its KV cache.
 
-How TransNormerLLM's decode steps run is the ``decoder`` argument (``DECODERS``):
+How the decode steps run is the ``decoder`` argument (``DECODERS``):
 
-* ``"eager"``: ``model.step`` per token, the readable reference (and the only choice on a CPU and
-  for the Transformer, whose cache grows);
-* ``"graph"``: the step captured once as a CUDA graph on static buffers and replayed per token (the
-  state has a fixed size, so the step has static shapes);
-* ``"compiled-graph"``: the step compiled with ``torch.compile`` (fewer, fused kernels) and then
-  captured: the fastest per token, at the price of a one-time compilation;
+* ``"eager"``: ``model.step`` per token, the readable reference (the only choice on a CPU; the
+  Transformer's cache grows by concatenation);
+* ``"graph"``: the step on static buffers captured once as a CUDA graph and replayed per token.
+  TransNormerLLM's state has a fixed size; the Transformer's keys and values go to a ``StaticKVCache``
+  preallocated to the call's length (prompt + new tokens, rounded up to ``CAPACITY_STEP``);
+* ``"compiled-graph"``: the same step compiled with ``torch.compile`` (fewer, fused kernels) and then
+  captured: the fastest measured per token for TransNormerLLM, at the price of a one-time compilation;
+* ``"fused-graph"`` (TransNormerLLM only): the step as tnlib's own fused kernels
+  (``tnlib.models.fused_decode``: five launches per layer, no ``torch.compile``, nothing to autotune)
+  captured as a CUDA graph; built in seconds. Not the default until measured faster on a GPU;
 * ``"auto"``: ``auto_decoder`` picks one.
 
 A graph decoder costs a compilation and a capture to build, so the built ones are kept in a
@@ -30,19 +34,24 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .models.transnormer import RecurrentCache
 from .nn.linear import autotune_gemv
 
 __all__ = ["generate", "stream_generate", "sample_next", "DECODERS", "auto_decoder", "GraphDecoder",
-           "StaticDecodeStep", "DecoderCache", "default_decoder_cache"]
+           "StaticDecodeStep", "DecoderCache", "default_decoder_cache", "CAPACITY_STEP", "capacity_for"]
 
-DECODERS = ("auto", "eager", "graph", "compiled-graph")
+DECODERS = ("auto", "eager", "graph", "compiled-graph", "fused-graph")
+
+#: A Transformer's static KV cache holds the call's tokens rounded up to a multiple of this (slots the
+#: step reads whatever the context, so fewer spare ones cost less; a multiple of 16 keeps SDPA's mask aligned)
+CAPACITY_STEP = 256
 
 
 def _graph_capable(model, ids) -> bool:
-    """Static-shape decoding needs a CUDA model with a fixed-size recurrent state (not the KV cache,
-    not absolute position embeddings, whose table bounds the position)."""
+    """Static-shape decoding needs a CUDA model, TransNormerLLM without absolute position embeddings
+    (whose table bounds the position) or the Transformer (through a ``StaticKVCache``)."""
     cfg = model.config
-    return ids.is_cuda and cfg.arch == "tnl" and cfg.positional != "ape"
+    return ids.is_cuda and (cfg.arch == "transformer" or cfg.positional != "ape")
 
 
 def auto_decoder(model, ids, max_new_tokens: int) -> str:
@@ -50,28 +59,52 @@ def auto_decoder(model, ids, max_new_tokens: int) -> str:
 
     Eager on a CPU, for the Transformer, and when nothing is decoded after the prefill token; else the
     compiled step in a CUDA graph, fastest per token once built, and built once per (model, batch size)
-    in a ``DecoderCache`` (the measurement behind this choice: ``results/bench/NOTES-model.md``).
+    in a ``DecoderCache`` (the measurement behind this choice: ``results/bench/NOTES-model.md``). The
+    Transformer's graph decoders and ``"fused-graph"`` are opt-in until ``make bench-inference`` has
+    measured them on a GPU.
     """
-    if max_new_tokens < 2 or not _graph_capable(model, ids):
+    if max_new_tokens < 2 or model.config.arch != "tnl" or not _graph_capable(model, ids):
         return "eager"
     return "compiled-graph"
 
 
-class StaticDecodeStep:
-    """One TransNormerLLM decode step on static buffers: ``tokens`` in, logits out, state updated in place.
+def capacity_for(tokens: int) -> int:
+    """A static KV cache's capacity for ``tokens`` tokens: rounded up to a multiple of ``CAPACITY_STEP``."""
+    return -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
 
-    With ``fuse=True`` the step is compiled with ``torch.compile`` (Inductor fuses each layer's
-    elementwise work: norms, activations, LRPE, the recurrence), which cuts the kernel count per token.
+
+class StaticDecodeStep:
+    """One decode step on static buffers: ``tokens`` in, ``[B, 1, vocab]`` logits out, the cache updated in place.
+
+    TransNormerLLM: ``model.step`` on ``cache``, a copy of the prefill's ``RecurrentCache`` (the state
+    has a fixed size), the new state copied back into it. The Transformer: ``model.static_step`` on
+    ``cache``, a ``StaticKVCache`` of ``capacity`` tokens holding the prefill's keys and values (required
+    for it; the caller decodes at most ``capacity`` minus the prompt's tokens). With ``fuse=True`` the step
+    is compiled with ``torch.compile`` (Inductor fuses each layer's elementwise work: norms, activations,
+    positions, the recurrence), which cuts the kernel count per token; the Transformer's with its
+    capacity as a dynamic size, so that one compilation serves every capacity.
     """
 
-    def __init__(self, model, cache, fuse: bool = False, compile_mode: str | None = None):
-        if getattr(model.config, "positional", None) == "ape":
-            raise RuntimeError("static decoding does not support absolute position embeddings")
-        self.model = model
+    def __init__(self, model, cache, fuse: bool = False, compile_mode: str | None = None,
+                 capacity: int | None = None):
         B = cache.positions.shape[0]
+        self.model = model
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=cache.positions.device)
-        self.cache = type(cache)([st.clone() for st in cache.states], cache.positions.clone())
-        self._fn = torch.compile(self._body, dynamic=False, mode=compile_mode) if fuse else self._body
+        if model.config.arch == "transformer":
+            if capacity is None:
+                raise ValueError("StaticDecodeStep: the Transformer's static KV cache needs a capacity (tokens)")
+            self.cache = model.static_cache(cache, capacity)
+            body, dynamic = self._static_body, None
+            if fuse:  # one compiled graph for every capacity (and no recompilation when a call needs more)
+                for t in (*self.cache.keys, *self.cache.values):
+                    torch._dynamo.mark_dynamic(t, 2)
+                torch._dynamo.mark_dynamic(self.cache.valid, 1)
+        else:
+            if model.config.positional == "ape":
+                raise RuntimeError("static decoding does not support absolute position embeddings")
+            self.cache = RecurrentCache([st.clone() for st in cache.states], cache.positions.clone())
+            body, dynamic = self._body, False
+        self._fn = torch.compile(body, dynamic=dynamic, mode=compile_mode) if fuse else body
 
     @torch.no_grad()
     def _body(self):
@@ -81,14 +114,19 @@ class StaticDecodeStep:
         self.cache.positions.copy_(new.positions)
         return logits
 
-    def snapshot(self):
-        return [st.clone() for st in self.cache.states], self.cache.positions.clone()
+    @torch.no_grad()
+    def _static_body(self):
+        return self.model.static_step(self.tokens, self.cache)
 
-    def restore(self, snap):
-        """Copy ``(states, positions)`` (a ``snapshot``, or a prefill cache's) into the static buffers."""
-        for st, sv in zip(self.cache.states, snap[0]):
-            st.copy_(sv)
-        self.cache.positions.copy_(snap[1])
+    def load(self, cache) -> None:
+        """Continue from ``cache`` (a prefill's ``RecurrentCache`` / ``KVCache`` of the same batch size) on
+        the next call."""
+        if isinstance(self.cache, RecurrentCache):
+            for st, src in zip(self.cache.states, cache.states):
+                st.copy_(src)
+            self.cache.positions.copy_(cache.positions)
+        else:
+            self.cache.load(cache)
 
     def __call__(self, tokens=None):
         if tokens is not None:
@@ -97,42 +135,62 @@ class StaticDecodeStep:
 
 
 class GraphDecoder:
-    """One TransNormerLLM decode step captured as a CUDA graph and replayed per token.
+    """A decode step captured as a CUDA graph and replayed per token.
 
-    The recurrent state lives in static buffers that the captured step updates in place; replaying the
-    graph removes the hundreds of kernel launches per token that dominate eager batch-1 decoding. The
-    captured projections run ``tnlib.ops.gemv`` (``tnlib.nn.linear``). ``fuse=True`` compiles the step
-    first (``compile_mode``, e.g. ``"max-autotune-no-cudagraphs"``, goes to ``torch.compile``).
-    ``load(cache)`` starts a new sequence batch of the same size from a prefill cache;
-    ``decode(tokens)`` returns ``[B, 1, vocab]`` logits (a static buffer: copy it if you keep it).
+    The step (``StaticDecodeStep``, or with ``kernels=True`` TransNormerLLM's ``FusedDecodeStep``) keeps
+    its cache in static buffers that the captured step updates in place; replaying the graph removes the
+    hundreds of kernel launches per token that dominate eager batch-1 decoding. The captured projections
+    of a ``StaticDecodeStep`` run ``tnlib.ops.gemv`` (``tnlib.nn.linear``), autotuned before the capture.
+    ``fuse=True`` compiles the step first (``compile_mode``, e.g. ``"max-autotune-no-cudagraphs"``, goes to
+    ``torch.compile``); ``capacity``: the Transformer's static KV cache in tokens; ``tiles``: the fused
+    kernels' launch configurations (``FusedDecodeStep``). ``capture=False`` replays nothing and calls the
+    step (how a CPU runs and tests it; a CUDA graph needs a GPU).
+
+    ``load(cache)`` starts a new sequence batch of the same size from a prefill cache; ``decode(tokens)``
+    returns ``[B, 1, vocab]`` logits (a static buffer: copy it if you keep it).
     """
 
-    def __init__(self, model, cache, fuse: bool = False, compile_mode: str | None = None):
-        if not torch.cuda.is_available() or cache.states[0].device.type != "cuda":
-            raise RuntimeError("GraphDecoder needs the model and cache on a CUDA device")
-        self.step = StaticDecodeStep(model, cache, fuse, compile_mode)
-        saved = self.step.snapshot()
-        autotune_gemv(model.gemv_weights(), cache.positions.shape[0])  # autotuning syncs: not during capture
+    def __init__(self, model, cache, fuse: bool = False, compile_mode: str | None = None, *, kernels: bool = False,
+                 capacity: int | None = None, tiles: dict | None = None, capture: bool = True):
+        device = cache.positions.device
+        if capture and (not torch.cuda.is_available() or device.type != "cuda"):
+            raise RuntimeError("GraphDecoder needs the model and cache on a CUDA device (capture=False runs the step uncaptured)")
+        if kernels:
+            from .models.fused_decode import FusedDecodeStep
+
+            if fuse:
+                raise ValueError("GraphDecoder: kernels=True runs tnlib's fused kernels, which are not compiled (fuse=False)")
+            self.step = FusedDecodeStep(model, cache, tiles)
+        else:
+            self.step = StaticDecodeStep(model, cache, fuse, compile_mode, capacity)
+            if device.type == "cuda":  # autotuning syncs: not during capture
+                autotune_gemv(model.gemv_weights(), cache.positions.shape[0])
+        self.capacity = getattr(self.step.cache, "capacity", None)
+        self.graph = None
+        if not capture:
+            return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(3):  # warm up: compilation and lazy initialisation stay outside the capture
+            for _ in range(1 if kernels else 3):  # warm up: compilation and lazy initialisation stay outside the capture
                 self.step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self.step()
-        self.step.restore(saved)  # undo the warm-up steps
+        self.step.load(cache)  # undo the warm-up steps
 
     @property
     def cache(self):
         return self.step.cache
 
     def load(self, cache):
-        """Continue from ``cache`` (a prefill's ``RecurrentCache`` of the same batch size) on the next ``decode``."""
-        self.step.restore((cache.states, cache.positions))
+        """Continue from ``cache`` (a prefill's cache of the same batch size) on the next ``decode``."""
+        self.step.load(cache)
 
     def decode(self, tokens):
+        if self.graph is None:
+            return self.step(tokens)
         self.step.tokens.copy_(tokens.view_as(self.step.tokens))
         self.graph.replay()
         return self.logits
@@ -146,13 +204,22 @@ def _signature(model) -> tuple:
                  for t in (*model.parameters(), *model.buffers()))
 
 
+def _fits(decoder, capacity: int | None) -> bool:
+    """Whether a built decoder serves a call needing ``capacity`` slots (None: a fixed-size state): enough
+    of them, and not more than twice as many (a step reads every slot)."""
+    have = getattr(decoder, "capacity", None)
+    return capacity is None or have is None or capacity <= have <= 2 * capacity
+
+
 class DecoderCache:
     """The graph decoders that ``generate`` / ``stream_generate`` have built, for later calls to reuse.
 
     One ``GraphDecoder`` per (model, decoder, batch size): ``get`` returns the one built before, loaded
     with the new prompt's prefill state, or builds it (a compilation and a CUDA-graph capture) when there
     is none or when the model's tensors changed since (``model.to(...)``, a replaced parameter; weights
-    updated in place keep it, and the graph reads their new values). The eager decoder needs no cache.
+    updated in place keep it, and the graph reads their new values). A Transformer's decoder also has a
+    capacity (its ``StaticKVCache``): it is rebuilt for a call that needs more slots, or fewer than half.
+    The eager decoder needs no cache.
 
     The cache holds a reference to every model it has decoders for (the captured graphs read that
     model's tensors), so such a model and the decoders' GPU memory live as long as the cache holds them:
@@ -170,23 +237,29 @@ class DecoderCache:
         # id(model) -> (model, {(decoder, batch size): (GraphDecoder, _signature)}), least recently used first
         self._entries: collections.OrderedDict = collections.OrderedDict()
 
-    def get(self, model, cache, decoder: str) -> GraphDecoder:
-        """The ``decoder`` (``"graph"`` or ``"compiled-graph"``) for ``model`` at ``cache``'s batch size,
-        loaded with ``cache`` (a prefill's ``RecurrentCache``); built if absent or stale."""
-        if decoder not in ("graph", "compiled-graph"):
-            raise ValueError(f"DecoderCache holds the graph decoders ('graph', 'compiled-graph'), not {decoder!r}")
+    def get(self, model, cache, decoder: str, capacity: int | None = None) -> GraphDecoder:
+        """The ``decoder`` (``"graph"``, ``"compiled-graph"`` or ``"fused-graph"``) for ``model`` at
+        ``cache``'s batch size, loaded with ``cache`` (a prefill's cache); built if absent or stale.
+        ``capacity``: the slots a Transformer's call needs (prompt + new tokens; rounded up here by
+        ``capacity_for``)."""
+        if decoder not in _GRAPH_DECODERS:
+            raise ValueError(f"DecoderCache holds the graph decoders {_GRAPH_DECODERS}, not {decoder!r}")
+        capacity = None if capacity is None else capacity_for(capacity)
         key, sig = (decoder, cache.positions.shape[0]), _signature(model)
         entry = self._entries.get(id(model))
         if entry is not None:
             self._entries.move_to_end(id(model))
         hit = None if entry is None else entry[1].get(key)
-        if hit is not None and hit[1] == sig:
+        if hit is not None and hit[1] == sig and _fits(hit[0], capacity):
             hit[0].load(cache)
             return hit[0]
         if entry is None and self.max_models is not None:
             while len(self._entries) >= self.max_models:
                 self._entries.popitem(last=False)
-        dec = GraphDecoder(model, cache, fuse=decoder == "compiled-graph")
+        if entry is not None:
+            entry[1].pop(key, None)  # a stale decoder's graph and buffers go before the new one is built
+        dec = GraphDecoder(model, cache, fuse=decoder == "compiled-graph", kernels=decoder == "fused-graph",
+                           capacity=capacity)
         self._entries.setdefault(id(model), (model, {}))[1][key] = (dec, sig)
         return dec
 
@@ -212,6 +285,8 @@ class DecoderCache:
     def __repr__(self) -> str:
         return f"DecoderCache({len(self)} decoders for {len(self._entries)} models)"
 
+
+_GRAPH_DECODERS = ("graph", "compiled-graph", "fused-graph")
 
 #: the cache ``generate`` and ``stream_generate`` use when no ``decoder_cache`` is given
 default_decoder_cache = DecoderCache(max_models=2)
@@ -293,7 +368,7 @@ def stream_generate(
     Sequences that have emitted an end token keep yielding ``pad_token_id``; the stream stops when
     all are done or after ``max_new_tokens`` steps. ``decoder`` (one of ``DECODERS``, see the module
     docstring) chooses how decode steps run; every choice yields the same tokens up to floating-point
-    rounding. ``"graph"`` and ``"compiled-graph"`` need TransNormerLLM on a CUDA device; the decoders
+    rounding. The graph decoders need a CUDA device (``"fused-graph"``: TransNormerLLM); the decoders
     they build are kept in ``decoder_cache`` (a ``DecoderCache``; ``default_decoder_cache`` if None).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -306,8 +381,14 @@ def stream_generate(
     if decoder == "auto":
         decoder = auto_decoder(model, ids, max_new_tokens)
     elif decoder != "eager" and not _graph_capable(model, ids):
-        raise ValueError(f"decoder={decoder!r} needs TransNormerLLM (without absolute positions) on a CUDA "
-                         "device; use decoder='eager' or 'auto'")
+        raise ValueError(f"decoder={decoder!r} needs a model on a CUDA device (TransNormerLLM without absolute "
+                         "positions, or the Transformer); use decoder='eager' or 'auto'")
+    if decoder == "fused-graph":
+        from .models.fused_decode import fused_decode_support
+
+        why = fused_decode_support(model)
+        if why:
+            raise ValueError(f"decoder='fused-graph': {why}; use decoder='compiled-graph', 'graph' or 'eager'")
     eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, device=ids.device).flatten()
     was_training = model.training
     model.eval()
@@ -317,7 +398,8 @@ def stream_generate(
         logits, cache = model.step(ids, None, mask, last_only=True)
         graph = None
         if decoder != "eager" and max_new_tokens > 1:
-            graph = (default_decoder_cache if decoder_cache is None else decoder_cache).get(model, cache, decoder)
+            slots = ids.shape[1] + max_new_tokens - 1 if model.config.arch == "transformer" else None
+            graph = (default_decoder_cache if decoder_cache is None else decoder_cache).get(model, cache, decoder, slots)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for i in range(max_new_tokens):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)

@@ -12,7 +12,8 @@ What "launches for the model presets" covers, per preset and dtype (the target's
 fp16 where there is no bf16, and fp32): training steps at T = 2,048 (B = 16) and T = 32,768 (B = 1, so
 sequences split into segments) through the packed attention path, the LRPE layer's unpacked path, the
 norms and the chunked LM-head loss; a prefill of 1,000 tokens (B = 1) with and without a start state;
-decode products through the GEMV kernel at 1, 2 and 4 rows (every configuration its autotuner tries).
+decode products through the GEMV kernel at 1, 2 and 4 rows (every configuration its autotuner tries);
+the fused decode step (``tnlib.models.fused_decode``, ``decoder="fused-graph"``) at 1 to 32 sequences.
 Integer arguments are specialized as Triton's JIT does (1 -> constant, multiples of 16 -> aligned).
 
 A configuration fits when it compiles, its shared memory is within the target's opt-in limit (what
@@ -78,7 +79,7 @@ class Launch:
         skip = {"DOT_PREC", "UPCAST", "FAST"}
         parts = []
         for k, v in self.constexprs.items():
-            if k in skip or v is False or v is None or (k in ("GRAD_ACT",) and v == 0) or (k == "INIT_DECAY" and v is True):
+            if k in skip or v is False or v is None or (k in ("GRAD_ACT", "GLU_ACT") and v == 0) or (k == "INIT_DECAY" and v is True):
                 continue
             parts.append(k if v is True else f"{k}={v}")
         return " ".join(parts) + f" w{self.num_warps} s{self.num_stages}"
@@ -144,7 +145,7 @@ class _Sink:
 
 def _recorders(sink: _Sink) -> ExitStack:
     """Every Triton kernel of tnlib replaced by a recorder, for the ``with`` block."""
-    from .ops import gemv, loss, srmsnorm
+    from .ops import decode, gemv, loss, srmsnorm
     from .ops.lightning import kernels, op
 
     stack = ExitStack()
@@ -152,7 +153,7 @@ def _recorders(sink: _Sink) -> ExitStack:
           for n in ("_lightning_kernel", "_dkdv_kernel", "_segment_state_kernel", "_feature_map_kernel")}
     stack.enter_context(mock.patch.object(op, "_kernels", lambda: type("K", (), lk)))
     for mod, names in ((srmsnorm, ("_srms_fwd_kernel", "_srms_bwd_kernel")), (loss, ("_xent_grad_kernel",)),
-                       (gemv, ("_gemv_kernel",))):
+                       (gemv, ("_gemv_kernel",)), (decode, ("_fused_gemv_kernel", "_recurrent_kernel", "_embed_kernel"))):
         for n in names:
             stack.enter_context(mock.patch.object(mod, n, _Recorder(getattr(mod, n), mod.__name__, n, sink)))
     return stack
@@ -188,6 +189,21 @@ def _attention_launches(sink, target, dtype, H, K, D, lrpe: bool, act: int, B, T
                                        output_final_state=not train)
     if train:
         op._backward_impl(torch.empty_like(o), q, k, v, slope, op._config(cfg, q, v), loc_kv=local)
+
+
+def _fused_decode_launches(cfg, rows: int, dtype) -> None:
+    """The launches of one ``FusedDecodeStep`` call (``decoder="fused-graph"``) for ``rows`` sequences: the
+    step itself runs, on a model and a state on the ``meta`` device."""
+    from .models import build_model
+    from .models.fused_decode import FusedDecodeStep
+    from .models.transnormer import RecurrentCache
+
+    with torch.device("meta"):
+        model = build_model(cfg).to(dtype)
+    D = cfg.head_dim
+    states = [torch.empty(rows, cfg.n_heads, (2 if cfg.lrpe_on(i) else 1) * D, D, device="meta", dtype=torch.float32)
+              for i in range(cfg.n_layers)]
+    FusedDecodeStep(model, RecurrentCache(states, torch.zeros(rows, dtype=torch.long, device="meta")))()
 
 
 def collect_launches(target: GpuTarget, presets=None, dtypes=None) -> list[Launch]:
@@ -235,6 +251,10 @@ def collect_launches(target: GpuTarget, presets=None, dtypes=None) -> list[Launc
                 for rows in (1, 2, 4):
                     for n, k in ((qkv_rows, d), (d, d), (glu, d), (d, glu), (c.vocab_size, d)):
                         gemv._gemv_launch(torch.empty(rows, k, **meta), torch.empty(n, k, **meta))
+                if c.arch == "tnl":
+                    for rows in (1, 2, 4, 8, 16, 32):
+                        sink.use = f"{preset} fused decode {dn} B={rows}"
+                        _fused_decode_launches(c, rows, dtype)
     return list(sink.launches.values())
 
 

@@ -15,7 +15,7 @@ from ..nn.norm import build_norm
 from .common import CausalLM, check_input_ids, init_weights, left_pad_positions
 from .config import Implementation, ModelConfig
 
-__all__ = ["Transformer", "KVCache", "rope"]
+__all__ = ["Transformer", "KVCache", "StaticKVCache", "rope"]
 
 
 @dataclass
@@ -26,6 +26,52 @@ class KVCache:
     values: list
     valid: torch.Tensor | None  # [B, L] bool: False at left padding (None: no padding)
     positions: torch.Tensor  # [B] position of the next token
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+@dataclass
+class StaticKVCache:
+    """The Transformer's decoding state preallocated to ``capacity`` tokens: its shapes never change, so a
+    decode step on it (``Transformer.static_step``) can be compiled and captured as a CUDA graph.
+
+    Slot ``j`` of every layer holds the key and value of the batch's ``j``-th token (left padding
+    included); ``valid`` says which slots a query may see (False at left padding and at unwritten slots);
+    ``length`` (a one-element device tensor, not a Python int, so that a captured step reads it) is the
+    slot of the next token, the same for every sequence; ``positions`` the next token's RoPE position
+    per sequence. Unwritten slots hold zeros or an earlier sequence's (finite) values, masked out."""
+
+    keys: list  # per layer [B, H, capacity, D]
+    values: list
+    valid: torch.Tensor  # [B, capacity] bool
+    positions: torch.Tensor  # [B] long
+    length: torch.Tensor  # [1] long
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, capacity: int, dtype, device) -> "StaticKVCache":
+        """Zero keys and values for ``batch`` sequences of up to ``capacity`` tokens, nothing valid."""
+        shape = (batch, cfg.n_heads, capacity, cfg.head_dim)
+        kv = [[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)] for _ in range(2)]
+        return cls(kv[0], kv[1], torch.zeros(batch, capacity, dtype=torch.bool, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def load(self, cache: KVCache) -> None:
+        """Hold ``cache`` (a prefill's ``KVCache``, same batch size) instead of what was here."""
+        T = cache.keys[0].shape[2]
+        if T > self.capacity or cache.positions.shape[0] != self.valid.shape[0]:
+            raise ValueError(f"StaticKVCache of {self.valid.shape[0]} x {self.capacity} tokens cannot hold a cache of "
+                             f"{cache.positions.shape[0]} x {T}")
+        for dst, src in zip(self.keys + self.values, cache.keys + cache.values):
+            dst[:, :, :T].copy_(src)
+        self.valid.zero_()
+        self.valid[:, :T] = True if cache.valid is None else cache.valid
+        self.positions.copy_(cache.positions)
+        self.length.fill_(T)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -77,6 +123,19 @@ class Attention(nn.Module):
         out = self.out_proj(o.transpose(1, 2).reshape(B, T, d))
         return (out, (k, v)) if want_kv else out
 
+    def static_forward(self, x, positions, keys, values, slot, mask):
+        """One token per sequence (``x: [B, 1, d]``) against a static cache: its key and value written at
+        ``slot`` (a one-element tensor) of ``keys``/``values`` (``[B, H, capacity, D]``), then attention over
+        the slots ``mask`` (``[B, 1, 1, capacity]`` bool) allows."""
+        B, T, d = x.shape
+        q, k, v = (p.reshape(B, T, self.n_heads, self.head_dim) for p in self.qkv_proj(x).chunk(3, dim=-1))
+        q, k = rope(q, self.theta, positions), rope(k, self.theta, positions)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        keys.index_copy_(2, slot, k)
+        values.index_copy_(2, slot, v)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, d))
+
 
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int, gemv: bool = True):
@@ -104,6 +163,11 @@ class TransformerBlock(nn.Module):
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
         return (x, kv) if want_kv else x
+
+    def static_forward(self, x, positions, keys, values, slot, mask):
+        """The block for one token per sequence on a static cache (``Attention.static_forward``)."""
+        x = x + self.attn.static_forward(self.attn_norm(x), positions, keys, values, slot, mask)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(CausalLM):
@@ -150,6 +214,30 @@ class Transformer(CausalLM):
         if last_only:
             x = x[:, -1:]
         return self.logits(x), KVCache(keys, values, valid, start + T)
+
+    def static_cache(self, cache: KVCache, capacity: int) -> StaticKVCache:
+        """A ``StaticKVCache`` of ``capacity`` tokens per sequence holding ``cache`` (a prefill's ``KVCache``)."""
+        static = StaticKVCache.empty(self.config, cache.positions.shape[0], capacity, cache.keys[0].dtype,
+                                     cache.keys[0].device)
+        static.load(cache)
+        return static
+
+    @torch.no_grad()
+    def static_step(self, input_ids, cache: StaticKVCache):
+        """One token per sequence (``input_ids: [B, 1]``) on a ``StaticKVCache``, updated in place (slot
+        ``cache.length`` written and made valid, ``length`` and ``positions`` advanced); returns ``[B, 1,
+        vocab]`` logits, those of ``step`` on the growing cache. No host synchronization, no shape that
+        depends on the data (so it compiles and captures); ids unchecked, and the caller keeps ``length``
+        below the capacity."""
+        slot = cache.length
+        cache.valid.index_fill_(1, slot, True)
+        x = self.residual_stream(self.embed(input_ids))
+        mask = cache.valid[:, None, None, :]
+        for layer, keys, values in zip(self.layers, cache.keys, cache.values):
+            x = layer.static_forward(x, cache.positions, keys, values, slot, mask)
+        cache.positions.add_(1)
+        cache.length.add_(1)
+        return self.logits(x)
 
     def forward(self, input_ids, targets=None):
         """``input_ids: [B, T]`` -> logits ``[B, T, vocab]``, or with ``targets`` the mean cross-entropy."""

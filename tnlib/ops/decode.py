@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import launch
+from ._triton import interpreting, launch
 from .lightning.op import feature_map_reference
 
 __all__ = ["GemvTile", "gemv_tile", "recurrent_tile", "fused_gemv", "recurrent_step", "embed",
@@ -217,25 +217,32 @@ class GemvTile:
         return self.block_m >= 16
 
 
-def gemv_tile(M: int, N: int, K: int, pair: bool = False) -> GemvTile:
+def gemv_tile(M: int, N: int, K: int, pair: bool = False, interpreted: bool | None = None) -> GemvTile:
     """The configuration of a ``[M, K] x [N, K]^T`` product: up to 8 rows by broadcast multiply-adds, a
     register budget of 32 fp32 partial sums per thread (halved per weight with ``pair``); 16 rows and more
     in blocks of 16 through ``tl.dot``. The same on every GPU target (``gpu-check`` compiles each); a first
-    choice, to be timed on a GPU (``tools/tune_decode.py``)."""
+    choice, to be timed on a GPU (``tools/tune_decode.py``). ``interpreted`` (default: ``TRITON_INTERPRET=1``):
+    wider blocks, as each program costs milliseconds of Python there."""
     if M > 8:
         return GemvTile(16, 32, 64 if pair else 128, 4, 3)
     bm = triton.next_power_of_2(M)
     bk = min(256 if bm <= 2 else 128, triton.next_power_of_2(K))
-    budget = 32 * 128 // (2 if pair else 1)  # fp32 partial sums per program (4 warps, 32 per thread)
-    bn = max(1, min(16, budget // (bm * bk), triton.next_power_of_2(N)))
+    budget, cap = 32 * 128 // (2 if pair else 1), 16  # fp32 partial sums per program (4 warps, 32 per thread)
+    if interpreting() if interpreted is None else interpreted:
+        budget, cap = budget * 8, 128
+    bn = max(1, min(cap, budget // (bm * bk), triton.next_power_of_2(N)))
     return GemvTile(bm, bn, bk, 4, 3)
 
 
-def recurrent_tile(B: int, H: int, D: int) -> tuple[int, int]:
+def recurrent_tile(B: int, H: int, D: int, lrpe: bool = False, interpreted: bool | None = None) -> tuple[int, int]:
     """``(BV, num_warps)`` of ``_recurrent_kernel``: value blocks small enough for ~256 programs over the
-    batch and heads (at least 8 columns), so the states stream in parallel."""
-    bv = max(8, min(D, triton.next_power_of_2(max(1, B * H * D // 256))))
-    return bv, 1 if D * bv <= 1024 else 2 if D * bv <= 4096 else 4
+    batch and heads (8 to 64 columns), so that the states stream in parallel; warps for about 32 state
+    elements per thread (a ``[2 D, BV]`` state with LRPE). Interpreted: one program per head and sequence."""
+    bv = max(8, min(D, 64, triton.next_power_of_2(max(1, B * H * D // 256))))
+    if interpreting() if interpreted is None else interpreted:
+        bv = D
+    elems = (2 if lrpe else 1) * D * bv
+    return bv, max(1, min(8, triton.next_power_of_2(elems // 1024)))
 
 
 def _row_stride(t: torch.Tensor | None):
@@ -274,7 +281,7 @@ def recurrent_step(qkv, state, slope, *, out, act: int, positions=None, theta=No
     if Kd != (2 * D if theta is not None else D) or tuple(out.shape) != (B, H * D) or qkv.shape[1] < 3 * H * D:
         raise ValueError(f"recurrent_step: state {tuple(state.shape)}, qkv {tuple(qkv.shape)}, out {tuple(out.shape)}"
                          f"{', LRPE' if theta is not None else ''}")
-    block_v, warps = recurrent_tile(B, H, D) if bv is None else (bv, 2)
+    block_v, warps = recurrent_tile(B, H, D, theta is not None) if bv is None else (bv, 2)
     launch(_recurrent_kernel, (D // block_v, H, B), QKV=qkv, SLOPE=slope, S=state, O=out, POS=positions, THETA=theta,
            H=H, sqkv=qkv.stride(0), ss=tuple(state.stride()), so=out.stride(0), D=D, BV=block_v, ACT=act,
            num_warps=warps)
