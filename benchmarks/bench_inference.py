@@ -1,33 +1,319 @@
-"""Inference: prefill time vs length, per-token decode latency and memory (make bench-inference).
+"""Decoding both 385M models through every decoder, side by side (make bench-inference; issue 28).
 
-tnl-385m (recurrent state; decode replayed from a CUDA graph, and eager for reference) vs
-transformer-385m (KV cache, eager), random bf16 weights, batch 1 and 16, contexts 1K..64K.
-Checks first that the graph decode reproduces the eager decode. Writes
-``<out>/inference-<gpu>.json`` with provenance.
+One row per (model, decoder, batch, context) in ``OUT/decode-<gpu>.json``::
 
-    python3 benchmarks/bench_inference.py              # = make bench-inference (tnlib installed)
-    PYTHONPATH=$PWD python3 benchmarks/bench_inference.py --contexts 1024 --batches 1 --out $OUT
+    {"model", "decoder", "batch", "ctx", "ms_per_token", "tokens_per_s", "first_call_s", "peak_mem_gb"}
+
+plus ``prefill_ms``, ``cache_gb`` (the recurrent state / the KV cache), ``capacity`` (a static KV cache's
+slots), ``setup_s`` (building the decoder in this process), ``floor_ms`` (every weight and cache byte a
+step reads, once, at the GPU's nominal bandwidth) and ``first_call_warm_s``; ``error`` where a
+configuration did not run (out of memory, or skipped because its cache cannot fit the free memory).
+
+* Decoders: ``tnl-385m`` eager, graph, compiled-graph, fused-graph; ``transformer-385m`` eager (the KV
+  cache grows by concatenation), graph, compiled-graph (a ``StaticKVCache`` of ``ctx`` + the decoded
+  tokens, rounded up to ``tnlib.generation.CAPACITY_STEP``). Like for like: eager vs eager, graph vs
+  graph, compiled-graph vs compiled-graph; ``fused-graph`` is TNL's own kernels.
+* ``ms_per_token``: median of CUDA-event-timed decode steps (a step = one token for every sequence of
+  the batch); ``tokens_per_s = batch / ms * 1000``. bf16 weights, random (seeded) weights and tokens.
+* ``peak_mem_gb``: ``torch.cuda.max_memory_allocated`` over the prefill, the decoder's build and the
+  timed steps, weights included.
+* ``first_call_s``: the wall time of the first ``tnlib.generate(model, prompt, 32, decoder=...)`` (prompt of
+  ``--first-call-ctx`` tokens) in a fresh Python process with empty Inductor and Triton caches, what a new
+  user's first call costs (model built on the GPU before the clock starts); ``first_call_warm_s``: the
+  same in another fresh process once those caches are filled. Measured per (model, decoder, batch) and
+  written into every row of it.
+* Before each model's rows, ``checks``: each graph decoder's 16 greedy tokens and logits against the
+  eager decoder's from the same prefill (bf16: tokens may part after a near tie; the header records it).
+
+Parts (``--parts``): ``tnl``, ``transformer`` (the timed rows, ``--batches`` x ``--contexts``) and
+``first-call`` (the fresh processes). A call of a few minutes runs one part at one batch size; the
+files of several calls are joined with ``--merge``. The device commands: ``results/bench/NOTES-decode.md``.
+
+``--dry-run``: the same code on the CPU with 2-layer tiny models of each architecture standing in for
+the presets (rows keep the presets' names; fp32; contexts 32 and 64, batches 1 and 2, 3 timed steps,
+first calls at batch 1; the graph decoders uncaptured, ``DecoderCache(capture=False)``; ``fused-graph``
+needs ``TRITON_INTERPRET=1`` there, else its rows say so; ``compiled-graph`` compiles for the CPU, minutes
+under the interpreter). ``tests/test_bench_inference.py`` runs it.
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_inference.py --parts tnl --batches 1 --out $OUT
+    PYTHONPATH=$PWD python3 benchmarks/bench_inference.py --merge A/decode-h100.json B/decode-h100.json --out results/bench
+    PYTHONPATH=$PWD TRITON_INTERPRET=1 python3 benchmarks/bench_inference.py --dry-run --out /tmp/d
 """
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
-from common import cuda_median_ms, figure, parser, print_table, record, replot, require_cuda, result_path, save_figure
+from common import cuda_median_ms, figure, parser, print_table, replot, save_figure
 
 import tnlib
-from tnlib.generation import GraphDecoder
-from tnlib.provenance import provenance
-from tnlib.testing import rel_err
+from tnlib.generation import DecoderCache, capacity_for
+from tnlib.provenance import gpu_slug, provenance, write_results
+
+PARTS = ("tnl", "transformer", "first-call")
+DECODERS = {"tnl-385m": ("eager", "graph", "compiled-graph", "fused-graph"),
+            "transformer-385m": ("eager", "graph", "compiled-graph")}
+#: --dry-run: the architecture's tiny preset stands in for each model (the code paths are the same)
+DRY = {"tnl-385m": "tnl-tiny", "transformer-385m": "transformer-tiny"}
+DRY_OVERRIDES = dict(n_layers=2, vocab_size=512)
+#: nominal memory bandwidth (bytes/s) by GPU name, for floor_ms
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
+FIRST_CALL_TOKENS = 32
+ROW_KEY = ("model", "decoder", "batch", "ctx")
+
+
+class Setup:
+    """What every part shares: device, dtype, the model stand-ins of a dry run, the sizes."""
+
+    def __init__(self, a):
+        self.a, self.dry = a, a.dry_run
+        self.device = torch.device("cpu" if self.dry else "cuda")
+        self.dtype = torch.float32 if self.dry else torch.bfloat16
+        self.vocab = 512 if self.dry else a.vocab
+
+    def model(self, name):
+        """``name``'s model on the device, in the benchmark's dtype, seeded (built there: no host copy)."""
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            if self.dry:
+                m = tnlib.create_model(DRY[name], **DRY_OVERRIDES)
+            else:
+                m = tnlib.create_model(name, vocab_size=self.vocab)
+        return m.to(self.dtype).eval()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def median_ms(self, fn, reps):
+        if self.device.type == "cuda":
+            return cuda_median_ms(fn, reps)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[len(times) // 2]
+
+    def decoders(self):
+        """A ``DecoderCache`` for this device (a CPU has no CUDA graphs: its decoders call their steps)."""
+        return DecoderCache(capture=self.device.type == "cuda")
+
+    def peak_gb(self):
+        return torch.cuda.max_memory_allocated() / 1e9 if self.device.type == "cuda" else None
+
+
+def _decoder(s, model, cache, decoder, capacity, built):
+    """A decoder's ``decode(tokens)``: the eager step on the growing cache, or the ``GraphDecoder`` that
+    ``built`` (a ``DecoderCache``, as ``generate`` keeps them) holds or builds, loaded with ``cache``."""
+    if decoder == "eager":
+        state = {"cache": cache}
+
+        def step(tok):
+            logits, state["cache"] = model.step(tok, state["cache"])
+            return logits
+        return step
+    if decoder == "fused-graph" and s.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("skipped: the fused kernels need a GPU, or TRITON_INTERPRET=1 on a CPU")
+    return built.get(model, cache, decoder, capacity).decode
+
+
+def _cache_bytes(model, batch, tokens):
+    """The decode state: TransNormerLLM's fixed fp32 states, the Transformer's keys and values for ``tokens``."""
+    c = model.config
+    if c.arch == "tnl":
+        return sum(batch * c.n_heads * (2 if c.lrpe_on(i) else 1) * c.head_dim ** 2 * 4 for i in range(c.n_layers))
+    return 2 * c.n_layers * batch * c.d_model * tokens * next(model.parameters()).element_size()
+
+
+def _floor_ms(model, batch, ctx):
+    """Every weight read once, the cache read (and TNL's state written back), at the nominal bandwidth."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    bw = next((v for k, v in BANDWIDTH.items() if k in name), None)
+    if bw is None:
+        return None
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = _cache_bytes(model, batch, ctx) * (2 if model.config.arch == "tnl" else 1)
+    return (weights + state) / bw * 1e3
+
+
+def _fits(s, model, decoder, batch, ctx, steps):
+    """Why a configuration is skipped (its caches cannot fit the free memory), or None: the eager
+    Transformer holds ~4 copies of its growing cache during a step, a static one the prefill's and its own."""
+    if s.device.type != "cuda" or model.config.arch == "tnl":
+        return None
+    need = _cache_bytes(model, batch, ctx + steps) * (4 if decoder == "eager" else 2.2)
+    free = torch.cuda.mem_get_info()[0]
+    if need > 0.9 * free:
+        return f"skipped: needs ~{need / 1e9:.0f} GB for its caches, {free / 1e9:.0f} GB free"
+    return None
+
+
+def bench_row(s, model, name, decoder, batch, ctx, built):
+    """One timed row (see the module docstring); ``built``: the graph decoders built so far (TNL's serve
+    every context of a batch size; a Transformer's static cache is sized for the row's context)."""
+    steps = s.a.decode_steps
+    row = dict(model=name, decoder=decoder, batch=batch, ctx=ctx)
+    why = _fits(s, model, decoder, batch, ctx, steps + 4)
+    if why:
+        return {**row, "error": why}
+    torch.manual_seed(0)
+    ids = torch.randint(0, s.vocab, (batch, ctx), device=s.device)
+    model.step(ids, last_only=True)  # the prefill's kernels compiled at this shape before the clock
+    s.sync()
+    if s.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    logits, cache = model.step(ids, last_only=True)
+    s.sync()
+    prefill_ms = (time.perf_counter() - t) * 1e3
+    tok = logits[:, -1].argmax(-1)[:, None]
+    capacity = ctx + steps + 4 if model.config.arch == "transformer" and decoder != "eager" else None
+    t = time.perf_counter()
+    decode = _decoder(s, model, cache, decoder, capacity, built)
+    s.sync()
+    setup_s = time.perf_counter() - t
+    del cache  # a graph decoder holds its own copy
+    for _ in range(3):
+        decode(tok)
+    ms = s.median_ms(lambda: decode(tok), steps)
+    return {**row, "ms_per_token": ms, "tokens_per_s": batch / ms * 1e3, "first_call_s": None,
+            "peak_mem_gb": s.peak_gb(), "prefill_ms": prefill_ms, "cache_gb": _cache_bytes(model, batch, ctx) / 1e9,
+            "capacity": None if capacity is None else capacity_for(capacity), "setup_s": setup_s,
+            "floor_ms": _floor_ms(model, batch, ctx)}
+
+
+def check_decoders(s, model, decoders, tokens=16):
+    """Each graph decoder against the eager one from the same prefill: greedy tokens (the eager chain's
+    tokens fed to both) equal, and the worst logits' relative error."""
+    from tnlib.testing import rel_err
+
+    torch.manual_seed(1)
+    ids = torch.randint(0, s.vocab, (2, 300 if not s.dry else 20), device=s.device)
+    logits, cache = model.step(ids, last_only=True)
+    feed = [logits[:, -1].argmax(-1)[:, None]]
+    ref, state = [], cache
+    for _ in range(tokens):
+        lg, state = model.step(feed[-1], state)
+        ref.append(lg.clone())
+        feed.append(lg[:, -1].argmax(-1)[:, None])
+    out, built = {}, s.decoders()
+    for decoder in decoders:
+        if decoder == "eager":
+            continue
+        try:
+            decode = _decoder(s, model, cache, decoder, ids.shape[1] + tokens + 1, built)
+        except RuntimeError as e:
+            out[decoder] = dict(error=str(e))
+            continue
+        got = [decode(t).clone() for t in feed[:-1]]
+        same = [torch.equal(g[:, -1].argmax(-1), r[:, -1].argmax(-1)) for g, r in zip(got, ref)]
+        out[decoder] = dict(tokens_equal=sum(same), of=len(same), max_rel_err=max(rel_err(g, r) for g, r in zip(got, ref)))
+    return out
+
+
+def first_call(s, name, decoder, batch, warm_dir=None):
+    """The child process of ``first-call``: wall seconds of the first and the second ``generate`` call."""
+    model = s.model(name)
+    torch.manual_seed(0)
+    ids = torch.randint(0, s.vocab, (batch, s.a.first_call_ctx), device=s.device)
+    times, built = [], s.decoders()
+    for _ in range(2):
+        s.sync()
+        t = time.perf_counter()
+        tnlib.generate(model, ids, FIRST_CALL_TOKENS, decoder=decoder, decoder_cache=built)
+        s.sync()
+        times.append(time.perf_counter() - t)
+    print("FIRST_CALL " + json.dumps(dict(first_s=times[0], second_s=times[1])), flush=True)
+
+
+def run_first_calls(s, models, batches, log):
+    """Per (model, decoder, batch): a fresh process with empty Inductor/Triton caches, then another with
+    the caches it filled. Returns ``{(model, decoder, batch): {first_call_s, first_call_warm_s, ...}}``."""
+    out = {}
+    for name in models:
+        for decoder in s.a.decoders_for(name):
+            for batch in batches:
+                rec = {}
+                with tempfile.TemporaryDirectory(prefix="bench-first-call-") as tmp:
+                    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor"),
+                           "TRITON_CACHE_DIR": os.path.join(tmp, "triton")}
+                    for label in ("first_call_s", "first_call_warm_s")[: 2 if s.a.first_call_warm else 1]:
+                        cmd = [sys.executable, os.path.abspath(__file__), "--first-call-child", name, decoder,
+                               str(batch), "--first-call-ctx", str(s.a.first_call_ctx), "--vocab", str(s.a.vocab)]
+                        cmd += ["--dry-run"] if s.dry else []
+                        t = time.perf_counter()
+                        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=s.a.first_call_timeout)
+                        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("FIRST_CALL ")]
+                        if r.returncode or not lines:
+                            rec[label] = None
+                            rec["first_call_error"] = (r.stderr or r.stdout)[-300:]
+                            break
+                        got = json.loads(lines[-1][len("FIRST_CALL "):])
+                        rec[label] = got["first_s"]
+                        rec[label.replace("_s", "_second_call_s")] = got["second_s"]
+                        rec[label.replace("_s", "_process_s")] = time.perf_counter() - t
+                out[(name, decoder, batch)] = rec
+                log(dict(model=name, decoder=decoder, batch=batch, **rec))
+    return out
+
+
+def join(rows, first_calls):
+    """Rows with their (model, decoder, batch)'s first-call measurements filled in."""
+    for r in rows:
+        rec = first_calls.get((r["model"], r["decoder"], r["batch"]))
+        if rec and "error" not in r:
+            r.update({k: v for k, v in rec.items() if k.startswith("first_call")})
+    return rows
+
+
+def merge(paths, out_dir):
+    """Join result files of several calls (later rows replace earlier ones with the same key) into
+    ``out_dir/decode-<gpu>.json`` and redraw its plot; returns the path."""
+    rows, firsts, headers = {}, {}, []
+    for p in paths:
+        with open(p) as f:
+            doc = json.load(f)
+        headers.append(doc["header"])
+        for r in doc["rows"]:
+            rows[tuple(r[k] for k in ROW_KEY)] = r
+        for rec in doc["header"].get("first_calls", []):
+            firsts[(rec["model"], rec["decoder"], rec["batch"])] = rec
+    gpus = {h.get("gpu") for h in headers}
+    if len(gpus) != 1:
+        sys.exit(f"--merge: the files come from different GPUs {sorted(map(str, gpus))}")
+    path = os.path.join(out_dir, f"decode-{gpu_slug(gpus.pop() or 'cpu')}.json")
+    header = {k: [h.get(k) for h in headers] for k in ("command", "commit", "gpu", "torch", "triton", "date", "parts")}
+    header.update(first_calls=list(firsts.values()), checks=[h.get("checks") for h in headers], merged=paths,
+                  dry_run=any(h.get("dry_run") for h in headers))
+    merged = join(sorted(rows.values(), key=_order), {k: v for k, v in firsts.items()})
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"header": header, "rows": merged}, f, indent=1)
+    plot(merged, path[: -len(".json")] + ".png", header)
+    return path
+
+
+def _order(r):
+    return (r["model"], r["decoder"], r["batch"], r["ctx"])
 
 
 def plot(rows, path, header=None):
-    """Decode ms/token, cache size and prefill time vs context, one line per (model, decoder, batch)."""
-    fig, axes = figure(1, 3, size=(4.6, 3.6))
-    ok = [r for r in rows if "error" not in r]
-    for key, ax, label in (("decode_ms_per_token", axes[0][0], "decode ms / token"),
-                           ("cache_gb", axes[0][1], "cache GB"), ("prefill_ms", axes[0][2], "prefill ms")):
-        for series in dict.fromkeys((r["model"], r["mode"], r["B"]) for r in ok):
-            pts = sorted((r["context"], r[key]) for r in ok if (r["model"], r["mode"], r["B"]) == series)
-            ax.loglog(*zip(*pts), "o-" if series[0].startswith("tnl") else "s--", label="{} {} B={}".format(*series))
+    """ms/token against context at batch 1 and tokens/s at batch 16, one line per (model, decoder)."""
+    fig, axes = figure(1, 2, size=(5.2, 3.8))
+    ok = [r for r in rows if "error" not in r and r.get("ms_per_token")]
+    batches = sorted({r["batch"] for r in ok}) or [1]
+    panels = [(min(batches), "ms_per_token", "ms / token"), (max(batches), "tokens_per_s", "tokens / s")]
+    for ax, (batch, key, label) in zip(axes[0], panels):
+        for model, decoder in dict.fromkeys((r["model"], r["decoder"]) for r in ok if r["batch"] == batch):
+            pts = sorted((r["ctx"], r[key]) for r in ok if (r["model"], r["decoder"], r["batch"]) == (model, decoder, batch))
+            ax.loglog(*zip(*pts), "o-" if model.startswith("tnl") else "s--", label=f"{model} {decoder}")
+        ax.set_title(f"batch {batch}: {label}", fontsize=9)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
@@ -35,110 +321,98 @@ def plot(rows, path, header=None):
     save_figure(fig, path, header)
 
 
-#: decode modes beyond the decoders (eager, graph, compiled-graph): the compiled step with another
-#: Inductor mode, or with cuBLAS for the projections (Implementation(decode_gemv=False))
-_COMPILE_MODES = {"compiled-graph-max": "max-autotune-no-cudagraphs"}
-_CUBLAS_MODE = "compiled-graph-cublas"
-
-
-def bench(model, name, B, ctx, vocab, decode_steps, mode, cublas_model=None):
-    torch.manual_seed(0)
-    ids = torch.randint(0, vocab, (B, ctx), device="cuda")
-    model.step(ids, last_only=True)  # warm-up at the timed shape: kernel compilation stays out of the timing
-    weights = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    logits, cache = model.step(ids, last_only=True)
-    torch.cuda.synchronize()
-    prefill_ms = (time.perf_counter() - t) * 1e3
-    prefill_peak = (torch.cuda.max_memory_allocated() - weights) / 1e9
-    tok = logits[:, -1].argmax(-1)[:, None]
-    cache_gb = cache.nbytes() / 1e9
-    torch.cuda.reset_peak_memory_stats()
-    if mode != "eager":
-        if mode != "graph":
-            torch._dynamo.reset()  # a fresh compile per decoder: no silent fallback at the recompile limit
-        dec = GraphDecoder(cublas_model if mode == _CUBLAS_MODE else model, cache, fuse=mode != "graph",
-                           compile_mode=_COMPILE_MODES.get(mode))
-        step = lambda: dec.decode(tok)  # noqa: E731
-    else:
-        state = {"cache": cache}
-
-        def step():
-            lg, state["cache"] = model.step(tok, state["cache"], validate=False) if name.startswith("tnl") else model.step(tok, state["cache"])
-            return lg
-    for _ in range(3):
-        step()
-    ms = cuda_median_ms(step, decode_steps)
-    decode_peak = (torch.cuda.max_memory_allocated() - weights) / 1e9
-    return dict(model=name, mode=mode, B=B, context=ctx, prefill_ms=prefill_ms, prefill_tokens_per_s=B * ctx / prefill_ms * 1e3,
-                decode_ms_per_token=ms, decode_tokens_per_s=B / ms * 1e3, cache_gb=cache_gb,
-                decode_peak_extra_gb=decode_peak, prefill_peak_extra_gb=prefill_peak)
-
-
-def check_graph(model, vocab, fuse=False, compile_mode=None):
-    """Graph decode == eager decode for a few steps (same prefill)."""
-    ids = torch.randint(0, vocab, (2, 300), device="cuda")
-    _, cache = model.step(ids, last_only=True)
-    dec = GraphDecoder(model, cache, fuse=fuse, compile_mode=compile_mode)
-    toks = torch.randint(0, vocab, (6, 2, 1), device="cuda")
-    errs = []
-    for t in toks:
-        g = dec.decode(t).clone()
-        e, cache = model.step(t, cache)
-        errs.append(rel_err(g, e))
-    return max(errs)
-
-
 def main():
     ap = parser(__doc__)
-    ap.add_argument("--contexts", default="1024,4096,16384,65536")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
+    ap.add_argument("--models", default=",".join(DECODERS))
+    ap.add_argument("--decoders", default=None, help="only these decoders (default: every one of each model)")
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--contexts", default="1024,4096,16384,65536")
     ap.add_argument("--vocab", type=int, default=50272)
-    ap.add_argument("--decode-steps", type=int, default=50)
-    ap.add_argument("--tnl-modes", default="compiled-graph,graph,eager",
-                    help="the decoders eager, graph, compiled-graph; compiled-graph-max (max-autotune), "
-                         "compiled-graph-cublas (projections through cuBLAS instead of the GEMV kernel)")
-    ap.add_argument("--models", default="tnl-385m,transformer-385m")
+    ap.add_argument("--decode-steps", type=int, default=50, help="timed steps per row")
+    ap.add_argument("--first-call-ctx", type=int, default=1024, help="prompt length of the first-call measurement")
+    ap.add_argument("--first-call-warm", type=int, default=1, choices=(0, 1),
+                    help="also time a fresh process with the caches the cold one filled (1, default)")
+    ap.add_argument("--first-call-timeout", type=int, default=300, help="seconds per fresh process")
+    ap.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (see above)")
+    ap.add_argument("--merge", nargs="+", metavar="FILE.json", help="join these result files into --out and redraw")
+    ap.add_argument("--first-call-child", nargs=3, metavar=("MODEL", "DECODER", "BATCH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if replot(a, plot):
         return
-    require_cuda("bench_inference.py")
-    out = result_path(a, "inference")
-    rows = []
-    checks = {}
-    for name in a.models.split(","):
-        model = tnlib.create_model(name, vocab_size=a.vocab).to("cuda", torch.bfloat16).eval()
-        modes = tuple(a.tnl_modes.split(",")) if name.startswith("tnl") else ("eager",)
-        cublas_model = None
-        if _CUBLAS_MODE in modes:
-            cublas_model = tnlib.create_model(name, vocab_size=a.vocab, impl=tnlib.Implementation(decode_gemv=False))
-            cublas_model = cublas_model.to("cuda", torch.bfloat16).eval()
-            cublas_model.load_state_dict(model.state_dict())
-        if name.startswith("tnl"):
-            checks["graph_vs_eager_rel_err"] = check_graph(model, a.vocab)
-            if "compiled-graph" in modes:
-                checks["compiled_graph_vs_eager_rel_err"] = check_graph(model, a.vocab, fuse=True)
-            if "compiled-graph-max" in modes:
-                checks["compiled_graph_max_vs_eager_rel_err"] = check_graph(
-                    model, a.vocab, fuse=True, compile_mode=_COMPILE_MODES["compiled-graph-max"])
-            print("graph vs eager decode rel err", checks, flush=True)
-        for B in map(int, a.batches.split(",")):
-            for ctx in map(int, a.contexts.split(",")):
-                for mode in modes:
+    if a.merge:
+        print("wrote", merge(a.merge, a.out))
+        return
+    models = [m for m in a.models.split(",") if m]
+    parts = [p for p in a.parts.split(",") if p]
+    if set(models) - set(DECODERS) or not models:
+        sys.exit(f"--models: expected some of {','.join(DECODERS)}, got {a.models!r}")
+    if set(parts) - set(PARTS) or not parts:
+        sys.exit(f"--parts: expected some of {','.join(PARTS)}, got {a.parts!r}")
+    only = None if a.decoders is None else set(a.decoders.split(","))
+    a.decoders_for = lambda name: [d for d in DECODERS[name] if only is None or d in only]
+    if a.dry_run:
+        a.contexts, a.batches = ("32,64", "1,2") if a.contexts == "1024,4096,16384,65536" else (a.contexts, a.batches)
+        a.decode_steps, a.first_call_ctx = min(a.decode_steps, 3), min(a.first_call_ctx, 32)
+        a.out = "runs/bench-inference-dry" if a.out == "results/bench" else a.out  # never mix dry rows into results
+    elif not torch.cuda.is_available():
+        sys.exit("bench_inference.py needs a CUDA GPU (--dry-run runs the same code on the CPU with tiny models)")
+    s = Setup(a)
+    if a.first_call_child:
+        name, decoder, batch = a.first_call_child
+        return first_call(s, name, decoder, int(batch))
+    run(s, a, models, parts)
+
+
+def run(s, a, models, parts):
+    """The parts, in order: timed rows per model, then the first calls; the file rewritten after each row."""
+    path = os.path.join(a.out, f"decode-{gpu_slug() if s.device.type == 'cuda' else 'cpu'}.json")
+    batches, contexts = [int(b) for b in a.batches.split(",")], [int(c) for c in a.contexts.split(",")]
+    rows, checks, firsts = [], {}, {}
+    header = dict(parts=parts, models=models, batches=batches, contexts=contexts, decode_steps=a.decode_steps,
+                  dtype=str(s.dtype).removeprefix("torch."), vocab=s.vocab, dry_run=s.dry, checks=checks,
+                  first_call_ctx=a.first_call_ctx, first_call_tokens=FIRST_CALL_TOKENS, first_calls=[])
+
+    def save():
+        write_results(path, join(rows, firsts), header)
+
+    def log(row):
+        print(json.dumps(row), flush=True)
+
+    for name in models:
+        if name.split("-")[0] not in parts:
+            continue
+        model = s.model(name)
+        checks[name] = check_decoders(s, model, a.decoders_for(name))
+        log({"checks": {name: checks[name]}})
+        built = s.decoders()
+        for batch in batches:
+            for ctx in contexts:
+                for decoder in a.decoders_for(name):
                     try:
-                        r = bench(model, name, B, ctx, a.vocab, a.decode_steps, mode, cublas_model)
-                    except torch.cuda.OutOfMemoryError as e:
-                        r = dict(model=name, mode=mode, B=B, context=ctx, error="out of memory: " + str(e)[:120])
-                    torch.cuda.empty_cache()
-                    record(out, rows, r, checks)
-        del model, cublas_model
-        torch.cuda.empty_cache()
-    plot(rows, result_path(a, "inference", ".png"), provenance())
-    print_table(rows, [("model", "model", "18s"), ("mode", "mode", "22s"), ("B", "B", "3d"), ("context", "ctx", "6d"),
-                       ("prefill_ms", "prefill ms", "10.1f"), ("decode_ms_per_token", "ms/token", "9.3f"),
-                       ("decode_tokens_per_s", "tok/s", "8.0f"), ("cache_gb", "cache GB", "8.3f")])
+                        r = bench_row(s, model, name, decoder, batch, ctx, built)
+                    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # recorded; the run goes on
+                        msg = str(e)
+                        r = dict(model=name, decoder=decoder, batch=batch, ctx=ctx,
+                                 error=msg if msg.startswith("skipped") else f"{type(e).__name__}: {msg[:200]}")
+                    if model.config.arch == "transformer":
+                        built.clear()  # its static caches are sized for this context: free them
+                    gc.collect()
+                    if s.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    rows.append(r)
+                    log(r)
+                    save()
+        del model, built
+    if "first-call" in parts:  # a dry run checks the fresh processes at its first batch size only
+        firsts.update(run_first_calls(s, models, batches[:1] if s.dry else batches, log))
+        header["first_calls"] = [dict(model=m, decoder=d, batch=b, **rec) for (m, d, b), rec in firsts.items()]
+    save()
+    plot(rows, path[: -len(".json")] + ".png", provenance(header))
+    columns = [("model", "model", "18s"), ("decoder", "decoder", "15s"), ("batch", "B", "3d"), ("ctx", "ctx", "6d"),
+               ("ms_per_token", "ms/token", "9.3f"), ("tokens_per_s", "tok/s", "9.0f")]
+    print_table(rows, columns + ([("peak_mem_gb", "peak GB", "8.2f")] if s.device.type == "cuda" else []))
+    print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ import torch
 
 import tnlib
 from tnlib import create_model, generate, stream_generate
-from tnlib.generation import DECODERS, auto_decoder, sample_next
-from tnlib.testing import stepwise_logits
+from tnlib.generation import DECODERS, DecoderCache, GraphDecoder, StaticDecodeStep, _prepare_prompts, auto_decoder, \
+    capacity_for, sample_next
+from tnlib.testing import assert_close, stepwise_logits
 
 
 @pytest.fixture(autouse=True)
@@ -151,7 +152,7 @@ class _FakeGraphDecoder:
 
     built = 0
 
-    def __init__(self, model, cache, fuse=False, kernels=False, capacity=None):
+    def __init__(self, model, cache, fuse=False, kernels=False, capacity=None, capture=True):
         type(self).built += 1
         self.model, self.fuse, self.kernels, self.capacity = model, fuse, kernels, capacity
         self.load(cache)
@@ -225,11 +226,116 @@ def test_graph_decoders_are_built_once_per_model_and_batch(monkeypatch):
         cache.get(m, m.step(a)[1], "eager")
 
 
+def test_transformer_graph_decoder_capacity(monkeypatch):
+    """A Transformer's graph decoder holds a static KV cache of the call's length rounded up to
+    ``CAPACITY_STEP``; the ``DecoderCache`` reuses it while a call needs at most as many slots and at least
+    half, else builds one of the call's capacity. ``fused-graph`` refuses the Transformer by name."""
+    from tnlib import generation
+
+    monkeypatch.setattr(generation, "GraphDecoder", _FakeGraphDecoder)
+    monkeypatch.setattr(generation, "_graph_capable", lambda model, ids: True)
+    _FakeGraphDecoder.built = 0
+    assert capacity_for(1) == capacity_for(256) == 256 and capacity_for(257) == 512
+    monkeypatch.setattr(generation, "CAPACITY_STEP", 16)  # short sequences, the same rule
+    m = tiny("transformer-tiny")
+    cache = DecoderCache()
+    a = torch.randint(0, 101, (1, 9))
+    built = []
+    for new_tokens in (3, 7, 30, 20, 90, 3):  # needs 11, 15, 38, 28, 98, 11 slots
+        out = generate(m, a, new_tokens, decoder="graph", decoder_cache=cache)
+        assert torch.equal(out, generate(m, a, new_tokens, decoder="eager"))
+        built.append((_FakeGraphDecoder.built, cache.decoders(m)[("graph", 1)].capacity))
+    assert built == [(1, 16), (1, 16), (2, 48), (2, 48), (3, 112), (4, 16)]
+    with pytest.raises(ValueError, match="fused-graph.*TransNormerLLM's"):
+        generate(m, a, 3, decoder="fused-graph", decoder_cache=cache)
+
+
+def _prompts(batch):
+    """One prompt, or a mixed-length batch (left-padded by ``generate``)."""
+    return [torch.randint(0, 101, (11,))] if batch == "one" else [torch.randint(0, 101, (n,)) for n in (5, 17, 1, 9)]
+
+
+@pytest.mark.parametrize("batch", ["one", "mixed"])
+def test_transformer_static_cache_equals_growing_cache(batch):
+    """The Transformer's ``StaticKVCache`` step (``static_step``: preallocated slots, written in place,
+    masked attention over the whole capacity) == its growing ``KVCache`` step, token for token: logits
+    within fp32's rounding, the greedy tokens of each chain identical, the same keys, values and positions."""
+    torch.manual_seed(3)
+    m = create_model("transformer-tiny", vocab_size=101, n_layers=2).eval()
+    _, ids, mask = _prepare_prompts(m, _prompts(batch), 0)
+    T, steps = ids.shape[1], 16
+    logits, cache = m.step(ids, None, mask, last_only=True)
+    static = m.static_cache(cache, capacity=T + steps + 5)
+    assert static.capacity == T + steps + 5 and int(static.length) == T
+    tok_grow = tok_static = logits[:, -1].argmax(-1)[:, None]
+    for _ in range(steps):
+        grow, cache = m.step(tok_grow, cache)
+        got = m.static_step(tok_static, static)
+        assert_close(got, grow, dtype=torch.float32, tol=1e-5, name="static-cache logits")
+        tok_grow, tok_static = grow[:, -1].argmax(-1)[:, None], got[:, -1].argmax(-1)[:, None]
+        assert torch.equal(tok_grow, tok_static)
+    assert int(static.length) == T + steps and torch.equal(static.positions, cache.positions)
+    for mine, theirs in zip(static.keys + static.values, cache.keys + cache.values):
+        assert_close(mine[:, :, : T + steps], theirs, dtype=torch.float32, tol=1e-6)
+    want_valid = torch.ones(len(ids), T + steps, dtype=torch.bool) if cache.valid is None else cache.valid
+    assert torch.equal(static.valid[:, : T + steps], want_valid) and not static.valid[:, T + steps:].any()
+    with pytest.raises(ValueError, match="cannot hold"):
+        m.static_cache(cache, capacity=T + steps - 1)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_transformer_static_decode_step(fuse):
+    """The step that the Transformer's graph decoders capture (compiled with ``fuse``) == the growing-cache
+    step; compiled, one graph serves every capacity (the capacity is a dynamic size)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(4)
+    m = create_model("transformer-tiny", vocab_size=101, n_layers=2).eval()
+    for capacity, T in ((64, 20), (256, 9)):
+        _, cache = m.step(torch.randint(0, 101, (2, T)))
+        step = StaticDecodeStep(m, cache, fuse=fuse, capacity=capacity)
+        for t in torch.randint(0, 101, (3, 2, 1)):
+            got = step(t).clone()
+            want, cache = m.step(t, cache)
+            assert_close(got, want, dtype=torch.float32, tol=1e-5)
+        assert torch.equal(step.cache.positions, cache.positions) and int(step.cache.length) == T + 3
+    assert counters["stats"]["unique_graphs"] == (1 if fuse else 0)
+    with pytest.raises(ValueError, match="needs a capacity"):
+        StaticDecodeStep(m, cache)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("batch", ["one", "mixed"])
+def test_graph_decoder_uncaptured_equals_eager(preset, batch):
+    """A graph decoder's step without the capture (``capture=False``: what runs on a CPU) gives the eager
+    decoder's greedy tokens, for both models, one prompt and a mixed-length batch; ``load`` restarts it."""
+    m = tiny(preset).float()
+    prompts = _prompts(batch)
+    want = generate(m, prompts, 10, decoder="eager")
+    _, ids, mask = _prepare_prompts(m, prompts, 0)
+    logits, cache = m.step(ids, None, mask, last_only=True)
+    capacity = capacity_for(ids.shape[1] + 9) if preset.startswith("transformer") else None
+    dec = GraphDecoder(m, cache, capacity=capacity, capture=False)
+    assert dec.capacity == capacity and dec.graph is None
+    for _ in range(2):  # the second time from the same prefill, reloaded
+        toks = [logits[:, -1].argmax(-1)]
+        for _ in range(9):
+            toks.append(dec.decode(toks[-1][:, None])[:, -1].argmax(-1))
+        for p, w, g in zip(prompts, want, torch.stack(toks, 1)):
+            assert torch.equal(w[len(p):], g)
+        dec.load(cache)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("decoder", ["graph", "compiled-graph"])
-def test_graph_decoders_match_eager_on_gpu(decoder):
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("decoder", ["graph", "compiled-graph", "fused-graph"])
+def test_graph_decoders_match_eager_on_gpu(decoder, preset):
+    if decoder == "fused-graph" and preset.startswith("transformer"):
+        pytest.skip("the fused decode step is TransNormerLLM's")
     torch.manual_seed(7)
-    m = create_model("tnl-tiny", vocab_size=101, n_layers=2).cuda().eval()
+    m = create_model(preset, vocab_size=101, n_layers=2).cuda().eval()
     for T in (9, 30):  # the second prompt reuses the decoder built for the first
         ids = torch.randint(0, 101, (1, T), device="cuda")
         got = generate(m, ids, 8, decoder=decoder)

@@ -165,8 +165,8 @@ def test_gpu_check_collects_what_the_launchers_launch():
     ampere = collect_launches(TARGETS["sm_86"], ["tnl-385m"])
     turing = collect_launches(TARGETS["sm_75"], ["tnl-385m"])
     for launches in (hopper, ampere, turing):
-        assert {"lightning", "segment_state", "feature_map", "srms_fwd", "srms_bwd", "xent_grad", "gemv"} <= \
-            {k for k, _ in _kernels(launches)}
+        assert {"lightning", "segment_state", "feature_map", "srms_fwd", "srms_bwd", "xent_grad", "gemv",
+                "fused_gemv", "recurrent", "embed"} <= {k for k, _ in _kernels(launches)}
     assert ("dkdv", "bf16") in _kernels(hopper) and "dkdv" not in {k for k, _ in _kernels(ampere)}
     assert {d for _, d in _kernels(turing)} == {"fp16"}  # T4: fp16 autocast, no bf16 kernels
     assert collect_launches(TARGETS["sm_75"], ["tnl-385m"], [torch.bfloat16]) == []  # bf16 there: PyTorch paths
@@ -174,6 +174,11 @@ def test_gpu_check_collects_what_the_launchers_launch():
     assert {(l.constexprs["BV"], l.constexprs["CH"], l.num_warps, l.num_stages) for l in fwd} == {(32, 64, 4, 1)}
     assert len({l.key() for l in hopper}) == len(hopper)  # each distinct configuration once
     assert any("tnl-385m train bfloat16 T=2048 (LRPE layer)" in l.uses for l in fwd)
+    # the fused decode step (decoder="fused-graph"): broadcast products up to 8 sequences, tl.dot from 16
+    fused = [l for l in hopper if l.kernel == "fused_gemv"]
+    assert {l.constexprs["DOT"] for l in fused if "tnl-385m fused decode bfloat16 B=1" in l.uses} == {False}
+    assert {l.constexprs["DOT"] for l in fused if "tnl-385m fused decode bfloat16 B=16" in l.uses} == {True}
+    assert {l.constexprs["LRPE"] for l in hopper if l.kernel == "recurrent"} == {True, False}
 
 
 def test_every_launch_requests_fp_fusion_and_absent_tensors_are_none():
@@ -186,7 +191,7 @@ def test_every_launch_requests_fp_fusion_and_absent_tensors_are_none():
     assert LAUNCH_OPTIONS == {"enable_fp_fusion": True}
     launches = collect_launches(TARGETS["sm_90"], ["tnl-385m", "tnl-tiny"], [torch.bfloat16, torch.float32])
     assert {l.kernel for l in launches} >= {"lightning", "dkdv", "segment_state", "feature_map", "srms_fwd",
-                                            "srms_bwd", "xent_grad", "gemv"}
+                                            "srms_bwd", "xent_grad", "gemv", "fused_gemv", "recurrent", "embed"}
     assert all(l.options == {"enable_fp_fusion": True} for l in launches), \
         {(l.kernel, l.describe()) for l in launches if l.options != {"enable_fp_fusion": True}}
     for l in launches:
@@ -195,6 +200,9 @@ def test_every_launch_requests_fp_fusion_and_absent_tensors_are_none():
                 assert (tensor in l.ptr_types) == l.constexprs[flag] and (l.constexprs.get(tensor, 0) is None) != \
                     l.constexprs[flag], (l.kernel, l.describe())
             assert ("E" in l.ptr_types) == (l.constexprs["GRAD_ACT"] != 0)
+        if l.kernel == "fused_gemv":
+            for tensor, flag in (("U", "GATE"), ("G", "GAIN"), ("W2", "PAIR"), ("R", "RESIDUAL")):
+                assert (tensor in l.ptr_types) == l.constexprs[flag], (l.kernel, l.describe())
 
 
 def test_gpu_check_command_errors(capsys, monkeypatch):

@@ -111,7 +111,7 @@ MAX_SPILL = 512
 @pytest.mark.parametrize("target", ["sm_75", "sm_86", "sm_90"])
 def test_model_kernel_configurations_fit(target):
     """Every distinct configuration tnl-385m and tnl-tiny launch (training, prefill, norms, loss, decode
-    GEMV) on ``target``, in its training dtype, compiles and fits its shared memory with few spills."""
+    GEMV, the fused decode step) on ``target``, in its training dtype, compiles and fits its shared memory with few spills."""
     import io
 
     from tnlib.gpucheck import check_target
@@ -126,5 +126,6 @@ def test_model_kernel_configurations_fit(target):
            if not r["fits"]]
     assert not bad, f"{target} (limit {t.smem} B): {bad}"
     kernels = {r["kernel"] for r in s["rows"]}
-    assert {"lightning", "segment_state", "feature_map", "srms_fwd", "srms_bwd", "xent_grad", "gemv"} <= kernels
+    assert {"lightning", "segment_state", "feature_map", "srms_fwd", "srms_bwd", "xent_grad", "gemv", "fused_gemv",
+            "recurrent", "embed"} <= kernels
     assert s["configs"] >= 50 and s["max_shared"] <= t.smem

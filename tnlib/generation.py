@@ -47,11 +47,12 @@ DECODERS = ("auto", "eager", "graph", "compiled-graph", "fused-graph")
 CAPACITY_STEP = 256
 
 
-def _graph_capable(model, ids) -> bool:
-    """Static-shape decoding needs a CUDA model, TransNormerLLM without absolute position embeddings
-    (whose table bounds the position) or the Transformer (through a ``StaticKVCache``)."""
+def _graph_capable(model, ids, capture: bool = True) -> bool:
+    """Static-shape decoding needs TransNormerLLM without absolute position embeddings (whose table bounds
+    the position) or the Transformer (through a ``StaticKVCache``), on a CUDA device unless nothing is
+    captured (``DecoderCache(capture=False)``)."""
     cfg = model.config
-    return ids.is_cuda and (cfg.arch == "transformer" or cfg.positional != "ape")
+    return (ids.is_cuda or not capture) and (cfg.arch == "transformer" or cfg.positional != "ape")
 
 
 def auto_decoder(model, ids, max_new_tokens: int) -> str:
@@ -227,13 +228,15 @@ class DecoderCache:
     uses ``cache``; without one, the module's ``default_decoder_cache``. Inspect with ``len(cache)``,
     ``cache.models()`` and ``cache.decoders(model)``. ``max_models`` bounds how many models it keeps:
     building a decoder for one more drops the least recently used model's (the module's default cache
-    keeps 2, so a notebook that builds model after model does not keep them all alive).
+    keeps 2, so a notebook that builds model after model does not keep them all alive). ``capture=False``
+    builds decoders that call their steps instead of replaying a CUDA graph (``GraphDecoder(capture=False)``),
+    which lets ``generate`` run the graph decoders' steps on a CPU (tests, ``make bench-inference``'s dry run).
     """
 
-    def __init__(self, max_models: int | None = None):
+    def __init__(self, max_models: int | None = None, capture: bool = True):
         if max_models is not None and max_models < 1:
             raise ValueError(f"DecoderCache(max_models={max_models!r}): expected None or an integer >= 1")
-        self.max_models = max_models
+        self.max_models, self.capture = max_models, capture
         # id(model) -> (model, {(decoder, batch size): (GraphDecoder, _signature)}), least recently used first
         self._entries: collections.OrderedDict = collections.OrderedDict()
 
@@ -259,7 +262,7 @@ class DecoderCache:
         if entry is not None:
             entry[1].pop(key, None)  # a stale decoder's graph and buffers go before the new one is built
         dec = GraphDecoder(model, cache, fuse=decoder == "compiled-graph", kernels=decoder == "fused-graph",
-                           capacity=capacity)
+                           capacity=capacity, capture=self.capture)
         self._entries.setdefault(id(model), (model, {}))[1][key] = (dec, sig)
         return dec
 
@@ -378,9 +381,10 @@ def stream_generate(
     if decoder_cache is not None and not isinstance(decoder_cache, DecoderCache):
         raise TypeError(f"decoder_cache must be a tnlib.generation.DecoderCache, got {type(decoder_cache).__name__}")
     _, ids, mask = _prepare_prompts(model, input_ids, pad_token_id)
+    decoders = default_decoder_cache if decoder_cache is None else decoder_cache
     if decoder == "auto":
         decoder = auto_decoder(model, ids, max_new_tokens)
-    elif decoder != "eager" and not _graph_capable(model, ids):
+    elif decoder != "eager" and not _graph_capable(model, ids, decoders.capture):
         raise ValueError(f"decoder={decoder!r} needs a model on a CUDA device (TransNormerLLM without absolute "
                          "positions, or the Transformer); use decoder='eager' or 'auto'")
     if decoder == "fused-graph":
@@ -399,7 +403,7 @@ def stream_generate(
         graph = None
         if decoder != "eager" and max_new_tokens > 1:
             slots = ids.shape[1] + max_new_tokens - 1 if model.config.arch == "transformer" else None
-            graph = (default_decoder_cache if decoder_cache is None else decoder_cache).get(model, cache, decoder, slots)
+            graph = decoders.get(model, cache, decoder, slots)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for i in range(max_new_tokens):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)

@@ -1,0 +1,73 @@
+"""benchmarks/bench_inference.py (make bench-inference) on the CPU: its ``--dry-run`` runs the parts with
+tiny models (graph decoders uncaptured, the fused kernels interpreted), ``--merge`` joins the files of
+several calls, and it refuses clearly where it cannot run."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "bench_inference.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT}
+KEYS = {"model", "decoder", "batch", "ctx", "ms_per_token", "tokens_per_s", "first_call_s", "peak_mem_gb"}
+
+
+def _run(args, interpret=True, timeout=600):
+    env = {**ENV, "TRITON_INTERPRET": "1" if interpret else "0"}
+    r = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+def test_dry_run_parts_then_merge(tmp_path):
+    a, b, m = tmp_path / "timed", tmp_path / "first", tmp_path / "merged"
+    _run(["--dry-run", "--parts", "tnl,transformer", "--decoders", "eager,graph,fused-graph", "--contexts", "32",
+          "--batches", "1,2", "--out", str(a)])
+    _run(["--dry-run", "--parts", "first-call", "--models", "tnl-385m", "--decoders", "fused-graph", "--out", str(b)])
+    timed = json.loads((a / "decode-cpu.json").read_text())
+    assert (a / "decode-cpu.png").exists() and timed["header"]["dry_run"] and timed["header"]["commit"]
+    assert "bench_inference.py" in timed["header"]["command"]
+    checks = timed["header"]["checks"]  # each graph decoder's greedy tokens == the eager decoder's (fp32)
+    assert set(checks) == {"tnl-385m", "transformer-385m"} and set(checks["tnl-385m"]) == {"graph", "fused-graph"}
+    for per_model in checks.values():
+        for c in per_model.values():
+            assert c["tokens_equal"] == c["of"] == 16 and c["max_rel_err"] < 1e-5, c
+    rows = timed["rows"]
+    want = {(mdl, d, bt, 32) for bt in (1, 2) for mdl, ds in (("tnl-385m", ("eager", "graph", "fused-graph")),
+                                                               ("transformer-385m", ("eager", "graph"))) for d in ds}
+    assert {(r["model"], r["decoder"], r["batch"], r["ctx"]) for r in rows} == want and len(rows) == len(want)
+    for r in rows:
+        assert KEYS <= set(r) and "error" not in r, r
+        assert r["ms_per_token"] > 0 and abs(r["tokens_per_s"] - r["batch"] / r["ms_per_token"] * 1e3) < 1e-6 * r["tokens_per_s"]
+        assert r["capacity"] == (256 if r["model"] == "transformer-385m" and r["decoder"] != "eager" else None)
+
+    first = json.loads((b / "decode-cpu.json").read_text())
+    assert first["rows"] == [] and len(first["header"]["first_calls"]) == 1
+    rec = first["header"]["first_calls"][0]
+    assert (rec["model"], rec["decoder"], rec["batch"]) == ("tnl-385m", "fused-graph", 1)
+    assert rec["first_call_s"] > 0 and rec["first_call_warm_s"] > 0 and rec["first_call_process_s"] > rec["first_call_s"]
+
+    _run(["--merge", str(a / "decode-cpu.json"), str(b / "decode-cpu.json"), "--out", str(m)], interpret=False)
+    merged = json.loads((m / "decode-cpu.json").read_text())
+    assert (m / "decode-cpu.png").exists() and len(merged["rows"]) == len(rows)
+    for r in merged["rows"]:  # the first call joined into every row of its (model, decoder, batch)
+        measured = (r["model"], r["decoder"], r["batch"]) == ("tnl-385m", "fused-graph", 1)
+        assert (r["first_call_s"] == rec["first_call_s"]) if measured else r["first_call_s"] is None, r
+    assert len(merged["header"]["commit"]) == 2 and merged["header"]["dry_run"]
+
+
+def test_fused_graph_rows_say_why_without_the_interpreter(tmp_path):
+    _run(["--dry-run", "--parts", "tnl", "--decoders", "eager,fused-graph", "--contexts", "32", "--batches", "1",
+          "--out", str(tmp_path)], interpret=False)
+    rows = json.loads((tmp_path / "decode-cpu.json").read_text())["rows"]
+    fused = [r for r in rows if r["decoder"] == "fused-graph"]
+    assert len(fused) == 1 and fused[0]["error"].startswith("skipped: the fused kernels need a GPU"), fused
+    assert [r["decoder"] for r in rows if "error" not in r] == ["eager"]
+
+
+def test_refuses_without_a_gpu_and_bad_arguments():
+    for args, words in ((["--out", "/nonexistent"], "needs a CUDA GPU"), (["--parts", "tnl,70b", "--dry-run"], "--parts: expected"),
+                        (["--models", "gpt-2", "--dry-run"], "--models: expected")):
+        r = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and words in r.stderr, (args, r.stderr[-2000:])
