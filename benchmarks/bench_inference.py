@@ -23,7 +23,8 @@ configuration did not run (out of memory, or skipped because its cache cannot fi
   same in another fresh process once those caches are filled. Measured per (model, decoder, batch) and
   written into every row of it.
 * Before each model's rows, ``checks``: each graph decoder's 16 greedy tokens and logits against the
-  eager decoder's from the same prefill (bf16: tokens may part after a near tie; the header records it).
+  eager decoder's from the same prefill, at the first batch size (bf16: a near tie may pick another token;
+  the header records how many agree).
 
 Parts (``--parts``): ``tnl``, ``transformer`` (the timed rows, ``--batches`` x ``--contexts``) and
 ``first-call`` (the fresh processes). A call of a few minutes runs one part at one batch size; the
@@ -188,13 +189,14 @@ def bench_row(s, model, name, decoder, batch, ctx, built):
             "floor_ms": _floor_ms(model, batch, ctx)}
 
 
-def check_decoders(s, model, decoders, tokens=16):
-    """Each graph decoder against the eager one from the same prefill: greedy tokens (the eager chain's
-    tokens fed to both) equal, and the worst logits' relative error."""
+def check_decoders(s, model, decoders, batch, built, tokens=16):
+    """Each graph decoder against the eager one from the same prefill of ``batch`` sequences: the greedy
+    tokens of each step (the eager chain's tokens fed to both) equal, and the worst logits' relative error.
+    ``built``: where the decoders go (the timed rows at this batch size reuse TNL's)."""
     from tnlib.testing import rel_err
 
     torch.manual_seed(1)
-    ids = torch.randint(0, s.vocab, (2, 300 if not s.dry else 20), device=s.device)
+    ids = torch.randint(0, s.vocab, (batch, 300 if not s.dry else 20), device=s.device)
     logits, cache = model.step(ids, last_only=True)
     feed = [logits[:, -1].argmax(-1)[:, None]]
     ref, state = [], cache
@@ -202,7 +204,7 @@ def check_decoders(s, model, decoders, tokens=16):
         lg, state = model.step(feed[-1], state)
         ref.append(lg.clone())
         feed.append(lg[:, -1].argmax(-1)[:, None])
-    out, built = {}, s.decoders()
+    out = {}
     for decoder in decoders:
         if decoder == "eager":
             continue
@@ -383,9 +385,11 @@ def run(s, a, models, parts):
         if name.split("-")[0] not in parts:
             continue
         model = s.model(name)
-        checks[name] = check_decoders(s, model, a.decoders_for(name))
-        log({"checks": {name: checks[name]}})
         built = s.decoders()
+        checks[name] = check_decoders(s, model, a.decoders_for(name), batches[0], built)
+        log({"checks": {name: checks[name]}})
+        if model.config.arch == "transformer":
+            built.clear()
         for batch in batches:
             for ctx in contexts:
                 for decoder in a.decoders_for(name):
