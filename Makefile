@@ -143,7 +143,9 @@ bench-model: setup ## GPU: training tokens/s of the 385M models (the library's d
 bench-srmsnorm: setup ## GPU: SRMSNorm kernel vs eager and compiled PyTorch -> results/bench
 	$(BIN)/python benchmarks/bench_srmsnorm.py $(BENCH_ARGS)
 
-bench-inference: setup ## GPU: decode speed vs context length -> results/bench
+# decode of both models through every decoder (issue 28); one part per call: BENCH_ARGS="--parts tnl --batches 1",
+# the calls' files joined with --merge (results/bench/NOTES-decode.md); BENCH_ARGS="--dry-run" on a CPU
+bench-inference: setup ## GPU: decode ms/token, tokens/s, first call and memory, both models, every decoder -> results/bench
 	$(BIN)/python benchmarks/bench_inference.py $(BENCH_ARGS)
 
 bench-fsdp1: setup ## GPU: training tokens/s with parallel=fsdp on one rank vs the default path -> results/bench

@@ -368,6 +368,11 @@ def main():
 
 def run(s, a, models, parts):
     """The parts, in order: timed rows per model, then the first calls; the file rewritten after each row."""
+    from torch._dynamo.utils import counters
+
+    # every row builds its own decoders: past Dynamo's default of 8 compilations per function it would run
+    # the step uncompiled, silently (the header's compiled_graphs says how many were made)
+    torch._dynamo.config.recompile_limit = 64
     path = os.path.join(a.out, f"decode-{gpu_slug() if s.device.type == 'cuda' else 'cpu'}.json")
     batches, contexts = [int(b) for b in a.batches.split(",")], [int(c) for c in a.contexts.split(",")]
     rows, checks, firsts = [], {}, {}
@@ -407,6 +412,8 @@ def run(s, a, models, parts):
                     rows.append(r)
                     log(r)
                     save()
+        header.setdefault("compiled_graphs", {})[name] = counters["stats"]["unique_graphs"]
+        counters.clear()
         del model, built
     if "first-call" in parts:  # a dry run checks the fresh processes at its first batch size only
         firsts.update(run_first_calls(s, models, batches[:1] if s.dry else batches, log))

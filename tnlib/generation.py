@@ -83,7 +83,7 @@ class StaticDecodeStep:
     for it; the caller decodes at most ``capacity`` minus the prompt's tokens). With ``fuse=True`` the step
     is compiled with ``torch.compile`` (Inductor fuses each layer's elementwise work: norms, activations,
     positions, the recurrence), which cuts the kernel count per token; the Transformer's with its
-    capacity as a dynamic size, so that one compilation serves every capacity.
+    capacity as a dynamic size where the compiler allows it, so that one compilation serves every capacity.
     """
 
     def __init__(self, model, cache, fuse: bool = False, compile_mode: str | None = None,
@@ -96,10 +96,10 @@ class StaticDecodeStep:
                 raise ValueError("StaticDecodeStep: the Transformer's static KV cache needs a capacity (tokens)")
             self.cache = model.static_cache(cache, capacity)
             body, dynamic = self._static_body, None
-            if fuse:  # one compiled graph for every capacity (and no recompilation when a call needs more)
+            if fuse:  # one compiled graph for every capacity (where the compiler need not specialize it)
                 for t in (*self.cache.keys, *self.cache.values):
-                    torch._dynamo.mark_dynamic(t, 2)
-                torch._dynamo.mark_dynamic(self.cache.valid, 1)
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
+                torch._dynamo.maybe_mark_dynamic(self.cache.valid, 1)
         else:
             if model.config.positional == "ape":
                 raise RuntimeError("static decoding does not support absolute position embeddings")
@@ -155,12 +155,14 @@ class GraphDecoder:
                  capacity: int | None = None, tiles: dict | None = None, capture: bool = True):
         device = cache.positions.device
         if capture and (not torch.cuda.is_available() or device.type != "cuda"):
-            raise RuntimeError("GraphDecoder needs the model and cache on a CUDA device (capture=False runs the step uncaptured)")
+            raise RuntimeError("GraphDecoder needs the model and cache on a CUDA device "
+                               "(capture=False runs the step uncaptured)")
         if kernels:
             from .models.fused_decode import FusedDecodeStep
 
             if fuse:
-                raise ValueError("GraphDecoder: kernels=True runs tnlib's fused kernels, which are not compiled (fuse=False)")
+                raise ValueError("GraphDecoder: kernels=True runs tnlib's fused kernels, which are not compiled "
+                                 "(fuse=False)")
             self.step = FusedDecodeStep(model, cache, tiles)
         else:
             self.step = StaticDecodeStep(model, cache, fuse, compile_mode, capacity)
@@ -173,7 +175,7 @@ class GraphDecoder:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(1 if kernels else 3):  # warm up: compilation and lazy initialisation stay outside the capture
+            for _ in range(1 if kernels else 3):  # warm up: compilation, lazy initialisation outside the capture
                 self.step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()

@@ -241,8 +241,12 @@ def recurrent_tile(B: int, H: int, D: int, lrpe: bool = False, interpreted: bool
     bv = max(8, min(D, 64, triton.next_power_of_2(max(1, B * H * D // 256))))
     if interpreting() if interpreted is None else interpreted:
         bv = D
-    elems = (2 if lrpe else 1) * D * bv
-    return bv, max(1, min(8, triton.next_power_of_2(elems // 1024)))
+    return bv, _recurrent_warps(D, bv, lrpe)
+
+
+def _recurrent_warps(D: int, bv: int, lrpe: bool) -> int:
+    """Warps for about 32 elements of the ``[K, BV]`` state tile per thread."""
+    return max(1, min(8, triton.next_power_of_2((2 if lrpe else 1) * D * bv // 1024)))
 
 
 def _row_stride(t: torch.Tensor | None):
@@ -258,7 +262,8 @@ def fused_gemv(x, weight, *, out, norm_eps=None, gain=None, gate=None, weight2=N
     ~120 times per token, inside a CUDA graph): returns ``out``."""
     M, K = x.shape
     N = weight.shape[0]
-    if weight.shape[1] != K or tuple(out.shape) != (M, N) or (weight2 is not None and weight2.stride() != weight.stride()):
+    pair_ok = weight2 is None or weight2.stride() == weight.stride()
+    if weight.shape[1] != K or tuple(out.shape) != (M, N) or not pair_ok:
         raise ValueError(f"fused_gemv: x {tuple(x.shape)}, weight {tuple(weight.shape)}, out {tuple(out.shape)}"
                          + ("" if weight2 is None else f", weight2 {tuple(weight2.shape)} strided as weight"))
     t = tile or gemv_tile(M, N, K, weight2 is not None)
@@ -281,7 +286,8 @@ def recurrent_step(qkv, state, slope, *, out, act: int, positions=None, theta=No
     if Kd != (2 * D if theta is not None else D) or tuple(out.shape) != (B, H * D) or qkv.shape[1] < 3 * H * D:
         raise ValueError(f"recurrent_step: state {tuple(state.shape)}, qkv {tuple(qkv.shape)}, out {tuple(out.shape)}"
                          f"{', LRPE' if theta is not None else ''}")
-    block_v, warps = recurrent_tile(B, H, D, theta is not None) if bv is None else (bv, 2)
+    lrpe = theta is not None
+    block_v, warps = recurrent_tile(B, H, D, lrpe) if bv is None else (bv, _recurrent_warps(D, bv, lrpe))
     launch(_recurrent_kernel, (D // block_v, H, B), QKV=qkv, SLOPE=slope, S=state, O=out, POS=positions, THETA=theta,
            H=H, sqkv=qkv.stride(0), ss=tuple(state.stride()), so=out.stride(0), D=D, BV=block_v, ACT=act,
            num_warps=warps)
