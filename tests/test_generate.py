@@ -175,7 +175,7 @@ def test_graph_decoders_are_built_once_per_model_and_batch(monkeypatch):
     from tnlib import generation
 
     monkeypatch.setattr(generation, "GraphDecoder", _FakeGraphDecoder)
-    monkeypatch.setattr(generation, "_graph_capable", lambda model, ids: model.config.arch == "tnl")
+    monkeypatch.setattr(generation, "_graph_capable", lambda model, ids, capture=True: model.config.arch == "tnl")
     _FakeGraphDecoder.built = 0
     m = tiny("tnl-tiny")
     attrs = dict(vars(m))
@@ -233,7 +233,7 @@ def test_transformer_graph_decoder_capacity(monkeypatch):
     from tnlib import generation
 
     monkeypatch.setattr(generation, "GraphDecoder", _FakeGraphDecoder)
-    monkeypatch.setattr(generation, "_graph_capable", lambda model, ids: True)
+    monkeypatch.setattr(generation, "_graph_capable", lambda model, ids, capture=True: True)
     _FakeGraphDecoder.built = 0
     assert capacity_for(1) == capacity_for(256) == 256 and capacity_for(257) == 512
     monkeypatch.setattr(generation, "CAPACITY_STEP", 16)  # short sequences, the same rule

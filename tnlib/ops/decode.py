@@ -220,11 +220,11 @@ class GemvTile:
 def gemv_tile(M: int, N: int, K: int, pair: bool = False, interpreted: bool | None = None) -> GemvTile:
     """The configuration of a ``[M, K] x [N, K]^T`` product: up to 8 rows by broadcast multiply-adds, a
     register budget of 32 fp32 partial sums per thread (halved per weight with ``pair``); 16 rows and more
-    in blocks of 16 through ``tl.dot``. The same on every GPU target (``gpu-check`` compiles each); a first
+    in blocks of 16 through ``tl.dot`` (16 x 32 x 64 tiles). The same on every GPU target (``gpu-check`` compiles each); a first
     choice, to be timed on a GPU (``tools/tune_decode.py``). ``interpreted`` (default: ``TRITON_INTERPRET=1``):
     wider blocks, as each program costs milliseconds of Python there."""
-    if M > 8:
-        return GemvTile(16, 32, 64 if pair else 128, 4, 3)
+    if M > 8:  # a reduction block of 128 spills 230-560 B/thread on sm_75; 64 spills nowhere
+        return GemvTile(16, 32, 64, 4, 3)
     bm = triton.next_power_of_2(M)
     bk = min(256 if bm <= 2 else 128, triton.next_power_of_2(K))
     budget, cap = 32 * 128 // (2 if pair else 1), 16  # fp32 partial sums per program (4 warps, 32 per thread)
