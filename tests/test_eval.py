@@ -204,3 +204,28 @@ def test_final_summary_has_the_contract_keys(tmp_path):
     with pytest.raises(ValueError, match="not finished"):  # one seed has no final evals
         os.remove(os.path.join(src, "runs", "tnl-s2", "final.json"))
         fair.results_final([src], str(tmp_path / "out2"))
+
+
+def test_evaluate_command_scores_whole_sets_of_a_saved_model(prepared, tmp_path, capsys):
+    import tnlib.__main__ as cli
+    from tnlib.train import TrainConfig, train
+
+    data, meta = prepared
+    run = tmp_path / "run"
+    train(TrainConfig(preset="tnl-tiny", data=data, out=str(run), seq_len=64, batch_size=2, max_steps=2,
+                      eval_every=2, eval_tokens=128, progress=False))
+    out = tmp_path / "evals.json"
+    cli.main(["evaluate", "--checkpoint", str(run / "final"), "--data", data, "--seq-len", "256",
+              "--batch-size", "4", "--out", str(out)])
+    doc = json.load(open(out))
+    assert set(doc["evals"]) == {"val", "eval-wiki", "eval-wiki-detok"}
+    for name, r in doc["evals"].items():  # every token of every set, bytes from exactly those tokens
+        assert r["tokens"] == r["set_tokens"] == meta["splits"][name]["tokens"]
+        assert r["bytes"] == meta["splits"][name]["bytes"]
+    assert "eval-wiki-detok" in capsys.readouterr().out
+    cli.main(["evaluate", "--checkpoint", str(run / "final"), "--data", data, "--sets", "val", "--seq-len", "64",
+              "--max-tokens", "100", "--out", str(out)])
+    assert json.load(open(out))["evals"]["val"]["tokens"] == 64  # sampled: whole windows only
+    with pytest.raises(SystemExit) as e:  # a split the data does not have: refused before the model loads
+        cli.main(["evaluate", "--checkpoint", str(run / "final"), "--data", data, "--sets", "nope"])
+    assert e.value.code == 2 and "no split 'nope'" in capsys.readouterr().err
