@@ -155,6 +155,9 @@ def test_seed_ratio_and_specs():
     spec = fair.specs("final", "params", {"tnl-385m": 1.2e-3, "transformer-385m": 2.4e-3})
     assert spec[0] == "tnl-s1=tnl-385m:m.residual_dtype=params:lr=0.0012:seed=1:tokens=80000000"
     assert len(fair.specs("lr")) == 8 and len(fair.specs("residual")) == 4
+    extra = fair.specs("lr", grid=[1.5e-4])  # a rate beyond the grid's edge
+    assert extra == ["tnl-lr1.5e-4=tnl-385m:m.residual_dtype=params:lr=0.00015:tokens=20000000",
+                     "transformer-lr1.5e-4=transformer-385m:m.residual_dtype=params:lr=0.00015:tokens=20000000"]
     with pytest.raises(ValueError, match="learning rate of"):
         fair.specs("final")
 

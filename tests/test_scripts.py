@@ -103,3 +103,26 @@ def test_bench_plans_dry_run(tmp_path):
     assert [r["equal"] for r in rows if r["part"] == "hopper-configs"] == [True]
     assert {r["plan"] for r in rows if r["part"] == "train"} == {"default", "sm_80", "sm_86", "sm_75"}
     assert os.path.isfile(path[: -len(".json")] + ".png")
+
+
+def test_result_paths_rewrites_device_paths_only(tmp_path):
+    """tools/result_paths.py: the device's $OUT becomes the destination, the device's repository root and
+    temporary folders go, every number stays; a rewrite that would change a number is refused."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("result_paths", os.path.join(ROOT, "tools", "result_paths.py"))
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    doc = {"header": {"command": "python3 benchmarks/x.py --out /root/out --before build/b",
+                      "runs": [{"command": "python3 /work/main/tools/y.py --out /tmp/tmp_ab1c/before-1.json"}]},
+           "rows": [{"ms": 0.25, "n": 3, "path": "/root/out/x.json"}]}
+    src = tmp_path / "x.json"
+    src.write_text(json.dumps(doc))
+    rp.main([str(src), "--dest", str(tmp_path / "dest")])
+    new = json.load(open(tmp_path / "dest" / "x.json"))
+    dest = str(tmp_path / "dest")
+    assert new["header"]["command"] == f"python3 benchmarks/x.py --out {dest} --before build/b"
+    assert new["header"]["runs"][0]["command"] == "python3 tools/y.py --out $TMPDIR/before-1.json"
+    assert new["rows"] == [{"ms": 0.25, "n": 3, "path": f"{dest}/x.json"}]
+    assert len(new["header"]["paths_rewritten"]) == 3
