@@ -695,3 +695,25 @@ def test_varlen_segment_plan():
     assert plan.varlen_segment_plan(1000, 2, 1) == plan.MIN_SEG
     assert plan.launch_config(1, 1000, 2, 16, 16, torch.float32) == dataclasses.replace(
         plan.launch_config(1, 1000, 2, 16, 16, torch.float32, varlen=True), seg_len=plan.segment_plan(1, 2, 1000, 1))
+
+
+def test_varlen_values_read_once_per_tensor(monkeypatch):
+    """The layers of a forward pass one cu_seqlens: its values are read at the first call only (a device sync
+    on a GPU), again after an in-place change, and for any other tensor."""
+    from tnlib.ops import _checks
+
+    reads = []
+    orig = _checks.check_cu_seqlens
+    monkeypatch.setattr(_checks, "check_cu_seqlens", lambda *a, **kw: reads.append(kw["values"]) or orig(*a, **kw))
+    monkeypatch.setattr(op, "_fallback", lambda *a, **kw: None)  # the op's own check only (the references read too)
+    q, k, v, slope, _, _, _ = _varlen_inputs((4, 6), 2, 16, 16, torch.float32, "cpu", init=False)
+    cu = _cu((4, 6))
+    for _ in range(3):
+        lightning_attention(q, k, v, slope, cu_seqlens=cu)
+    cu[1] = 5  # in place: read again
+    lightning_attention(q, k, v, slope, cu_seqlens=cu)
+    cu[1] = 11
+    with pytest.raises(ValueError, match="strictly increase"):
+        lightning_attention(q, k, v, slope, cu_seqlens=cu)
+    lightning_attention(q, k, v, slope, cu_seqlens=_cu((4, 6)))
+    assert reads == [True, False, False, True, True, True]

@@ -27,6 +27,7 @@ gradient from the kernel path (it is a fixed buffer in TransNormerLLM).
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Optional
 
 import torch
@@ -489,19 +490,34 @@ _packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_c
 # Public functions: input checks, then the kernel path or the PyTorch fallback
 # ----------------------------------------------------------------------------------------------
 
+#: The last ``cu_seqlens`` whose values passed the check, as ``(weak reference, version counter)``: the layers
+#: of one model forward (and a benchmark's repeated calls) pass the same tensor, read once. A tensor changed
+#: in place has a new version and is read again; nothing is stored on the tensor itself.
+_CHECKED_CU: list = [None, -1]
+
+
+def _cu_values_known(cu_seqlens) -> bool:
+    ref, version = _CHECKED_CU
+    return ref is not None and ref() is cu_seqlens and version == cu_seqlens._version
+
+
 def _check_inputs(q, k, v, slope, initial_state, name, cu_seqlens=None):
     """``check_attention_inputs``: shapes, dtypes and devices, and the slope's values (finite, >= 0) only where
     reading them costs nothing, a CPU tensor outside ``torch.compile``. On a GPU that read is a device sync per
     call (and under ``torch.compile`` a graph break), so a GPU slope's values are checked where it is made:
     the model's decay at construction (``GatedLinearAttention.decay_slope``), any other with
-    ``tnlib.ops.check_slope_values``. ``cu_seqlens``' values are read outside ``torch.compile`` on any device
-    (a device sync on a GPU): wrong boundaries would make the kernels read and write outside the tensors,
-    not just compute wrong numbers; under ``torch.compile`` check them where they are made
-    (``tnlib.ops.check_cu_seqlens``). Nothing is written onto the caller's tensors."""
+    ``tnlib.ops.check_slope_values``. ``cu_seqlens``' values are read outside ``torch.compile`` on any device,
+    once per tensor (``_CHECKED_CU``; a device sync on a GPU): wrong boundaries would make the kernels read and
+    write outside the tensors, not just compute wrong numbers. Under ``torch.compile`` check them where they
+    are made (``tnlib.ops.check_cu_seqlens``). Nothing is written onto the caller's tensors."""
     compiling = torch.compiler.is_compiling()
     values = isinstance(slope, torch.Tensor) and slope.device.type == "cpu" and not compiling
-    return check_attention_inputs(q, k, v, slope, initial_state, name=name, slope_values=values,
-                                  cu_seqlens=cu_seqlens, cu_values=not compiling)
+    cu_values = cu_seqlens is not None and not compiling and not _cu_values_known(cu_seqlens)
+    dims = check_attention_inputs(q, k, v, slope, initial_state, name=name, slope_values=values,
+                                  cu_seqlens=cu_seqlens, cu_values=cu_values)
+    if cu_values:
+        _CHECKED_CU[:] = [weakref.ref(cu_seqlens), cu_seqlens._version]
+    return dims
 
 
 def _fallback(q, k, v, slope, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -535,7 +551,8 @@ def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=F
     is rows ``cu_seqlens[n] : cu_seqlens[n + 1]``), ``initial_state`` and the final state are ``[N, H, K, V]``,
     one per sequence, and no state crosses a boundary: the result is the attention of each sequence on its
     own, forward and backward (the gradient of each initial state included). Its values are checked before
-    any launch (outside ``torch.compile``; a device sync for a GPU tensor: ``tnlib.ops.check_cu_seqlens``).
+    any launch (outside ``torch.compile``; once per tensor, a device sync for a GPU tensor:
+    ``tnlib.ops.check_cu_seqlens``).
     """
     if slope is None:
         raise ValueError("lightning_attention: slope [H] is required (use zeros for no decay)")
