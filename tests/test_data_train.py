@@ -257,7 +257,8 @@ def test_document_mask_trains_and_evaluates_each_document_alone(prepared, tmp_pa
     from tnlib.train import RESUME_MAY_CHANGE, evaluate
 
     data, meta = prepared
-    cfg = small_cfg(data, str(tmp_path / preset), preset=preset, document_mask=True, max_steps=3, eval_every=3)
+    cfg = small_cfg(data, str(tmp_path / "work" / "M" / preset / "seed1"), preset=preset, document_mask=True,
+                    max_steps=3, eval_every=3)
     res = train(cfg)
     assert math.isfinite(res["val_loss"]) and math.isfinite(res["loss"])
     with open(os.path.join(cfg.out, "metrics.jsonl")) as f:
@@ -276,3 +277,15 @@ def test_document_mask_trains_and_evaluates_each_document_alone(prepared, tmp_pa
     assert scores[True]["loss"] == pytest.approx(total / len(y), rel=1e-5)
     assert scores[True]["tokens"] == scores[False]["tokens"] == len(y)
     assert abs(scores[True]["loss"] - scores[False]["loss"]) > 1e-4
+    # tools/document_mask_eval.py: the sweep's finished models scored both ways
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dme", os.path.join(ROOT, "tools", "document_mask_eval.py"))
+    dme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dme)
+    out = tmp_path / "dme.json"
+    assert dme.main(["--work", str(tmp_path / "work"), "--data", data, "--out", str(out), "--sets", "val",
+                     "--eval-tokens", "256"]) == 0
+    (row,) = json.load(open(out))["rows"]
+    assert row["run"] == f"M/{preset}/seed1" and row["trained_with_document_mask"]
+    assert row["masked_loss"] == pytest.approx(res["val_loss"], rel=1e-5) and math.isfinite(row["plain_loss"])
