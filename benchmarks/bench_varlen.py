@@ -17,7 +17,8 @@ Each varlen row is checked before it is timed: its output, the gradients of q, k
 initial states' gradients against the same kernels run document by document (dense calls, one per document),
 and the shortest document against a float64 reference; a row that fails is recorded, not timed. The summary
 holds each varlen row's time over each dense row's (issue 29's target: mixed documents within 10% of the dense
-kernel). Writes ``<out>/varlen-<gpu>.json`` (header: provenance, the lengths) after every row.
+kernel). Writes ``<out>/varlen-<gpu>.json`` (header: provenance, the lengths) after every row and
+``<out>/varlen-<gpu>.png`` (the rows as bars) at the end; ``--replot FILE.json`` redraws the PNG.
 
     PYTHONPATH=$PWD python3 benchmarks/bench_varlen.py --out $OUT
     PYTHONPATH=$PWD python3 benchmarks/bench_varlen.py --dry-run --out /tmp/x   # CPU: the kernels interpreted, tiny
@@ -32,7 +33,7 @@ import os
 import sys
 import time
 
-from common import parser, record, require_cuda, result_path
+from common import figure, parser, record, replot, require_cuda, result_path, save_figure
 
 DEV = "cuda"  # --dry-run: "cpu"
 
@@ -164,6 +165,21 @@ def fla_call(q, k, v, s, cu):
     return chunk_simple_gla(q, k, v, g_gamma=-s, scale=1.0, cu_seqlens=cu.long())[0]
 
 
+def plot(rows, path, header=None):
+    """Forward and forward+backward ms of every timed row, as bars (dense rows first)."""
+    timed = [r for r in rows if r.get("fwdbwd_ms")]
+    fig, axes = figure(1, 2)
+    for ax, key, title in zip(axes[0], ("fwd_ms", "fwdbwd_ms"), ("forward", "forward + backward")):
+        labels = [f"{r['impl']} {r['kind']}\n{r['name']}" for r in timed]
+        ax.bar(range(len(timed)), [r[key] for r in timed],
+               color=["C7" if r["kind"] == "dense" else ("C3" if r["impl"] == "tnlib" else "C0") for r in timed])
+        ax.set_xticks(range(len(timed)), labels, fontsize=7)
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{title}: {header.get('tokens') if header else ''} tokens, H={header.get('H') if header else ''}")
+        ax.grid(True, axis="y", alpha=0.3)
+    save_figure(fig, path, header)
+
+
 def main():
     ap = parser(__doc__)
     ap.add_argument("--tokens", type=int, default=65536, help="B*T: the tokens of every row")
@@ -177,6 +193,8 @@ def main():
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="the CPU, tiny sizes, Triton's interpreter (checks the script)")
     a = ap.parse_args()
+    if replot(a, plot):
+        return
     global DEV
     if a.dry_run:  # before anything imports Triton: its interpreter runs the kernels on CPU tensors
         os.environ["TRITON_INTERPRET"] = "1"
@@ -242,9 +260,10 @@ def main():
                               **{f"{key}_ratio": round(r[key] / d[key], 3) for key in ("fwd_ms", "fwdbwd_ms")},
                               within_10pct=r["fwdbwd_ms"] <= 1.1 * d["fwdbwd_ms"])
                          for r in rows if r["kind"] == "varlen" and r.get("fwdbwd_ms") for d in dense]
-    from tnlib.provenance import write_results
+    from tnlib.provenance import provenance, write_results
 
     write_results(path, rows, header)
+    plot(rows, path[: -len(".json")] + ".png", provenance(header))
     for line in header["summary"]:
         log(line)
     log(f"wrote {path}")

@@ -124,3 +124,4 @@ def test_bench_varlen_dry_run(tmp_path):
     assert all(r["fwd_ms"] and r["fwdbwd_ms"] for r in rows)
     assert all(max(r["check"].values()) <= 2e-6 for r in rows if r["kind"] == "varlen")
     assert len(head["summary"]) == 6
+    assert os.path.isfile(path[: -len(".json")] + ".png")
