@@ -438,3 +438,28 @@ def test_documents_with_checkpointing_and_errors(preset):
         assert rel_err(grads[1][n], g) < 1e-6, n
     with pytest.raises(ValueError, match="every window boundary"):
         m(ids, cu_seqlens=torch.tensor([0, 13, 80], dtype=torch.int32))  # row 1 would continue row 0's document
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("kernel", marks=pytest.mark.triton)])
+def test_packed_attention_with_documents_matches_unfused(device):
+    """The training path on packed documents (``_forward_packed`` with ``cu_seqlens``: what a GPU runs under
+    ``document_mask``) gives the unfused layer's output and gradients on the same documents."""
+    if device == "kernel":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = create_model("tnl-tiny", vocab_size=61, n_layers=2).to(device)
+    layer = m.layers[1].token_mixer  # no LRPE: the packed path applies
+    x = torch.randn(1, 50, m.config.d_model, device=device)
+    cu = torch.tensor([0, 7, 8, 40, 50], dtype=torch.int32, device=device)
+    results = []
+    for fwd in (lambda x: layer._forward_packed(x, cu), lambda x: layer(x, return_state=True, cu_seqlens=cu)[0]):
+        xi = x.clone().requires_grad_()
+        layer.zero_grad()
+        out = fwd(xi)
+        out.pow(2).mean().backward()
+        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (o1, dx1, g1), (o2, dx2, g2) = results
+    assert rel_err(o1, o2) < 1e-5 and rel_err(dx1, dx2) < 1e-4
+    for name, g in g1.items():
+        assert rel_err(g, g2[name]) < 1e-4, name
+    _, state = layer(x, return_state=True, cu_seqlens=cu)
+    assert state.shape == (4, layer.n_heads, layer.head_dim, layer.head_dim)  # one final state per document

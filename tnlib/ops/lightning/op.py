@@ -18,6 +18,10 @@ in time with query ``k``, key ``q``, value ``dO`` and start state ``G``, enterin
 ``dk`` runs backward with query ``v``, key ``dO``, value ``q`` and start state ``G^T``. So one
 generic kernel (:mod:`.kernels`) serves all four passes; ``_dkdv_kernel`` fuses the last two.
 
+Packed sequences (``cu_seqlens``, ``[N + 1]``): ``[1, total, H, D]`` rows hold ``N`` sequences back to back; every
+line above holds per sequence (its own ``S_{-1}``, ``G``, ``D``, ``dS_{-1}``; ``[N, H, K, V]``). The launchers hand
+the kernels a work table (``_work_items``: one row per segment of a sequence) and the same passes run over it.
+
 Dispatch (``tnlib.ops._triton.use_triton``): fp16/bf16/fp32 tensors on CUDA, or on the CPU under
 ``TRITON_INTERPRET=1``, run the kernels through custom ops (opaque to ``torch.compile``, with fake
 implementations and registered autograd). Everything else takes
