@@ -292,18 +292,21 @@ def test_two_pass_dkdv_backward(device, dtype):
 @triton_test
 def test_model_block_compiles_without_graph_breaks(device):
     """Under torch.compile the input checks must not break the graph (the slope value check needs
-    the host): one graph per block, whatever the layer's slope tensor."""
+    the host, and so do cu_seqlens' values): one graph per block, whatever the layer's slope tensor, with and
+    without documents."""
     import torch._dynamo
 
     import tnlib
 
     torch.manual_seed(0)
     model = tnlib.create_model("tnl-tiny", vocab_size=64, n_layers=2).to(device)
+    cu = torch.tensor([0, 5, 17, 40], dtype=torch.int32, device=device)  # documents (TrainConfig.document_mask)
     for layer in model.layers:
         h = torch.randn(1, 40, model.config.d_model, device=device)
-        torch._dynamo.reset()
-        ex = torch._dynamo.explain(layer)(h)
-        assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons]
+        for kw in ({}, {"cu_seqlens": cu}):
+            torch._dynamo.reset()
+            ex = torch._dynamo.explain(layer)(h, **kw)
+            assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -531,7 +531,8 @@ def _fallback(q, k, v, slope, initial_state=None, output_final_state=False, cu_s
 
 
 def _check_work_items(cu_seqlens, total: int, cfg: LaunchConfig, name: str) -> None:
-    """A clear error, before any launch, where packed sequences need more work items than a grid axis holds."""
+    """A clear error, before any launch, where packed sequences need more work items than a grid axis holds
+    (outside ``torch.compile``, like the values of ``cu_seqlens``)."""
     m = _n_work_items(cu_seqlens.shape[0] - 1, total, cfg.seg_len)
     if m > MAX_WORK_ITEMS:
         raise ValueError(f"{name}: {cu_seqlens.shape[0] - 1} sequences of {total} tokens make up to {m} work items "
@@ -570,7 +571,7 @@ def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=F
         return _fallback(q, k, v, slope, initial_state, output_final_state, cu_seqlens)
     if config is not None:
         config.check(K, V)
-    if cu_seqlens is not None:
+    if cu_seqlens is not None and not torch.compiler.is_compiling():  # (the plan's cache is not for traced code)
         _check_work_items(cu_seqlens, T, config or _config([], q, v, True), "lightning_attention")
     cfg = config.to_ints() if config is not None else []
     o, final, _ = _lightning_fwd_op(q, k, v, slope.to(torch.float32), initial_state, bool(output_final_state),
@@ -611,7 +612,7 @@ def lightning_attention_packed(qkv, slope, n_heads: int, qk_act: str = "silu",
         return _fallback(feature_map_reference(q, act), feature_map_reference(k, act), v, slope, cu_seqlens=cu_seqlens)
     if config is not None:
         config.check(D, D)
-    if cu_seqlens is not None:
+    if cu_seqlens is not None and not torch.compiler.is_compiling():
         _check_work_items(cu_seqlens, q.shape[1], config or _config([], q, v, True), "lightning_attention_packed")
     cfg = config.to_ints() if config is not None else []
     return _packed_fwd_op(qkv, slope.to(torch.float32), int(n_heads), act, cfg, cu_seqlens)[0]
