@@ -480,8 +480,7 @@ def _varlen_compare(lens, H, K, V, dtype, device, init=True, use_final=True, seg
     ((o.float() * do).sum() + ((S * G).sum() if use_final else 0)).backward()
     xr = [x.detach().double().requires_grad_() for x in (q, k, v)]
     s0r = S0.double().requires_grad_() if init else None
-    orf, Sr = linear_attention_recurrent(*xr, slope.double(), s0r, True, cu_seqlens=cu.cpu() if device != "cpu"
-                                         else cu)
+    orf, Sr = linear_attention_recurrent(*xr, slope.double(), s0r, True, cu_seqlens=cu)
     ((orf * do.double()).sum() + ((Sr * G.double()).sum() if use_final else 0)).backward()
     assert_close(o, orf, dtype, tol, "o")
     assert_close(S, Sr, dtype, tol, "final states")
@@ -571,7 +570,7 @@ def test_packed_varlen_matches_reference(device, dtype, act, seg):
     q, k, v = (t.reshape(1, T, H, D) for t in xr.chunk(3, dim=-1))
     phi = _PHI[act]
     qa, ka = (phi(t.to(dtype).double()).to(dtype).double() if dtype != torch.float32 else phi(t) for t in (q, k))
-    orf = linear_attention_quadratic(qa, ka, v, slope.double(), cu_seqlens=cu.cpu())
+    orf = linear_attention_quadratic(qa, ka, v, slope.double(), cu_seqlens=cu)
     (orf * do.double()).sum().backward()
     tol = 1.5e-2 if dtype == torch.bfloat16 else KERNEL_TOLERANCE[dtype]
     assert_close(o, orf, dtype, tol, "o")
@@ -595,7 +594,7 @@ def test_varlen_compiles_with_dynamic_shapes(device):
         o, S = f(*xs[:3], slope, xs[3], cu, cfg)
         ((o * do).sum() + (S * G).sum()).backward()
         xr = [x.detach().double().requires_grad_() for x in (q, k, v, S0)]
-        orf, Sr = linear_attention_chunked(*xr[:3], slope.double(), xr[3], True, cu_seqlens=cu.cpu())
+        orf, Sr = linear_attention_chunked(*xr[:3], slope.double(), xr[3], True, cu_seqlens=cu)
         ((orf * do.double()).sum() + (Sr * G.double()).sum()).backward()
         assert_close(o, orf, tol=K32, name=f"o {lens}")
         for name, a, b in zip(("dq", "dk", "dv", "dS0"), xs, xr):
