@@ -10,7 +10,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate train-385m bench-kernels bench-model bench-srmsnorm bench-inference bench-fsdp1 bench-parallel bench-plans ablations clean help
+.PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate train-385m bench-kernels bench-varlen bench-model bench-srmsnorm bench-inference bench-fsdp1 bench-parallel bench-plans ablations clean help
 
 # `make help` lists every target that has a `## description` on its rule line (tests/test_cli.py
 # checks that every .PHONY target has one).
@@ -167,6 +167,12 @@ bench-parallel: setup ## 2 GPUs: DDP vs FSDP vs tensor parallelism, correctness,
 bench-kernels: ## GPU: Lightning Attention kernels vs fla, lightning-attn, SDPA -> results/bench
 	@PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3); \
 	  $$PY benchmarks/bench_kernels.py $(BENCH_ARGS)
+
+# packed documents (cu_seqlens) vs the dense kernel on the same 65,536 tokens (issue 29); no setup step (as
+# bench-kernels); BENCH_ARGS="--dry-run --out /tmp/x" runs it on a CPU (interpreter, tiny)
+bench-varlen: ## GPU: Lightning Attention on packed documents of mixed lengths vs dense -> results/bench
+	@PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3); \
+	  $$PY benchmarks/bench_varlen.py $(BENCH_ARGS)
 
 # the launch plans per GPU family on an H100/H200 (issue 31): Hopper's defaults before/after, the smaller
 # GPUs' plans forced (kernel tests, timings, training steps); ~4 min, no setup step (as bench-kernels)

@@ -126,3 +126,25 @@ def test_result_paths_rewrites_device_paths_only(tmp_path):
     assert new["header"]["runs"][0]["command"] == "python3 tools/y.py --out $TMPDIR/before-1.json"
     assert new["rows"] == [{"ms": 0.25, "n": 3, "path": f"{dest}/x.json"}]
     assert len(new["header"]["paths_rewritten"]) == 3
+
+
+def test_bench_varlen_dry_run(tmp_path):
+    """Issue 29's benchmark (packed documents vs the dense kernel) runs on the CPU at tiny sizes under the
+    interpreter: every row checked against the kernels document by document and float64, then timed once."""
+    import json
+
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # the script sets it itself
+    res = subprocess.run([sys.executable, "benchmarks/bench_varlen.py", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (path,) = glob.glob(str(tmp_path / "varlen-*.json"))
+    doc = json.load(open(path))
+    head, rows = doc["header"], doc["rows"]
+    assert head["dry_run"] and head["commit"] and "bench_varlen.py" in head["command"]
+    assert sum(head["mixed_lengths"]) == head["tokens"] and len(set(head["mixed_lengths"])) > 3
+    assert [r["name"] for r in rows] == ["T=128", "T=256", "mixed", "equal", "one"]
+    assert all(r["fwd_ms"] and r["fwdbwd_ms"] for r in rows)
+    assert all(max(r["check"].values()) <= 2e-6 for r in rows if r["kind"] == "varlen")
+    assert len(head["summary"]) == 6
+    assert os.path.isfile(path[: -len(".json")] + ".png")
