@@ -10,7 +10,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate train-385m bench-kernels bench-model bench-srmsnorm bench-inference bench-fsdp1 bench-parallel bench-plans ablations clean help
+.PHONY: setup test test-unit test-notebooks lab notebooks walkthrough quickstart data generate train-385m bench-kernels bench-varlen bench-model bench-srmsnorm bench-inference bench-fsdp1 bench-parallel bench-plans ablations clean help
 
 # `make help` lists every target that has a `## description` on its rule line (tests/test_cli.py
 # checks that every .PHONY target has one).
@@ -102,28 +102,37 @@ data: setup ## tokenize the full corpus -> data/full (local, else downloaded; FO
 # TNL-385M vs Transformer-385M on the same tokens (GPUs). Defaults: 400M tokens per model (about 4
 # epochs of the 95M-token corpus): on one H200 ~33 min (TNL) + ~43 min (Transformer) of training steps at
 # the rates measured in results/385m-80m, ~1.5 h for the pair with evaluations. NGPU>1 uses torchrun.
+# Each model has its own learning rate (LR_TNL, LR_TRANSFORMER: 6e-4 until the learning-rate sweep of
+# results/385m-fair picks them); SEEDS="1 2" trains each model once per seed (the seed sets the
+# initialisation and the data order). The final weights are scored on every token of every eval set
+# (python -m tnlib evaluate -> RUN/final/evals.json).
 TOKENS ?= 400000000
 SEQ ?= 2048
 BATCH ?= 16
 ACCUM ?= 8
 NGPU ?= 1
-LR ?= 6e-4
+LR_TNL ?= 6e-4
+LR_TRANSFORMER ?= 6e-4
+SEEDS ?= 1
 RUNS ?= runs/385m
-EVALS := val,eval-heldout,eval-wikitext-valid,eval-wikitext-test
+EVALS := val,eval-heldout,eval-wikitext-valid,eval-wikitext-detok-valid
 STEPS = $(shell echo $$(( $(TOKENS) / ($(SEQ) * $(BATCH) * $(ACCUM) * $(NGPU)) )))
 LAUNCH = $(if $(filter 1,$(NGPU)),$(BIN)/python,$(BIN)/torchrun --nproc_per_node $(NGPU))
-train-385m: setup data ## TNL-385M vs Transformer-385M on the same tokens (GPUs; NGPU=, TOKENS=)
-	@echo "training each model for $(STEPS) steps of $$(( $(SEQ) * $(BATCH) * $(ACCUM) * $(NGPU) )) tokens"
-	@for m in tnl-385m transformer-385m; do \
-	  resume=$$( [ -d $(RUNS)/$$m/checkpoint ] && echo --resume ); \
-	  $(LAUNCH) -m tnlib train --preset $$m --data $(DATA_DIR) --out $(RUNS)/$$m $$resume --set \
-	    seq_len=$(SEQ) batch_size=$(BATCH) grad_accum=$(ACCUM) lr=$(LR) max_steps=$(STEPS) \
-	    warmup_steps=$$(( $(STEPS) / 50 + 1 )) eval_every=$$(( $(STEPS) / 20 + 1 )) eval_tokens=1048576 \
+train-385m: setup data ## TNL-385M vs Transformer-385M on the same tokens (GPUs; NGPU=, TOKENS=, SEEDS=)
+	@echo "training each model for $(STEPS) steps of $$(( $(SEQ) * $(BATCH) * $(ACCUM) * $(NGPU) )) tokens, seeds $(SEEDS)"
+	@for seed in $(SEEDS); do for m in tnl-385m transformer-385m; do \
+	  lr=$$( [ $$m = tnl-385m ] && echo $(LR_TNL) || echo $(LR_TRANSFORMER) ); out=$(RUNS)/$$m-s$$seed; \
+	  resume=$$( [ -d $$out/checkpoint ] && echo --resume ); \
+	  [ -f $$out/final/evals.json ] && continue; \
+	  $(LAUNCH) -m tnlib train --preset $$m --data $(DATA_DIR) --out $$out $$resume --set \
+	    seq_len=$(SEQ) batch_size=$(BATCH) grad_accum=$(ACCUM) lr=$$lr seed=$$seed max_steps=$(STEPS) \
+	    warmup_steps=$$(( $(STEPS) / 50 + 1 )) eval_every=$$(( $(STEPS) / 20 + 1 )) eval_tokens=262144 \
 	    ckpt_every=500 eval_sets=$(EVALS) compile=true || exit 1; \
-	done
-	$(BIN)/python -m tnlib compare --runs tnl=$(RUNS)/tnl-385m transformer=$(RUNS)/transformer-385m \
-	  --out results/385m --title "TNL-385M vs Transformer-385M, same tokens" \
-	  --evals val eval-heldout eval-wikitext-valid eval-wikitext-test --extra tokens_budget=$(TOKENS)
+	  $(BIN)/python -m tnlib evaluate --checkpoint $$out/final --data $(DATA_DIR) || exit 1; \
+	done; done
+	$(BIN)/python -m tnlib compare --runs $(foreach s,$(SEEDS),tnl-s$(s)=$(RUNS)/tnl-385m-s$(s) transformer-s$(s)=$(RUNS)/transformer-385m-s$(s)) \
+	  --out $(RUNS)/compare --title "TNL-385M vs Transformer-385M, same tokens" \
+	  --evals val eval-heldout eval-wikitext-valid eval-wikitext-detok-valid --extra tokens_budget=$(TOKENS)
 
 # sample from a saved model: make generate CKPT=runs/quickstart/tnl-tiny/final PROMPT="It was"; the tokenizer
 # is the one saved with the model (train puts the data's there) unless TOKENIZER=path/tokenizer.json is given
@@ -160,6 +169,12 @@ bench-parallel: setup ## 2 GPUs: DDP vs FSDP vs tensor parallelism, correctness,
 bench-kernels: ## GPU: Lightning Attention kernels vs fla, lightning-attn, SDPA -> results/bench
 	@PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3); \
 	  $$PY benchmarks/bench_kernels.py $(BENCH_ARGS)
+
+# packed documents (cu_seqlens) vs the dense kernel on the same 65,536 tokens (issue 29); no setup step (as
+# bench-kernels); BENCH_ARGS="--dry-run --out /tmp/x" runs it on a CPU (interpreter, tiny)
+bench-varlen: ## GPU: Lightning Attention on packed documents of mixed lengths vs dense -> results/bench
+	@PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3); \
+	  $$PY benchmarks/bench_varlen.py $(BENCH_ARGS)
 
 # the launch plans per GPU family on an H100/H200 (issue 31): Hopper's defaults before/after, the smaller
 # GPUs' plans forced (kernel tests, timings, training steps); ~4 min, no setup step (as bench-kernels)

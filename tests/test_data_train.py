@@ -241,3 +241,51 @@ def test_train_cli_rejects_options_given_elsewhere(monkeypatch, capsys):
         if "unknown" in flag:  # the list offers only what --set takes
             offered = err.split("--set takes", 1)[1]
             assert "'lr'" in offered and not any(f"'{k}'" in offered for k in ("data", "out", "preset", "model_overrides"))
+
+
+@pytest.mark.parametrize("preset", ["tnl-tiny", "transformer-tiny"])
+def test_document_mask_trains_and_evaluates_each_document_alone(prepared, tmp_path, preset):
+    """``TrainConfig.document_mask``: both models train with their windows' documents independent, and
+    ``evaluate(..., document_mask=True)`` scores a stream as the sum of its documents scored alone (each opened
+    by its EOT), which differs from the plain score."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from tnlib.models import load_model
+    from tnlib.train import RESUME_MAY_CHANGE, evaluate
+
+    data, meta = prepared
+    cfg = small_cfg(data, str(tmp_path / "work" / "M" / preset / "seed1"), preset=preset, document_mask=True,
+                    max_steps=3, eval_every=3)
+    res = train(cfg)
+    assert math.isfinite(res["val_loss"]) and math.isfinite(res["loss"])
+    with open(os.path.join(cfg.out, "metrics.jsonl")) as f:
+        assert json.loads(f.readline())["config"]["document_mask"] is True
+    assert "document_mask" not in RESUME_MAY_CHANGE  # a resume must train the way the run started
+    model = load_model(os.path.join(cfg.out, "final")).eval()
+    tokens = np.array([5, 9, 0, 7, 7, 3, 0, 12, 4, 0, 8], dtype=np.uint16)  # three EOTs (id 0)
+    tf = TokenFile(tokens, len(tokens))
+    scores = {on: evaluate(model, tf, 16, None, 2, torch.device("cpu"), None, 0, on) for on in (True, False)}
+    stream = torch.tensor([0] + tokens.tolist())
+    x, y = stream[:-1], stream[1:]
+    starts = [i for i, t in enumerate(x.tolist()) if t == 0] + [len(x)]
+    with torch.no_grad():
+        total = sum(F.cross_entropy(model(x[None, a:b])[0].float(), y[a:b], reduction="sum").item()
+                    for a, b in zip(starts[:-1], starts[1:]))
+    assert scores[True]["loss"] == pytest.approx(total / len(y), rel=1e-5)
+    assert scores[True]["tokens"] == scores[False]["tokens"] == len(y)
+    assert abs(scores[True]["loss"] - scores[False]["loss"]) > 1e-4
+    # tools/document_mask_eval.py: the sweep's finished models scored both ways
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dme", os.path.join(ROOT, "tools", "document_mask_eval.py"))
+    dme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dme)
+    out = tmp_path / "dme.json"
+    assert dme.main(["--work", str(tmp_path / "work"), "--data", data, "--out", str(out), "--sets", "val",
+                     "--eval-tokens", "256"]) == 0
+    (row,) = json.load(open(out))["rows"]
+    assert row["run"] == f"M/{preset}/seed1" and row["trained_with_document_mask"]
+    assert row["masked_loss"] == pytest.approx(res["val_loss"], rel=1e-5) and math.isfinite(row["plain_loss"])

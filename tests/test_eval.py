@@ -155,6 +155,9 @@ def test_seed_ratio_and_specs():
     spec = fair.specs("final", "params", {"tnl-385m": 1.2e-3, "transformer-385m": 2.4e-3})
     assert spec[0] == "tnl-s1=tnl-385m:m.residual_dtype=params:lr=0.0012:seed=1:tokens=80000000"
     assert len(fair.specs("lr")) == 8 and len(fair.specs("residual")) == 4
+    extra = fair.specs("lr", grid=[1.5e-4])  # a rate beyond the grid's edge
+    assert extra == ["tnl-lr1.5e-4=tnl-385m:m.residual_dtype=params:lr=0.00015:tokens=20000000",
+                     "transformer-lr1.5e-4=transformer-385m:m.residual_dtype=params:lr=0.00015:tokens=20000000"]
     with pytest.raises(ValueError, match="learning rate of"):
         fair.specs("final")
 
@@ -204,3 +207,28 @@ def test_final_summary_has_the_contract_keys(tmp_path):
     with pytest.raises(ValueError, match="not finished"):  # one seed has no final evals
         os.remove(os.path.join(src, "runs", "tnl-s2", "final.json"))
         fair.results_final([src], str(tmp_path / "out2"))
+
+
+def test_evaluate_command_scores_whole_sets_of_a_saved_model(prepared, tmp_path, capsys):
+    import tnlib.__main__ as cli
+    from tnlib.train import TrainConfig, train
+
+    data, meta = prepared
+    run = tmp_path / "run"
+    train(TrainConfig(preset="tnl-tiny", data=data, out=str(run), seq_len=64, batch_size=2, max_steps=2,
+                      eval_every=2, eval_tokens=128, progress=False))
+    out = tmp_path / "evals.json"
+    cli.main(["evaluate", "--checkpoint", str(run / "final"), "--data", data, "--seq-len", "256",
+              "--batch-size", "4", "--out", str(out)])
+    doc = json.load(open(out))
+    assert set(doc["evals"]) == {"val", "eval-wiki", "eval-wiki-detok"}
+    for name, r in doc["evals"].items():  # every token of every set, bytes from exactly those tokens
+        assert r["tokens"] == r["set_tokens"] == meta["splits"][name]["tokens"]
+        assert r["bytes"] == meta["splits"][name]["bytes"]
+    assert "eval-wiki-detok" in capsys.readouterr().out
+    cli.main(["evaluate", "--checkpoint", str(run / "final"), "--data", data, "--sets", "val", "--seq-len", "64",
+              "--max-tokens", "100", "--out", str(out)])
+    assert json.load(open(out))["evals"]["val"]["tokens"] == 64  # sampled: whole windows only
+    with pytest.raises(SystemExit) as e:  # a split the data does not have: refused before the model loads
+        cli.main(["evaluate", "--checkpoint", str(run / "final"), "--data", data, "--sets", "nope"])
+    assert e.value.code == 2 and "no split 'nope'" in capsys.readouterr().err

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tnlib.ops import lightning as L
-from tnlib.ops import lightning_attention, linear_attention_chunked, linear_attention_quadratic
+from tnlib.ops import (lightning_attention, linear_attention_chunked, linear_attention_quadratic,
+                       linear_attention_recurrent)
 from tnlib.ops.lightning import op, plan
 from tnlib.testing import KERNEL_TOLERANCE, TOLERANCE, assert_close
 
@@ -291,18 +292,21 @@ def test_two_pass_dkdv_backward(device, dtype):
 @triton_test
 def test_model_block_compiles_without_graph_breaks(device):
     """Under torch.compile the input checks must not break the graph (the slope value check needs
-    the host): one graph per block, whatever the layer's slope tensor."""
+    the host, and so do cu_seqlens' values): one graph per block, whatever the layer's slope tensor, with and
+    without documents."""
     import torch._dynamo
 
     import tnlib
 
     torch.manual_seed(0)
     model = tnlib.create_model("tnl-tiny", vocab_size=64, n_layers=2).to(device)
+    cu = torch.tensor([0, 5, 17, 40], dtype=torch.int32, device=device)  # documents (TrainConfig.document_mask)
     for layer in model.layers:
         h = torch.randn(1, 40, model.config.d_model, device=device)
-        torch._dynamo.reset()
-        ex = torch._dynamo.explain(layer)(h)
-        assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons]
+        for kw in ({}, {"cu_seqlens": cu}):
+            torch._dynamo.reset()
+            ex = torch._dynamo.explain(layer)(h, **kw)
+            assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,3 +439,283 @@ def test_model_sized_launch_on_gpu(B, T, H, K, V):
     assert_close(o[b], orf, torch.bfloat16, TOLERANCE[torch.bfloat16], "o")
     for name, a, r in zip(("dq", "dk", "dv"), xs, xr):
         assert_close(a.grad[b], r.grad, torch.bfloat16, TOLERANCE[torch.bfloat16], name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Packed sequences (cu_seqlens): many sequences back to back in [1, total, H, D], no state across them
+# ------------------------------------------------------------------------------------------------
+
+def _cu(lens, dtype=torch.int32, device="cpu"):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=dtype, device=device)
+
+
+def _varlen_inputs(lens, H, K, V, dtype, device, init=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T, N = sum(lens), len(lens)
+    q = (torch.randn(1, T, H, K, generator=g) / K**0.5).to(device=device, dtype=dtype)
+    k = (torch.randn(1, T, H, K, generator=g) / K**0.5).to(device=device, dtype=dtype)
+    v = torch.randn(1, T, H, V, generator=g).to(device=device, dtype=dtype)
+    slope = torch.tensor([0.3, 0.02, 0.0, 1.5][:H]).to(device)  # strong, weak and no decay
+    S0 = torch.randn(N, H, K, V, generator=g).to(device) if init else None
+    do = torch.randn(1, T, H, V, generator=g).to(device)
+    G = torch.randn(N, H, K, V, generator=g).to(device)
+    return q, k, v, slope, S0, do, G
+
+
+def _varlen_compare(lens, H, K, V, dtype, device, init=True, use_final=True, seg=None, cu_dtype=torch.int32,
+                    **tiles):
+    """The kernel on packed sequences against the per-sequence float64 recurrence: output, final states and
+    the gradients of q, k, v and the initial states."""
+    q, k, v, slope, S0, do, G = _varlen_inputs(lens, H, K, V, dtype, device, init)
+    cu = _cu(lens, cu_dtype, device)
+    tol = KERNEL_TOLERANCE[dtype]
+    cfg = None
+    if seg is not None or tiles:
+        cfg = plan.launch_config(1, sum(lens), H, K, V, dtype, varlen=True)
+        cfg = dataclasses.replace(cfg, **({} if seg is None else dict(seg_len=seg)), **tiles)
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    s0 = S0.clone().requires_grad_() if init else None
+    o, S = lightning_attention(*xs, slope, s0, output_final_state=True, config=cfg, cu_seqlens=cu)
+    assert o.shape == (1, sum(lens), H, V) and S.shape == (len(lens), H, K, V) and S.dtype == torch.float32
+    ((o.float() * do).sum() + ((S * G).sum() if use_final else 0)).backward()
+    xr = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    s0r = S0.double().requires_grad_() if init else None
+    orf, Sr = linear_attention_recurrent(*xr, slope.double(), s0r, True, cu_seqlens=cu)
+    ((orf * do.double()).sum() + ((Sr * G.double()).sum() if use_final else 0)).backward()
+    assert_close(o, orf, dtype, tol, "o")
+    assert_close(S, Sr, dtype, tol, "final states")
+    for name, a, b in zip(("dq", "dk", "dv"), xs, xr):
+        assert_close(a.grad, b.grad, dtype, tol, name)
+    if init:
+        assert_close(s0.grad, s0r.grad, dtype, tol, "d initial states")
+
+
+VARLEN_CASES = [
+    # lengths, H, K, V, dtype, seg_len, init, use_final
+    ((1, 5, 64, 70, 3, 128, 1, 40), 2, 16, 16, torch.float32, None, True, True),  # inside chunks, length 1
+    ((64, 128, 1, 64, 1, 1), 2, 16, 32, torch.float32, None, True, True),  # boundaries on chunk edges
+    ((1,) * 7, 1, 16, 16, torch.float32, None, True, True),  # every sequence one token
+    ((100, 7, 150, 33), 2, 32, 16, torch.float32, 48, True, True),  # segments: long ones cut in 48s
+    ((30, 1, 65, 2), 2, 16, 16, torch.float32, 16, False, False),  # segments, no states in or out
+    ((9, 70, 1, 20), 1, 256, 128, torch.float32, None, True, True),  # the LRPE layer's dims
+    ((33, 64, 1, 90), 2, 32, 16, torch.bfloat16, 64, True, True),
+    ((17, 1, 80), 2, 16, 16, torch.float16, None, True, True),
+]
+
+
+@triton_test
+@pytest.mark.parametrize("lens,H,K,V,dtype,seg,init,use_final", VARLEN_CASES)
+def test_varlen_matches_per_sequence_reference(device, lens, H, K, V, dtype, seg, init, use_final):
+    _varlen_compare(lens, H, K, V, dtype, device, init, use_final, seg=seg)
+
+
+@triton_test
+def test_varlen_two_pass_backward_and_int64_boundaries(device):
+    """dk and dv as two reverse passes of the generic kernel (as at K = 256 or fp32 D = 128), segments, and
+    int64 boundaries."""
+    _varlen_compare((45, 1, 120, 8), 2, 16, 32, torch.float32, device, seg=32, dkdv=None, cu_dtype=torch.int64)
+
+
+@triton_test
+def test_varlen_no_state_or_score_crosses_a_boundary(device):
+    """Changing every input of sequence 0 leaves the outputs, final states and gradients of the others
+    bitwise unchanged; and the packed call equals separate calls, sequence by sequence."""
+    lens = (70, 5, 66)
+    q, k, v, slope, S0, do, G = _varlen_inputs(lens, 2, 16, 16, torch.float32, device)
+    cu = _cu(lens, device=device)
+
+    def run(q, k, v):
+        xs = [x.clone().requires_grad_() for x in (q, k, v, S0)]
+        o, S = lightning_attention(*xs[:3], slope, xs[3], output_final_state=True, cu_seqlens=cu)
+        ((o * do).sum() + (S * G).sum()).backward()
+        return o.detach(), S.detach(), [x.grad for x in xs]
+
+    o1, S1, g1 = run(q, k, v)
+    q2, k2, v2 = (x.clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[:, : lens[0]] = torch.randn_like(x[:, : lens[0]])
+    o2, S2, g2 = run(q2, k2, v2)
+    rest = slice(lens[0], None)
+    assert torch.equal(o1[:, rest], o2[:, rest]) and torch.equal(S1[1:], S2[1:])
+    assert not torch.equal(o1[:, : lens[0]], o2[:, : lens[0]])
+    for a, b in zip(g1[:3], g2[:3]):
+        assert torch.equal(a[:, rest], b[:, rest])
+    assert torch.equal(g1[3][1:], g2[3][1:])
+    bounds = cu.tolist()
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        on, Sn = lightning_attention(q[:, a:b], k[:, a:b], v[:, a:b], slope, S0[n:n + 1], output_final_state=True)
+        assert_close(o1[:, a:b], on, tol=K32, name=f"sequence {n}: o")
+        assert_close(S1[n:n + 1], Sn, tol=K32, name=f"sequence {n}: final state")
+
+
+@triton_test
+@pytest.mark.parametrize("dtype,act,seg", [(torch.float32, "silu", None), (torch.float32, "1+elu", 32),
+                                           (torch.bfloat16, "silu", 64)])
+def test_packed_varlen_matches_reference(device, dtype, act, seg):
+    """``lightning_attention_packed`` (the model's training path) on packed documents: the feature map's
+    derivative in the kernels, every gradient of ``qkv``, against the per-sequence float64 reference."""
+    lens, H, D = (50, 1, 77, 2, 30), 2, 16
+    T = sum(lens)
+    g = torch.Generator().manual_seed(3)
+    qkv = (torch.randn(1, T, 3 * H * D, generator=g) * 0.5).to(device=device, dtype=dtype)
+    slope = torch.tensor([0.2, 0.02], device=device)
+    do = torch.randn(1, T, H, D, generator=g).to(device)
+    cu = _cu(lens, device=device)
+    cfg = None if seg is None else dataclasses.replace(plan.launch_config(1, T, H, D, D, dtype, varlen=True),
+                                                       seg_len=seg)
+    x = qkv.clone().requires_grad_()
+    o = L.lightning_attention_packed(x, slope, H, act, config=cfg, cu_seqlens=cu)
+    (o.float() * do).sum().backward()
+    xr = qkv.detach().double().requires_grad_()
+    q, k, v = (t.reshape(1, T, H, D) for t in xr.chunk(3, dim=-1))
+    phi = _PHI[act]
+    qa, ka = (phi(t.to(dtype).double()).to(dtype).double() if dtype != torch.float32 else phi(t) for t in (q, k))
+    orf = linear_attention_quadratic(qa, ka, v, slope.double(), cu_seqlens=cu)
+    (orf * do.double()).sum().backward()
+    tol = 1.5e-2 if dtype == torch.bfloat16 else KERNEL_TOLERANCE[dtype]
+    assert_close(o, orf, dtype, tol, "o")
+    d = H * D
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_close(x.grad[..., i * d:(i + 1) * d], xr.grad[..., i * d:(i + 1) * d], dtype, tol, name)
+
+
+@triton_test
+def test_varlen_compiles_with_dynamic_shapes(device):
+    """Under torch.compile with dynamic shapes the fake implementations count sequences, work items and
+    segment states from symbolic sizes (a model sees a new number of documents every batch)."""
+    f = torch.compile(lambda a, b, c, s, s0, cu, cfg: lightning_attention(a, b, c, s, s0, True, config=cfg,
+                                                                          cu_seqlens=cu),
+                      backend="aot_eager", dynamic=True)
+    for lens in ((40, 1, 90), (7, 100, 3, 33)):
+        q, k, v, slope, S0, do, G = _varlen_inputs(lens, 2, 16, 16, torch.float32, device)
+        cu = _cu(lens, device=device)
+        cfg = dataclasses.replace(plan.launch_config(1, sum(lens), 2, 16, 16, torch.float32, varlen=True), seg_len=32)
+        xs = [x.clone().requires_grad_() for x in (q, k, v, S0)]
+        o, S = f(*xs[:3], slope, xs[3], cu, cfg)
+        ((o * do).sum() + (S * G).sum()).backward()
+        xr = [x.detach().double().requires_grad_() for x in (q, k, v, S0)]
+        orf, Sr = linear_attention_chunked(*xr[:3], slope.double(), xr[3], True, cu_seqlens=cu)
+        ((orf * do.double()).sum() + (Sr * G.double()).sum()).backward()
+        assert_close(o, orf, tol=K32, name=f"o {lens}")
+        for name, a, b in zip(("dq", "dk", "dv", "dS0"), xs, xr):
+            assert_close(a.grad, b.grad, tol=K32, name=f"{name} {lens}")
+
+
+def test_varlen_fallback_matches_reference(monkeypatch):
+    """Without the interpreter (and for float64) the op takes the PyTorch path, sequence by sequence."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    lens = (3, 70, 1)
+    q, k, v, slope, S0, _, _ = _varlen_inputs(lens, 2, 16, 16, torch.float32, "cpu")
+    cu = _cu(lens)
+    o, S = lightning_attention(q, k, v, slope, S0, output_final_state=True, cu_seqlens=cu)
+    orf, Sr = linear_attention_recurrent(*(x.double() for x in (q, k, v)), slope.double(), S0.double(), True,
+                                         cu_seqlens=cu)
+    assert_close(o, orf, tol=K32, name="o")
+    assert_close(S, Sr, tol=K32, name="final states")
+    qkv = torch.cat([x.flatten(2) for x in (q, k, v)], -1)  # the q | k | v column blocks
+    o_p = L.lightning_attention_packed(qkv.double(), slope.double(), 2, "none", cu_seqlens=cu)
+    assert_close(o_p, linear_attention_quadratic(q.double(), k.double(), v.double(), slope.double(), cu_seqlens=cu),
+                 tol=1e-12, name="packed fallback")
+
+
+def test_reference_forms_agree_on_packed_sequences():
+    lens = (1, 9, 64, 2)
+    q, k, v, slope, S0, _, _ = _varlen_inputs(lens, 2, 16, 16, torch.float64, "cpu")
+    cu = _cu(lens, torch.int64)
+    outs = [f(q, k, v, slope.double(), S0.double(), True, cu_seqlens=cu)
+            for f in (linear_attention_quadratic, linear_attention_recurrent, linear_attention_chunked)]
+    for o, S in outs[1:]:
+        assert_close(o, outs[0][0], tol=1e-12, name="o")
+        assert_close(S, outs[0][1], tol=1e-12, name="S")
+
+
+@pytest.mark.parametrize(
+    "cu, err, match",
+    [
+        ([0, 5, 3, 10], ValueError, "strictly increase"),
+        ([0, 5, 5, 10], ValueError, "strictly increase"),
+        ([1, 5, 10], ValueError, "start at 0"),
+        ([0, 5, 9], ValueError, "end at the total length 10"),
+        ([0, 5, 11], ValueError, "end at the total length 10"),
+        (torch.tensor([0.0, 10.0]), TypeError, "int32 or int64"),
+        (torch.tensor([[0, 10]]), ValueError, r"shape \[N \+ 1\]"),
+        (torch.tensor([0]), ValueError, r"shape \[N \+ 1\]"),
+        ("meta", ValueError, "cu_seqlens is on meta but q is on cpu"),
+        ("batch", ValueError, r"back to back as \[1, total, H, D\]"),
+        ("list", TypeError, "must be a torch.Tensor"),
+    ],
+)
+def test_varlen_clear_errors_before_launch(cu, err, match):
+    """Bad boundaries fail in the op's checks, before any kernel (or the PyTorch path) runs, on both ops."""
+    q, k, v, slope, _, _, _ = _varlen_inputs((4, 6), 2, 16, 16, torch.float32, "cpu", init=False)
+    if cu == "batch":
+        q, k, v = (x.reshape(2, 5, 2, 16) for x in (q, k, v))
+    cu = {"meta": torch.tensor([0, 10], device="meta"), "batch": torch.tensor([0, 4, 10]), "list": [0, 4, 10]}.get(
+        cu, cu) if isinstance(cu, str) else (torch.tensor(cu) if isinstance(cu, list) else cu)
+    with pytest.raises(err, match=match):
+        lightning_attention(q, k, v, slope, cu_seqlens=cu)
+    with pytest.raises(err, match=match):
+        L.lightning_attention_packed(torch.cat([x.flatten(2) for x in (q, k, v)], -1), slope, 2, cu_seqlens=cu)
+
+
+def test_varlen_initial_state_is_one_per_sequence():
+    q, k, v, slope, S0, _, _ = _varlen_inputs((4, 6), 2, 16, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[N, H, K, V\] = \(2, 2, 16, 16\)"):
+        lightning_attention(q, k, v, slope, S0[:1], cu_seqlens=_cu((4, 6)))
+
+
+def test_work_items_cover_every_segment_once_longest_first():
+    lens, seg = [1, 100, 64, 65, 3, 200], 64
+    cu = _cu(lens)
+    items = op._work_items(cu, sum(lens), seg)
+    assert items.dtype == torch.int32 and items.shape == (op._n_work_items(len(lens), sum(lens), seg), 5)
+    real = items[items[:, 3] > 0]
+    want = {(n, j) for n, ln in enumerate(lens) for j in range(-(-ln // seg))}
+    assert {(int(r[0]), int(r[1])) for r in real} == want and len(real) == len(want)
+    tokens = [min(seg, int(r[3]) - int(r[1]) * seg) for r in real]
+    assert tokens == sorted(tokens, reverse=True)  # the longest segments start first
+    assert (items[len(real):] == 0).all()  # padding rows: length 0
+    for n, j, bos, ln, loc0 in real.tolist():
+        assert bos == int(cu[n]) and ln == lens[n]
+        # the segment states of a sequence's non-last segments: consecutive, all of them below G
+        assert 0 <= loc0 and (j == -(-ln // seg) - 1 or loc0 + j < op._n_local(sum(lens), seg))
+    assert op._n_seqs(items, sum(lens), seg) == len(lens)
+
+
+def test_varlen_too_many_work_items_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(op, "MAX_WORK_ITEMS", 3)
+    monkeypatch.setattr(op, "use_triton", lambda t: True)
+    q, k, v, slope, _, _, _ = _varlen_inputs((1, 1, 1, 1), 2, 16, 16, torch.float32, "cpu", init=False)
+    with pytest.raises(ValueError, match="more than the 3 one launch takes"):
+        lightning_attention(q, k, v, slope, cu_seqlens=_cu((1, 1, 1, 1)))
+
+
+def test_varlen_segment_plan():
+    # the benchmark's shape: documents up to 8K run unsplit; one 64K document is cut in 8
+    assert plan.varlen_segment_plan(65536, 16, 2) == 8192
+    assert plan.launch_config(1, 65536, 16, 128, 128, torch.bfloat16, varlen=True).seg_len == 8192
+    assert plan.varlen_segment_plan(1000, 2, 1) == plan.MIN_SEG
+    assert plan.launch_config(1, 1000, 2, 16, 16, torch.float32) == dataclasses.replace(
+        plan.launch_config(1, 1000, 2, 16, 16, torch.float32, varlen=True), seg_len=plan.segment_plan(1, 2, 1000, 1))
+
+
+def test_varlen_values_read_once_per_tensor(monkeypatch):
+    """The layers of a forward pass one cu_seqlens: its values are read at the first call only (a device sync
+    on a GPU), again after an in-place change, and for any other tensor."""
+    from tnlib.ops import _checks
+
+    reads = []
+    orig = _checks.check_cu_seqlens
+    monkeypatch.setattr(_checks, "check_cu_seqlens", lambda *a, **kw: reads.append(kw["values"]) or orig(*a, **kw))
+    monkeypatch.setattr(op, "_fallback", lambda *a, **kw: None)  # the op's own check only (the references read too)
+    q, k, v, slope, _, _, _ = _varlen_inputs((4, 6), 2, 16, 16, torch.float32, "cpu", init=False)
+    cu = _cu((4, 6))
+    for _ in range(3):
+        lightning_attention(q, k, v, slope, cu_seqlens=cu)
+    cu[1] = 5  # in place: read again
+    lightning_attention(q, k, v, slope, cu_seqlens=cu)
+    cu[1] = 11
+    with pytest.raises(ValueError, match="strictly increase"):
+        lightning_attention(q, k, v, slope, cu_seqlens=cu)
+    lightning_attention(q, k, v, slope, cu_seqlens=_cu((4, 6)))
+    assert reads == [True, False, False, True, True, True]

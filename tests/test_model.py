@@ -307,7 +307,7 @@ def test_packed_attention_dispatch():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     calls = []
     orig = gla.GatedLinearAttention._forward_packed
-    gla.GatedLinearAttention._forward_packed = lambda self, x: calls.append(self.layer_idx) or orig(self, x)
+    gla.GatedLinearAttention._forward_packed = lambda self, x, cu=None: calls.append(self.layer_idx) or orig(self, x, cu)
     try:
         for packed in (True, False):
             m = create_model("tnl-tiny", vocab_size=61, n_layers=2, impl=Implementation(packed_attention=packed)).to(device)
@@ -362,3 +362,104 @@ def test_residual_dtype_compute_under_autocast(preset):
     assert ((seen["comp_logits"] - ref).abs().max() / ref.abs().max()).item() < 0.05
     with torch.no_grad():  # no autocast: the switch changes nothing
         assert torch.equal(base(ids), comp(ids))
+
+
+# ------------------------------------------------------------------------------------------------
+# Documents (TrainConfig.document_mask): cu_seqlens through TNL's attention, a block-diagonal mask in the Transformer
+# ------------------------------------------------------------------------------------------------
+
+def _documents_batch(vocab=50, eot=0):
+    """Two windows of 40 tokens: row 0 holds three documents (EOT at 13 and 30), row 1 two (EOT at 22)."""
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, vocab, (2, 40), generator=g)
+    ids[0, 13] = ids[0, 30] = ids[1, 22] = eot
+    return ids
+
+
+def test_document_cu_seqlens_and_mask():
+    from tnlib.models.common import document_cu_seqlens, document_mask
+
+    ids = _documents_batch()
+    cu = document_cu_seqlens(ids, 0)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 13, 30, 40, 62, 80]  # window starts and every EOT
+    m = document_mask(cu, 2, 40)[:, 0]
+    assert m.shape == (2, 40, 40) and m.dtype == torch.bool
+    assert m[0, 20, 13] and not m[0, 20, 12] and not m[0, 12, 13] and m[0, 12, 0] and not m[0, 31, 29]
+    assert m[1, 21, 0] and not m[1, 22, 21] and m[1, 39, 22]
+    assert (m.sum(-1) >= 1).all()  # every query sees itself
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("kernel", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("preset", ["tnl-tiny", "transformer-tiny"])
+def test_no_state_or_score_crosses_a_document_boundary(preset, device):
+    """With ``cu_seqlens`` (``document_cu_seqlens``) a document's logits depend on its own tokens only: changing
+    every token of the other documents leaves them bitwise unchanged, and they are the model's on the document
+    alone. Without it the change reaches the later documents (so the test can see a leak). ``device="kernel"``:
+    TNL's attention through the Triton kernels (interpreter on a CPU)."""
+    from tnlib.models.common import document_cu_seqlens
+
+    if device == "kernel" and preset.startswith("transformer"):
+        pytest.skip("the Transformer has no attention kernel")
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "kernel" else "cpu"
+    m = create_model(preset, vocab_size=50, n_layers=2).to(dev).eval()
+    ids = _documents_batch().to(dev)
+    cu = document_cu_seqlens(ids.cpu(), 0).to(dev)
+    other = ids.clone()
+    for r, sl in ((0, slice(0, 13)), (0, slice(31, 40)), (1, slice(23, 40))):  # all but row 0's 2nd and row 1's 1st
+        other[r, sl] = (other[r, sl] % 49) + 1  # other tokens, never the EOT
+    with torch.no_grad():
+        a, b = m(ids, cu_seqlens=cu), m(other, cu_seqlens=cu)
+        plain_a, plain_b = m(ids), m(other)
+        alone = m(ids[0:1, 13:30])
+    assert torch.equal(a[0, 13:30], b[0, 13:30]) and torch.equal(a[1, :22], b[1, :22])
+    assert not torch.allclose(a[0, 31:], b[0, 31:])
+    assert rel_err(a[0, 13:30], alone[0]) < 1e-5  # the same up to the rounding of other positions' rotations
+    assert not torch.allclose(plain_a[0, 13:30], plain_b[0, 13:30], atol=1e-4)  # without documents: a leak
+    # the fused loss takes the same documents
+    tgt = torch.roll(ids, -1, 1)
+    loss = m(ids, tgt, cu_seqlens=cu)
+    ref = torch.nn.functional.cross_entropy(a.flatten(0, 1).float(), tgt.flatten())
+    assert abs(loss.item() - ref.item()) < 1e-4
+
+
+@pytest.mark.parametrize("preset", ["tnl-tiny", "transformer-tiny"])
+def test_documents_with_checkpointing_and_errors(preset):
+    from tnlib.models.common import document_cu_seqlens
+
+    m = create_model(preset, vocab_size=50, n_layers=2)
+    ids = _documents_batch()
+    cu = document_cu_seqlens(ids, 0)
+    grads = []
+    for ckpt in (False, True):
+        m.set_impl(checkpointing=ckpt).zero_grad()
+        m(ids, torch.roll(ids, -1, 1), cu_seqlens=cu).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n, g in grads[0].items():
+        assert rel_err(grads[1][n], g) < 1e-6, n
+    with pytest.raises(ValueError, match="every window boundary"):
+        m(ids, cu_seqlens=torch.tensor([0, 13, 80], dtype=torch.int32))  # row 1 would continue row 0's document
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("kernel", marks=pytest.mark.triton)])
+def test_packed_attention_with_documents_matches_unfused(device):
+    """The training path on packed documents (``_forward_packed`` with ``cu_seqlens``: what a GPU runs under
+    ``document_mask``) gives the unfused layer's output and gradients on the same documents."""
+    if device == "kernel":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = create_model("tnl-tiny", vocab_size=61, n_layers=2).to(device)
+    layer = m.layers[1].token_mixer  # no LRPE: the packed path applies
+    x = torch.randn(1, 50, m.config.d_model, device=device)
+    cu = torch.tensor([0, 7, 8, 40, 50], dtype=torch.int32, device=device)
+    results = []
+    for fwd in (lambda x: layer._forward_packed(x, cu), lambda x: layer(x, return_state=True, cu_seqlens=cu)[0]):
+        xi = x.clone().requires_grad_()
+        layer.zero_grad()
+        out = fwd(xi)
+        out.pow(2).mean().backward()
+        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (o1, dx1, g1), (o2, dx2, g2) = results
+    assert rel_err(o1, o2) < 1e-5 and rel_err(dx1, dx2) < 1e-4
+    for name, g in g1.items():
+        assert rel_err(g, g2[name]) < 1e-4, name
+    _, state = layer(x, return_state=True, cu_seqlens=cu)
+    assert state.shape == (4, layer.n_heads, layer.head_dim, layer.head_dim)  # one final state per document

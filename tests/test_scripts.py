@@ -103,3 +103,48 @@ def test_bench_plans_dry_run(tmp_path):
     assert [r["equal"] for r in rows if r["part"] == "hopper-configs"] == [True]
     assert {r["plan"] for r in rows if r["part"] == "train"} == {"default", "sm_80", "sm_86", "sm_75"}
     assert os.path.isfile(path[: -len(".json")] + ".png")
+
+
+def test_result_paths_rewrites_device_paths_only(tmp_path):
+    """tools/result_paths.py: the device's $OUT becomes the destination, the device's repository root and
+    temporary folders go, every number stays; a rewrite that would change a number is refused."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("result_paths", os.path.join(ROOT, "tools", "result_paths.py"))
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    doc = {"header": {"command": "python3 benchmarks/x.py --out /root/out --before build/b",
+                      "runs": [{"command": "python3 /work/main/tools/y.py --out /tmp/tmp_ab1c/before-1.json"}]},
+           "rows": [{"ms": 0.25, "n": 3, "path": "/root/out/x.json"}]}
+    src = tmp_path / "x.json"
+    src.write_text(json.dumps(doc))
+    rp.main([str(src), "--dest", str(tmp_path / "dest")])
+    new = json.load(open(tmp_path / "dest" / "x.json"))
+    dest = str(tmp_path / "dest")
+    assert new["header"]["command"] == f"python3 benchmarks/x.py --out {dest} --before build/b"
+    assert new["header"]["runs"][0]["command"] == "python3 tools/y.py --out $TMPDIR/before-1.json"
+    assert new["rows"] == [{"ms": 0.25, "n": 3, "path": f"{dest}/x.json"}]
+    assert len(new["header"]["paths_rewritten"]) == 3
+
+
+def test_bench_varlen_dry_run(tmp_path):
+    """Issue 29's benchmark (packed documents vs the dense kernel) runs on the CPU at tiny sizes under the
+    interpreter: every row checked against the kernels document by document and float64, then timed once."""
+    import json
+
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # the script sets it itself
+    res = subprocess.run([sys.executable, "benchmarks/bench_varlen.py", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (path,) = glob.glob(str(tmp_path / "varlen-*.json"))
+    doc = json.load(open(path))
+    head, rows = doc["header"], doc["rows"]
+    assert head["dry_run"] and head["commit"] and "bench_varlen.py" in head["command"]
+    assert sum(head["mixed_lengths"]) == head["tokens"] and len(set(head["mixed_lengths"])) > 3
+    assert [r["name"] for r in rows] == ["T=128", "T=256", "mixed", "equal", "one"]
+    assert all(r["fwd_ms"] and r["fwdbwd_ms"] for r in rows)
+    assert all(max(r["check"].values()) <= 2e-6 for r in rows if r["kind"] == "varlen")
+    assert len(head["summary"]) == 6
+    assert os.path.isfile(path[: -len(".json")] + ".png")

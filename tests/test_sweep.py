@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tnlib.models import build_model, get_config
+from tnlib import sweep
 from tnlib.sweep import LEVEL_MARGIN, load_spec, plan_runs, row_model_overrides, verdict
 from tnlib.train import TrainConfig, batch_at
 
@@ -238,3 +239,23 @@ def test_summarize_fills_speed_and_keeps_the_sweep_provenance(tmp_path):
         assert len(row["val_ppl"]) == len(row["seeds"]) and all(v > 50 for v in row["val_ppl"])
     assert [r["tokens_per_s_385m"] for r in doc["rows"]] == [200.0, 210.0]
     assert json.load(open(res / "summary.json")) == json.loads(json.dumps(doc))
+
+
+def test_document_mask_spec_rows_set_their_training(tmp_path):
+    """configs/document-mask.toml (issue 29): the ablation recipe and shape, the TNL and Transformer baselines
+    and the same rows with ``TrainConfig.document_mask``, which only their runs receive."""
+    dm = load_spec(os.path.join(ROOT, "configs/document-mask.toml"))
+    abl = load_spec(SPEC)
+    assert dm["recipe"] == abl["recipe"] and dm["shape"] == abl["shape"]
+    runs = plan_runs(dm)
+    assert len(runs) == 8
+    masked = {r.key for r in runs if r.settings.get("document_mask")}
+    assert masked == {f"M/{n}/seed{s}" for n in ("doc-mask", "transformer-doc-mask") for s in (1, 2)}
+    cmd = " ".join(sweep._command(runs[1], "DATA", "WORK", False))
+    assert "document_mask=true" in cmd and "--preset tnl-tiny" in cmd
+    bad = tmp_path / "bad.toml"
+    for train in ('{ nope = 1 }', '{ seed = 3 }'):
+        bad.write_text('[recipe]\nseq_len=8\nbatch_size=1\ntokens=8\nlr=1e-3\n'
+                       f'[[row]]\ntable="M"\nname="x"\narch="tnl"\ntrain={train}\nseeds=[1]\n')
+        with pytest.raises(ValueError, match="train must be a table of TrainConfig settings"):
+            load_spec(str(bad))

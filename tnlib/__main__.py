@@ -1,5 +1,5 @@
-"""Command line: ``python -m tnlib {prepare,download,train,generate,convert,compare,quickstart,sweep,consolidate,
-gpu-check} ...`` (``--help`` on each; ``python -m tnlib`` alone lists the commands).
+"""Command line: ``python -m tnlib {prepare,download,train,evaluate,generate,convert,compare,quickstart,sweep,
+consolidate,gpu-check} ...`` (``--help`` on each; ``python -m tnlib`` alone lists the commands).
 
 Every error is one line on stderr, ``error: ...``, with exit status 2, and nothing is written: argument
 errors (checked before any work), bad config values, missing paths, changed settings on ``--resume``,
@@ -197,6 +197,51 @@ def cmd_generate(a):
         text = tok.decode(out)
         print(text[len(tok.decode(out[:-1])):], end="", flush=True)
     print()
+
+
+def cmd_evaluate(a):
+    """Score a saved model on held-out sets of a prepared directory: every token of each set (or the first
+    ``--max-tokens``), in windows of ``--seq-len``; writes the results as JSON and prints a table."""
+    _check_checkpoint_dir(a.checkpoint)
+    from .data import TokenFile, load_tokenizer, tokenizer_hash
+
+    meta = read_json(os.path.join(a.data, "meta.json"), "prepare the data again") if os.path.isfile(
+        os.path.join(a.data, "meta.json")) else None
+    if meta is None:
+        raise CommandError(f"--data {a.data} has no meta.json (a directory written by `python -m tnlib prepare`)")
+    sets = a.sets or ["val"] + sorted(s for s in meta["splits"] if s.startswith("eval-"))
+    tfs = {s: TokenFile.open(a.data, s) for s in sets}  # every set checked before the model is loaded
+    tok_path = os.path.join(a.checkpoint, "tokenizer.json")
+    if os.path.isfile(tok_path) and tokenizer_hash(load_tokenizer(tok_path)) != meta["tokenizer_sha256"]:
+        raise CommandError(f"{tok_path} is not the tokenizer {a.data} was prepared with (scores would be meaningless)")
+    out = a.out or os.path.join(a.checkpoint, "evals.json")
+
+    import torch
+
+    from .progress import tqdm
+    from .provenance import provenance
+    from .train import evaluate
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = _load_any_checkpoint(a.checkpoint, device)
+    if model.config.vocab_size < meta["vocab_size"]:
+        raise CommandError(f"{a.checkpoint}: the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+                           f"data's ({meta['vocab_size']})")
+    amp = torch.bfloat16 if device.type == "cuda" else None  # as training's dtype=auto on a GPU with bf16
+    res = {}
+    for name in tqdm(sets, desc="evaluate", unit="set", disable=not sys.stderr.isatty()):
+        r = evaluate(model, tfs[name], a.seq_len, a.max_tokens, a.batch_size, device, amp, meta["eot_id"])
+        res[name] = {**r, "set_tokens": len(tfs[name].tokens)}
+    doc = {"checkpoint": a.checkpoint, "data": a.data, "seq_len": a.seq_len, "max_tokens": a.max_tokens,
+           "evals": res, "provenance": provenance()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"{'set':28s} {'tokens':>10s} {'loss':>8s} {'ppl':>10s} {'bits/byte':>10s}")
+    for name, r in res.items():
+        whole = "" if r["tokens"] == r["set_tokens"] else f" (of {r['set_tokens']:,})"
+        print(f"{name:28s} {r['tokens']:>10,} {r['loss']:>8.4f} {r['ppl']:>10.3f} {r['bpb']:>10.4f}{whole}")
+    print(f"wrote {out}")
 
 
 def _load_any_checkpoint(path, device):
@@ -439,6 +484,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--fused", action="store_true", help="GPU: compile the CUDA-graph decode step (faster per token)")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="perplexity and bits per byte of a saved model on whole held-out sets")
+    p.add_argument("--checkpoint", required=True, help="a directory written by save_model (e.g. RUN/final) or an "
+                                                       "official TransNormerLLM one")
+    p.add_argument("--data", required=True, help="a directory written by `prepare` (its tokenizer must be the model's)")
+    p.add_argument("--sets", nargs="*", default=[], help="splits to score (default: val and every eval-* split)")
+    p.add_argument("--seq-len", type=_number(int, lo=1), default=2048, help="window length (tokens)")
+    p.add_argument("--batch-size", type=_number(int, lo=1), default=16, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=_number(int, lo=1, none_ok=True), default=None,
+                   help="score only the first N tokens of each set, in whole windows (default: every token)")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: CHECKPOINT/evals.json)")
+    p.set_defaults(fn=cmd_evaluate)
 
     _add_convert_parser(sub)
 

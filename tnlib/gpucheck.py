@@ -11,7 +11,10 @@ its shared memory against the target's limit, its registers and its register spi
 What "launches for the model presets" covers, per preset and dtype (the target's training dtype, bf16 or
 fp16 where there is no bf16, and fp32): training steps at T = 2,048 (B = 16) and T = 32,768 (B = 1, so
 sequences split into segments) through the packed attention path, the LRPE layer's unpacked path, the
-norms and the chunked LM-head loss; a prefill of 1,000 tokens (B = 1) with and without a start state;
+norms and the chunked LM-head loss; the same step at T = 2,048 (B = 16) with documents
+(``TrainConfig.document_mask``: the windows as packed sequences, ``cu_seqlens``, the kernels' ``VARLEN``
+form); a prefill of 1,000 tokens (B = 1) with and without a start state, and of 8 packed prompts from
+their states;
 decode products through the GEMV kernel at 1, 2 and 4 rows (every configuration its autotuner tries);
 the fused decode step (``tnlib.models.fused_decode``, ``decoder="fused-graph"``) at 1 to 32 sequences.
 Integer arguments are specialized as Triton's JIT does (1 -> constant, multiples of 16 -> aligned).
@@ -168,27 +171,34 @@ def record_launches(fn) -> list[Launch]:
     return list(sink.launches.values())
 
 
-def _attention_launches(sink, target, dtype, H, K, D, lrpe: bool, act: int, B, T, train: bool, init: bool):
-    """The Lightning launches of one layer: the packed path (no LRPE, training) or the unpacked one."""
+def _attention_launches(sink, target, dtype, H, K, D, lrpe: bool, act: int, B, T, train: bool, init: bool,
+                        docs: int = 0):
+    """The Lightning launches of one layer: the packed path (no LRPE, training) or the unpacked one. ``docs``:
+    that many packed sequences (``cu_seqlens``) in the ``B * T`` tokens, run as one ``[1, B * T]`` batch."""
     from .ops.lightning import op
     from .ops.lightning.plan import launch_config
 
     meta = dict(device="meta", dtype=dtype)
     slope = torch.empty(H, device="meta", dtype=torch.float32)
-    cfg = launch_config(B, T, H, K, D, dtype, target).to_ints()
+    cu, n_states = None, B
+    if docs:
+        B, T, n_states = 1, B * T, docs
+        cu = torch.empty(docs + 1, device="meta", dtype=torch.int32)
+    cfg = launch_config(B, T, H, K, D, dtype, target, varlen=cu is not None).to_ints()
     if train and not lrpe:  # GatedLinearAttention._forward_packed: q | k | v from one projection
         qkv = torch.empty(B, T, 3 * H * D, **meta)
-        o, qk, local = op._packed_forward(qkv, slope, H, act, cfg)
-        op._packed_backward_impl(torch.empty_like(o), qkv, qk, slope, H, act, local, cfg)
+        o, qk, local = op._packed_forward(qkv, slope, H, act, cfg, cu)
+        op._packed_backward_impl(torch.empty_like(o), qkv, qk, slope, H, act, local, cfg, cu)
         return
     # unpacked: q, k after LRPE (dense, K wide), v a view of the fused projection's output
     q, k = torch.empty(B, T, H, K, **meta), torch.empty(B, T, H, K, **meta)
     v = torch.empty(B, T, 4 * H * D, **meta)[..., 2 * H * D: 3 * H * D].unflatten(-1, (H, D))
-    s0 = torch.empty(B, H, K, D, device="meta", dtype=torch.float32) if init else None
-    o, final, local = op._forward_impl(q, k, v, slope, op._config(cfg, q, v), initial_state=s0,
-                                       output_final_state=not train)
+    s0 = torch.empty(n_states, H, K, D, device="meta", dtype=torch.float32) if init else None
+    cfg = op._config(cfg, q, v)
+    o, final, local = op._forward_impl(q, k, v, slope, cfg, initial_state=s0, output_final_state=not train,
+                                       cu_seqlens=cu)
     if train:
-        op._backward_impl(torch.empty_like(o), q, k, v, slope, op._config(cfg, q, v), loc_kv=local)
+        op._backward_impl(torch.empty_like(o), q, k, v, slope, cfg, loc_kv=local, cu_seqlens=cu)
 
 
 def _fused_decode_launches(cfg, rows: int, dtype) -> None:
@@ -237,9 +247,13 @@ def collect_launches(target: GpuTarget, presets=None, dtypes=None) -> list[Launc
                         for B, T in ((16, 2048), (1, 32768)):
                             sink.use = f"{preset} train {dn} T={T} ({layer})"
                             _attention_launches(sink, target, dtype, H, K, D, lrpe, act, B, T, True, False)
+                        sink.use = f"{preset} train {dn} T=2048 documents ({layer})"
+                        _attention_launches(sink, target, dtype, H, K, D, lrpe, act, 16, 2048, True, False, docs=64)
                         for init in (False, True):
                             sink.use = f"{preset} prefill {dn}{' from a state' if init else ''} ({layer})"
                             _attention_launches(sink, target, dtype, H, K, D, lrpe, act, 1, 1000, False, init)
+                        sink.use = f"{preset} prefill {dn} 8 packed prompts from their states ({layer})"
+                        _attention_launches(sink, target, dtype, H, K, D, lrpe, act, 8, 125, False, True, docs=8)
                 sink.use = f"{preset} norms {dn}"
                 x = torch.empty(16 * 2048, d, **meta, requires_grad=True)
                 srmsnorm.srms_norm_triton(x).backward(torch.empty_like(x))

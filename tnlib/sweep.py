@@ -2,7 +2,8 @@
 
 Run as ``python -m tnlib sweep configs/ablations.toml --data DIR`` (``make ablations``); taught in
 ``notebooks/10_ablations.ipynb``. The spec (TOML) holds a ``[recipe]`` shared by every run, a ``[shape]``
-applied to every model, and ``[[row]]`` entries (table, name, arch, model overrides, seeds). Every run
+applied to every model, and ``[[row]]`` entries (table, name, arch, model overrides, seeds; ``train``: the
+row's own ``TrainConfig`` settings, e.g. ``{ document_mask = true }``, over the recipe's). Every run
 reads the same batches in the same order (``recipe.data_seed``); a row's seeds change only the
 initialisation. Each run is one ``python -m tnlib train`` process, so ``parallel`` of them can share a GPU.
 
@@ -30,7 +31,7 @@ __all__ = ["load_spec", "plan_runs", "run_sweep", "summarize", "row_model_overri
 _RECIPE_KEYS = {"size", "seq_len", "batch_size", "grad_accum", "tokens", "lr", "min_lr_ratio", "warmup_frac",
                 "weight_decay", "grad_clip", "evals", "eval_tokens", "eval_sets", "data_seed", "compile", "dtype",
                 "ckpts"}
-_ROW_KEYS = {"table", "name", "arch", "overrides", "seeds", "paper_ppl", "match_params"}
+_ROW_KEYS = {"table", "name", "arch", "overrides", "seeds", "paper_ppl", "match_params", "train"}
 
 #: the paper's relative difference below which it reports no material difference between two rows
 LEVEL_MARGIN = 0.005
@@ -109,8 +110,23 @@ def load_spec(path: str, shape: dict | None = None, recipe: dict | None = None) 
                 raise ValueError(f"{path}: row {key}: table and name must be plain path parts")
         if row.get("paper_ppl") is not None and not isinstance(row["paper_ppl"], (int, float)):
             raise ValueError(f"{path}: row {key}: paper_ppl must be a number")
+        _check_row_train(path, key, row.get("train", {}))
         get_config(f"{row['arch']}-{rec['size']}", **row_model_overrides(row, shp, rec["size"]))
     return {"recipe": rec, "shape": shp, "rows": rows, "path": path}
+
+
+def _check_row_train(path: str, key, train: dict) -> None:
+    """A row's ``train`` settings: ``TrainConfig`` fields other than those every run's recipe and seed set."""
+    import dataclasses
+
+    from .train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fixed = {"preset", "model_overrides", "data", "out", "seed", "max_steps", "progress"}
+    bad = sorted(set(train) - (fields - fixed)) if isinstance(train, dict) else [repr(train)]
+    if bad:
+        raise ValueError(f"{path}: row {key}: train must be a table of TrainConfig settings the row may change; "
+                         f"not {bad}")
 
 
 def row_model_overrides(row: dict, shape: dict, size: str = "tiny") -> dict:
@@ -194,7 +210,7 @@ def plan_runs(spec: dict) -> list[Run]:
             if i < len(row["seeds"]):
                 runs.append(Run(row["table"], row["name"], row["seeds"][i], f"{row['arch']}-{rec['size']}",
                                 row_model_overrides(row, spec["shape"], rec["size"]),
-                                {**settings, "seed": row["seeds"][i]}))
+                                {**settings, **row.get("train", {}), "seed": row["seeds"][i]}))
     return runs
 
 
@@ -385,7 +401,8 @@ def summarize(spec: dict, results: str, sweep_provenance: dict | None = None) ->
                  "tokens_per_s": [f and f["tokens_per_s"] for f in finals],
                  "tokens_per_s_385m": speed.get(f"{row['table']}/{row['name']}"),
                  "complete": len(done) == len(finals),
-                 **({"match_params": True} if row.get("match_params") else {})}
+                 **({"match_params": True} if row.get("match_params") else {}),
+                 **({"train": row["train"]} if row.get("train") else {})}
         for k in ppl_keys:
             entry[k + "_stats"] = _stats([f and f.get(k) for f in finals])
         if entry["params"] is None:  # not run yet: counted from its config (the data's vocabulary, when known)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .data import DataError, TokenFile
 from .fields import check_fields, parse_field
 from .files import FileDamaged, _one_line, load_weights, read_json, read_torch_file, set_default_mode
-from .models import Implementation, build_model, get_config
+from .models import Implementation, build_model, document_cu_seqlens, get_config
 from .models.config import FORMER_IMPLEMENTATION_FIELDS
 from .parallel import (SHARDED_DIR, apply_fsdp, apply_tensor_parallel, build_mesh, canonical_state_dict,
                        check_parallel, check_sharded, clip_grad_norm, init_distributed, load_sharded, save_sharded)
@@ -107,6 +107,11 @@ class TrainConfig:
     # LM head + cross-entropy in row chunks, no [tokens, vocab] logits (tnlib.ops.loss; one Triton kernel
     # per chunk on a GPU: faster and far less memory, results/bench/NOTES-model.md). None: on for CUDA, off on a CPU
     fused_loss: bool | None = None
+    # each training window's documents independent (they end with the EOT token in the token files): TNL's
+    # attention restarts its state at every document (cu_seqlens), the Transformer's attends within its
+    # document only (a block-diagonal causal mask); evaluation the same way. Off: windows are read across
+    # document boundaries (the paper's setup)
+    document_mask: bool = False
     peak_tflops: float | None = None  # for MFU; None: measured once on CUDA, not reported on CPU
     device: str = "auto"
     progress: bool = True
@@ -352,9 +357,16 @@ def batch_at(tokens: np.ndarray, step: int, micro: int, cfg: TrainConfig, rank: 
     return torch.from_numpy(x)
 
 
+def _documents(x, eot_id: int, device, on: bool) -> dict:
+    """The model's document keyword for the CPU windows ``x`` (``[B, T + 1]``): with ``on``
+    (``TrainConfig.document_mask``) the ``cu_seqlens`` of their inputs (``document_cu_seqlens``, built on the
+    CPU: no device sync), else nothing."""
+    return {"cu_seqlens": document_cu_seqlens(x[:, :-1], eot_id).to(device, non_blocking=True)} if on else {}
+
+
 @torch.no_grad()
 def evaluate(model, tf: TokenFile, seq_len: int, max_tokens: int | None, batch_size: int, device, autocast_dtype,
-             eot_id: int = 0):
+             eot_id: int = 0, document_mask: bool = False):
     """Loss (nats/token), perplexity and bits per byte of a held-out set, in non-overlapping windows.
 
     The set is scored as the stream ``[eot_id] + tokens`` (the end-of-text token is the context of the
@@ -362,8 +374,9 @@ def evaluate(model, tf: TokenFile, seq_len: int, max_tokens: int | None, batch_s
     ``max_tokens=None``: the whole set, every token (the last window shorter); otherwise the first
     ``max_tokens`` targets, in whole windows (at least one). Bits per byte divide by the UTF-8 bytes of
     exactly the targets scored (``tf.byte_lengths``); a TokenFile without them pro-rates ``tf.bytes`` by
-    the share of tokens scored. Returns ``loss``, ``ppl``, ``bpb``, ``tokens`` (targets scored) and
-    ``bytes``."""
+    the share of tokens scored. ``document_mask``: each window's documents scored on their own, as
+    ``TrainConfig.document_mask`` trains them (``document_cu_seqlens``: the EOT opens a document). Returns
+    ``loss``, ``ppl``, ``bpb``, ``tokens`` (targets scored) and ``bytes``."""
     model.eval()
     n_all = len(tf.tokens)
     if max_tokens is None:
@@ -378,9 +391,11 @@ def evaluate(model, tf: TokenFile, seq_len: int, max_tokens: int | None, batch_s
         spans.append([(full * seq_len, rest)])
     total, count, n_bytes = 0.0, 0, 0
     for batch in spans:
-        x = torch.from_numpy(np.stack([stream[s : s + length + 1] for s, length in batch])).to(device)
+        x = torch.from_numpy(np.stack([stream[s : s + length + 1] for s, length in batch]))
+        docs = _documents(x, eot_id, device, document_mask)
+        x = x.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(x[:, :-1])
+            logits = model(x[:, :-1], **docs)
         total += F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
         count += x[:, 1:].numel()
     model.train()
@@ -659,7 +674,7 @@ def _run_evals(run: _Run) -> dict:
     res = {}
     for name, tf in run.eval_tfs.items():
         r = evaluate(run.raw_model, tf, run.cfg.seq_len, run.cfg.eval_tokens, run.cfg.batch_size, run.device,
-                     run.autocast_dtype, run.meta["eot_id"])
+                     run.autocast_dtype, run.meta["eot_id"], run.cfg.document_mask)
         res.update({f"{name}_loss": r["loss"], f"{name}_ppl": r["ppl"], f"{name}_bpb": r["bpb"]})
     return res
 
@@ -674,14 +689,16 @@ def _step(run: _Run, stop: dict) -> dict:
         g["lr"] = lr
     loss_sum = torch.zeros((), device=device)  # read once, after the step: no wait per micro-batch
     for micro in range(cfg.grad_accum):
-        x = batch_at(run.train_tf.tokens, run.step, micro, cfg, run.dp_rank, run.dp_world).to(device, non_blocking=True)
+        x = batch_at(run.train_tf.tokens, run.step, micro, cfg, run.dp_rank, run.dp_world)
+        docs = _documents(x, run.meta["eot_id"], device, cfg.document_mask)
+        x = x.to(device, non_blocking=True)
         last_micro = micro == cfg.grad_accum - 1
         if run.fsdp:
             model.set_requires_gradient_sync(last_micro)
         with (model.no_sync() if run.ddp and not last_micro else contextlib.nullcontext()):
             with torch.autocast(device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
                 # fused: the model returns the loss itself (LM head + cross-entropy in row chunks)
-                out = run.fwd(x[:, :-1], x[:, 1:]) if cfg.fused_loss else run.fwd(x[:, :-1])
+                out = run.fwd(x[:, :-1], x[:, 1:], **docs) if cfg.fused_loss else run.fwd(x[:, :-1], **docs)
             loss = out if cfg.fused_loss else F.cross_entropy(out.float().flatten(0, 1), x[:, 1:].flatten())
             (loss / cfg.grad_accum if run.scaler is None else run.scaler.scale(loss / cfg.grad_accum)).backward()
         loss_sum += loss.detach().float() / cfg.grad_accum

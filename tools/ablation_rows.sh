@@ -13,6 +13,11 @@
 #   run(command="bash tools/ablation_rows.sh status", timeout_s=300)        # until it prints "rows done"
 # Here: tar -xzf FILES_AT/ablation-rows.tar.gz -C results/ablation
 #       python -m tnlib sweep configs/ablations.toml --summarize --shape d_model=384 n_layers=6 n_heads=6 --set tokens=20004864
+#
+# SPEC=configs/other.toml trains that spec's rows instead (same data, shape and tokens), its results and work in
+# $ROOT/results-other and $ROOT/work-other (apart from the ablation sweep's: both have a default/default row),
+# packed into $OUT/other-rows.tar.gz; e.g. issue 29's document masking (results/document-mask/NOTES.md):
+#   run(command="SPEC=configs/document-mask.toml ONLY='default M' TNLIB_COMMIT=<full hash> bash tools/ablation_rows.sh start")
 set -uo pipefail
 MODE=${1:?usage: $0 start|status}
 OUT=${OUT:-out}
@@ -21,13 +26,17 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD LC_COLLATE=C
 CARRY=${LONG_ROOT:-/tmp/long385}/carry       # where tools/long_385m.sh staged the parts
 ROOT=${ABL_ROOT:-/tmp/abl-rows}
 ONLY=${ONLY:-E/no-gate-matched}
+SPEC=${SPEC:-configs/ablations.toml}
+NAME=$(basename "$SPEC" .toml)
+SUFFIX=$([ "$NAME" = ablations ] || echo "-$NAME")   # the ablation sweep keeps its folders' names
+PACK=$([ "$NAME" = ablations ] && echo ablation-rows || echo "$NAME-rows")
 PARALLEL=${PARALLEL:-2}
 SHAPE=${SHAPE:-"d_model=384 n_layers=6 n_heads=6"}   # what the committed sweep ran (results/ablation/summary.json)
 TOKENS=${TOKENS:-20004864}
 T_CALL=$(date +%s)
 CALL_S=${CALL_S:-240}
 mkdir -p "$ROOT"
-running() { kill -0 "$(cat "$ROOT/sweep.pid" 2>/dev/null)" 2>/dev/null; }
+running() { kill -0 "$(cat "$ROOT/sweep$SUFFIX.pid" 2>/dev/null)" 2>/dev/null; }
 
 prepare() {
   [ -f "$ROOT/data/meta.json" ] && return 0
@@ -50,9 +59,9 @@ PY
 follow() {
   local until=$(( T_CALL + CALL_S - 30 ))
   while [ "$(date +%s)" -lt $until ] && running; do sleep 10; done
-  tail -n 5 "$ROOT/sweep.log"
-  (cd "$ROOT/results" 2>/dev/null && tar -czf "$OUT/ablation-rows.tar.gz" $(ls -d */*/seed*/ 2>/dev/null) && ls -la "$OUT")
-  running || { grep -q "runs finished" "$ROOT/sweep.log" && echo "rows done"; }
+  tail -n 5 "$ROOT/sweep$SUFFIX.log"
+  (cd "$ROOT/results$SUFFIX" 2>/dev/null && tar -czf "$OUT/$PACK.tar.gz" $(ls -d */*/seed*/ 2>/dev/null) && ls -la "$OUT")
+  running || { grep -q "runs finished" "$ROOT/sweep$SUFFIX.log" && echo "rows done"; }
 }
 
 case "$MODE" in
@@ -60,9 +69,9 @@ start)
   running && { echo "already running"; follow; exit 0; }
   prepare || exit 1
   export TNLIB_COMMIT=${TNLIB_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-  setsid nohup bash -c "echo \$\$ > '$ROOT/sweep.pid'; exec python3 -m tnlib sweep configs/ablations.toml \
-    --data '$ROOT/data' --results '$ROOT/results' --work '$ROOT/work' --parallel $PARALLEL --only $ONLY \
-    --shape $SHAPE --set tokens=$TOKENS" >> "$ROOT/sweep.log" 2>&1 < /dev/null &
+  setsid nohup bash -c "echo \$\$ > '$ROOT/sweep$SUFFIX.pid'; exec python3 -m tnlib sweep $SPEC \
+    --data '$ROOT/data' --results '$ROOT/results$SUFFIX' --work '$ROOT/work$SUFFIX' --parallel $PARALLEL --only $ONLY \
+    --shape $SHAPE --set tokens=$TOKENS" >> "$ROOT/sweep$SUFFIX.log" 2>&1 < /dev/null &
   sleep 5
   follow ;;
 status)

@@ -4,9 +4,12 @@ Each configuration row (kernel, configuration, dtype, the launches that use it) 
 matched with the same row of the "after" file, and their shared memory, registers and spill stores are
 compared. A configuration's words are compared as a set (their order follows the kernel's parameter
 order); ``--ignore KERNEL:WORD`` drops a word that only one side prints (e.g. ``segment_state:SCALE_C``,
-a flag that was hard-coded in the kernel before and is a launch argument after).
+a flag that was hard-coded in the kernel before and is a launch argument after). ``--skip WORD`` leaves out the
+configurations that print WORD (e.g. ``VARLEN``: launches the "after" side adds), ``--ignore-uses`` the column
+of the launches that use a configuration (which grows when new launches share an old configuration).
 
-Usage: python3 tools/compare_gpu_check.py BEFORE.txt AFTER.txt [--ignore segment_state:SCALE_C]
+Usage: python3 tools/compare_gpu_check.py BEFORE.txt AFTER.txt [--ignore segment_state:SCALE_C] [--skip VARLEN]
+       [--ignore-uses]
 Exit status 0 when every row matches and nothing differs, 1 otherwise.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections import Counter
 ROW = re.compile(r"^(\S+)\s{2,}(.+?)\s{2,}(\w+)\s+([\d,]+)\s+(\d+)\s+(\d+)\s+(yes|NO)\s+(.*)$")
 
 
-def rows(path: str, ignore: set) -> Counter:
+def rows(path: str, ignore: set, skip: set = frozenset(), ignore_uses: bool = False) -> Counter:
     """``(kernel, config words, dtype, uses) -> (shared, registers, spills)`` multiset of a gpu-check output."""
     out = Counter()
     with open(path) as f:
@@ -28,8 +31,11 @@ def rows(path: str, ignore: set) -> Counter:
             if not m or m.group(1) == "kernel":
                 continue
             kernel, config, dtype, shared, regs, spills, _, uses = m.groups()
+            if skip & set(config.split()):
+                continue
             words = frozenset(w for w in config.split() if (kernel, w) not in ignore)
-            out[(kernel, words, dtype, uses.strip(), int(shared.replace(",", "")), int(regs), int(spills))] += 1
+            uses = "" if ignore_uses else uses.strip()
+            out[(kernel, words, dtype, uses, int(shared.replace(",", "")), int(regs), int(spills))] += 1
     return out
 
 
@@ -38,9 +44,11 @@ def main(argv=None) -> int:
     ap.add_argument("before")
     ap.add_argument("after")
     ap.add_argument("--ignore", action="append", default=[], metavar="KERNEL:WORD")
+    ap.add_argument("--skip", action="append", default=[], metavar="WORD")
+    ap.add_argument("--ignore-uses", action="store_true")
     a = ap.parse_args(argv)
     ignore = {tuple(x.split(":", 1)) for x in a.ignore}
-    b, af = rows(a.before, ignore), rows(a.after, ignore)
+    b, af = (rows(p, ignore, set(a.skip), a.ignore_uses) for p in (a.before, a.after))
     same = sum((b & af).values())
     only_b, only_a = b - af, af - b
     print(f"{a.before}: {sum(b.values())} configurations; {a.after}: {sum(af.values())}; "

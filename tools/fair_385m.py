@@ -56,8 +56,9 @@ def _fmt_lr(lr: float) -> str:
     return f"{lr:.1e}".replace("e-0", "e-")
 
 
-def specs(stage: str, residual: str = "params", lrs: dict | None = None, models=MODELS) -> list[str]:
-    """Run specs for ``tools/long_385m.sh`` (``NAME=PRESET:KEY=VALUE...``; ``m.`` marks a model field)."""
+def specs(stage: str, residual: str = "params", lrs: dict | None = None, models=MODELS, grid=LR_GRID) -> list[str]:
+    """Run specs for ``tools/long_385m.sh`` (``NAME=PRESET:KEY=VALUE...``; ``m.`` marks a model field). ``grid``:
+    the learning rates of the ``lr`` stage (rates beyond ``LR_GRID`` when a model's best lies at its edge)."""
     tokens = STAGE_TOKENS[stage]
     out = []
     for m in models:
@@ -65,7 +66,7 @@ def specs(stage: str, residual: str = "params", lrs: dict | None = None, models=
             for label, value in RESIDUAL.items():
                 out.append(f"{SHORT[m]}-{label}={m}:m.residual_dtype={value}:lr=6e-4:tokens={tokens}")
         elif stage == "lr":
-            for lr in LR_GRID:
+            for lr in grid:
                 out.append(f"{SHORT[m]}-lr{_fmt_lr(lr)}={m}:m.residual_dtype={residual}:lr={lr}:tokens={tokens}")
         elif stage == "final":
             if not lrs or m not in lrs:
@@ -294,6 +295,8 @@ def main(argv=None):
     p.add_argument("--lr", nargs="*", default=[], help="final stage: MODEL=LR for each model")
     p.add_argument("--models", nargs="*", default=list(MODELS))
     p.add_argument("--only", nargs="*", default=None, help="only these run names")
+    p.add_argument("--grid", nargs="+", type=float, default=list(LR_GRID),
+                   help="lr stage: the learning rates (default: %(default)s; add 1.5e-4 when a best is at 3e-4)")
     p = sub.add_parser("results", help="write a stage's result file from unpacked run folders")
     p.add_argument("stage", choices=sorted(STAGE_TOKENS))
     p.add_argument("--src", nargs="+", required=True)
@@ -301,7 +304,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.cmd == "specs":
         lrs = {k: float(v) for k, v in (x.split("=", 1) for x in a.lr)}
-        out = specs(a.stage, a.residual, lrs, a.models)
+        out = specs(a.stage, a.residual, lrs, a.models, a.grid)
         if a.only is not None:
             out = [s for s in out if s.split("=", 1)[0] in a.only]
         print(" ".join(out))

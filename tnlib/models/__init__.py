@@ -5,12 +5,13 @@ import os
 
 import torch
 
+from .common import document_cu_seqlens
 from .config import CHOICES, PRESETS, Implementation, ModelConfig, get_config, glu_dim_for
 from .transformer import Transformer
 from .transnormer import TransNormerLLM
 
 __all__ = ["ModelConfig", "Implementation", "PRESETS", "CHOICES", "get_config", "glu_dim_for", "create_model",
-           "build_model", "save_model", "load_model", "TransNormerLLM", "Transformer"]
+           "build_model", "save_model", "load_model", "TransNormerLLM", "Transformer", "document_cu_seqlens"]
 
 
 def build_model(cfg: ModelConfig, impl: Implementation | None = None) -> torch.nn.Module:

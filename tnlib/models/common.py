@@ -12,7 +12,8 @@ from ..nn.gla import GatedLinearAttention
 from ..nn.linear import Linear, linear
 from .config import Implementation
 
-__all__ = ["init_weights", "check_input_ids", "left_pad_positions", "CausalLM"]
+__all__ = ["init_weights", "check_input_ids", "left_pad_positions", "document_cu_seqlens", "check_documents",
+           "document_mask", "CausalLM"]
 
 
 def left_pad_positions(input_ids, pad_mask):
@@ -23,6 +24,43 @@ def left_pad_positions(input_ids, pad_mask):
     if pad_mask.shape != input_ids.shape or pad_mask.dtype != torch.bool:
         raise ValueError(f"pad_mask must be a bool tensor of shape {tuple(input_ids.shape)}")
     return pad_mask.sum(1) - T
+
+
+def document_cu_seqlens(input_ids, eot_id: int):
+    """The documents of a batch of training windows ``input_ids: [B, T]`` as packed-sequence boundaries
+    (``tnlib.ops.lightning_attention``'s ``cu_seqlens``: int32 ``[N + 1]`` over the ``B * T`` tokens taken row
+    after row). A document starts at every window start and at every end-of-text token ``eot_id``: the EOT
+    that ends one document in the token files opens the next one here, as a beginning-of-sequence token,
+    so the first token of a document is predicted from the EOT alone (as ``tnlib.train.evaluate`` scores a
+    set: ``[eot] + tokens``) and the EOT itself, as a target, from its own document. Reads the token values
+    (a device sync for a GPU tensor: build it from the CPU batch)."""
+    B, T = input_ids.shape
+    start = input_ids == eot_id
+    start[:, 0] = True
+    starts = torch.nonzero(start.flatten()).flatten()
+    return torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
+
+
+def check_documents(cu_seqlens, B: int, T: int) -> None:
+    """Where the values are free to read (a CPU tensor, outside ``torch.compile``): ``cu_seqlens`` splits
+    ``B * T`` tokens at every window start (``document_cu_seqlens`` does), so no document spans two windows.
+    Its own form (monotone, the ends) is the attention op's to check."""
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        have = set(cu_seqlens.tolist())
+        missing = [b * T for b in range(B + 1) if b * T not in have]
+        if missing:
+            raise ValueError(f"cu_seqlens must hold every window boundary (multiples of T = {T} up to B * T = "
+                             f"{B * T}); missing {missing[:4]}: build it with document_cu_seqlens")
+
+
+def document_mask(cu_seqlens, B: int, T: int):
+    """The causal attention mask ``[B, 1, T, T]`` (True: may attend) of windows holding the documents of
+    ``cu_seqlens`` (``document_cu_seqlens``): block-diagonal, a query sees the earlier keys of its own document
+    only. Built on the tensors' device without reading values (no sync)."""
+    pos = torch.arange(B * T, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True).view(B, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=cu_seqlens.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 def init_weights(model: nn.Module, std: float) -> None:
@@ -84,13 +122,14 @@ class CausalLM(nn.Module):
             return x.to(torch.get_autocast_dtype(x.device.type))
         return x
 
-    def run_blocks(self, x):
-        """The training/parallel pass through every block, checkpointing each one if ``impl.checkpointing``."""
+    def run_blocks(self, x, **block_kwargs):
+        """The training/parallel pass through every block, checkpointing each one if ``impl.checkpointing``;
+        ``block_kwargs`` go to every block (documents: TNL's ``cu_seqlens``, the Transformer's ``attn_mask``)."""
         for layer in self.layers:
             if self.impl.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, use_reentrant=False)
+                x = checkpoint(layer, x, use_reentrant=False, **block_kwargs)
             else:
-                x = layer(x)
+                x = layer(x, **block_kwargs)
         return x
 
     def compile_blocks(self, **compile_kwargs):

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..nn.linear import Linear
 from ..nn.norm import build_norm
-from .common import CausalLM, check_input_ids, init_weights, left_pad_positions
+from .common import CausalLM, check_documents, check_input_ids, document_mask, init_weights, left_pad_positions
 from .config import Implementation, ModelConfig
 
 __all__ = ["Transformer", "KVCache", "StaticKVCache", "rope"]
@@ -99,9 +99,10 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x, offset=0, past=None, key_valid=None, want_kv=False):
+    def forward(self, x, offset=0, past=None, key_valid=None, want_kv=False, attn_mask=None):
         """Causal attention. ``past=(k, v)`` continues a sequence; ``key_valid`` ([B, L] bool) masks
-        left padding; with ``want_kv`` it also returns the keys and values so far."""
+        left padding; with ``want_kv`` it also returns the keys and values so far. ``attn_mask`` ([B, 1, T, T]
+        bool, no ``past``): the whole mask instead of the causal one (documents: ``document_mask``)."""
         B, T, d = x.shape
         q, k, v = (p.reshape(B, T, self.n_heads, self.head_dim) for p in self.qkv_proj(x).chunk(3, dim=-1))
         q, k = rope(q, self.theta, offset), rope(k, self.theta, offset)
@@ -109,7 +110,9 @@ class Attention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         L = k.shape[2]
-        if key_valid is None and (past is None or T == 1):
+        if attn_mask is not None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        elif key_valid is None and (past is None or T == 1):
             # no padding: plain causal attention (a single new token may see every cached key)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=past is None and T > 1)
         else:
@@ -156,8 +159,8 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.glu_dim)
 
-    def forward(self, x, offset=0, past=None, key_valid=None, want_kv=False):
-        h = self.attn(self.attn_norm(x), offset, past, key_valid, want_kv)
+    def forward(self, x, offset=0, past=None, key_valid=None, want_kv=False, attn_mask=None):
+        h = self.attn(self.attn_norm(x), offset, past, key_valid, want_kv, attn_mask)
         if want_kv:
             h, kv = h
         x = x + h
@@ -239,8 +242,17 @@ class Transformer(CausalLM):
         cache.length.add_(1)
         return self.logits(x)
 
-    def forward(self, input_ids, targets=None):
-        """``input_ids: [B, T]`` -> logits ``[B, T, vocab]``, or with ``targets`` the mean cross-entropy."""
+    def forward(self, input_ids, targets=None, *, cu_seqlens=None):
+        """``input_ids: [B, T]`` -> logits ``[B, T, vocab]``, or with ``targets`` the mean cross-entropy.
+
+        ``cu_seqlens``: documents, as ``TransNormerLLM.forward`` takes them: here a block-diagonal causal
+        mask (``document_mask``, one per batch, shared by every layer) so that no attention score crosses a
+        document boundary. RoPE positions stay the window's (a score depends on ``t - s`` only)."""
         check_input_ids(input_ids, self.config.vocab_size)
-        h = self.run_blocks(self.residual_stream(self.embed(input_ids)))
+        kw = {}
+        if cu_seqlens is not None:
+            B, T = input_ids.shape
+            check_documents(cu_seqlens, B, T)
+            kw["attn_mask"] = document_mask(cu_seqlens, B, T)
+        h = self.run_blocks(self.residual_stream(self.embed(input_ids)), **kw)
         return self.logits(h) if targets is None else self.lm_loss(h, targets)

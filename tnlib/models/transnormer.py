@@ -10,7 +10,7 @@ from torch import nn
 from ..nn.linear import Linear
 from ..nn.gla import SGLU, GatedLinearAttention
 from ..nn.norm import build_norm
-from .common import CausalLM, check_input_ids, init_weights, left_pad_positions
+from .common import CausalLM, check_documents, check_input_ids, init_weights, left_pad_positions
 from .config import Implementation, ModelConfig
 
 __all__ = ["TransNormerLLM", "TNLBlock", "RecurrentCache", "init_weights", "check_input_ids", "left_pad_positions"]
@@ -38,8 +38,9 @@ class TNLBlock(nn.Module):
         self.channel_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.channel_mixer = SGLU(cfg.d_model, cfg.glu_dim, cfg.glu_act)
 
-    def forward(self, x, state=None, offset=0, return_state=False, pad_mask=None):
-        h = self.token_mixer(self.token_norm(x), state=state, offset=offset, return_state=return_state, pad_mask=pad_mask)
+    def forward(self, x, state=None, offset=0, return_state=False, pad_mask=None, cu_seqlens=None):
+        h = self.token_mixer(self.token_norm(x), state=state, offset=offset, return_state=return_state, pad_mask=pad_mask,
+                             cu_seqlens=cu_seqlens)
         if return_state:
             h, state = h
         x = x + h
@@ -109,8 +110,19 @@ class TransNormerLLM(CausalLM):
             x = x[:, -1:]
         return self.logits(x), RecurrentCache(new_states, start + input_ids.shape[1])
 
-    def forward(self, input_ids, targets=None):
+    def forward(self, input_ids, targets=None, *, cu_seqlens=None):
         """``input_ids: [B, T]`` -> logits ``[B, T, vocab]``; with ``targets`` (``[B, T]``) the mean
-        cross-entropy instead, computed without the logits (``CausalLM.lm_loss``)."""
-        h = self.run_blocks(self.embed_tokens(input_ids))
+        cross-entropy instead, computed without the logits (``CausalLM.lm_loss``).
+
+        ``cu_seqlens``: documents (``document_cu_seqlens``; boundaries over the ``B * T`` tokens, every window
+        start among them): each document is computed as if it were alone. The windows run as one packed
+        sequence through every block, their attention through ``cu_seqlens`` (no state crosses a boundary);
+        LRPE and absolute positions stay the window's (LRPE's scores depend on ``t - s`` only)."""
+        x = self.embed_tokens(input_ids)
+        if cu_seqlens is None:
+            h = self.run_blocks(x)
+        else:
+            B, T = input_ids.shape
+            check_documents(cu_seqlens, B, T)
+            h = self.run_blocks(x.reshape(1, B * T, -1), cu_seqlens=cu_seqlens).reshape(B, T, -1)
         return self.logits(h) if targets is None else self.lm_loss(h, targets)

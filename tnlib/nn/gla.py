@@ -92,19 +92,25 @@ class GatedLinearAttention(nn.Module):
         _ops.check_slope_values(slope, name=f"layer {layer_idx}'s decay")
         return slope
 
-    def forward(self, x, state=None, offset=0, return_state=False, pad_mask=None):
+    def forward(self, x, state=None, offset=0, return_state=False, pad_mask=None, cu_seqlens=None):
         """``x: [B, T, d]`` -> ``[B, T, d]`` (and the final recurrent state if ``return_state``).
 
         ``state`` (``[B, H, K, V]`` fp32) continues a sequence; ``offset`` (int or ``[B]``) is the LRPE
         position of token 0; ``pad_mask`` (``[B, T]`` bool, True = real token) zeroes the values of
-        padding so it contributes nothing to the state (as the official code does).
+        padding so it contributes nothing to the state (as the official code does). ``cu_seqlens``
+        (``tnlib.ops.lightning_attention``'s convention): ``x`` is ``[1, total, d]`` holding sequences back to
+        back, each attending to itself only; ``state`` and the returned state are then ``[N, H, K, V]``. LRPE
+        positions need no restart per sequence: its score depends on ``t - s`` only.
         """
         B, T, d = x.shape
         H, D = self.n_heads, self.head_dim
+        if cu_seqlens is not None and pad_mask is not None:
+            raise ValueError("GatedLinearAttention: pad_mask and cu_seqlens exclude each other (packed sequences "
+                             "need no padding)")
         if (self.packed and x.is_cuda and self.lrpe is None and state is None and not return_state
                 and pad_mask is None
                 and not _is_dtensor(self.qkvu_proj.weight)):  # tensor parallel: the projection's hooks split heads
-            return self._forward_packed(x)
+            return self._forward_packed(x, cu_seqlens)
         parts = self.qkvu_proj(x).chunk(4 if self.gate else 3, dim=-1)
         q, k, v = (p.reshape(B, T, H, D) for p in parts[:3])
         q, k = self.act(q), self.act(k)
@@ -113,24 +119,26 @@ class GatedLinearAttention(nn.Module):
         if self.lrpe is not None:
             q, k = self.lrpe.pair(q, k, offset)
         slope = self.slope.float()  # stays fp32 even after model.to(bfloat16)
-        if T == 1 and state is not None:
+        if T == 1 and state is not None and cu_seqlens is None:
             o, state = self.recurrent_step(q[:, 0], k[:, 0], v[:, 0], slope, state)
             o = o[:, None]
         elif state is not None or return_state:
-            o, state = _ops.lightning_attention(q, k, v, slope, initial_state=state, output_final_state=True)
+            o, state = _ops.lightning_attention(q, k, v, slope, initial_state=state, output_final_state=True,
+                                                cu_seqlens=cu_seqlens)
         else:
-            o, state = _ops.lightning_attention(q, k, v, slope), None
+            o, state = _ops.lightning_attention(q, k, v, slope, cu_seqlens=cu_seqlens), None
         o = self.norm(o.reshape(B, T, H * D))  # H * D < d when tensor parallelism gave this rank H of the heads
         if self.gate:
             o = o * parts[3]
         out = self.out_proj(o)
         return (out, state) if return_state else out
 
-    def _forward_packed(self, x):
+    def _forward_packed(self, x, cu_seqlens=None):
         """The same layer through ``lightning_attention_packed`` (see the class docstring)."""
         B, T, d = x.shape
         w, gemv = self.qkvu_proj.weight, self.qkvu_proj.gemv
-        o = _ops.lightning_attention_packed(linear(x, w[: 3 * d], gemv=gemv), self.slope.float(), self.n_heads, self.qk_act)
+        o = _ops.lightning_attention_packed(linear(x, w[: 3 * d], gemv=gemv), self.slope.float(), self.n_heads,
+                                            self.qk_act, cu_seqlens=cu_seqlens)
         o = self.norm(o.reshape(B, T, d))
         if self.gate:
             o = o * linear(x, w[3 * d:], gemv=gemv)

@@ -11,10 +11,11 @@ from .reference import (
     linear_attention_recurrent,
     softmax_attention,
 )
-from ._checks import check_slope_values
+from ._checks import check_cu_seqlens, check_slope_values
 from .lightning import lightning_attention, lightning_attention_packed
 
 __all__ = [
+    "check_cu_seqlens",
     "check_slope_values",
     "decay_mask",
     "linear_attention_chunked",

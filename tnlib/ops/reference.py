@@ -14,6 +14,12 @@ Decayed causal linear attention, with ``lambda_h = exp(-slope_h)``::
 Three forms compute it: quadratic (masked left product), recurrent (right product, token by
 token) and chunked (Lightning Attention-2's block algorithm: intra-block masked product plus an
 inter-block state).
+
+Each also takes packed sequences, ``cu_seqlens`` (int32/int64 ``[N + 1]``, from 0 to ``T``, strictly
+increasing; flash-linear-attention's convention): ``q, k, v`` are ``[1, T, H, D]`` with sequence ``n`` in rows
+``cu_seqlens[n] : cu_seqlens[n + 1]``, ``initial_state`` and the final state ``[N, H, K, V]``. The references
+run the form on each sequence separately (a loop over sequences: the definition the kernels are tested
+against, not a fast path).
 """
 from __future__ import annotations
 
@@ -68,12 +74,32 @@ def _finish(o, state, v, output_final_state):
     return (o, state) if output_final_state else o
 
 
-def linear_attention_quadratic(q, k, v, slope=None, initial_state=None, output_final_state=False):
+def _per_sequence(form, q, k, v, slope, initial_state, output_final_state, cu_seqlens, **kw):
+    """``form`` (a rung of the ladder) on each packed sequence of ``cu_seqlens`` on its own, from its own
+    initial state; outputs concatenated along time, final states stacked ``[N, H, K, V]``."""
+    check_attention_inputs(q, k, v, slope, initial_state, name=form.__name__, cu_seqlens=cu_seqlens)
+    bounds = cu_seqlens.tolist()
+    outs, states = [], []
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        s0 = None if initial_state is None else initial_state[n : n + 1]
+        o, S = form(q[:, a:b], k[:, a:b], v[:, a:b], slope, s0, True, **kw)
+        outs.append(o)
+        states.append(S)
+    o = torch.cat(outs, 1)
+    return (o, torch.cat(states, 0)) if output_final_state else o
+
+
+def linear_attention_quadratic(q, k, v, slope=None, initial_state=None, output_final_state=False, *,
+                               cu_seqlens=None):
     """Left product ``O = [(Q K^T) * M] V``: O(T^2) time and memory, fully parallel.
 
     Returns ``o`` (``[B, T, H, V]``) or ``(o, S_{T-1})`` with the state ``[B, H, K, V]`` computed in
     closed form (``sum_s lambda^(T-1-s) k_s^T v_s + lambda^T S_{-1}``), not by recurrence.
+    ``cu_seqlens``: packed sequences (module docstring).
     """
+    if cu_seqlens is not None:
+        return _per_sequence(linear_attention_quadratic, q, k, v, slope, initial_state, output_final_state,
+                             cu_seqlens)
     B, T, H, K, V = check_attention_inputs(q, k, v, slope, initial_state, name="linear_attention_quadratic")
     cd = compute_dtype(q, initial_state)
     s = _slope_or_zero(slope, H, cd, q.device)
@@ -92,11 +118,16 @@ def linear_attention_quadratic(q, k, v, slope=None, initial_state=None, output_f
     return _finish(o, state, v, output_final_state)
 
 
-def linear_attention_recurrent(q, k, v, slope=None, initial_state=None, output_final_state=False):
+def linear_attention_recurrent(q, k, v, slope=None, initial_state=None, output_final_state=False, *,
+                               cu_seqlens=None):
     """Right product token by token: ``S_t = lambda S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``.
 
-    O(T K V) time, O(K V) state, sequential in T: the robust recurrence used for decoding.
+    O(T K V) time, O(K V) state, sequential in T: the robust recurrence used for decoding. ``cu_seqlens``:
+    packed sequences (module docstring): the recurrence restarts from each sequence's own initial state.
     """
+    if cu_seqlens is not None:
+        return _per_sequence(linear_attention_recurrent, q, k, v, slope, initial_state, output_final_state,
+                             cu_seqlens)
     B, T, H, K, V = check_attention_inputs(q, k, v, slope, initial_state, name="linear_attention_recurrent")
     cd = compute_dtype(q, initial_state)
     lam = torch.exp(-_slope_or_zero(slope, H, cd, q.device))[None, :, None, None]  # [1, H, 1, 1]
@@ -115,7 +146,7 @@ def linear_attention_recurrent(q, k, v, slope=None, initial_state=None, output_f
 
 
 def linear_attention_chunked(
-    q, k, v, slope=None, initial_state=None, output_final_state=False, block_size: int = 64
+    q, k, v, slope=None, initial_state=None, output_final_state=False, block_size: int = 64, *, cu_seqlens=None
 ):
     """Lightning Attention-2's block algorithm (arXiv 2401.04658) in PyTorch, 0-based in-block index.
 
@@ -125,8 +156,12 @@ def linear_attention_chunked(
         O_inter = diag(lambda^(r+1)) Q_i S
         S      <- lambda^m S + (diag(lambda^(m-1-c)) K_i)^T V_i
 
-    Any ``T`` (the last block may be partial) and any ``block_size >= 1``.
+    Any ``T`` (the last block may be partial) and any ``block_size >= 1``. ``cu_seqlens``: packed sequences
+    (module docstring), each cut into blocks from its own start.
     """
+    if cu_seqlens is not None:
+        return _per_sequence(linear_attention_chunked, q, k, v, slope, initial_state, output_final_state,
+                             cu_seqlens, block_size=block_size)
     B, T, H, K, V = check_attention_inputs(q, k, v, slope, initial_state, name="linear_attention_chunked")
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"linear_attention_chunked: block_size must be a positive int, got {block_size!r}")

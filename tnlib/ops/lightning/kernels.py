@@ -12,13 +12,22 @@ Notebook ``04_lightning_attention`` writes a tutorial-sized forward kernel (one 
 * ``_dkdv_kernel``: dk and dv from one reverse sweep sharing the state, so q, k, v, dO are read once;
 * a fused feature-map derivative epilogue (``GRAD_ACT``): the packed path's backward writes the
   gradient of the pre-activation projection directly, with no separate elementwise pass;
-* strided rows: q, k, v read as views of the fused projection's output, with no copy.
+* strided rows: q, k, v read as views of the fused projection's output, with no copy;
+* packed sequences (``ITEMS``, ``VARLEN``): ``[1, total, H, D]`` rows holding many sequences back to
+  back (``cu_seqlens``). Each program then takes one work item, one segment of one sequence (the table
+  ``op._work_items`` builds on the device: sequence ``n``, segment ``j``, first row, length, index of the
+  sequence's first segment state), and runs the same chunk loop over that sequence's rows only, from
+  its own start state (``INIT[n]``), storing its own final state (``FINAL[n]``): chunks are cut from each
+  sequence's start, so no chunk, state or score spans two sequences, whatever the lengths (down to 1).
+  ``VARLEN`` is a constexpr (from ``ITEMS`` being given): without it every kernel compiles to the code it
+  compiled to before packed sequences existed.
 
 Interfaces. Each tensor argument comes with one tuple of its strides in elements (``sa`` for ``A``,
 ...): ``(s_b, s_t, s_h)`` for a ``[B, T, H, D]`` tensor (its last dimension contiguous), ``(s_b, s_h,
 s_k, s_v)`` for a ``[B, H, K, V]`` state, ``(s_b, s_h, s_seg, s_k, s_v)`` for the segment states. An
 optional tensor that is absent is None, with None strides; ``@triton.heuristics`` derive the flags the
-kernel body reads (``HAS_INIT``, ``HAS_LOCAL``, ``STORE_FINAL``) from that. The launchers of
+kernel body reads (``HAS_INIT``, ``HAS_LOCAL``, ``STORE_FINAL``, ``VARLEN``) from that. The work table
+``ITEMS`` (``[M, 5]`` int32, contiguous) has no strides. The launchers of
 :mod:`.op` pass every argument by keyword (``_attn(..., init=..., init_decay=..., reverse=...)``).
 
 The generic kernel computes, for a "query" ``a``, "key" ``b`` and "value" ``c`` (all
@@ -129,6 +138,22 @@ def _row_base(X, i_b, i_h, s):
 
 
 @triton.jit
+def _seq_row_base(X, bos, i_h, s):
+    """Start of head ``i_h`` of the sequence whose first row is ``bos`` in a ``[1, total, H, D]`` tensor with
+    strides ``s = (s_b, s_t, s_h)``: row ``t`` of the sequence is at ``+ t * s[1]``."""
+    return X + bos.to(tl.int64) * s[1] + i_h.to(tl.int64) * s[2]
+
+
+@triton.jit
+def _work_item(ITEMS, item):
+    """Row ``item`` of the packed-sequence work table: ``(n, j, bos, length, loc0)``, segment ``j`` of sequence
+    ``n``, which starts at row ``bos``, and the index of its segment 0 among the segment states (a padding
+    row is all zeros: length 0, nothing to do)."""
+    row = ITEMS + item.to(tl.int64) * 5
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+
+
+@triton.jit
 def _chunk_rows(start, rows, seg_end, T, CH: tl.constexpr, REVERSE: tl.constexpr):
     """The chunk of logical times ``start + rows`` in a segment ending at ``seg_end``: which rows are
     real, their physical time index (time runs backwards with ``REVERSE``; 0 for padding rows, which
@@ -181,29 +206,43 @@ def _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC: tl.constexpr
     return U, U * lam
 
 
+@triton.heuristics(dict(VARLEN=lambda args: args["ITEMS"] is not None))
 @triton.jit
 def _segment_state_kernel(
-    Bp, Cp, slope_ptr, LOCAL, T, H, seg_len, sb, sc, sl,
+    Bp, Cp, slope_ptr, LOCAL, ITEMS, T, H, seg_len, sb, sc, sl,
     DK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
     REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SCALE_C: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """LOCAL[b, h, seg, :, vblk] = sum_{s in seg} lambda^(end-1-s) b_s^T c_s (zero start state); ``SCALE_C``
-    as in ``_chunk_state`` (the plan's state tiles scale the value tile)."""
+    as in ``_chunk_state`` (the plan's state tiles scale the value tile). ``VARLEN``: grid (value block,
+    head, work item); the state of segment ``j`` of a sequence goes to ``LOCAL[0, h, loc0 + j]``, and a
+    sequence's last segment stores nothing (no later segment folds it in)."""
     pid_v = tl.program_id(0)
-    seg = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    i_b = pid_bh // H
-    i_h = pid_bh % H
+    if VARLEN:
+        i_h = tl.program_id(1)
+        i_b, seg, bos, T, loc0 = _work_item(ITEMS, tl.program_id(2))
+    else:
+        seg = tl.program_id(1)
+        pid_bh = tl.program_id(2)
+        i_b = pid_bh // H
+        i_h = pid_bh % H
     slope = tl.load(slope_ptr + i_h).to(tl.float32)
 
     rows = tl.arange(0, CH)
     offs_k = tl.arange(0, DK)
     offs_v = pid_v * BV + tl.arange(0, BV)
-    b_base = _row_base(Bp, i_b, i_h, sb)
-    c_base = _row_base(Cp, i_b, i_h, sc)
+    if VARLEN:
+        b_base = _seq_row_base(Bp, bos, i_h, sb)
+        c_base = _seq_row_base(Cp, bos, i_h, sc)
+    else:
+        b_base = _row_base(Bp, i_b, i_h, sb)
+        c_base = _row_base(Cp, i_b, i_h, sc)
 
     seg_start = seg * seg_len
     seg_end = tl.minimum(seg_start + seg_len, T)
+    if VARLEN:  # the sequence's last segment (or a padding item): an empty sweep
+        seg_end = tl.where(seg_end < T, seg_end, seg_start)
     acc = tl.zeros([DK, BV], dtype=tl.float32)
     for start in range(seg_start, seg_end, CH):
         valid, t_phys, m = _chunk_rows(start, rows, seg_end, T, CH, REVERSE)
@@ -211,32 +250,44 @@ def _segment_state_kernel(
         ct = tl.load(c_base + t_phys[:, None] * sc[1] + offs_v[None, :], mask=valid[:, None], other=0.0)
         acc = acc * tl.exp(-slope * m.to(tl.float32))
         acc += _chunk_state(bt, ct, valid, m, rows, slope, DOT_PREC, UPCAST, SCALE_C)
-    l_ptr = _state_ptrs(LOCAL, i_b, i_h, sl[0], sl[1], sl[3], sl[4], offs_k, offs_v) + seg.to(tl.int64) * sl[2]
-    tl.store(l_ptr, acc)
+    if VARLEN:
+        if seg_end > seg_start:
+            l_ptr = _state_ptrs(LOCAL, 0 * i_h, i_h, sl[0], sl[1], sl[3], sl[4], offs_k, offs_v)
+            tl.store(l_ptr + (loc0 + seg).to(tl.int64) * sl[2], acc)
+    else:
+        l_ptr = _state_ptrs(LOCAL, i_b, i_h, sl[0], sl[1], sl[3], sl[4], offs_k, offs_v) + seg.to(tl.int64) * sl[2]
+        tl.store(l_ptr, acc)
 
 
 @triton.heuristics(dict(HAS_INIT=lambda args: args["INIT"] is not None,
                         HAS_LOCAL=lambda args: args["LOCAL"] is not None,
-                        STORE_FINAL=lambda args: args["FINAL"] is not None))
+                        STORE_FINAL=lambda args: args["FINAL"] is not None,
+                        VARLEN=lambda args: args["ITEMS"] is not None))
 @triton.jit
 def _lightning_kernel(
-    A, Bp, Cp, O, INIT, LOCAL, FINAL, slope_ptr, E, T, H, seg_len, sa, sb, sc, so, si, sl, sf, se,
+    A, Bp, Cp, O, INIT, LOCAL, FINAL, slope_ptr, E, ITEMS, T, H, seg_len, sa, sb, sc, so, si, sl, sf, se,
     DK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
     HAS_INIT: tl.constexpr, INIT_DECAY: tl.constexpr, HAS_LOCAL: tl.constexpr,
     STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    GRAD_ACT: tl.constexpr, FAST: tl.constexpr, SCALE_C: tl.constexpr,
+    GRAD_ACT: tl.constexpr, FAST: tl.constexpr, SCALE_C: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """One pass (see the module docstring) for the (value block, segment, batch*head) of the grid:
     start state, earlier segments folded in, then the chunk sweep. ``GRAD_ACT`` (1: SiLU, 2: 1+elu)
     multiplies the output by the q/k feature map's derivative at ``E`` (the pre-activation at the
     output's positions; None without ``GRAD_ACT``): the dq pass of the packed path then returns the
     gradient of the projection's q block. ``INIT``, ``LOCAL`` and ``FINAL`` may be None (absent; the
-    ``HAS_INIT``, ``HAS_LOCAL`` and ``STORE_FINAL`` flags follow from that)."""
+    ``HAS_INIT``, ``HAS_LOCAL`` and ``STORE_FINAL`` flags follow from that). ``VARLEN`` (``ITEMS`` given):
+    the grid is (value block, head, work item) over packed sequences, ``INIT`` and ``FINAL`` hold one
+    state per sequence and ``LOCAL`` is ``[1, H, G, K, V]`` (see the module docstring)."""
     pid_v = tl.program_id(0)
-    seg = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    i_b = pid_bh // H
-    i_h = pid_bh % H
+    if VARLEN:  # one segment of one sequence: T is its length from here on
+        i_h = tl.program_id(1)
+        i_b, seg, bos, T, loc0 = _work_item(ITEMS, tl.program_id(2))
+    else:
+        seg = tl.program_id(1)
+        pid_bh = tl.program_id(2)
+        i_b = pid_bh // H
+        i_h = pid_bh % H
     slope = tl.load(slope_ptr + i_h).to(tl.float32)
     lam = tl.exp(-slope)
 
@@ -252,17 +303,29 @@ def _lightning_kernel(
     else:
         P = tl.zeros([DK, BV], dtype=tl.float32)
 
-    a_base = _row_base(A, i_b, i_h, sa)
-    b_base = _row_base(Bp, i_b, i_h, sb)
-    c_base = _row_base(Cp, i_b, i_h, sc)
-    o_base = _row_base(O, i_b, i_h, so)
-    if GRAD_ACT != 0:
-        e_base = _row_base(E, i_b, i_h, se)
+    if VARLEN:
+        a_base = _seq_row_base(A, bos, i_h, sa)
+        b_base = _seq_row_base(Bp, bos, i_h, sb)
+        c_base = _seq_row_base(Cp, bos, i_h, sc)
+        o_base = _seq_row_base(O, bos, i_h, so)
+        if GRAD_ACT != 0:
+            e_base = _seq_row_base(E, bos, i_h, se)
+    else:
+        a_base = _row_base(A, i_b, i_h, sa)
+        b_base = _row_base(Bp, i_b, i_h, sb)
+        c_base = _row_base(Cp, i_b, i_h, sc)
+        o_base = _row_base(O, i_b, i_h, so)
+        if GRAD_ACT != 0:
+            e_base = _row_base(E, i_b, i_h, se)
     seg_start = seg * seg_len
     seg_end = tl.minimum(seg_start + seg_len, T)
 
     if HAS_LOCAL:
-        P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v, sl)
+        if VARLEN:  # this sequence's earlier segments: states loc0 .. loc0 + seg - 1 of LOCAL[0, h]
+            P = _fold_earlier_segments(P, LOCAL + loc0.to(tl.int64) * sl[2], 0 * i_h, i_h, seg, seg_len, slope,
+                                       lam, offs_k, offs_v, sl)
+        else:
+            P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v, sl)
     mask_dec, qdec = _chunk_decays(rows, slope)
     U = P
     for start in range(seg_start, seg_end, CH):
@@ -284,20 +347,26 @@ def _lightning_kernel(
         U, P = _advance_state(P, bt, ct, valid, m, rows, slope, lam, DOT_PREC, UPCAST, SCALE_C)
 
     if STORE_FINAL:
-        if seg == tl.num_programs(1) - 1:
-            tl.store(_state_ptrs(FINAL, i_b, i_h, sf[0], sf[1], sf[2], sf[3], offs_k, offs_v), U)
+        if VARLEN:
+            if (T > 0) & (seg_end == T):  # the sequence's last segment (T = 0: a padding item)
+                tl.store(_state_ptrs(FINAL, i_b, i_h, sf[0], sf[1], sf[2], sf[3], offs_k, offs_v), U)
+        else:
+            if seg == tl.num_programs(1) - 1:
+                tl.store(_state_ptrs(FINAL, i_b, i_h, sf[0], sf[1], sf[2], sf[3], offs_k, offs_v), U)
 
 
 @triton.heuristics(dict(HAS_INIT=lambda args: args["INIT"] is not None,
                         HAS_LOCAL=lambda args: args["LOCAL"] is not None,
-                        STORE_FINAL=lambda args: args["FINAL"] is not None))
+                        STORE_FINAL=lambda args: args["FINAL"] is not None,
+                        VARLEN=lambda args: args["ITEMS"] is not None))
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK_out, DV_out, INIT, LOCAL, FINAL, slope_ptr, E, T, H, seg_len,
+    Q, K, V, DO, DK_out, DV_out, INIT, LOCAL, FINAL, slope_ptr, E, ITEMS, T, H, seg_len,
     sq, sk, sv, sd, sgk, sgv, si, sl, sf, se,
     DK: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_LOCAL: tl.constexpr, STORE_FINAL: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_ACT: tl.constexpr, FAST: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """dk and dv in one reverse-time sweep sharing the state D (full [DK, DV] per CTA).
 
@@ -308,13 +377,17 @@ def _dkdv_kernel(
 
     With ``GRAD_ACT`` the stored dk is multiplied by the feature map's derivative at ``E`` (the
     pre-activation k; None without it): the gradient of the projection's k block. ``INIT`` (G), ``LOCAL``
-    (the segment states of ``q^T dO``, reverse time) and ``FINAL`` (D_0) may be None, as in
-    ``_lightning_kernel``.
+    (the segment states of ``q^T dO``, reverse time) and ``FINAL`` (D_0) may be None, and ``VARLEN`` (packed
+    sequences, ``ITEMS`` given) works as in ``_lightning_kernel``.
     """
-    seg = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    i_b = pid_bh // H
-    i_h = pid_bh % H
+    if VARLEN:  # one segment of one sequence (its reversed time): T is its length from here on
+        i_h = tl.program_id(1)
+        i_b, seg, bos, T, loc0 = _work_item(ITEMS, tl.program_id(2))
+    else:
+        seg = tl.program_id(1)
+        pid_bh = tl.program_id(2)
+        i_b = pid_bh // H
+        i_h = pid_bh % H
     slope = tl.load(slope_ptr + i_h).to(tl.float32)
     lam = tl.exp(-slope)
 
@@ -327,19 +400,33 @@ def _dkdv_kernel(
     else:
         P = tl.zeros([DK, DV], dtype=tl.float32)
 
-    q_base = _row_base(Q, i_b, i_h, sq)
-    k_base = _row_base(K, i_b, i_h, sk)
-    v_base = _row_base(V, i_b, i_h, sv)
-    d_base = _row_base(DO, i_b, i_h, sd)
-    gk_base = _row_base(DK_out, i_b, i_h, sgk)
-    gv_base = _row_base(DV_out, i_b, i_h, sgv)
-    if GRAD_ACT != 0:
-        e_base = _row_base(E, i_b, i_h, se)
+    if VARLEN:
+        q_base = _seq_row_base(Q, bos, i_h, sq)
+        k_base = _seq_row_base(K, bos, i_h, sk)
+        v_base = _seq_row_base(V, bos, i_h, sv)
+        d_base = _seq_row_base(DO, bos, i_h, sd)
+        gk_base = _seq_row_base(DK_out, bos, i_h, sgk)
+        gv_base = _seq_row_base(DV_out, bos, i_h, sgv)
+        if GRAD_ACT != 0:
+            e_base = _seq_row_base(E, bos, i_h, se)
+    else:
+        q_base = _row_base(Q, i_b, i_h, sq)
+        k_base = _row_base(K, i_b, i_h, sk)
+        v_base = _row_base(V, i_b, i_h, sv)
+        d_base = _row_base(DO, i_b, i_h, sd)
+        gk_base = _row_base(DK_out, i_b, i_h, sgk)
+        gv_base = _row_base(DV_out, i_b, i_h, sgv)
+        if GRAD_ACT != 0:
+            e_base = _row_base(E, i_b, i_h, se)
 
     seg_start = seg * seg_len
     seg_end = tl.minimum(seg_start + seg_len, T)
     if HAS_LOCAL:
-        P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v, sl)
+        if VARLEN:
+            P = _fold_earlier_segments(P, LOCAL + loc0.to(tl.int64) * sl[2], 0 * i_h, i_h, seg, seg_len, slope,
+                                       lam, offs_k, offs_v, sl)
+        else:
+            P = _fold_earlier_segments(P, LOCAL, i_b, i_h, seg, seg_len, slope, lam, offs_k, offs_v, sl)
     mask_dec, qdec = _chunk_decays(rows, slope)
     U = P
     for start in range(seg_start, seg_end, CH):
@@ -368,5 +455,9 @@ def _dkdv_kernel(
         U, P = _advance_state(P, qt, dot_, valid, m, rows, slope, lam, DOT_PREC, UPCAST, False)
 
     if STORE_FINAL:
-        if seg == tl.num_programs(1) - 1:
-            tl.store(_state_ptrs(FINAL, i_b, i_h, sf[0], sf[1], sf[2], sf[3], offs_k, offs_v), U)
+        if VARLEN:
+            if (T > 0) & (seg_end == T):
+                tl.store(_state_ptrs(FINAL, i_b, i_h, sf[0], sf[1], sf[2], sf[3], offs_k, offs_v), U)
+        else:
+            if seg == tl.num_programs(1) - 1:
+                tl.store(_state_ptrs(FINAL, i_b, i_h, sf[0], sf[1], sf[2], sf[3], offs_k, offs_v), U)

@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Tile", "LaunchConfig", "Plan", "PLANS", "plan_for", "launch_config", "segment_plan"]
+__all__ = ["Tile", "LaunchConfig", "Plan", "PLANS", "plan_for", "launch_config", "segment_plan",
+           "varlen_segment_plan"]
 
 # Split sequences into parallel segments only when the forward has fewer CTAs than SPLIT_BELOW, and
 # then aim for about TARGET_CTAS of them, with segments of at least MIN_SEG tokens.
@@ -180,16 +181,30 @@ def segment_plan(B: int, H: int, T: int, n_vblocks: int, target_ctas: int = TARG
     return max(-(-seg // 128) * 128, 1)
 
 
-def launch_config(B: int, T: int, H: int, DK: int, DV: int, dtype: torch.dtype, target=None) -> LaunchConfig:
+def varlen_segment_plan(total: int, H: int, n_vblocks: int) -> int:
+    """Segment length for packed sequences (``cu_seqlens``) of ``total`` tokens: the tokens each of
+    ``SPLIT_BELOW`` programs would take if the work (``n_vblocks``, counted as at least 2, value blocks per
+    head) were spread evenly, at least ``MIN_SEG``, a multiple of 128. Sequences up to that length run as one
+    program each (longest first); a longer one is cut into segments that run in parallel, so a long document
+    among short ones does not finish alone. Depends on shapes only: the lengths are on the device."""
+    per_program = -(-total * H * max(2, n_vblocks) // SPLIT_BELOW)
+    return max(MIN_SEG, -(-per_program // 128) * 128)
+
+
+def launch_config(B: int, T: int, H: int, DK: int, DV: int, dtype: torch.dtype, target=None,
+                  varlen: bool = False) -> LaunchConfig:
     """The default launches for ``q, k: [B, T, H, DK]``, ``v: [B, T, H, DV]`` of ``dtype`` on ``target``
     (a ``tnlib.ops.targets.GpuTarget``; the op passes the tensors' device's, ``targets.device_target``;
-    None: the CPU interpreter, planned as sm_90).
+    None: the CPU interpreter, planned as sm_90). ``varlen``: ``B = 1`` and the ``T`` rows hold packed
+    sequences (``cu_seqlens``): the same tiles, segments from :func:`varlen_segment_plan`.
 
     Works on symbolic sizes too (the custom ops' fake implementations call it under
     ``torch.compile``)."""
     plan = plan_for(target, dtype)
     fwd = plan.generic_tile(DK, DV)
     state = plan.state_tile(DK, DV) or dataclasses.replace(fwd, scale_value=True)
-    return LaunchConfig(seg_len=segment_plan(B, H, T, DV // fwd.block_v), forward=fwd,
+    nvb = DV // fwd.block_v
+    seg_len = varlen_segment_plan(T, H, nvb) if varlen else segment_plan(B, H, T, nvb)
+    return LaunchConfig(seg_len=seg_len, forward=fwd,
                         dq=plan.generic_tile(DV, DK), state=state,
                         dkdv=plan.dkdv_tile(DK, DV), dv=plan.generic_tile(DK, DV), dk=plan.generic_tile(DV, DK))
