@@ -289,3 +289,23 @@ def test_document_mask_trains_and_evaluates_each_document_alone(prepared, tmp_pa
     (row,) = json.load(open(out))["rows"]
     assert row["run"] == f"M/{preset}/seed1" and row["trained_with_document_mask"]
     assert row["masked_loss"] == pytest.approx(res["val_loss"], rel=1e-5) and math.isfinite(row["plain_loss"])
+
+
+def test_document_mask_needs_the_eot_id_before_any_step(prepared, tmp_path):
+    """Data prepared without an ``eot_id`` in meta.json (older files, hand-made stand-ins) trains as before, and
+    with ``document_mask`` stops at setup with one line naming the field and the remedy."""
+    import shutil
+
+    from tnlib.data import DataError
+
+    data, _ = prepared
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    meta = json.load(open(copy / "meta.json"))
+    del meta["eot_id"]
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="no eot_id"):
+        train(small_cfg(str(copy), str(tmp_path / "on"), document_mask=True, max_steps=2, eval_every=100))
+    assert not os.path.exists(tmp_path / "on" / "metrics.jsonl")
+    res = train(small_cfg(str(copy), str(tmp_path / "off"), max_steps=2, eval_every=2))
+    assert res["step"] == 2 and np.isfinite(res["val_loss"])

@@ -539,6 +539,9 @@ def _setup(cfg: TrainConfig):
     mcfg = get_config(cfg.preset, **{"vocab_size": meta["vocab_size"], **cfg.model_overrides})
     if mcfg.vocab_size < meta["vocab_size"]:
         raise DataError(f"model vocab {mcfg.vocab_size} < tokenizer vocab {meta['vocab_size']}")
+    if cfg.document_mask and not isinstance(meta.get("eot_id"), int):
+        raise DataError(f"document_mask needs the end-of-text token's id, and {cfg.data}/meta.json has no eot_id "
+                        "(written by `python -m tnlib prepare`): prepare the data again, or train without document_mask")
     dp_world = world // tp if sharded else world
     return _Run(cfg=cfg, rank=rank, world=world, device=device, autocast_dtype=autocast_dtype,
                 loss_scaling=loss_scaling, sharded=sharded,
@@ -674,7 +677,7 @@ def _run_evals(run: _Run) -> dict:
     res = {}
     for name, tf in run.eval_tfs.items():
         r = evaluate(run.raw_model, tf, run.cfg.seq_len, run.cfg.eval_tokens, run.cfg.batch_size, run.device,
-                     run.autocast_dtype, run.meta["eot_id"], run.cfg.document_mask)
+                     run.autocast_dtype, run.meta.get("eot_id", 0), run.cfg.document_mask)  # 0: evaluate's default
         res.update({f"{name}_loss": r["loss"], f"{name}_ppl": r["ppl"], f"{name}_bpb": r["bpb"]})
     return res
 
@@ -690,7 +693,7 @@ def _step(run: _Run, stop: dict) -> dict:
     loss_sum = torch.zeros((), device=device)  # read once, after the step: no wait per micro-batch
     for micro in range(cfg.grad_accum):
         x = batch_at(run.train_tf.tokens, run.step, micro, cfg, run.dp_rank, run.dp_world)
-        docs = _documents(x, run.meta["eot_id"], device, cfg.document_mask)
+        docs = _documents(x, run.meta.get("eot_id"), device, cfg.document_mask)  # checked at setup when on
         x = x.to(device, non_blocking=True)
         last_micro = micro == cfg.grad_accum - 1
         if run.fsdp:
