@@ -719,3 +719,41 @@ def test_varlen_values_read_once_per_tensor(monkeypatch):
         lightning_attention(q, k, v, slope, cu_seqlens=cu)
     lightning_attention(q, k, v, slope, cu_seqlens=_cu((4, 6)))
     assert reads == [True, False, False, True, True, True]
+
+
+@triton_test
+def test_varlen_work_table_built_once_per_tensor(device, monkeypatch):
+    """The work table of one cu_seqlens serves the forward and the backward (and every later call) while the
+    tensor is unchanged; an in-place change, or another tensor, gets a new table, and the results are those of
+    a fresh build each time."""
+    built = []
+    orig = op._work_items
+    monkeypatch.setattr(op, "_work_items", lambda *a: built.append(a[1:]) or orig(*a))
+    op._ITEMS_CACHE.clear()
+    lens = (40, 1, 90)
+    q, k, v, slope, S0, do, G = _varlen_inputs(lens, 2, 16, 16, torch.float32, device)
+    cfg = dataclasses.replace(plan.launch_config(1, sum(lens), 2, 16, 16, torch.float32, varlen=True), seg_len=32)
+
+    def run(cu):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        o, S = lightning_attention(*xs, slope, S0, True, config=cfg, cu_seqlens=cu)
+        ((o * do).sum() + (S * G).sum()).backward()
+        return [o, S] + [x.grad for x in xs]
+
+    cu = _cu(lens, device=device)
+    first = run(cu)
+    again = run(cu)
+    assert len(built) == 1  # one table for two forwards and two backwards
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    cu[1], cu[2] = 90, 91  # in place: lengths (90, 1, 40)
+    moved = run(cu)
+    assert len(built) == 2
+    op._ITEMS_CACHE.clear()
+    fresh = run(cu)
+    assert len(built) == 3
+    for a, b in zip(moved, fresh):
+        assert torch.equal(a, b)
+    assert not torch.equal(moved[0], first[0])
+    run(_cu(lens, device=device))  # an equal but other tensor: its own table
+    assert len(built) == 4
