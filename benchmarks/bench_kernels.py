@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 from common import HBM_BYTES_PER_S as BW
-from common import figure, parser, replot, require_cuda, result_path, save_figure
+from common import figure, median_ms, parser, peak_gb, replot, require_cuda, result_path, save_figure
 
 DEV = "cuda"
 
@@ -169,26 +169,12 @@ def long_check(H=4):
 
 
 def time_one(fn, q, k, v, s, do):
-    from triton.testing import do_bench
-
-    fwd = do_bench(lambda: fn(q, k, v, s), warmup=25, rep=100, return_mode="median")
-
     def fb():
         fn(q, k, v, s).backward(do)
 
-    fwdbwd = do_bench(fb, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
-    for x in (q, k, v):
-        x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fb()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-    for x in (q, k, v):
-        x.grad = None
-    return fwd, fwdbwd, peak
+    fwd = median_ms(lambda: fn(q, k, v, s))
+    fwdbwd = median_ms(fb, grad_to_none=[q, k, v])
+    return fwd, fwdbwd, peak_gb(fb, (q, k, v))
 
 
 def run_shape(impls, checks, H, K, V, lens, tokens, dtype, rows):

@@ -45,7 +45,7 @@ import time
 from unittest import mock
 
 import torch
-from common import figure, parser, record, replot, require_cuda, result_path, save_figure
+from common import figure, median_ms, parser, record, replot, require_cuda, result_path, save_figure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEFORE = "94efa3b"
@@ -76,25 +76,14 @@ def inputs(B, T, H, K, V, dtype, seed=0):
     return q, k, v, do, slopes(H).to(DEV)
 
 
-def median_ms(fn, grad_to_none=None):
-    """``triton.testing.do_bench`` median on the GPU; one wall-clock call with --dry-run."""
-    if DEV == "cpu":
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
-
-
 def time_kernels(B, T, H, K, V, dtype, config=None):
     """Median ms of ``lightning_attention`` forward and forward+backward (``config``: forced launches)."""
     from tnlib.ops import lightning_attention
 
     q, k, v, do, s = inputs(B, T, H, K, V, dtype)
     kw = {} if config is None else {"config": config}
-    fwd = median_ms(lambda: lightning_attention(q, k, v, s, **kw))
-    fb = median_ms(lambda: lightning_attention(q, k, v, s, **kw).backward(do), grad_to_none=[q, k, v])
+    fwd = median_ms(lambda: lightning_attention(q, k, v, s, **kw), DEV)
+    fb = median_ms(lambda: lightning_attention(q, k, v, s, **kw).backward(do), DEV, grad_to_none=[q, k, v])
     return round(fwd, 4), round(fb, 4)
 
 

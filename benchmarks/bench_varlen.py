@@ -33,7 +33,7 @@ import os
 import sys
 import time
 
-from common import figure, parser, record, replot, require_cuda, result_path, save_figure
+from common import figure, median_ms, parser, peak_gb, record, replot, require_cuda, result_path, save_figure
 
 DEV = "cuda"  # --dry-run: "cpu"
 
@@ -84,43 +84,12 @@ def inputs(B, T, H, D, dtype, seed):
     return q, k, v, do.to(dtype)
 
 
-def median_ms(fn, grad_to_none=None):
-    """``triton.testing.do_bench`` median on the GPU; one wall-clock call with --dry-run."""
-    if DEV == "cpu":
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
-
-
-def peak_gb(fn, leaves):
-    """Extra memory of one call of ``fn`` beyond what is allocated before it (GB; 0 on the CPU)."""
-    import torch
-
-    if DEV == "cpu":
-        return 0.0
-    for x in leaves:
-        x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    out = (torch.cuda.max_memory_allocated() - base) / 1e9
-    for x in leaves:
-        x.grad = None
-    return round(out, 3)
-
-
 def time_call(call, q, k, v, do):
     """Forward and forward+backward medians (ms) and peak extra GB of ``call(q, k, v) -> o``."""
-    fwd = median_ms(lambda: call(q, k, v))
-    fb = median_ms(lambda: call(q, k, v).backward(do), grad_to_none=[q, k, v])
-    return dict(fwd_ms=round(fwd, 4), fwdbwd_ms=round(fb, 4), peak_gb=peak_gb(lambda: call(q, k, v).backward(do),
-                                                                              [q, k, v]))
+    fwd = median_ms(lambda: call(q, k, v), DEV)
+    fb = median_ms(lambda: call(q, k, v).backward(do), DEV, grad_to_none=[q, k, v])
+    return dict(fwd_ms=round(fwd, 4), fwdbwd_ms=round(fb, 4), peak_gb=round(peak_gb(lambda: call(q, k, v).backward(do),
+                                                                                    [q, k, v], DEV), 3))
 
 
 def check_varlen(lens, H, D, dtype, tol):

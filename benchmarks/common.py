@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -165,3 +166,35 @@ def train_step(model, fwd, opt, ids, fused_loss, graphs):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
+
+
+def median_ms(fn, device: str = "cuda", grad_to_none=None) -> float:
+    """``triton.testing.do_bench`` median (ms) on the GPU; one wall-clock call on the CPU (scripts' --dry-run)."""
+    if device == "cpu":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+def peak_gb(fn, leaves, device: str = "cuda") -> float:
+    """Extra memory of one call of ``fn`` beyond what is allocated before it (GB; 0 on the CPU); the
+    ``leaves``' gradients are cleared before and after."""
+    import torch
+
+    if device == "cpu":
+        return 0.0
+    for x in leaves:
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    out = (torch.cuda.max_memory_allocated() - base) / 1e9
+    for x in leaves:
+        x.grad = None
+    return out

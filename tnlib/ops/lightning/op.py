@@ -168,30 +168,6 @@ def _transposed(state):
     return None if state is None else state.transpose(-1, -2)
 
 
-#: The last work tables built, ``{(total, seg_len): (weak reference to cu_seqlens, its version, table)}``: the
-#: layers of a model's forward and backward (and a benchmark's repeated calls) pass the same ``cu_seqlens``, so
-#: its table (a dozen small device ops) is built once, not twice per layer. A ``cu_seqlens`` changed in place
-#: has a new version and gets a new table; a freed one is never matched (its weak reference is dead).
-_ITEMS_CACHE: dict = {}
-
-
-def _items_for(cu_seqlens, total: int, seg_len: int):
-    """``_work_items(cu_seqlens, total, seg_len)``, reused while the same tensor comes back unchanged. Always
-    built afresh under ``torch.compile``'s tracing (the ops go into the graph) and during a CUDA graph capture
-    (the replays must rebuild it from whatever ``cu_seqlens`` then holds)."""
-    if torch.compiler.is_compiling() or (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return _work_items(cu_seqlens, total, seg_len)
-    key = (total, seg_len)
-    hit = _ITEMS_CACHE.get(key)
-    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
-        return hit[2]
-    items = _work_items(cu_seqlens, total, seg_len)
-    if len(_ITEMS_CACHE) >= 4:  # a few shapes at a time (training, evaluation): drop the oldest
-        _ITEMS_CACHE.pop(next(iter(_ITEMS_CACHE)))
-    _ITEMS_CACHE[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, items)
-    return items
-
-
 def _local_states(b, c, slope, cfg: LaunchConfig, *, reverse: bool, items=None):
     """End states of segments ``0 .. nseg-2`` from a zero start, ``[B, H, nseg-1, DK, DV]`` fp32, or
     None for one segment (the last segment's state is never needed: a segment folds in earlier ones).
@@ -267,7 +243,7 @@ def _forward_impl(q, k, v, slope, cfg: LaunchConfig, *, initial_state=None, outp
     hold packed sequences (``[1, total, H, D]``; states one per sequence)."""
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
-    items = None if cu_seqlens is None else _items_for(cu_seqlens, q.shape[1], cfg.seg_len)
+    items = None if cu_seqlens is None else _work_items(cu_seqlens, q.shape[1], cfg.seg_len)
     local = _local_states(k, v, slope, cfg, reverse=False, items=items)
     o, final = _attn(q, k, v, slope, cfg.forward, init=initial_state, init_decay=True,
                      want_final=output_final_state, local=local, seg_len=cfg.seg_len, out_dtype=v.dtype, items=items)
@@ -288,7 +264,7 @@ def _backward_impl(do, q, k, v, slope, cfg: LaunchConfig, *, dfinal=None, initia
     dq_out, dk_out, dv_out = grads if grads is not None else (None, None, None)
     q_pre, k_pre = pre if pre is not None else (None, None)
     T, seg = q.shape[1], cfg.seg_len
-    items = None if cu_seqlens is None else _items_for(cu_seqlens, T, seg)
+    items = None if cu_seqlens is None else _work_items(cu_seqlens, T, seg)
     multi = cfg.n_seg(T) > 1 if items is None else _n_local(T, seg) > 0
     # dq_t = dO_t S_t^T: forward in time, query dO, key v, value k, start S_{-1}^T; the forward's
     # plan, so the k/v segment states it kept serve here
