@@ -275,6 +275,21 @@ def test_model_compiles():
         assert rel_err(compiled(ids), m(ids)) < 1e-5
 
 
+def _assert_packed_equals_unfused(layer, x, packed, unfused):
+    """The packed token-mixer path and the unfused one: the same output, input gradient and parameter gradients."""
+    results = []
+    for fwd in (packed, unfused):
+        xi = x.clone().requires_grad_()
+        layer.zero_grad()
+        out = fwd(xi)
+        out.pow(2).mean().backward()
+        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (o1, dx1, g1), (o2, dx2, g2) = results
+    assert rel_err(o1, o2) < 1e-5 and rel_err(dx1, dx2) < 1e-4
+    for name, g in g1.items():
+        assert rel_err(g, g2[name]) < 1e-4, name
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("kernel", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("overrides", [dict(), dict(gate=False, qk_act="1+elu")], ids=["default", "nogate-elu"])
 def test_packed_attention_matches_unfused(overrides, device):
@@ -286,17 +301,7 @@ def test_packed_attention_matches_unfused(overrides, device):
     m = create_model("tnl-tiny", vocab_size=61, n_layers=2, **overrides).to(device)
     layer = m.layers[1].token_mixer  # no LRPE: the packed path applies
     x = torch.randn(2, 21, m.config.d_model, device=device)
-    results = []
-    for fwd in (layer._forward_packed, lambda x: layer(x, return_state=True)[0]):  # packed, unfused
-        xi = x.clone().requires_grad_()
-        layer.zero_grad()
-        out = fwd(xi)
-        out.pow(2).mean().backward()
-        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
-    (o1, dx1, g1), (o2, dx2, g2) = results
-    assert rel_err(o1, o2) < 1e-5 and rel_err(dx1, dx2) < 1e-4
-    for name, g in g1.items():
-        assert rel_err(g, g2[name]) < 1e-4, name
+    _assert_packed_equals_unfused(layer, x, layer._forward_packed, lambda x: layer(x, return_state=True)[0])
 
 
 def test_packed_attention_dispatch():
@@ -450,16 +455,7 @@ def test_packed_attention_with_documents_matches_unfused(device):
     layer = m.layers[1].token_mixer  # no LRPE: the packed path applies
     x = torch.randn(1, 50, m.config.d_model, device=device)
     cu = torch.tensor([0, 7, 8, 40, 50], dtype=torch.int32, device=device)
-    results = []
-    for fwd in (lambda x: layer._forward_packed(x, cu), lambda x: layer(x, return_state=True, cu_seqlens=cu)[0]):
-        xi = x.clone().requires_grad_()
-        layer.zero_grad()
-        out = fwd(xi)
-        out.pow(2).mean().backward()
-        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
-    (o1, dx1, g1), (o2, dx2, g2) = results
-    assert rel_err(o1, o2) < 1e-5 and rel_err(dx1, dx2) < 1e-4
-    for name, g in g1.items():
-        assert rel_err(g, g2[name]) < 1e-4, name
+    _assert_packed_equals_unfused(layer, x, lambda x: layer._forward_packed(x, cu),
+                                  lambda x: layer(x, return_state=True, cu_seqlens=cu)[0])
     _, state = layer(x, return_state=True, cu_seqlens=cu)
     assert state.shape == (4, layer.n_heads, layer.head_dim, layer.head_dim)  # one final state per document
