@@ -44,6 +44,16 @@ def test_385m_shape_and_decay_per_layer():
     assert small.embed_scale == pytest.approx(128**0.5)
 
 
+@pytest.mark.parametrize("preset", ["tnl-tiny", "tnl-385m", "transformer-tiny"])
+def test_built_on_the_default_device(preset):
+    """``with torch.device(d): create_model(...)`` puts every parameter and buffer on ``d`` (the decay
+    slopes, made on the CPU to check their values, included): a benchmark building on the GPU this way met
+    a CPU slope in the attention call."""
+    m = meta_model(preset)
+    placed = {name: t.device.type for name, t in [*m.named_parameters(), *m.named_buffers()]}
+    assert placed and set(placed.values()) == {"meta"}, {n: d for n, d in placed.items() if d != "meta"}
+
+
 @pytest.mark.parametrize("preset", ["tnl-tiny", "transformer-tiny"])
 def test_parameter_init(preset):
     """Every projection and embedding ~ N(0, init_std^2) (std within 5%, mean within 3 standard errors),

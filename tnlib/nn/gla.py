@@ -81,16 +81,18 @@ class GatedLinearAttention(nn.Module):
     @staticmethod
     def decay_slope(cfg, layer_idx: int) -> torch.Tensor:
         """The fixed decay of layer ``layer_idx`` as ``slope = -ln(lambda)`` per head (fp32 ``[H]``, on the
-        CPU whatever the default device; zeros where the config has no decay). Its values are checked here,
-        where they are made (finite, >= 0: ``tnlib.ops.check_slope_values``), so the attention kernels
-        check only its shape, dtype and device once it is on the GPU."""
+        default device, as every other buffer and parameter: ``with torch.device("cuda"): create_model(...)``
+        builds it there; zeros where the config has no decay). Its values are made and checked on the CPU
+        (finite, >= 0: ``tnlib.ops.check_slope_values``; no device sync), so the attention kernels check only
+        its shape, dtype and device once it is on the GPU."""
+        device = torch.get_default_device()
         with torch.device("cpu"):
             if cfg.uses_decay:
                 slope = decay_slopes(cfg.n_heads, layer_idx, cfg.n_layers, cfg.decay_formula, cfg.layer_temperature)
             else:
                 slope = torch.zeros(cfg.n_heads)
         _ops.check_slope_values(slope, name=f"layer {layer_idx}'s decay")
-        return slope
+        return slope.to(device)
 
     def forward(self, x, state=None, offset=0, return_state=False, pad_mask=None, cu_seqlens=None):
         """``x: [B, T, d]`` -> ``[B, T, d]`` (and the final recurrent state if ``return_state``).
