@@ -102,10 +102,10 @@ data: setup ## tokenize the full corpus -> data/full (local, else downloaded; FO
 # TNL-385M vs Transformer-385M on the same tokens (GPUs). Defaults: 400M tokens per model (about 4
 # epochs of the 95M-token corpus): on one H200 ~33 min (TNL) + ~43 min (Transformer) of training steps at
 # the rates measured in results/385m-80m, ~1.5 h for the pair with evaluations. NGPU>1 uses torchrun.
-# Each model has its own learning rate (LR_TNL, LR_TRANSFORMER: 6e-4 until the learning-rate sweep of
-# results/385m-fair picks them); SEEDS="1 2" trains each model once per seed (the seed sets the
-# initialisation and the data order). The final weights are scored on every token of every eval set
-# (python -m tnlib evaluate -> RUN/final/evals.json).
+# Each model has its own learning rate (LR_TNL, LR_TRANSFORMER: 6e-4 for both, the rate the learning-rate
+# sweep chose for each model at 20M tokens: results/385m-fair/lr-sweep.json); SEEDS="1 2" trains each
+# model once per seed (the seed sets the initialisation and the data order). The final weights are scored
+# on every token of every eval set (python -m tnlib evaluate -> RUN/final/evals.json).
 TOKENS ?= 400000000
 SEQ ?= 2048
 BATCH ?= 16

@@ -162,6 +162,21 @@ def test_seed_ratio_and_specs():
         fair.specs("final")
 
 
+def test_specs_only_refuses_a_name_the_stage_does_not_have(capsys):
+    """A misspelt --only name is an error, not an empty MODELS (which tools/long_385m.sh would replace by its
+    default pair of runs)."""
+    fair = _fair()
+    lr = ["--lr", "tnl-385m=6e-4", "transformer-385m=6e-4"]
+    fair.main(["specs", "final", *lr, "--only", "tnl-s1", "transformer-s1"])
+    assert capsys.readouterr().out.split() == [
+        "tnl-s1=tnl-385m:m.residual_dtype=params:lr=0.0006:seed=1:tokens=80000000",
+        "transformer-s1=transformer-385m:m.residual_dtype=params:lr=0.0006:seed=1:tokens=80000000"]
+    for only in (["tnl-s3"], ["tnl-s1", "tnl_s2"], []):
+        with pytest.raises(SystemExit):
+            fair.main(["specs", "final", *lr, "--only", *only])
+        assert "not a run of this stage" in capsys.readouterr().err
+
+
 def test_residual_result_file_is_rebuilt_from_the_committed_runs(tmp_path):
     fair = _fair()
     doc = fair.results_residual([os.path.join(ROOT, "results/logs/fair-2026-12-05-h100")], str(tmp_path))

@@ -294,7 +294,9 @@ def main(argv=None):
                    help="lr, final: the residual stream (default: the one stage 1 chose, fp32)")
     p.add_argument("--lr", nargs="*", default=[], help="final stage: MODEL=LR for each model")
     p.add_argument("--models", nargs="*", default=list(MODELS))
-    p.add_argument("--only", nargs="*", default=None, help="only these run names")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="only these run names (each must be one of the stage's; an empty MODELS would make "
+                        "tools/long_385m.sh train its default pair)")
     p.add_argument("--grid", nargs="+", type=float, default=list(LR_GRID),
                    help="lr stage: the learning rates (default: %(default)s; add 1.5e-4 when a best is at 3e-4)")
     p = sub.add_parser("results", help="write a stage's result file from unpacked run folders")
@@ -306,6 +308,10 @@ def main(argv=None):
         lrs = {k: float(v) for k, v in (x.split("=", 1) for x in a.lr)}
         out = specs(a.stage, a.residual, lrs, a.models, a.grid)
         if a.only is not None:
+            names = [s.split("=", 1)[0] for s in out]
+            unknown = sorted(set(a.only) - set(names))
+            if unknown or not a.only:
+                ap.error(f"--only {' '.join(unknown) or '(nothing)'}: not a run of this stage; its runs: {' '.join(names)}")
             out = [s for s in out if s.split("=", 1)[0] in a.only]
         print(" ".join(out))
     else:
