@@ -10,15 +10,22 @@ peak extra memory:
   varlen  the same tokens as packed documents (``[1, tokens]`` and ``cu_seqlens``): ``mixed`` (lengths drawn
           log-uniformly from [``--min-len``, ``--max-len``], seed ``--seed``; the lengths are recorded), ``equal``
           (documents of ``--equal-len`` tokens: the dense work at that T, as packed sequences, so the cost of the
-          varlen path itself) and ``one`` (a single document of every token: its segments)
+          varlen path itself) and ``one`` (a single document of every token: its segments). Each in two forms:
+          impl ``tnlib`` passes a ``tnlib.ops.PackedSequences`` made once outside the timed calls (what a model
+          step's layers get: boundaries checked once, the work table built once and shared; the row's
+          ``build_ms`` is the time to make it and its table, paid once per step), impl ``tnlib-tensor`` the plain
+          ``cu_seqlens`` tensor (its values read, a device sync, and its table built in every call). The
+          difference between the two is the host work per call
   fla     flash-linear-attention's ``chunk_simple_gla`` with the same ``cu_seqlens`` (where importable)
 
 Each varlen row is checked before it is timed: its output, the gradients of q, k, v, the final states and the
 initial states' gradients against the same kernels run document by document (dense calls, one per document),
-and the shortest document against a float64 reference; a row that fails is recorded, not timed. The summary
-holds each varlen row's time over each dense row's (issue 29's target: mixed documents within 10% of the dense
-kernel). Writes ``<out>/varlen-<gpu>.json`` (header: provenance, the lengths) after every row and
-``<out>/varlen-<gpu>.png`` (the rows as bars) at the end; ``--replot FILE.json`` redraws the PNG.
+and the shortest document against a float64 reference; the ``PackedSequences`` call must also equal the plain
+tensor's bitwise; a row that fails is recorded, not timed. The summary holds each varlen row's time over each
+dense row's (issue 29's target: mixed documents within 10% of the dense kernel), and ``host_per_call`` the
+plain tensor's time over the ``PackedSequences``'. Writes ``<out>/varlen-<gpu>.json`` (header: provenance, the
+lengths) after every row and ``<out>/varlen-<gpu>.png`` (the rows as bars) at the end; ``--replot FILE.json``
+redraws the PNG.
 
     PYTHONPATH=$PWD python3 benchmarks/bench_varlen.py --out $OUT
     PYTHONPATH=$PWD python3 benchmarks/bench_varlen.py --dry-run --out /tmp/x   # CPU: the kernels interpreted, tiny
@@ -93,11 +100,12 @@ def time_call(call, q, k, v, do):
 
 
 def check_varlen(lens, H, D, dtype, tol):
-    """The packed call against the kernels run document by document (outputs, final states, every gradient)
-    and its shortest document against float64; ``(ok, errors)``."""
+    """The packed call (with a ``PackedSequences``, as timed) against the kernels run document by document
+    (outputs, final states, every gradient), against the same call with the plain tensor (bitwise), and its
+    shortest document against float64; ``(ok, errors)``."""
     import torch
 
-    from tnlib.ops import lightning_attention, linear_attention_chunked
+    from tnlib.ops import PackedSequences, lightning_attention, linear_attention_chunked
     from tnlib.testing import rel_err
 
     T, N = sum(lens), len(lens)
@@ -107,10 +115,14 @@ def check_varlen(lens, H, D, dtype, tol):
     S0 = torch.randn(N, H, D, D, device=DEV, generator=g)
     G = torch.randn(N, H, D, D, device=DEV, generator=g)
     cu = cu_of(lens)
-    s0 = S0.clone().requires_grad_()
-    o, S = lightning_attention(q, k, v, s, s0, True, cu_seqlens=cu)
-    ((o.float() * do.float()).sum() + (S * G).sum()).backward()
-    got = dict(o=o, S=S, dq=q.grad, dk=k.grad, dv=v.grad, dS0=s0.grad)
+
+    def packed(boundaries):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v, S0)]
+        o, S = lightning_attention(*xs[:3], s, xs[3], True, cu_seqlens=boundaries)
+        ((o.float() * do.float()).sum() + (S * G).sum()).backward()
+        return dict(o=o, S=S, dq=xs[0].grad, dk=xs[1].grad, dv=xs[2].grad, dS0=xs[3].grad)
+
+    got, plain = packed(PackedSequences(cu, T)), packed(cu)
     want = {name: [] for name in got}
     bounds = cu.tolist()
     for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -124,8 +136,10 @@ def check_varlen(lens, H, D, dtype, tol):
     n = min(range(N), key=lambda i: lens[i])  # the shortest document against float64
     a, b = bounds[n], bounds[n + 1]
     ref = linear_attention_chunked(*(x[:, a:b].detach().double() for x in (q, k, v)), s.double(), S0[n:n + 1].double())
-    errs["o_vs_float64"] = rel_err(o[:, a:b], ref)
-    return all(e <= tol for e in errs.values()), {k_: float(f"{e:.3e}") for k_, e in errs.items()}
+    errs["o_vs_float64"] = rel_err(got["o"][:, a:b], ref)
+    same = all(torch.equal(got[name], plain[name]) for name in got)
+    ok = same and all(e <= tol for e in errs.values())
+    return ok, {**{k_: float(f"{e:.3e}") for k_, e in errs.items()}, "same_as_tensor": same}
 
 
 def fla_call(q, k, v, s, cu):
@@ -141,7 +155,8 @@ def plot(rows, path, header=None):
     for ax, key, title in zip(axes[0], ("fwd_ms", "fwdbwd_ms"), ("forward", "forward + backward")):
         labels = [f"{r['impl']} {r['kind']}\n{r['name']}" for r in timed]
         ax.bar(range(len(timed)), [r[key] for r in timed],
-               color=["C7" if r["kind"] == "dense" else ("C3" if r["impl"] == "tnlib" else "C0") for r in timed])
+               color=["C7" if r["kind"] == "dense" else {"tnlib": "C3", "tnlib-tensor": "C1"}.get(r["impl"], "C0")
+                      for r in timed])
         ax.set_xticks(range(len(timed)), labels, fontsize=7)
         ax.set_ylabel("ms (median)")
         ax.set_title(f"{title}: {header.get('tokens') if header else ''} tokens, H={header.get('H') if header else ''}")
@@ -176,7 +191,7 @@ def main():
         require_cuda("bench_varlen.py")
     import torch
 
-    from tnlib.ops import lightning_attention
+    from tnlib.ops import PackedSequences, lightning_attention
     from tnlib.ops.lightning import plan
 
     dtype, H, D, N_tok = (torch.float32 if a.dry_run else torch.bfloat16), a.heads, a.dim, a.tokens
@@ -200,7 +215,10 @@ def main():
         row.update(time_call(lambda q_, k_, v_: lightning_attention(q_, k_, v_, s), q, k, v, do))
         record(path, rows, row, header)
         del q, k, v, do
-    impls = [("tnlib", lambda q_, k_, v_, cu: lightning_attention(q_, k_, v_, s, cu_seqlens=cu))]
+    def attend(q_, k_, v_, cu):  # cu: the plain tensor ("tnlib-tensor") or a PackedSequences ("tnlib")
+        return lightning_attention(q_, k_, v_, s, cu_seqlens=cu)
+
+    impls = [("tnlib", attend), ("tnlib-tensor", attend)]
     if not a.no_fla and not a.dry_run:
         try:
             import fla  # noqa: F401
@@ -215,12 +233,21 @@ def main():
         for impl, fn in impls:
             row = dict(impl=impl, kind="varlen", name=name, docs=len(lens), max_len=max(lens),
                        check=errs if impl == "tnlib" else None)
-            if impl == "tnlib" and not ok:
+            if impl.startswith("tnlib") and not ok:
                 row.update(fwd_ms=None, fwdbwd_ms=None, note="skipped: failed the check")
             else:
                 try:
+                    boundaries = cu
+                    if impl == "tnlib":  # what a model step hands its layers: made once, before the timed calls
+                        cu_cpu, seg = cu.cpu(), header["varlen_seg_len"]
+
+                        def build():  # from the CPU boundaries, as the trainer does (no device sync)
+                            return PackedSequences(cu_cpu, N_tok, device=DEV).work_items(seg)
+
+                        row["build_ms"] = round(median_ms(build, DEV), 4)
+                        boundaries = PackedSequences(cu_cpu, N_tok, device=DEV)
                     q, k, v, do = inputs(1, N_tok, H, D, dtype, seed=1)
-                    row.update(time_call(lambda q_, k_, v_: fn(q_, k_, v_, cu), q, k, v, do))
+                    row.update(time_call(lambda q_, k_, v_: fn(q_, k_, v_, boundaries), q, k, v, do))
                 except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                     row.update(fwd_ms=None, fwdbwd_ms=None, error=repr(e)[:300])
             record(path, rows, row, header)
@@ -229,11 +256,16 @@ def main():
                               **{f"{key}_ratio": round(r[key] / d[key], 3) for key in ("fwd_ms", "fwdbwd_ms")},
                               within_10pct=r["fwdbwd_ms"] <= 1.1 * d["fwdbwd_ms"])
                          for r in rows if r["kind"] == "varlen" and r.get("fwdbwd_ms") for d in dense]
+    # the host work of a plain-tensor call (value read, table build) as the time it adds to the object's call
+    timed = {(r["impl"], r["name"]): r for r in rows if r["kind"] == "varlen" and r.get("fwdbwd_ms")}
+    header["host_per_call"] = [
+        dict(name=name, **{f"{key}_tensor_over_object": round(t[key] / o[key], 3) for key in ("fwd_ms", "fwdbwd_ms")})
+        for name in docs if (o := timed.get(("tnlib", name))) and (t := timed.get(("tnlib-tensor", name)))]
     from tnlib.provenance import provenance, write_results
 
     write_results(path, rows, header)
     plot(rows, path[: -len(".json")] + ".png", provenance(header))
-    for line in header["summary"]:
+    for line in header["summary"] + header["host_per_call"]:
         log(line)
     log(f"wrote {path}")
 

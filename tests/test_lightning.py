@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tnlib.ops import lightning as L
-from tnlib.ops import (lightning_attention, linear_attention_chunked, linear_attention_quadratic,
+from tnlib.ops import (PackedSequences, lightning_attention, linear_attention_chunked, linear_attention_quadratic,
                        linear_attention_recurrent)
 from tnlib.ops.lightning import op, plan
 from tnlib.testing import KERNEL_TOLERANCE, TOLERANCE, assert_close
@@ -293,7 +293,7 @@ def test_two_pass_dkdv_backward(device, dtype):
 def test_model_block_compiles_without_graph_breaks(device):
     """Under torch.compile the input checks must not break the graph (the slope value check needs
     the host, and so do cu_seqlens' values): one graph per block, whatever the layer's slope tensor, with and
-    without documents."""
+    without documents, given as a tensor or as the ``PackedSequences`` the model hands its blocks."""
     import torch._dynamo
 
     import tnlib
@@ -303,7 +303,7 @@ def test_model_block_compiles_without_graph_breaks(device):
     cu = torch.tensor([0, 5, 17, 40], dtype=torch.int32, device=device)  # documents (TrainConfig.document_mask)
     for layer in model.layers:
         h = torch.randn(1, 40, model.config.d_model, device=device)
-        for kw in ({}, {"cu_seqlens": cu}):
+        for kw in ({}, {"cu_seqlens": cu}, {"cu_seqlens": PackedSequences(cu, 40)}):
             torch._dynamo.reset()
             ex = torch._dynamo.explain(layer)(h, **kw)
             assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons]
@@ -645,17 +645,42 @@ def test_reference_forms_agree_on_packed_sequences():
         ("list", TypeError, "must be a torch.Tensor"),
     ],
 )
-def test_varlen_clear_errors_before_launch(cu, err, match):
-    """Bad boundaries fail in the op's checks, before any kernel (or the PyTorch path) runs, on both ops."""
+def test_varlen_clear_errors_before_launch(cu, err, match, monkeypatch):
+    """Bad boundaries fail in the op's checks, before any work table, kernel (or the PyTorch path) runs, on both
+    ops; made into a ``PackedSequences``, they fail at its construction, or (batch, device) at the call."""
+    def no_work(*a, **kw):
+        raise AssertionError("work began before the boundaries were checked")
+
+    for name in ("_work_items", "_fallback", "_lightning_fwd_op", "_packed_fwd_op"):
+        monkeypatch.setattr(op, name, no_work)
     q, k, v, slope, _, _, _ = _varlen_inputs((4, 6), 2, 16, 16, torch.float32, "cpu", init=False)
     if cu == "batch":
         q, k, v = (x.reshape(2, 5, 2, 16) for x in (q, k, v))
     cu = {"meta": torch.tensor([0, 10], device="meta"), "batch": torch.tensor([0, 4, 10]), "list": [0, 4, 10]}.get(
         cu, cu) if isinstance(cu, str) else (torch.tensor(cu) if isinstance(cu, list) else cu)
+    qkv = torch.cat([x.flatten(2) for x in (q, k, v)], -1)
     with pytest.raises(err, match=match):
         lightning_attention(q, k, v, slope, cu_seqlens=cu)
     with pytest.raises(err, match=match):
-        L.lightning_attention_packed(torch.cat([x.flatten(2) for x in (q, k, v)], -1), slope, 2, cu_seqlens=cu)
+        L.lightning_attention_packed(qkv, slope, 2, cu_seqlens=cu)
+    with pytest.raises(err, match=match):
+        seqs = PackedSequences(cu, 10)
+        lightning_attention(q, k, v, slope, cu_seqlens=seqs)
+    with pytest.raises(err, match=match):
+        L.lightning_attention_packed(qkv, slope, 2, cu_seqlens=PackedSequences(cu, 10))
+
+
+def test_packed_sequences_errors_name_the_object():
+    """Values fail at construction, naming it; a ``PackedSequences`` of another length than q's fails at the call."""
+    with pytest.raises(ValueError, match=r"PackedSequences: cu_seqlens must strictly increase.*cu_seqlens\[1\] = 5"):
+        PackedSequences(torch.tensor([0, 5, 5, 10]), 10)
+    with pytest.raises(ValueError, match="PackedSequences: cu_seqlens must start at 0 and end at the total length 12"):
+        PackedSequences(torch.tensor([0, 5, 10]), 12)
+    q, k, v, slope, _, _, _ = _varlen_inputs((4, 6), 2, 16, 16, torch.float32, "cpu", init=False)
+    seqs = PackedSequences(torch.tensor([0, 4, 7, 12]), 12)
+    with pytest.raises(ValueError, match="lightning_attention: the PackedSequences cover 12 tokens, but q holds 10"):
+        lightning_attention(q, k, v, slope, cu_seqlens=seqs)
+    assert repr(seqs) == "PackedSequences(3 sequences, 12 tokens, on cpu; work tables for segment lengths [])"
 
 
 def test_varlen_initial_state_is_one_per_sequence():
@@ -699,24 +724,60 @@ def test_varlen_segment_plan():
         plan.launch_config(1, 1000, 2, 16, 16, torch.float32, varlen=True), seg_len=plan.segment_plan(1, 2, 1000, 1))
 
 
-def test_varlen_values_read_once_per_tensor(monkeypatch):
-    """The layers of a forward pass one cu_seqlens: its values are read at the first call only (a device sync
-    on a GPU), again after an in-place change, and for any other tensor."""
+def test_varlen_values_read_at_every_call_or_once_by_packed_sequences(monkeypatch):
+    """A plain cu_seqlens tensor's values are read at every call (a device sync on a GPU); a ``PackedSequences``'
+    once, when it is made, and never by the calls it is passed to (their checks take shapes only)."""
     from tnlib.ops import _checks
 
     reads = []
     orig = _checks.check_cu_seqlens
     monkeypatch.setattr(_checks, "check_cu_seqlens", lambda *a, **kw: reads.append(kw["values"]) or orig(*a, **kw))
+    monkeypatch.setattr(op, "check_cu_seqlens", _checks.check_cu_seqlens)
     monkeypatch.setattr(op, "_fallback", lambda *a, **kw: None)  # the op's own check only (the references read too)
     q, k, v, slope, _, _, _ = _varlen_inputs((4, 6), 2, 16, 16, torch.float32, "cpu", init=False)
     cu = _cu((4, 6))
     for _ in range(3):
         lightning_attention(q, k, v, slope, cu_seqlens=cu)
-    cu[1] = 5  # in place: read again
-    lightning_attention(q, k, v, slope, cu_seqlens=cu)
-    cu[1] = 11
-    with pytest.raises(ValueError, match="strictly increase"):
-        lightning_attention(q, k, v, slope, cu_seqlens=cu)
-    lightning_attention(q, k, v, slope, cu_seqlens=_cu((4, 6)))
-    assert reads == [True, False, False, True, True, True]
+    assert reads == [True, True, True]
+    reads.clear()
+    seqs = PackedSequences(cu, 10)
+    for _ in range(3):
+        lightning_attention(q, k, v, slope, cu_seqlens=seqs)
+    assert reads == [True, False, False, False]
+
+
+@triton_test
+@pytest.mark.parametrize("seg", [None, 16])
+def test_packed_sequences_equal_the_plain_tensor(device, seg, monkeypatch):
+    """A ``PackedSequences`` gives what the plain cu_seqlens tensor gives, bitwise: outputs, final states and every
+    gradient (q, k, v, initial states; ``qkv`` on the packed op). The tensor's work table is built at each call
+    (its backward reuses it), the object's once for both calls and their backward passes; ``seg``: long
+    sequences cut into segments."""
+    builds = []
+    orig = op._work_items
+    monkeypatch.setattr(op, "_work_items", lambda *a: builds.append(a[2]) or orig(*a))
+    lens = (1, 37, 5, 70, 2)
+    q, k, v, slope, S0, do, G = _varlen_inputs(lens, 2, 16, 16, torch.float32, device)
+    cu = _cu(lens, device=device)
+    cfg = None if seg is None else dataclasses.replace(
+        plan.launch_config(1, sum(lens), 2, 16, 16, torch.float32, varlen=True), seg_len=seg)
+    seqs = PackedSequences(cu, sum(lens))
+
+    def run(boundaries):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v, S0)]
+        o, S = lightning_attention(*xs[:3], slope, xs[3], True, config=cfg, cu_seqlens=boundaries)
+        ((o * do).sum() + (S * G).sum()).backward()
+        qkv = torch.cat([x.detach().flatten(2) for x in (q, k, v)], -1).requires_grad_()
+        o_packed = L.lightning_attention_packed(qkv, slope, 2, "silu", config=cfg, cu_seqlens=boundaries)
+        (o_packed * do).sum().backward()
+        return [o, S, *(x.grad for x in xs), o_packed, qkv.grad]
+
+    seg_len = seg or plan.launch_config(1, sum(lens), 2, 16, 16, torch.float32, varlen=True).seg_len
+    want = run(cu)
+    assert builds == [seg_len] * 2
+    got = run(seqs)
+    assert builds == [seg_len] * 3 and list(seqs._tables) == [seg_len]
+    for name, a, b in zip(("o", "S", "dq", "dk", "dv", "dS0", "packed o", "dqkv"), got, want):
+        assert torch.equal(a, b), name
+    assert torch.equal(seqs.work_items(seg_len), orig(cu, sum(lens), seg_len))
 

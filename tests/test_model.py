@@ -453,6 +453,10 @@ def test_documents_with_checkpointing_and_errors(preset):
         assert rel_err(grads[1][n], g) < 1e-6, n
     with pytest.raises(ValueError, match="every window boundary"):
         m(ids, cu_seqlens=torch.tensor([0, 13, 80], dtype=torch.int32))  # row 1 would continue row 0's document
+    from tnlib.ops import PackedSequences
+
+    with pytest.raises(ValueError, match=r"the PackedSequences cover 40 tokens, but the batch holds B \* T = 80"):
+        m(ids, cu_seqlens=PackedSequences(torch.tensor([0, 13, 40], dtype=torch.int32), 40))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("kernel", marks=pytest.mark.triton)])
@@ -469,3 +473,91 @@ def test_packed_attention_with_documents_matches_unfused(device):
                                   lambda x: layer(x, return_state=True, cu_seqlens=cu)[0])
     _, state = layer(x, return_state=True, cu_seqlens=cu)
     assert state.shape == (4, layer.n_heads, layer.head_dim, layer.head_dim)  # one final state per document
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_documents_build_each_work_table_once_per_step(checkpointing, monkeypatch):
+    """A step with documents builds the kernels' work table once per segment length its layers use, not once per
+    layer: the model makes one ``PackedSequences`` and every layer's attention, forward and backward (and a
+    checkpointed block's recompute), shares its tables. The blocks given the plain tensor build one per layer
+    call (each backward reusing its forward's), so the count can tell the two apart."""
+    from tnlib.models.common import document_cu_seqlens
+    from tnlib.ops import PackedSequences
+    from tnlib.ops.lightning import op
+
+    builds, calls = [], []
+    orig_items, orig_fwd, orig_bwd = op._work_items, op._forward_impl, op._backward_impl
+    monkeypatch.setattr(op, "_work_items", lambda cu, total, seg: builds.append(seg) or orig_items(cu, total, seg))
+    monkeypatch.setattr(op, "_forward_impl", lambda *a, **kw: calls.append("fwd") or orig_fwd(*a, **kw))
+    monkeypatch.setattr(op, "_backward_impl", lambda *a, **kw: calls.append("bwd") or orig_bwd(*a, **kw))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n_layers = 3
+    m = create_model("tnl-tiny", vocab_size=50, n_layers=n_layers).to(dev).set_impl(checkpointing=checkpointing)
+    ids = _documents_batch().to(dev)
+    tgt = torch.roll(ids, -1, 1)
+    cu = document_cu_seqlens(ids.cpu(), 0)
+    m(ids, tgt, cu_seqlens=cu.to(dev)).backward()
+    assert calls.count("fwd") == n_layers * (2 if checkpointing else 1) and calls.count("bwd") == n_layers
+    assert builds and len(builds) == len(set(builds)) < n_layers, builds  # once per segment length
+    # the trainer's form: boundaries checked on the CPU, then on the device; the model takes the object as it is
+    builds.clear()
+    docs = PackedSequences(cu, ids.numel(), device=dev)
+    m(ids, tgt, cu_seqlens=docs).backward()
+    assert len(builds) == len(set(builds)) < n_layers and sorted(docs._tables) == sorted(builds)
+    builds.clear()
+    m(ids, tgt, cu_seqlens=docs).backward()  # its tables are kept: used again, it builds nothing
+    assert builds == []
+    # the plain tensor handed to every block: one table per layer call (the recompute calls again)
+    builds.clear()
+    x = m.embed_tokens(ids).reshape(1, ids.numel(), -1)
+    m.run_blocks(x, cu_seqlens=cu.to(dev)).float().pow(2).mean().backward()
+    assert len(builds) == n_layers * (2 if checkpointing else 1), builds
+
+
+def test_trainer_documents_are_one_packed_sequences():
+    """``TrainConfig.document_mask``'s keyword: one ``PackedSequences`` over the windows' inputs, made from the CPU
+    boundaries (the values read there, no device sync), on the step's device."""
+    from tnlib.models.common import document_cu_seqlens
+    from tnlib.ops import PackedSequences
+    from tnlib.train import _documents
+
+    x = torch.cat([_documents_batch(), torch.zeros(2, 1, dtype=torch.long)], 1)  # [B, T + 1]: inputs and the last target
+    docs = _documents(x, 0, torch.device("cpu"), True)["cu_seqlens"]
+    assert isinstance(docs, PackedSequences) and docs.total == 80
+    assert torch.equal(docs.cu_seqlens, document_cu_seqlens(x[:, :-1], 0))
+    assert _documents(x, 0, torch.device("cpu"), False) == {}
+
+
+@pytest.mark.triton
+def test_compiled_model_takes_documents():
+    """Compiled blocks (``TrainConfig.compile``'s default scope) and a compiled model take the documents, as a
+    tensor or a ``PackedSequences``, and give the eager model's loss and gradients."""
+    import torch._dynamo
+
+    from tnlib.models.common import document_cu_seqlens
+    from tnlib.ops import PackedSequences
+
+    ids = _documents_batch()
+    tgt = torch.roll(ids, -1, 1)
+    cu = document_cu_seqlens(ids, 0)
+
+    def step(fwd, model, docs):
+        model.zero_grad()
+        loss = fwd(ids, tgt, cu_seqlens=docs)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager = create_model("tnl-tiny", vocab_size=50, n_layers=2)
+    want_loss, want = step(eager, eager, cu)
+    for scope in ("blocks", "model"):
+        torch._dynamo.reset()
+        m = create_model("tnl-tiny", vocab_size=50, n_layers=2)
+        m.load_state_dict(eager.state_dict())
+        fwd = m.compile_blocks(backend="aot_eager") if scope == "blocks" else torch.compile(m, backend="aot_eager")
+        for docs in (cu, PackedSequences(cu, ids.numel())):
+            loss, grads = step(fwd, m, docs)
+            assert rel_err(loss, want_loss) < 1e-6, scope
+            for name, g in grads.items():
+                assert rel_err(g, want[name]) < 1e-5, (scope, type(docs).__name__, name)
+    torch._dynamo.reset()

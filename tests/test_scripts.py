@@ -130,7 +130,8 @@ def test_result_paths_rewrites_device_paths_only(tmp_path):
 
 def test_bench_varlen_dry_run(tmp_path):
     """Issue 29's benchmark (packed documents vs the dense kernel) runs on the CPU at tiny sizes under the
-    interpreter: every row checked against the kernels document by document and float64, then timed once."""
+    interpreter: every row checked against the kernels document by document and float64, then timed once, with a
+    ``PackedSequences`` made before the timed calls (``tnlib``, its build timed) and with the plain tensor."""
     import json
 
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
@@ -143,8 +144,11 @@ def test_bench_varlen_dry_run(tmp_path):
     head, rows = doc["header"], doc["rows"]
     assert head["dry_run"] and head["commit"] and "bench_varlen.py" in head["command"]
     assert sum(head["mixed_lengths"]) == head["tokens"] and len(set(head["mixed_lengths"])) > 3
-    assert [r["name"] for r in rows] == ["T=128", "T=256", "mixed", "equal", "one"]
+    assert [(r["impl"], r["name"]) for r in rows] == [("tnlib", "T=128"), ("tnlib", "T=256")] + [
+        (impl, name) for name in ("mixed", "equal", "one") for impl in ("tnlib", "tnlib-tensor")]
     assert all(r["fwd_ms"] and r["fwdbwd_ms"] for r in rows)
-    assert all(max(r["check"].values()) <= 2e-6 for r in rows if r["kind"] == "varlen")
-    assert len(head["summary"]) == 6
+    checked = [r["check"] for r in rows if r["impl"] == "tnlib" and r["kind"] == "varlen"]
+    assert len(checked) == 3 and all(c.pop("same_as_tensor") is True and max(c.values()) <= 2e-6 for c in checked)
+    assert all(r["build_ms"] > 0 for r in rows if r["impl"] == "tnlib" and r["kind"] == "varlen")
+    assert len(head["summary"]) == 12 and [h["name"] for h in head["host_per_call"]] == ["mixed", "equal", "one"]
     assert os.path.isfile(path[: -len(".json")] + ".png")

@@ -37,6 +37,7 @@ from .models import Implementation, build_model, document_cu_seqlens, get_config
 from .models.config import FORMER_IMPLEMENTATION_FIELDS
 from .parallel import (SHARDED_DIR, apply_fsdp, apply_tensor_parallel, build_mesh, canonical_state_dict,
                        check_parallel, check_sharded, clip_grad_norm, init_distributed, load_sharded, save_sharded)
+from .ops import PackedSequences
 from .ops.targets import device_target
 from .provenance import provenance
 
@@ -359,9 +360,13 @@ def batch_at(tokens: np.ndarray, step: int, micro: int, cfg: TrainConfig, rank: 
 
 def _documents(x, eot_id: int, device, on: bool) -> dict:
     """The model's document keyword for the CPU windows ``x`` (``[B, T + 1]``): with ``on``
-    (``TrainConfig.document_mask``) the ``cu_seqlens`` of their inputs (``document_cu_seqlens``, built on the
-    CPU: no device sync), else nothing."""
-    return {"cu_seqlens": document_cu_seqlens(x[:, :-1], eot_id).to(device, non_blocking=True)} if on else {}
+    (``TrainConfig.document_mask``) the documents of their inputs (``document_cu_seqlens``) as one
+    ``PackedSequences`` on ``device``, checked on the CPU before the copy (no device sync), whose work tables
+    the step's layers share; else nothing."""
+    if not on:
+        return {}
+    ids = x[:, :-1]
+    return {"cu_seqlens": PackedSequences(document_cu_seqlens(ids, eot_id), ids.numel(), device=device)}
 
 
 @torch.no_grad()

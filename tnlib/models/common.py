@@ -10,10 +10,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..nn.gla import GatedLinearAttention
 from ..nn.linear import Linear, linear
+from ..ops import PackedSequences
 from .config import Implementation
 
 __all__ = ["init_weights", "check_input_ids", "left_pad_positions", "document_cu_seqlens", "check_documents",
-           "document_mask", "CausalLM"]
+           "packed_documents", "document_mask", "CausalLM"]
 
 
 def left_pad_positions(input_ids, pad_mask):
@@ -41,10 +42,19 @@ def document_cu_seqlens(input_ids, eot_id: int):
     return torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
 
 
+def _boundaries(cu_seqlens):
+    """The boundary tensor of documents given as a tensor or a ``tnlib.ops.PackedSequences``."""
+    return cu_seqlens.cu_seqlens if isinstance(cu_seqlens, PackedSequences) else cu_seqlens
+
+
 def check_documents(cu_seqlens, B: int, T: int) -> None:
-    """Where the values are free to read (a CPU tensor, outside ``torch.compile``): ``cu_seqlens`` splits
-    ``B * T`` tokens at every window start (``document_cu_seqlens`` does), so no document spans two windows.
-    Its own form (monotone, the ends) is the attention op's to check."""
+    """Where the values are free to read (a CPU tensor, outside ``torch.compile``): ``cu_seqlens`` (a tensor or
+    a ``tnlib.ops.PackedSequences``, which must then cover ``B * T`` tokens) splits ``B * T`` tokens at every
+    window start (``document_cu_seqlens`` does), so no document spans two windows. Its own form (monotone,
+    the ends) is the attention op's, or the ``PackedSequences``', to check."""
+    if isinstance(cu_seqlens, PackedSequences) and cu_seqlens.total != B * T:
+        raise ValueError(f"the PackedSequences cover {cu_seqlens.total} tokens, but the batch holds B * T = {B * T}")
+    cu_seqlens = _boundaries(cu_seqlens)
     if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         have = set(cu_seqlens.tolist())
         missing = [b * T for b in range(B + 1) if b * T not in have]
@@ -53,10 +63,21 @@ def check_documents(cu_seqlens, B: int, T: int) -> None:
                              f"{B * T}); missing {missing[:4]}: build it with document_cu_seqlens")
 
 
+def packed_documents(cu_seqlens, B: int, T: int) -> PackedSequences:
+    """The documents of ``B`` windows of ``T`` tokens as one ``tnlib.ops.PackedSequences`` for every layer of a
+    step: ``cu_seqlens`` itself when it is one (the trainer makes it from the CPU boundaries: no device sync),
+    else one made from the tensor (its values read once: a device sync for a GPU tensor). After
+    :func:`check_documents`."""
+    check_documents(cu_seqlens, B, T)
+    return cu_seqlens if isinstance(cu_seqlens, PackedSequences) else PackedSequences(cu_seqlens, B * T)
+
+
 def document_mask(cu_seqlens, B: int, T: int):
     """The causal attention mask ``[B, 1, T, T]`` (True: may attend) of windows holding the documents of
-    ``cu_seqlens`` (``document_cu_seqlens``): block-diagonal, a query sees the earlier keys of its own document
-    only. Built on the tensors' device without reading values (no sync)."""
+    ``cu_seqlens`` (``document_cu_seqlens``; a tensor or a ``tnlib.ops.PackedSequences``): block-diagonal, a
+    query sees the earlier keys of its own document only. Built on the tensors' device without reading values
+    (no sync)."""
+    cu_seqlens = _boundaries(cu_seqlens)
     pos = torch.arange(B * T, device=cu_seqlens.device)
     doc = torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True).view(B, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=cu_seqlens.device).tril()
@@ -124,7 +145,8 @@ class CausalLM(nn.Module):
 
     def run_blocks(self, x, **block_kwargs):
         """The training/parallel pass through every block, checkpointing each one if ``impl.checkpointing``;
-        ``block_kwargs`` go to every block (documents: TNL's ``cu_seqlens``, the Transformer's ``attn_mask``)."""
+        ``block_kwargs`` go to every block (documents: TNL's ``cu_seqlens``, one ``PackedSequences`` for all blocks;
+        the Transformer's ``attn_mask``)."""
         for layer in self.layers:
             if self.impl.checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, use_reentrant=False, **block_kwargs)

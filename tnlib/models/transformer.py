@@ -245,9 +245,10 @@ class Transformer(CausalLM):
     def forward(self, input_ids, targets=None, *, cu_seqlens=None):
         """``input_ids: [B, T]`` -> logits ``[B, T, vocab]``, or with ``targets`` the mean cross-entropy.
 
-        ``cu_seqlens``: documents, as ``TransNormerLLM.forward`` takes them: here a block-diagonal causal
-        mask (``document_mask``, one per batch, shared by every layer) so that no attention score crosses a
-        document boundary. RoPE positions stay the window's (a score depends on ``t - s`` only)."""
+        ``cu_seqlens``: documents, as ``TransNormerLLM.forward`` takes them (a tensor or a
+        ``tnlib.ops.PackedSequences``): here a block-diagonal causal mask (``document_mask``, one per batch, shared
+        by every layer) so that no attention score crosses a document boundary. RoPE positions stay the window's
+        (a score depends on ``t - s`` only)."""
         check_input_ids(input_ids, self.config.vocab_size)
         kw = {}
         if cu_seqlens is not None:

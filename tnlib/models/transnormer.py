@@ -10,7 +10,7 @@ from torch import nn
 from ..nn.linear import Linear
 from ..nn.gla import SGLU, GatedLinearAttention
 from ..nn.norm import build_norm
-from .common import CausalLM, check_documents, check_input_ids, init_weights, left_pad_positions
+from .common import CausalLM, check_input_ids, init_weights, left_pad_positions, packed_documents
 from .config import Implementation, ModelConfig
 
 __all__ = ["TransNormerLLM", "TNLBlock", "RecurrentCache", "init_weights", "check_input_ids", "left_pad_positions"]
@@ -115,14 +115,16 @@ class TransNormerLLM(CausalLM):
         cross-entropy instead, computed without the logits (``CausalLM.lm_loss``).
 
         ``cu_seqlens``: documents (``document_cu_seqlens``; boundaries over the ``B * T`` tokens, every window
-        start among them): each document is computed as if it were alone. The windows run as one packed
-        sequence through every block, their attention through ``cu_seqlens`` (no state crosses a boundary);
-        LRPE and absolute positions stay the window's (LRPE's scores depend on ``t - s`` only)."""
+        start among them; a tensor or a ``tnlib.ops.PackedSequences``): each document is computed as if it were
+        alone. The windows run as one packed sequence through every block, their attention through
+        ``cu_seqlens`` (no state crosses a boundary); LRPE and absolute positions stay the window's (LRPE's
+        scores depend on ``t - s`` only). A tensor is made into one ``PackedSequences`` here, so its values are
+        read once and the kernels' work tables built once per step, not per layer (``packed_documents``)."""
         x = self.embed_tokens(input_ids)
         if cu_seqlens is None:
             h = self.run_blocks(x)
         else:
             B, T = input_ids.shape
-            check_documents(cu_seqlens, B, T)
-            h = self.run_blocks(x.reshape(1, B * T, -1), cu_seqlens=cu_seqlens).reshape(B, T, -1)
+            docs = packed_documents(cu_seqlens, B, T)
+            h = self.run_blocks(x.reshape(1, B * T, -1), cu_seqlens=docs).reshape(B, T, -1)
         return self.logits(h) if targets is None else self.lm_loss(h, targets)

@@ -100,9 +100,10 @@ class GatedLinearAttention(nn.Module):
         ``state`` (``[B, H, K, V]`` fp32) continues a sequence; ``offset`` (int or ``[B]``) is the LRPE
         position of token 0; ``pad_mask`` (``[B, T]`` bool, True = real token) zeroes the values of
         padding so it contributes nothing to the state (as the official code does). ``cu_seqlens``
-        (``tnlib.ops.lightning_attention``'s convention): ``x`` is ``[1, total, d]`` holding sequences back to
-        back, each attending to itself only; ``state`` and the returned state are then ``[N, H, K, V]``. LRPE
-        positions need no restart per sequence: its score depends on ``t - s`` only.
+        (``tnlib.ops.lightning_attention``'s convention: a tensor, or a ``tnlib.ops.PackedSequences`` that the
+        model's layers share): ``x`` is ``[1, total, d]`` holding sequences back to back, each attending to
+        itself only; ``state`` and the returned state are then ``[N, H, K, V]``. LRPE positions need no restart
+        per sequence: its score depends on ``t - s`` only.
         """
         B, T, d = x.shape
         H, D = self.n_heads, self.head_dim

@@ -21,6 +21,9 @@ generic kernel (:mod:`.kernels`) serves all four passes; ``_dkdv_kernel`` fuses 
 Packed sequences (``cu_seqlens``, ``[N + 1]``): ``[1, total, H, D]`` rows hold ``N`` sequences back to back; every
 line above holds per sequence (its own ``S_{-1}``, ``G``, ``D``, ``dS_{-1}``; ``[N, H, K, V]``). The launchers hand
 the kernels a work table (``_work_items``: one row per segment of a sequence) and the same passes run over it.
+A ``PackedSequences`` holds boundaries checked once and their tables, built once per segment length, for the many
+calls of one model step (every layer, forward and backward); a plain ``cu_seqlens`` tensor is checked and gets its
+table at each call.
 
 Dispatch (``tnlib.ops._triton.use_triton``): fp16/bf16/fp32 tensors on CUDA, or on the CPU under
 ``TRITON_INTERPRET=1``, run the kernels through custom ops (opaque to ``torch.compile``, with fake
@@ -31,12 +34,11 @@ gradient from the kernel path (it is a fixed buffer in TransNormerLLM).
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Optional
 
 import torch
 
-from .._checks import check_attention_inputs
+from .._checks import check_attention_inputs, check_cu_seqlens
 from .._triton import interpreting, launch, use_triton
 from ..reference import linear_attention_chunked
 from ..targets import device_target
@@ -237,13 +239,22 @@ def _dkdv(q, k, v, do, slope, tile: Tile, *, seg_len: int, dfinal=None, need_ds0
     return dk, dv, final
 
 
+def _table(cu_seqlens, items, total: int, seg_len: int):
+    """The work table of a launch over packed sequences: ``items`` where the caller built it (for ``seg_len``),
+    else one from ``cu_seqlens`` (None without packed sequences)."""
+    if items is not None or cu_seqlens is None:
+        return items
+    return _work_items(cu_seqlens, total, seg_len)
+
+
 def _forward_impl(q, k, v, slope, cfg: LaunchConfig, *, initial_state=None, output_final_state: bool = False,
-                  cu_seqlens=None):
+                  cu_seqlens=None, items=None):
     """``(o, final state or None, k/v segment states or None)``: the table's forward row. ``cu_seqlens``: q, k, v
-    hold packed sequences (``[1, total, H, D]``; states one per sequence)."""
+    hold packed sequences (``[1, total, H, D]``; states one per sequence); ``items``: their work table for
+    ``cfg.seg_len`` (``_work_items``), or None to build it here."""
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
-    items = None if cu_seqlens is None else _work_items(cu_seqlens, q.shape[1], cfg.seg_len)
+    items = _table(cu_seqlens, items, q.shape[1], cfg.seg_len)
     local = _local_states(k, v, slope, cfg, reverse=False, items=items)
     o, final = _attn(q, k, v, slope, cfg.forward, init=initial_state, init_decay=True,
                      want_final=output_final_state, local=local, seg_len=cfg.seg_len, out_dtype=v.dtype, items=items)
@@ -251,20 +262,20 @@ def _forward_impl(q, k, v, slope, cfg: LaunchConfig, *, initial_state=None, outp
 
 
 def _backward_impl(do, q, k, v, slope, cfg: LaunchConfig, *, dfinal=None, initial_state=None, need_ds0: bool = False,
-                   loc_kv=None, grad_act: int = 0, pre=None, grads=None, cu_seqlens=None):
+                   loc_kv=None, grad_act: int = 0, pre=None, grads=None, cu_seqlens=None, items=None):
     """dq, dk, dv (and dS0 if ``need_ds0``): the table's dq, dv and dk rows. ``dfinal``: G, the gradient into
     the returned final state (None: zero). ``loc_kv``: the forward's k/v segment states (recomputed if None). With
     ``grad_act`` and ``pre = (q_pre, k_pre)`` (q and k being the feature map of those) dq and dk are the
     gradients of the pre-activations. ``grads``: three tensors (views of one buffer in the packed path)
-    to write dq, dk, dv into. ``cu_seqlens``: packed sequences, as in ``_forward_impl`` (each sequence's
-    reverse passes run in its own reversed time, from its own G)."""
+    to write dq, dk, dv into. ``cu_seqlens``, ``items``: packed sequences, as in ``_forward_impl`` (each
+    sequence's reverse passes run in its own reversed time, from its own G)."""
     do = _last_contig(do.to(v.dtype))
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     slope = slope.contiguous()
     dq_out, dk_out, dv_out = grads if grads is not None else (None, None, None)
     q_pre, k_pre = pre if pre is not None else (None, None)
     T, seg = q.shape[1], cfg.seg_len
-    items = None if cu_seqlens is None else _work_items(cu_seqlens, T, seg)
+    items = _table(cu_seqlens, items, T, seg)
     multi = cfg.n_seg(T) > 1 if items is None else _n_local(T, seg) > 0
     # dq_t = dO_t S_t^T: forward in time, query dO, key v, value k, start S_{-1}^T; the forward's
     # plan, so the k/v segment states it kept serve here
@@ -292,6 +303,9 @@ def _backward_impl(do, q, k, v, slope, cfg: LaunchConfig, *, dfinal=None, initia
 # ----------------------------------------------------------------------------------------------
 # Custom ops: opaque to torch.compile, with fake (meta) implementations. ``config`` is
 # ``LaunchConfig.to_ints()`` or empty for the default (resolved from the shapes, also symbolic ones).
+# ``items``: the work table of ``cu_seqlens`` for the config's segments, built by the caller (the public
+# functions, outside torch.compile; saved for the backward, so forward and backward share it) or None (each op
+# builds its own: the forward's and the backward's, under torch.compile).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -299,13 +313,13 @@ def _backward_impl(do, q, k, v, slope, cfg: LaunchConfig, *, dfinal=None, initia
 def _lightning_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor,
     initial_state: Optional[torch.Tensor], output_final_state: bool, config: list[int],
-    cu_seqlens: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None, items: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(o, final state or empty, segment states or empty)``; the segment states of k, v
     are kept for the backward's dq pass, which needs exactly them."""
     o, final, local = _forward_impl(q, k, v, slope, _config(config, q, v, cu_seqlens is not None),
                                     initial_state=initial_state, output_final_state=output_final_state,
-                                    cu_seqlens=cu_seqlens)
+                                    cu_seqlens=cu_seqlens, items=items)
     return o, (_empty_f32(q) if final is None else final), (_empty_f32(q) if local is None else local)
 
 
@@ -326,7 +340,7 @@ def _fake_states(q, v, config, cu_seqlens, output_final_state: bool):
 
 
 @_lightning_fwd_op.register_fake
-def _(q, k, v, slope, initial_state, output_final_state, config, cu_seqlens=None):
+def _(q, k, v, slope, initial_state, output_final_state, config, cu_seqlens=None, items=None):
     final, local = _fake_states(q, v, config, cu_seqlens, output_final_state)
     B, T, H, _ = q.shape
     return v.new_empty((B, T, H, v.shape[3])), final, local
@@ -337,11 +351,12 @@ def _lightning_bwd_op(
     do: torch.Tensor, dfinal: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, slope: torch.Tensor, initial_state: Optional[torch.Tensor], need_ds0: bool,
     local_kv: torch.Tensor, config: list[int], cu_seqlens: Optional[torch.Tensor] = None,
+    items: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loc = local_kv if local_kv.dim() == 5 else None
     cfg = _config(config, q, v, cu_seqlens is not None)
     dq, dk, dv, ds0 = _backward_impl(do, q, k, v, slope, cfg, dfinal=dfinal, initial_state=initial_state,
-                                     need_ds0=need_ds0, loc_kv=loc, cu_seqlens=cu_seqlens)
+                                     need_ds0=need_ds0, loc_kv=loc, cu_seqlens=cu_seqlens, items=items)
     if ds0 is None:
         ds0 = _empty_f32(q)
     elif initial_state is not None:
@@ -350,27 +365,27 @@ def _lightning_bwd_op(
 
 
 @_lightning_bwd_op.register_fake
-def _(do, dfinal, q, k, v, slope, initial_state, need_ds0, local_kv, config, cu_seqlens=None):
+def _(do, dfinal, q, k, v, slope, initial_state, need_ds0, local_kv, config, cu_seqlens=None, items=None):
     ds0 = initial_state.new_empty(initial_state.shape) if need_ds0 else _empty_f32(q)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds0
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, slope, initial_state, output_final_state, config, cu_seqlens = inputs
+    q, k, v, slope, initial_state, output_final_state, config, cu_seqlens, items = inputs
     ctx.has_init, ctx.output_final_state, ctx.config = initial_state is not None, output_final_state, config
-    ctx.save_for_backward(q, k, v, slope, initial_state, output[2], cu_seqlens)
+    ctx.save_for_backward(q, k, v, slope, initial_state, output[2], cu_seqlens, items)
 
 
 def _backward(ctx, do, dfinal, _dlocal):
-    q, k, v, slope, initial_state, local_kv, cu_seqlens = ctx.saved_tensors
+    q, k, v, slope, initial_state, local_kv, cu_seqlens, items = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(v)
     if not ctx.output_final_state or dfinal is None or dfinal.numel() == 0:
         dfinal = None
     need_ds0 = ctx.has_init and ctx.needs_input_grad[4]
     dq, dk, dv, ds0 = _lightning_bwd_op(do, dfinal, q, k, v, slope, initial_state if ctx.has_init else None,
-                                        need_ds0, local_kv, ctx.config, cu_seqlens)
-    return dq, dk, dv, None, (ds0 if need_ds0 else None), None, None, None
+                                        need_ds0, local_kv, ctx.config, cu_seqlens, items)
+    return dq, dk, dv, None, (ds0 if need_ds0 else None), None, None, None, None
 
 
 _lightning_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -416,43 +431,45 @@ def _feature_map(x, act: int):
     return feature_map_reference(x, act)
 
 
-def _packed_forward(qkv, slope, n_heads: int, act: int, config: list[int], cu_seqlens=None):
+def _packed_forward(qkv, slope, n_heads: int, act: int, config: list[int], cu_seqlens=None, items=None):
     """``(o, phi(q | k) or None, k/v segment states or None)`` of the packed path (the custom op's body)."""
     q, k, v = _split_packed(qkv, n_heads)
     qk = None
     if act:
         qk = _feature_map(qkv[..., : 2 * (qkv.shape[-1] // 3)], act)
         q, k = _split_qk(qk, n_heads)
-    o, _, local = _forward_impl(q, k, v, slope, _config(config, q, v, cu_seqlens is not None), cu_seqlens=cu_seqlens)
+    o, _, local = _forward_impl(q, k, v, slope, _config(config, q, v, cu_seqlens is not None), cu_seqlens=cu_seqlens,
+                                items=items)
     return o, qk, local
 
 
-def _packed_backward_impl(do, qkv, qk, slope, n_heads: int, act: int, local_kv, config: list[int], cu_seqlens=None):
+def _packed_backward_impl(do, qkv, qk, slope, n_heads: int, act: int, local_kv, config: list[int], cu_seqlens=None,
+                          items=None):
     """The gradient of ``qkv`` as one buffer (the custom op's body); ``qk``: the forward's ``phi(q | k)``
     (None without a feature map), ``local_kv``: its segment states (None: one segment)."""
     dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
     q_pre, k_pre, v = _split_packed(qkv, n_heads)
     q, k = _split_qk(qk, n_heads) if act else (q_pre, k_pre)
     _backward_impl(do, q, k, v, slope, _config(config, q, v, cu_seqlens is not None), loc_kv=local_kv, grad_act=act,
-                   pre=(q_pre, k_pre), grads=_split_packed(dqkv, n_heads), cu_seqlens=cu_seqlens)
+                   pre=(q_pre, k_pre), grads=_split_packed(dqkv, n_heads), cu_seqlens=cu_seqlens, items=items)
     return dqkv
 
 
 @torch.library.custom_op("tnlib::lightning_packed_fwd", mutates_args=())
 def _packed_fwd_op(qkv: torch.Tensor, slope: torch.Tensor, n_heads: int, act: int,
                    config: list[int], cu_seqlens: Optional[torch.Tensor] = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   items: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(o, phi(q | k) or empty, segment states of k, v or empty)`` for the pre-activation ``qkv``.
 
     The feature map is one elementwise pass over the q | k columns (applying it inside the Lightning
     kernels was measured slower: each CTA recomputes it for its tiles on the special-function units);
     its output is kept for the backward, like the unfused model's activations."""
-    o, qk, local = _packed_forward(qkv, slope, n_heads, act, config, cu_seqlens)
+    o, qk, local = _packed_forward(qkv, slope, n_heads, act, config, cu_seqlens, items)
     return o, (_empty_f32(qkv) if qk is None else qk), (_empty_f32(qkv) if local is None else local)
 
 
 @_packed_fwd_op.register_fake
-def _(qkv, slope, n_heads, act, config, cu_seqlens=None):
+def _(qkv, slope, n_heads, act, config, cu_seqlens=None, items=None):
     q, k, v = _split_packed(qkv, n_heads)
     B, T, H, D = q.shape
     _, local = _fake_states(q, v, config, cu_seqlens, False)
@@ -463,28 +480,28 @@ def _(qkv, slope, n_heads, act, config, cu_seqlens=None):
 @torch.library.custom_op("tnlib::lightning_packed_bwd", mutates_args=())
 def _packed_bwd_op(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor, slope: torch.Tensor, n_heads: int,
                    act: int, local_kv: torch.Tensor, config: list[int],
-                   cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   cu_seqlens: Optional[torch.Tensor] = None, items: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The gradient of the packed ``qkv`` in one buffer: the kernels write its three column blocks
     directly (dq and dk already through the feature map's derivative), so nothing is concatenated."""
     return _packed_backward_impl(do, qkv, qk if act else None, slope, n_heads, act,
-                                 local_kv if local_kv.dim() == 5 else None, config, cu_seqlens)
+                                 local_kv if local_kv.dim() == 5 else None, config, cu_seqlens, items)
 
 
 @_packed_bwd_op.register_fake
-def _(do, qkv, qk, slope, n_heads, act, local_kv, config, cu_seqlens=None):
+def _(do, qkv, qk, slope, n_heads, act, local_kv, config, cu_seqlens=None, items=None):
     return qkv.new_empty(qkv.shape)
 
 
 def _packed_setup_context(ctx, inputs, output):
-    qkv, slope, n_heads, act, config, cu_seqlens = inputs
+    qkv, slope, n_heads, act, config, cu_seqlens, items = inputs
     ctx.n_heads, ctx.act, ctx.config = n_heads, act, config
-    ctx.save_for_backward(qkv, output[1], slope, output[2], cu_seqlens)
+    ctx.save_for_backward(qkv, output[1], slope, output[2], cu_seqlens, items)
 
 
 def _packed_backward(ctx, do, _dqk, _dlocal):
-    qkv, qk, slope, local_kv, cu_seqlens = ctx.saved_tensors
-    dqkv = _packed_bwd_op(do, qkv, qk, slope, ctx.n_heads, ctx.act, local_kv, ctx.config, cu_seqlens)
-    return dqkv, None, None, None, None, None
+    qkv, qk, slope, local_kv, cu_seqlens, items = ctx.saved_tensors
+    dqkv = _packed_bwd_op(do, qkv, qk, slope, ctx.n_heads, ctx.act, local_kv, ctx.config, cu_seqlens, items)
+    return dqkv, None, None, None, None, None, None
 
 
 _packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
@@ -494,15 +511,48 @@ _packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_c
 # Public functions: input checks, then the kernel path or the PyTorch fallback
 # ----------------------------------------------------------------------------------------------
 
-#: The last ``cu_seqlens`` whose values passed the check, as ``(weak reference, version counter)``: the layers
-#: of one model forward (and a benchmark's repeated calls) pass the same tensor, read once. A tensor changed
-#: in place has a new version and is read again; nothing is stored on the tensor itself.
-_CHECKED_CU: list = [None, -1]
+class PackedSequences:
+    """Packed-sequence boundaries made ready once for the many attention calls of one model step.
+
+    ``PackedSequences(cu_seqlens, total)``: ``cu_seqlens`` in ``lightning_attention``'s convention (int32 or int64
+    ``[N + 1]``, from 0 to ``total``, strictly increasing). Its values are checked here, once
+    (``tnlib.ops.check_cu_seqlens``: one host read, a device sync for a GPU tensor; none under ``torch.compile``,
+    where they are their maker's to check). ``device``: where the attention runs; the boundaries are checked
+    where they are, then copied there, so boundaries made on the CPU (``document_cu_seqlens``) cost no sync.
+
+    Passed as ``cu_seqlens=`` to ``lightning_attention`` or ``lightning_attention_packed`` in place of the tensor,
+    it spares each call the value check and keeps the work tables it builds (``_work_items``: the kernels' one
+    row per segment of a sequence, a dozen small device ops), one per segment length, from the first call that
+    needs it: the layers of a step, forward and backward (and a checkpointed block's recompute), share them.
+    ``TransNormerLLM.forward`` makes one per step. Under ``torch.compile`` the calls read only ``cu_seqlens``
+    from it and their ops build their own tables (the launch plan is resolved inside the ops, not in traced
+    code); nothing is kept then.
+
+    Contract: ``cu_seqlens`` is not changed after construction (the tables would no longer match it). The
+    object holds nothing but the boundaries and its tables, and goes with the step that made it.
+    """
+
+    def __init__(self, cu_seqlens, total: int, *, device=None):
+        self.n_seqs = check_cu_seqlens(cu_seqlens, total, name="PackedSequences",
+                                       values=not torch.compiler.is_compiling())
+        self.cu_seqlens = cu_seqlens if device is None else cu_seqlens.to(device, non_blocking=True)
+        self.total = total
+        self._tables: dict = {}  # segment length -> work table
+
+    def work_items(self, seg_len: int) -> torch.Tensor:
+        """The work table for segments of ``seg_len`` tokens (``_work_items``): built at the first call, then kept."""
+        if seg_len not in self._tables:
+            self._tables[seg_len] = _work_items(self.cu_seqlens, self.total, seg_len)
+        return self._tables[seg_len]
+
+    def __repr__(self) -> str:
+        return (f"PackedSequences({self.n_seqs} sequences, {self.total} tokens, on {self.cu_seqlens.device}; "
+                f"work tables for segment lengths {sorted(self._tables)})")
 
 
-def _cu_values_known(cu_seqlens) -> bool:
-    ref, version = _CHECKED_CU
-    return ref is not None and ref() is cu_seqlens and version == cu_seqlens._version
+def _boundaries(cu_seqlens):
+    """The boundary tensor of ``cu_seqlens`` (a tensor or a ``PackedSequences``; None stays None)."""
+    return cu_seqlens.cu_seqlens if isinstance(cu_seqlens, PackedSequences) else cu_seqlens
 
 
 def _check_inputs(q, k, v, slope, initial_state, name, cu_seqlens=None):
@@ -510,34 +560,44 @@ def _check_inputs(q, k, v, slope, initial_state, name, cu_seqlens=None):
     reading them costs nothing, a CPU tensor outside ``torch.compile``. On a GPU that read is a device sync per
     call (and under ``torch.compile`` a graph break), so a GPU slope's values are checked where it is made:
     the model's decay at construction (``GatedLinearAttention.decay_slope``), any other with
-    ``tnlib.ops.check_slope_values``. ``cu_seqlens``' values are read outside ``torch.compile`` on any device,
-    once per tensor (``_CHECKED_CU``; a device sync on a GPU): wrong boundaries would make the kernels read and
-    write outside the tensors, not just compute wrong numbers. Under ``torch.compile`` check them where they
-    are made (``tnlib.ops.check_cu_seqlens``). Nothing is written onto the caller's tensors."""
+    ``tnlib.ops.check_slope_values``. A plain ``cu_seqlens`` tensor's values are read at every call outside
+    ``torch.compile`` (a device sync on a GPU): wrong boundaries would make the kernels read and write outside
+    the tensors, not just compute wrong numbers. A ``PackedSequences`` was checked when it was made: here only
+    its length against q's. Under ``torch.compile`` check them where they are made (``PackedSequences``, or
+    ``tnlib.ops.check_cu_seqlens``). Nothing is written onto the caller's tensors."""
     compiling = torch.compiler.is_compiling()
     values = isinstance(slope, torch.Tensor) and slope.device.type == "cpu" and not compiling
-    cu_values = cu_seqlens is not None and not compiling and not _cu_values_known(cu_seqlens)
+    seqs = cu_seqlens if isinstance(cu_seqlens, PackedSequences) else None
     dims = check_attention_inputs(q, k, v, slope, initial_state, name=name, slope_values=values,
-                                  cu_seqlens=cu_seqlens, cu_values=cu_values)
-    if cu_values:
-        _CHECKED_CU[:] = [weakref.ref(cu_seqlens), cu_seqlens._version]
+                                  cu_seqlens=_boundaries(cu_seqlens), cu_values=seqs is None and not compiling)
+    if seqs is not None and seqs.total != dims[1]:
+        raise ValueError(f"{name}: the PackedSequences cover {seqs.total} tokens, but q holds {dims[1]}")
     return dims
 
 
 def _fallback(q, k, v, slope, initial_state=None, output_final_state=False, cu_seqlens=None):
     """The PyTorch path: Lightning Attention-2's block algorithm (differentiable; packed sequences one by one)."""
     return linear_attention_chunked(q, k, v, slope, initial_state, output_final_state, block_size=64,
-                                    cu_seqlens=cu_seqlens)
+                                    cu_seqlens=_boundaries(cu_seqlens))
 
 
-def _check_work_items(cu_seqlens, total: int, cfg: LaunchConfig, name: str) -> None:
-    """A clear error, before any launch, where packed sequences need more work items than a grid axis holds
-    (outside ``torch.compile``, like the values of ``cu_seqlens``)."""
-    m = _n_work_items(cu_seqlens.shape[0] - 1, total, cfg.seg_len)
+def _work_table(cu_seqlens, q, v, config: Optional[LaunchConfig], name: str):
+    """The work table a kernel call over packed sequences hands its op: the ``PackedSequences``' own (built once
+    per segment length) or, for a plain tensor, a new one; first a clear error where it would need more work
+    items than a grid axis holds. None without packed sequences, and under ``torch.compile``, where the op
+    builds it (the plan's cache is not for traced code)."""
+    if cu_seqlens is None or torch.compiler.is_compiling():
+        return None
+    total, seg_len = q.shape[1], (config if config is not None else _config([], q, v, True)).seg_len
+    n_seqs = _boundaries(cu_seqlens).shape[0] - 1
+    m = _n_work_items(n_seqs, total, seg_len)
     if m > MAX_WORK_ITEMS:
-        raise ValueError(f"{name}: {cu_seqlens.shape[0] - 1} sequences of {total} tokens make up to {m} work items "
-                         f"(segments of {cfg.seg_len} tokens), more than the {MAX_WORK_ITEMS} one launch takes: "
+        raise ValueError(f"{name}: {n_seqs} sequences of {total} tokens make up to {m} work items "
+                         f"(segments of {seg_len} tokens), more than the {MAX_WORK_ITEMS} one launch takes: "
                          f"split the batch")
+    if isinstance(cu_seqlens, PackedSequences):
+        return cu_seqlens.work_items(seg_len)
+    return _work_items(cu_seqlens, total, seg_len)
 
 
 def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=False,
@@ -555,9 +615,11 @@ def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=F
     ``chunk_simple_gla`` convention): ``q, k, v`` hold ``N`` sequences back to back (``B = 1``; sequence ``n``
     is rows ``cu_seqlens[n] : cu_seqlens[n + 1]``), ``initial_state`` and the final state are ``[N, H, K, V]``,
     one per sequence, and no state crosses a boundary: the result is the attention of each sequence on its
-    own, forward and backward (the gradient of each initial state included). Its values are checked before
-    any launch (outside ``torch.compile``; once per tensor, a device sync for a GPU tensor:
-    ``tnlib.ops.check_cu_seqlens``).
+    own, forward and backward (the gradient of each initial state included). A plain tensor's values are
+    checked before any launch, at every call (outside ``torch.compile``; a device sync for a GPU tensor:
+    ``tnlib.ops.check_cu_seqlens``), and the kernels' work table is built for the call (forward and backward
+    share it). ``cu_seqlens`` may instead be a :class:`PackedSequences` made once from that tensor: checked
+    when made, its work tables built once and shared by every call that gets it (the model's layers in a step).
     """
     if slope is None:
         raise ValueError("lightning_attention: slope [H] is required (use zeros for no decay)")
@@ -571,11 +633,10 @@ def lightning_attention(q, k, v, slope, initial_state=None, output_final_state=F
         return _fallback(q, k, v, slope, initial_state, output_final_state, cu_seqlens)
     if config is not None:
         config.check(K, V)
-    if cu_seqlens is not None and not torch.compiler.is_compiling():  # (the plan's cache is not for traced code)
-        _check_work_items(cu_seqlens, T, config or _config([], q, v, True), "lightning_attention")
+    items = _work_table(cu_seqlens, q, v, config, "lightning_attention")
     cfg = config.to_ints() if config is not None else []
     o, final, _ = _lightning_fwd_op(q, k, v, slope.to(torch.float32), initial_state, bool(output_final_state),
-                                    cfg, cu_seqlens)
+                                    cfg, _boundaries(cu_seqlens), items)
     return (o, final) if output_final_state else o
 
 
@@ -590,7 +651,8 @@ def lightning_attention_packed(qkv, slope, n_heads: int, qk_act: str = "silu",
     kernels, so the model needs no separate activation-backward and concatenation pass. Elsewhere it
     is the same computation in PyTorch. No initial or final state: this is the training path;
     ``lightning_attention`` serves the rest. ``config`` as in ``lightning_attention``; ``cu_seqlens``: packed
-    sequences as there (``B = 1``; each sequence attends to itself only: documents packed in a window).
+    sequences as there, a tensor or a :class:`PackedSequences` (``B = 1``; each sequence attends to itself
+    only: documents packed in a window).
     """
     if qk_act not in ACT_CODES:
         raise ValueError(f"lightning_attention_packed: unknown qk_act {qk_act!r}; "
@@ -612,7 +674,6 @@ def lightning_attention_packed(qkv, slope, n_heads: int, qk_act: str = "silu",
         return _fallback(feature_map_reference(q, act), feature_map_reference(k, act), v, slope, cu_seqlens=cu_seqlens)
     if config is not None:
         config.check(D, D)
-    if cu_seqlens is not None and not torch.compiler.is_compiling():
-        _check_work_items(cu_seqlens, q.shape[1], config or _config([], q, v, True), "lightning_attention_packed")
+    items = _work_table(cu_seqlens, q, v, config, "lightning_attention_packed")
     cfg = config.to_ints() if config is not None else []
-    return _packed_fwd_op(qkv, slope.to(torch.float32), int(n_heads), act, cfg, cu_seqlens)[0]
+    return _packed_fwd_op(qkv, slope.to(torch.float32), int(n_heads), act, cfg, _boundaries(cu_seqlens), items)[0]
