@@ -13,8 +13,8 @@ from tnlib.testing import KERNEL_TOLERANCE, TOLERANCE, assert_close
 
 #: mixed lengths with a one-token prompt, boundaries inside a 64-token chunk and a prompt longer than one chunk
 LENGTHS = (5, 17, 1, 70, 9)
-#: smaller for the interpreter (still one token, boundaries inside chunks)
-LENGTHS_TRITON = (7, 1, 20, 3)
+#: fewer for the interpreter (still one token, boundaries inside chunks, one prompt over a 64-token chunk)
+LENGTHS_TRITON = (7, 1, 70, 3)
 VOCAB = 101
 
 
@@ -53,10 +53,10 @@ def check_packed_prefill(m, prompts, tol):
     return worst
 
 
-@pytest.mark.parametrize("positional", ["mix", "lrpe-d", "decay", "ape"])
+@pytest.mark.parametrize("positional", ["mix", "lrpe-d", "lrpe", "decay", "ape"])
 def test_packed_prefill_equals_padded_and_alone(positional):
-    """Float64, the PyTorch path: LRPE on the first layer (the paper's "mix"), on every layer, none, and absolute
-    positions; every layer's state of every prompt, the one-token prompt included."""
+    """Float64, the PyTorch path: LRPE on the first layer (the paper's "mix"), on every layer (with and without
+    decay), none, and absolute positions; every layer's state of every prompt, the one-token prompt included."""
     m = tiny(positional=positional)
     check_packed_prefill(m, prompts_of(LENGTHS), TOLERANCE[torch.float64])
     # all logits (not only the last): each prompt's rows == the prompt alone
@@ -128,7 +128,7 @@ def test_generate_packed_equals_padded():
     for decoder in ("graph", "compiled-graph"):
         built = DecoderCache(capture=False)
         base = generate(m32, prompts, 6, decoder=decoder, decoder_cache=built)
-        got = generate(m32, prompts, 6, decoder=decoder, decoder_cache=built, prefill="packed")  # the same decoder, reloaded
+        got = generate(m32, prompts, 6, decoder=decoder, decoder_cache=built, prefill="packed")  # reuses the decoder
         assert len(built) == 1 and all(torch.equal(a, b) for a, b in zip(got, base)), decoder
 
 

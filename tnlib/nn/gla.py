@@ -98,8 +98,9 @@ class GatedLinearAttention(nn.Module):
         """``x: [B, T, d]`` -> ``[B, T, d]`` (and the final recurrent state if ``return_state``).
 
         ``state`` (``[B, H, K, V]`` fp32) continues a sequence; ``offset`` (int or ``[B]``) is the LRPE
-        position of token 0 (a ``[B, T]`` tensor: every token's position, ``tnlib.nn.lrpe.lrpe``); ``pad_mask`` (``[B, T]`` bool, True = real token) zeroes the values of
-        padding so it contributes nothing to the state (as the official code does). ``cu_seqlens``
+        position of token 0 (a ``[B, T]`` tensor: every token's position, ``tnlib.nn.lrpe.lrpe``); ``pad_mask``
+        (``[B, T]`` bool, True = real token) zeroes the values of padding so it contributes nothing to the
+        state (as the official code does). ``cu_seqlens``
         (``tnlib.ops.lightning_attention``'s convention): ``x`` is ``[1, total, d]`` holding sequences back to
         back, each attending to itself only; ``state`` and the returned state are then ``[N, H, K, V]``. LRPE
         positions need no restart per sequence for the outputs (its score depends on ``t - s`` only), but the
