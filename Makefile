@@ -153,7 +153,8 @@ bench-srmsnorm: setup ## GPU: SRMSNorm kernel vs eager and compiled PyTorch -> r
 	$(BIN)/python benchmarks/bench_srmsnorm.py $(BENCH_ARGS)
 
 # decode of both models through every decoder (issue 28); one part per call: BENCH_ARGS="--parts tnl --batches 1",
-# the calls' files joined with --merge (results/bench/NOTES-decode.md); BENCH_ARGS="--dry-run" on a CPU
+# the calls' files joined with --merge (results/bench/NOTES-decode.md); BENCH_ARGS="--dry-run" on a CPU;
+# BENCH_ARGS="--parts prefill": TNL's prefill of 16 mixed-length prompts, padded vs packed (results/bench/NOTES-prefill.md)
 bench-inference: setup ## GPU: decode ms/token, tokens/s, first call and memory, both models, every decoder -> results/bench
 	$(BIN)/python benchmarks/bench_inference.py $(BENCH_ARGS)
 

@@ -26,9 +26,28 @@ configuration did not run (out of memory, or skipped because its cache cannot fi
   eager decoder's from the same prefill, at the first batch size (bf16: a near tie may pick another token;
   the header records how many agree).
 
-Parts (``--parts``): ``tnl``, ``transformer`` (the timed rows, ``--batches`` x ``--contexts``) and
-``first-call`` (the fresh processes). A call of a few minutes runs one part at one batch size; the
-files of several calls are joined with ``--merge``. The device commands: ``results/bench/NOTES-decode.md``.
+Parts (``--parts``): ``tnl``, ``transformer`` (the timed rows, ``--batches`` x ``--contexts``),
+``first-call`` (the fresh processes) and ``prefill`` (below, its own file). A call of a few minutes runs one
+part at one batch size; the files of several calls are joined with ``--merge``. The device commands:
+``results/bench/NOTES-decode.md``.
+
+Part ``prefill`` (issue 29, item 4): ``tnl-385m``'s prefill of a batch of prompts of mixed lengths, left-padded
+(``model.step(ids, None, pad_mask)``, what ``generate(..., prefill="padded")`` runs) against packed without padding
+(``model.step(ids, cu_seqlens=cu)``, ``prefill="packed"``), both ``last_only`` as ``generate`` calls them, in
+``OUT/prefill-<gpu>.json`` (+ ``.png``), one row per (lengths, prefill)::
+
+    {"lengths", "prefill", "batch", "tokens", "padded_tokens", "ms", "tokens_per_s", "prepare_ms", "peak_gb", "check"}
+
+``lengths``: ``mixed`` (``--prefill-batch`` prompts, log-uniform in ``--prefill-lens`` LO,HI, seed
+``--prefill-seed``, the shortest LO and the longest HI; every length in the header), ``equal`` (all of the
+mixed prompts' mean length: no padding, the cost of the packed path itself) and ``skewed`` (one of HI, the rest
+LO: padding's worst case). ``ms``: median of ``--prefill-reps`` CUDA-event-timed calls after one untimed call;
+``tokens_per_s`` counts real tokens; ``prepare_ms``: building the inputs on the device from the list of prompts
+on the host (``_prepare_prompts`` / ``pack_prompts``, as ``generate``), median wall time; ``peak_gb``: extra
+memory of one call.
+``check`` (before timing, in the packed rows): the packed prefill's last-token logits and every layer's state
+against the padded prefill's (relative errors), and how many prompts' greedy next tokens agree. The Transformer
+has no packed prefill (its KV cache is kept padded): no rows for it.
 
 ``--dry-run``: the same code on the CPU with 2-layer tiny models of each architecture standing in for
 the presets (rows keep the presets' names; fp32; contexts 32 and 64, batches 1 and 2, 3 timed steps,
@@ -39,6 +58,9 @@ under the interpreter). ``tests/test_bench_inference.py`` runs it.
     PYTHONPATH=$PWD python3 benchmarks/bench_inference.py --parts tnl --batches 1 --out $OUT
     PYTHONPATH=$PWD python3 benchmarks/bench_inference.py --merge A/decode-h100.json B/decode-h100.json --out results/bench
     PYTHONPATH=$PWD TRITON_INTERPRET=1 python3 benchmarks/bench_inference.py --dry-run --out /tmp/d
+    PYTHONPATH=$PWD python3 benchmarks/bench_inference.py --parts prefill --out $OUT   # 16 prompts, 64..8,192 tokens
+
+A dry run's ``prefill`` part: 4 prompts of 4..48 tokens (``equal``, ``skewed`` alike), 2 timed calls.
 """
 import argparse
 import gc
@@ -56,7 +78,7 @@ import tnlib
 from tnlib.generation import DecoderCache, capacity_for
 from tnlib.provenance import gpu_slug, provenance, write_results
 
-PARTS = ("tnl", "transformer", "first-call")
+PARTS = ("tnl", "transformer", "first-call", "prefill")
 DECODERS = {"tnl-385m": ("eager", "graph", "compiled-graph", "fused-graph"),
             "transformer-385m": ("eager", "graph", "compiled-graph")}
 #: --dry-run: the architecture's tiny preset stands in for each model (the code paths are the same)
@@ -265,6 +287,123 @@ def run_first_calls(s, models, batches, log):
     return out
 
 
+def prefill_lengths(batch: int, lo: int, hi: int, seed: int) -> dict:
+    """The ``prefill`` part's prompt lengths: ``{"mixed": [...], "equal": [...], "skewed": [...]}`` (see the
+    module docstring)."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+    mixed = [round(math.exp(rng.uniform(math.log(lo), math.log(hi)))) for _ in range(batch)]
+    if batch > 1:
+        mixed[0], mixed[1] = lo, hi
+    return dict(mixed=mixed, equal=[round(sum(mixed) / batch)] * batch, skewed=[hi] + [lo] * (batch - 1))
+
+
+def _prefill_check(model, padded, packed) -> dict:
+    """The packed prefill's ``(logits, cache)`` against the padded one's: relative errors, greedy tokens equal."""
+    from tnlib.testing import rel_err
+
+    (lp, cp), (lk, ck) = padded, packed
+    same = lp[:, -1].argmax(-1) == lk[:, -1].argmax(-1)
+    return dict(logits_rel_err=float(f"{rel_err(lk, lp):.3e}"),
+                state_rel_err=float(f"{max(rel_err(a, b) for a, b in zip(ck.states, cp.states)):.3e}"),
+                positions_equal=bool(torch.equal(ck.positions, cp.positions)), next_tokens_equal=int(same.sum()),
+                of=len(same))
+
+
+def time_prefill(s, call, prepare, reps) -> dict:
+    """``ms``: median of ``reps`` timed ``call()``s; ``peak_gb``: memory one call adds beyond what is allocated
+    before it (GPU); ``prepare_ms``: median wall time of ``prepare()`` (the host side of building the inputs)."""
+    s.sync()
+    if s.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        call()
+        s.sync()
+        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+    else:
+        peak = None
+    ms = s.median_ms(call, reps)
+    prep = []
+    for _ in range(max(3, reps)):
+        t = time.perf_counter()
+        prepare()
+        s.sync()
+        prep.append((time.perf_counter() - t) * 1e3)
+    return dict(ms=ms, prepare_ms=sorted(prep)[len(prep) // 2], peak_gb=peak)
+
+
+def run_prefill(s, a):
+    """The ``prefill`` part (module docstring): rows to ``OUT/prefill-<gpu|cpu>.json``; returns the path."""
+    from tnlib.generation import _prepare_prompts, _prompt_list, pack_prompts
+
+    lo, hi = (int(x) for x in a.prefill_lens.split(","))
+    sets = prefill_lengths(a.prefill_batch, lo, hi, a.prefill_seed)
+    path = os.path.join(a.out, f"prefill-{gpu_slug() if s.device.type == 'cuda' else 'cpu'}.json")
+    header = dict(part="prefill", model="tnl-385m", dtype=str(s.dtype).removeprefix("torch."), vocab=s.vocab,
+                  dry_run=s.dry, batch=a.prefill_batch, lens=[lo, hi], seed=a.prefill_seed, lengths=sets,
+                  reps=a.prefill_reps, what="issue 29 item 4: prefill of mixed-length prompts, left-padded vs packed "
+                  "(cu_seqlens), last_only; ms = median CUDA-event time of model.step after one untimed call")
+    model, rows = s.model("tnl-385m"), []
+    g = torch.Generator().manual_seed(a.prefill_seed)
+    for name, lens in sets.items():
+        prompts = [torch.randint(0, s.vocab, (n,), generator=g) for n in lens]  # on the host, as a tokenizer gives them
+        # what generate does from the list of prompts: check them, pad or pack them onto the device; the prefill call
+        inputs = dict(padded=lambda: _prepare_prompts(model, prompts, 0)[1:],
+                      packed=lambda: pack_prompts(_prompt_list(model, prompts), s.device))
+        calls = dict(padded=lambda x: model.step(x[0], None, x[1], last_only=True),
+                     packed=lambda x: model.step(x[0], cu_seqlens=x[1], last_only=True))
+        first = {}
+        for prefill in ("padded", "packed"):
+            row = dict(lengths=name, prefill=prefill, batch=len(lens), tokens=sum(lens),
+                       padded_tokens=len(lens) * max(lens))
+            try:
+                x = inputs[prefill]()
+                first[prefill] = calls[prefill](x)  # untimed: the kernels compiled and tuned at this shape
+                if prefill == "packed" and "padded" in first:
+                    row["check"] = _prefill_check(model, first["padded"], first["packed"])
+                first.pop("packed", None)
+                row.update(time_prefill(s, lambda: calls[prefill](x), inputs[prefill], a.prefill_reps))
+                row["tokens_per_s"] = row["tokens"] / row["ms"] * 1e3
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # recorded; the run goes on
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write_results(path, rows, header)
+        del first
+        gc.collect()
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
+    ok = [r for r in rows if "ms" in r]
+    header["speedup"] = {n: round(p["ms"] / k["ms"], 3) for n in sets for p in ok for k in ok
+                         if p["lengths"] == k["lengths"] == n and (p["prefill"], k["prefill"]) == ("padded", "packed")}
+    write_results(path, rows, header)
+    plot_prefill(rows, path[: -len(".json")] + ".png", provenance(header))
+    print_table(rows, [("lengths", "lengths", "8s"), ("prefill", "prefill", "8s"), ("tokens", "tokens", "8d"),
+                       ("padded_tokens", "padded", "8d"), ("ms", "ms", "9.2f"), ("tokens_per_s", "tok/s", "11.0f")])
+    print("padded ms / packed ms:", header["speedup"])
+    return path
+
+
+def plot_prefill(rows, path, header=None):
+    """The prefill part's ms per lengths set, padded and packed side by side."""
+    fig, axes = figure(1, 1)
+    ax = axes[0][0]
+    ok = [r for r in rows if "ms" in r]
+    names = list(dict.fromkeys(r["lengths"] for r in ok))
+    for j, prefill in enumerate(("padded", "packed")):
+        pts = [next((r["ms"] for r in ok if (r["lengths"], r["prefill"]) == (n, prefill)), 0) for n in names]
+        ax.bar([i + 0.4 * j for i in range(len(names))], pts, width=0.4, label=prefill)
+    ax.set_xticks([i + 0.2 for i in range(len(names))], names)
+    ax.set_ylabel("ms (median)")
+    ax.set_title(f"prefill of {header.get('batch') if header else ''} prompts, tnl-385m", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="y", alpha=0.3)
+    save_figure(fig, path, header)
+
+
 def join(rows, first_calls):
     """Rows with their (model, decoder, batch)'s first-call measurements filled in."""
     for r in rows:
@@ -336,11 +475,16 @@ def main():
     ap.add_argument("--first-call-warm", type=int, default=1, choices=(0, 1),
                     help="also time a fresh process with the caches the cold one filled (1, default)")
     ap.add_argument("--first-call-timeout", type=int, default=300, help="seconds per fresh process")
+    ap.add_argument("--prefill-batch", type=int, default=16, help="prompts of the prefill part")
+    ap.add_argument("--prefill-lens", default="64,8192", help="LO,HI: the prefill part's prompt lengths")
+    ap.add_argument("--prefill-seed", type=int, default=0, help="the mixed lengths' and the tokens' draw")
+    ap.add_argument("--prefill-reps", type=int, default=10, help="timed calls per prefill row")
     ap.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (see above)")
     ap.add_argument("--merge", nargs="+", metavar="FILE.json", help="join these result files into --out and redraw")
     ap.add_argument("--first-call-child", nargs=3, metavar=("MODEL", "DECODER", "BATCH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if replot(a, plot):
+    if replot(a, lambda rows, png, header=None: (plot_prefill if (header or {}).get("part") == "prefill" else plot)(
+            rows, png, header)):
         return
     if a.merge:
         print("wrote", merge(a.merge, a.out))
@@ -351,11 +495,21 @@ def main():
         sys.exit(f"--models: expected some of {','.join(DECODERS)}, got {a.models!r}")
     if set(parts) - set(PARTS) or not parts:
         sys.exit(f"--parts: expected some of {','.join(PARTS)}, got {a.parts!r}")
+    try:
+        lo, hi = (int(x) for x in a.prefill_lens.split(","))
+    except ValueError:
+        lo = hi = 0
+    if not 1 <= lo <= hi or a.prefill_batch < 1 or a.prefill_reps < 1:
+        sys.exit(f"--prefill-lens: expected LO,HI with 1 <= LO <= HI, got {a.prefill_lens!r}; --prefill-batch and "
+                 f"--prefill-reps: >= 1")
     only = None if a.decoders is None else set(a.decoders.split(","))
     a.decoders_for = lambda name: [d for d in DECODERS[name] if only is None or d in only]
     if a.dry_run:
         a.contexts, a.batches = ("32,64", "1,2") if a.contexts == "1024,4096,16384,65536" else (a.contexts, a.batches)
         a.decode_steps, a.first_call_ctx = min(a.decode_steps, 3), min(a.first_call_ctx, 32)
+        a.prefill_batch = 4 if a.prefill_batch == 16 else a.prefill_batch  # the defaults' tiny stand-ins
+        a.prefill_lens = "4,48" if a.prefill_lens == "64,8192" else a.prefill_lens
+        a.prefill_reps = min(a.prefill_reps, 2)
         a.out = "runs/bench-inference-dry" if a.out == "results/bench" else a.out  # never mix dry rows into results
     elif not torch.cuda.is_available():
         sys.exit("bench_inference.py needs a CUDA GPU (--dry-run runs the same code on the CPU with tiny models)")
@@ -373,6 +527,10 @@ def run(s, a, models, parts):
     # every row builds its own decoders: past Dynamo's default of 8 compilations per function it would run
     # the step uncompiled, silently (the header's compiled_graphs says how many were made)
     torch._dynamo.config.recompile_limit = 64
+    if "prefill" in parts:
+        run_prefill(s, a)
+        if set(parts) == {"prefill"}:
+            return
     path = os.path.join(a.out, f"decode-{gpu_slug() if s.device.type == 'cuda' else 'cpu'}.json")
     batches, contexts = [int(b) for b in a.batches.split(",")], [int(c) for c in a.contexts.split(",")]
     rows, checks, firsts = [], {}, {}

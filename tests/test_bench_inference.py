@@ -68,6 +68,29 @@ def test_fused_graph_rows_say_why_without_the_interpreter(tmp_path):
 
 def test_refuses_without_a_gpu_and_bad_arguments():
     for args, words in ((["--out", "/nonexistent"], "needs a CUDA GPU"), (["--parts", "tnl,70b", "--dry-run"], "--parts: expected"),
-                        (["--models", "gpt-2", "--dry-run"], "--models: expected")):
+                        (["--models", "gpt-2", "--dry-run"], "--models: expected"),
+                        (["--parts", "prefill", "--prefill-lens", "64", "--dry-run"], "--prefill-lens: expected")):
         r = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and words in r.stderr, (args, r.stderr[-2000:])
+
+
+def test_dry_run_prefill_part(tmp_path):
+    """The ``prefill`` part (issue 29 item 4): padded against packed prefill of mixed-length prompts, each packed
+    row checked against the padded one first (logits, states, positions, next tokens), in its own file."""
+    _run(["--dry-run", "--parts", "prefill", "--prefill-batch", "3", "--out", str(tmp_path)])
+    assert not (tmp_path / "decode-cpu.json").exists() and (tmp_path / "prefill-cpu.png").exists()
+    doc = json.loads((tmp_path / "prefill-cpu.json").read_text())
+    head, rows = doc["header"], doc["rows"]
+    assert head["dry_run"] and head["commit"] and "bench_inference.py" in head["command"] and head["part"] == "prefill"
+    lengths = head["lengths"]
+    assert lengths["mixed"][:2] == [4, 48] and len(lengths["mixed"]) == 3 and lengths["skewed"] == [48, 4, 4]
+    assert [(r["lengths"], r["prefill"]) for r in rows] == [(n, p) for n in ("mixed", "equal", "skewed")
+                                                          for p in ("padded", "packed")]
+    for r in rows:
+        assert "error" not in r and r["ms"] > 0 and r["prepare_ms"] > 0, r
+        assert r["tokens"] == sum(lengths[r["lengths"]]) and r["padded_tokens"] == 3 * max(lengths[r["lengths"]])
+        if r["prefill"] == "packed":  # fp32: the same logits and states as the padded prefill
+            c = r["check"]
+            assert c["positions_equal"] and c["next_tokens_equal"] == c["of"] == 3, c
+            assert c["logits_rel_err"] < 1e-5 and c["state_rel_err"] < 1e-5, c
+    assert set(head["speedup"]) == {"mixed", "equal", "skewed"}

@@ -3,7 +3,9 @@
 Taught in ``notebooks/08_recurrent_inference.ipynb``. One function serves both architectures through
 their ``model.step(input_ids, cache, pad_mask)`` method, so the two compare like for like:
 
-* prefill: the whole (left-padded) prompt batch in one parallel pass, keeping the cache;
+* prefill: the whole prompt batch in one parallel pass, keeping the cache: left-padded to the longest
+  prompt (``prefill="padded"``, the default, both models) or, for TransNormerLLM, packed back to back without
+  padding, every layer's attention through ``cu_seqlens`` (``prefill="packed"``: ``PREFILLS``);
 * decode: one token per step; TransNormerLLM updates a constant-size state, the Transformer
   appends to its KV cache.
 
@@ -38,9 +40,17 @@ from .models.transnormer import RecurrentCache
 from .nn.linear import autotune_gemv
 
 __all__ = ["generate", "stream_generate", "sample_next", "DECODERS", "auto_decoder", "GraphDecoder",
-           "StaticDecodeStep", "DecoderCache", "default_decoder_cache", "CAPACITY_STEP", "capacity_for"]
+           "StaticDecodeStep", "DecoderCache", "default_decoder_cache", "CAPACITY_STEP", "capacity_for", "PREFILLS",
+           "pack_prompts"]
 
 DECODERS = ("auto", "eager", "graph", "compiled-graph", "fused-graph")
+
+#: How ``generate`` / ``stream_generate`` prefill a batch of prompts (``prefill=``): ``"padded"`` (the default)
+#: left-pads them to the longest one, ``model.step(ids, None, pad_mask)``; ``"packed"`` (TransNormerLLM only)
+#: puts them back to back without padding, ``model.step(ids, cu_seqlens=...)`` (``pack_prompts``), so no work is
+#: spent on padding. Both give the same cache (and tokens, up to rounding) for every decoder. The default stays
+#: "padded" until a GPU measurement (``make bench-inference`` part ``prefill``) says which is faster.
+PREFILLS = ("padded", "packed")
 
 #: A Transformer's static KV cache holds the call's tokens rounded up to a multiple of this (slots the
 #: step reads whatever the context, so fewer spare ones cost less; a multiple of 16 keeps SDPA's mask aligned)
@@ -297,8 +307,8 @@ _GRAPH_DECODERS = ("graph", "compiled-graph", "fused-graph")
 default_decoder_cache = DecoderCache(max_models=2)
 
 
-def _prepare_prompts(model, input_ids, pad_token_id):
-    """Accept ``[B, T]`` tensors or a list of 1-D prompts of different lengths (left-padded here)."""
+def _prompt_list(model, input_ids):
+    """``[B, T]`` tensors or a list of 1-D prompts of different lengths, as a checked list of 1-D prompts."""
     vocab = model.config.vocab_size
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 1:
@@ -308,7 +318,6 @@ def _prepare_prompts(model, input_ids, pad_token_id):
         prompts = [torch.as_tensor(p) for p in input_ids]
     else:
         raise TypeError("input_ids must be a [B, T] tensor or a non-empty list of 1-D token sequences")
-    device = next(model.parameters()).device
     for i, p in enumerate(prompts):
         if p.dim() != 1:
             raise ValueError(f"prompt {i} must be 1-D, got shape {tuple(p.shape)}")
@@ -319,14 +328,40 @@ def _prepare_prompts(model, input_ids, pad_token_id):
         lo, hi = int(p.min()), int(p.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): min {lo}, max {hi}")
-    lengths = torch.tensor([p.numel() for p in prompts], device=device)
-    T = int(lengths.max())
+    return prompts
+
+
+def _prepare_prompts(model, input_ids, pad_token_id):
+    """Accept ``[B, T]`` tensors or a list of 1-D prompts of different lengths (left-padded here)."""
+    prompts = _prompt_list(model, input_ids)
+    device = next(model.parameters()).device
+    T = max(p.numel() for p in prompts)
     ids = torch.full((len(prompts), T), pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros(len(prompts), T, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
         ids[i, T - p.numel():] = p.to(device=device, dtype=torch.long)
         mask[i, T - p.numel():] = True
     return prompts, ids, (None if bool(mask.all()) else mask)
+
+
+def pack_prompts(prompts, device=None):
+    """1-D prompts of any lengths back to back, for ``model.step(ids, cu_seqlens=cu)`` (a packed prefill):
+    ``(ids [1, total] long, cu [N + 1] int32)`` on ``device`` (default: the first prompt's), ``cu`` the prompts'
+    boundaries (0, then the running sum of their lengths). Nothing is checked here: ``step`` checks both."""
+    device = prompts[0].device if device is None else device
+    lengths = [int(p.numel()) for p in prompts]
+    cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+    ids = torch.cat([p.to(device=device, dtype=torch.long).flatten() for p in prompts])[None]
+    return ids, cu
+
+
+def _check_prefill(model, prefill: str) -> None:
+    """Which prefill a call may use (``PREFILLS``): a clear error, before any work, for the rest."""
+    if prefill not in PREFILLS:
+        raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
+    if prefill == "packed" and model.config.arch != "tnl":
+        raise ValueError("prefill='packed' needs TransNormerLLM (its attention runs packed prompts through "
+                         "cu_seqlens); the Transformer prefills a left-padded batch: use prefill='padded'")
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -367,6 +402,7 @@ def stream_generate(
     generator: torch.Generator | None = None,
     decoder: str = "auto",
     decoder_cache: DecoderCache | None = None,
+    prefill: str = "padded",
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence (``[B]`` long) as it is produced.
 
@@ -375,6 +411,8 @@ def stream_generate(
     docstring) chooses how decode steps run; every choice yields the same tokens up to floating-point
     rounding. The graph decoders need a CUDA device (``"fused-graph"``: TransNormerLLM); the decoders
     they build are kept in ``decoder_cache`` (a ``DecoderCache``; ``default_decoder_cache`` if None).
+    ``prefill`` (one of ``PREFILLS``, see the module docstring): the prompts left-padded (``"padded"``) or,
+    for TransNormerLLM, packed without padding (``"packed"``); the same tokens up to rounding, every decoder.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
@@ -382,7 +420,14 @@ def stream_generate(
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if decoder_cache is not None and not isinstance(decoder_cache, DecoderCache):
         raise TypeError(f"decoder_cache must be a tnlib.generation.DecoderCache, got {type(decoder_cache).__name__}")
-    _, ids, mask = _prepare_prompts(model, input_ids, pad_token_id)
+    _check_prefill(model, prefill)
+    if prefill == "packed":
+        prompts = _prompt_list(model, input_ids)
+        ids, cu = pack_prompts(prompts, next(model.parameters()).device)
+        B, mask = len(prompts), None
+    else:
+        _, ids, mask = _prepare_prompts(model, input_ids, pad_token_id)
+        B, cu = ids.shape[0], None
     decoders = default_decoder_cache if decoder_cache is None else decoder_cache
     if decoder == "auto":
         decoder = auto_decoder(model, ids, max_new_tokens)
@@ -401,12 +446,15 @@ def stream_generate(
     try:
         if max_new_tokens == 0:
             return
-        logits, cache = model.step(ids, None, mask, last_only=True)
+        if cu is None:
+            logits, cache = model.step(ids, None, mask, last_only=True)
+        else:
+            logits, cache = model.step(ids, cu_seqlens=cu, last_only=True)
         graph = None
         if decoder != "eager" and max_new_tokens > 1:
             slots = ids.shape[1] + max_new_tokens - 1 if model.config.arch == "transformer" else None
             graph = decoders.get(model, cache, decoder, slots)
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
         for i in range(max_new_tokens):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
@@ -424,17 +472,20 @@ def stream_generate(
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
              eos_token_id=None, pad_token_id: int = 0, generator=None, decoder: str = "auto",
-             decoder_cache: DecoderCache | None = None):
+             decoder_cache: DecoderCache | None = None, prefill: str = "padded"):
     """Prompt followed by up to ``max_new_tokens`` new tokens (greedy when ``temperature == 0``).
 
     ``input_ids``: a ``[B, T]`` tensor (returns ``[B, T + n]``, finished rows filled with
     ``pad_token_id``) or a list of 1-D prompts of any lengths (returns a list of 1-D tensors, each
-    ending at its end token if one was produced). ``decoder``, ``decoder_cache``: see ``stream_generate``.
+    ending at its end token if one was produced). ``decoder``, ``decoder_cache``, ``prefill``: see
+    ``stream_generate``.
     """
-    prompts, ids, _ = _prepare_prompts(model, input_ids, pad_token_id)
+    _check_prefill(model, prefill)
+    prompts = _prompt_list(model, input_ids)
     steps = list(stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                 pad_token_id, generator, decoder, decoder_cache))
-    new = torch.stack(steps, dim=1) if steps else ids.new_zeros(ids.shape[0], 0)
+                                 pad_token_id, generator, decoder, decoder_cache, prefill))
+    device = next(model.parameters()).device
+    new = torch.stack(steps, dim=1) if steps else torch.zeros(len(prompts), 0, dtype=torch.long, device=device)
     if isinstance(input_ids, torch.Tensor):
         base = input_ids if input_ids.dim() == 2 else input_ids[None]
         return torch.cat([base.to(new.device, torch.long), new], dim=1)

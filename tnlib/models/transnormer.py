@@ -67,7 +67,8 @@ class TransNormerLLM(CausalLM):
         self.set_impl(impl or Implementation())
 
     def embed_tokens(self, input_ids, start=None, validate=True):
-        """Scaled token embeddings (+ absolute positions when configured); ``start``: ``[B]`` positions."""
+        """Scaled token embeddings (+ absolute positions when configured); ``start``: ``[B]`` positions of
+        token 0, or ``[B, T]`` every token's position (packed prompts)."""
         if validate:
             check_input_ids(input_ids, self.config.vocab_size)
         x = self.embed(input_ids) * self.embed_scale
@@ -75,15 +76,47 @@ class TransNormerLLM(CausalLM):
             B, T = input_ids.shape
             pos = torch.arange(T, device=input_ids.device)[None]
             if start is not None:
-                pos = (start[:, None] + pos).clamp(min=0)
+                pos = (start if start.dim() == 2 else start[:, None] + pos).clamp(min=0)
             if int(pos.max()) >= self.config.max_seq_len:
                 raise ValueError(f"absolute position embeddings cover {self.config.max_seq_len} positions, got {int(pos.max()) + 1}")
             x = x + self.pos_embed(pos)
         return self.residual_stream(x)
 
+    def _step_packed(self, input_ids, cache, pad_mask, last_only, validate, cu_seqlens):
+        """``step`` with ``cu_seqlens``: prompts packed along time (see ``step``)."""
+        from ..ops import PackedSequences, check_cu_seqlens
+
+        if pad_mask is not None:
+            raise ValueError("step: pad_mask and cu_seqlens exclude each other (packed prompts need no padding)")
+        if validate:
+            check_input_ids(input_ids, self.config.vocab_size)
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"step: with cu_seqlens, input_ids must be [1, total] (the prompts back to back), got "
+                             f"{tuple(input_ids.shape)}")
+        total, device = input_ids.shape[1], input_ids.device
+        check_cu_seqlens(cu_seqlens, total, name="step", device=device, values=False)  # shapes, dtype, device
+        packed = PackedSequences(cu_seqlens, total)  # values read once; one work table for every layer
+        n, cu = packed.n_seqs, cu_seqlens.to(torch.int64)
+        if cache is None:
+            start, states = torch.zeros(n, dtype=torch.long, device=device), [None] * len(self.layers)
+        else:
+            start, states = cache.positions, cache.states
+            if start.shape[0] != n:
+                raise ValueError(f"cache holds {start.shape[0]} sequences, cu_seqlens {n}")
+        seq = torch.searchsorted(cu[1:], torch.arange(total, device=device), right=True)  # each token's sequence
+        pos = (torch.arange(total, device=device) - cu[seq] + start[seq])[None]  # [1, total]: its own position
+        x = self.embed_tokens(input_ids, pos, validate=False)
+        new_states = []
+        for layer, st in zip(self.layers, states):
+            x, st = layer(x, state=st, offset=pos, return_state=True, cu_seqlens=packed)
+            new_states.append(st)
+        if last_only:
+            x = x[0, cu[1:] - 1][:, None]  # [N, 1, d]: each prompt's last token
+        return self.logits(x), RecurrentCache(new_states, start + (cu[1:] - cu[:-1]))
+
     @torch.no_grad()
     def step(self, input_ids, cache: RecurrentCache | None = None, pad_mask=None, last_only=False,
-             validate=True):
+             validate=True, *, cu_seqlens=None):
         """Prefill (``cache=None``) or continue a batch of sequences; returns ``(logits, cache)``.
 
         Prefill runs the parallel (Lightning Attention) form and keeps each layer's final state; a
@@ -91,7 +124,19 @@ class TransNormerLLM(CausalLM):
         prefill; positions restart at 0 for every new prompt (the official code does not reset them:
         ``docs/sources.md``). ``last_only`` returns logits for the last position only; ``validate=False``
         skips the host-side id check (CUDA graphs).
+
+        ``cu_seqlens`` (int32 or int64 ``[N + 1]``, ``tnlib.ops.lightning_attention``'s convention): a *packed*
+        prefill, no padding: ``input_ids`` is ``[1, total]``, ``N`` prompts back to back
+        (``tnlib.generation.pack_prompts``), every layer's attention runs through ``cu_seqlens`` and each
+        prompt is computed as if alone, its positions (LRPE, absolute) restarting at 0, or at its sequence's
+        position in ``cache`` (which then holds ``N`` sequences, each continued by its prompt). The cache
+        returned holds ``N`` sequences as a padded prefill's of ``N`` prompts does (states ``[N, H, K, V]``,
+        positions the prompts' lengths, plus the given cache's), and every decoder takes it; ``last_only`` gives
+        each prompt's last-token logits, ``[N, 1, vocab]`` (else ``[1, total, vocab]``). The inputs are checked
+        before any work (``pad_mask`` is refused: packed prompts need none). ``tests/test_prefill.py``.
         """
+        if cu_seqlens is not None:
+            return self._step_packed(input_ids, cache, pad_mask, last_only, validate, cu_seqlens)
         if cache is None:
             start = left_pad_positions(input_ids, pad_mask)
             states = [None] * len(self.layers)

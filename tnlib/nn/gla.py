@@ -98,12 +98,15 @@ class GatedLinearAttention(nn.Module):
         """``x: [B, T, d]`` -> ``[B, T, d]`` (and the final recurrent state if ``return_state``).
 
         ``state`` (``[B, H, K, V]`` fp32) continues a sequence; ``offset`` (int or ``[B]``) is the LRPE
-        position of token 0; ``pad_mask`` (``[B, T]`` bool, True = real token) zeroes the values of
-        padding so it contributes nothing to the state (as the official code does). ``cu_seqlens``
-        (``tnlib.ops.lightning_attention``'s convention: a tensor, or a ``tnlib.ops.PackedSequences`` that the
-        model's layers share): ``x`` is ``[1, total, d]`` holding sequences back to back, each attending to
-        itself only; ``state`` and the returned state are then ``[N, H, K, V]``. LRPE positions need no restart
-        per sequence: its score depends on ``t - s`` only.
+        position of token 0 (a ``[B, T]`` tensor: every token's position, ``tnlib.nn.lrpe.lrpe``); ``pad_mask``
+        (``[B, T]`` bool, True = real token) zeroes the values of padding so it contributes nothing to the
+        state (as the official code does). ``cu_seqlens`` (``tnlib.ops.lightning_attention``'s convention: a
+        tensor, or a ``tnlib.ops.PackedSequences`` that the model's layers share): ``x`` is ``[1, total, d]``
+        holding sequences back to back, each attending to itself only; ``state`` and the returned state are
+        then ``[N, H, K, V]``. LRPE positions need no restart per sequence for the outputs (its score depends
+        on ``t - s`` only), but the returned states hold each key at its position: a prefill that decodes on
+        from them passes every token's position in its own sequence as ``offset``
+        (``TransNormerLLM.step(..., cu_seqlens=...)``).
         """
         B, T, d = x.shape
         H, D = self.n_heads, self.head_dim

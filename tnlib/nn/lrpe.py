@@ -33,8 +33,9 @@ def _check(x, theta, offset):
     B, T, H, D = x.shape
     if tuple(theta.shape) != (H, D):
         raise ValueError(f"lrpe: theta must have shape [H, D] = {(H, D)}, got {tuple(theta.shape)}")
-    if isinstance(offset, torch.Tensor) and (offset.dim() != 1 or offset.shape[0] != B):
-        raise ValueError(f"lrpe: a tensor offset must have shape [B] = [{B}], got {tuple(offset.shape)}")
+    if isinstance(offset, torch.Tensor) and tuple(offset.shape) not in ((B,), (B, T)):
+        raise ValueError(f"lrpe: a tensor offset must have shape [B] = [{B}] (each sequence's first position) or "
+                         f"[B, T] = [{B}, {T}] (every token's position), got {tuple(offset.shape)}")
 
 
 def _cos_sin(x, theta, offset):
@@ -46,7 +47,9 @@ def _cos_sin(x, theta, offset):
     B, T = x.shape[:2]
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     pos = torch.arange(T, device=x.device, dtype=torch.float64)
-    if isinstance(offset, torch.Tensor):
+    if isinstance(offset, torch.Tensor) and offset.dim() == 2:  # every token's own position (packed prompts)
+        pos = offset.to(device=x.device, dtype=torch.float64)  # [B, T]
+    elif isinstance(offset, torch.Tensor):
         pos = offset.to(device=x.device, dtype=torch.float64)[:, None] + pos[None, :]  # [B, T]
     else:
         pos = (pos + int(offset))[None, :]  # [1, T]
@@ -64,7 +67,8 @@ def lrpe(x: torch.Tensor, theta: torch.Tensor, offset=0) -> torch.Tensor:
     """Apply LRPE to ``x: [B, T, H, D]`` with ``theta: [H, D]``; returns ``[B, T, H, 2D]``.
 
     ``offset`` (an int, or a tensor ``[B]`` of per-sequence offsets) is the absolute position of
-    token 0: decoding passes the number of tokens already in the state.
+    token 0: decoding passes the number of tokens already in the state. A tensor ``[B, T]`` gives every
+    token's position instead (prompts packed back to back, whose positions restart at each prompt's start).
     """
     _check(x, theta, offset)
     return _apply(x, *_cos_sin(x, theta, offset))
