@@ -218,10 +218,24 @@ def test_final_summary_has_the_contract_keys(tmp_path):
     r = doc["ratio"]["val"]
     assert r["min"] == pytest.approx(40 / 52) and r["max"] == pytest.approx(42 / 50)
     assert r["mean"] == pytest.approx(math.sqrt(40 * 42 / (50 * 52)))
+    # TNL 40/42 vs 50/52: every pairing lower, 1 - r = 0.18 beyond 2s = 2 * 3.45%
+    assert doc["verdict"]["val"] == "TNL better" and saved["rule"] == fair.FINAL_RULE
     assert (tmp_path / "out" / "curves.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="not finished"):  # one seed has no final evals
         os.remove(os.path.join(src, "runs", "tnl-s2", "final.json"))
         fair.results_final([src], str(tmp_path / "out2"))
+
+
+def test_final_comparison_rule():
+    """FINAL_RULE: better / worse only when every seed pairing agrees and the gap exceeds twice the seed spread."""
+    fair = _fair()
+    assert fair.compare([40.0, 40.4], [50.0, 50.5])["verdict"] == "TNL better"
+    assert fair.compare([50.0, 50.5], [40.0, 40.4])["verdict"] == "TNL worse"
+    assert fair.compare([40.0, 52.0], [50.0, 51.0])["verdict"] == "level within the seed spread"  # a pairing disagrees
+    # every pairing lower (r ~ 0.96), but the seeds spread 2.8% (2s = 5.6%): level
+    close = fair.compare([48.0, 50.0], [51.0, 51.5])
+    assert close["verdict"] == "level within the seed spread" and 1 - close["r"] < close["two_s"]
+    assert fair.compare([50.0, 50.0], [50.0, 50.0])["verdict"] == "level within the seed spread"
 
 
 def test_evaluate_command_scores_whole_sets_of_a_saved_model(prepared, tmp_path, capsys):

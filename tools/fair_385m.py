@@ -51,6 +51,34 @@ RESIDUAL_SETS = ("val", "heldout", "wikitext-detok-valid")
 LR_RULE = ("each model's learning rate with the lowest whole-set val loss; a diverged run (non-finite loss) "
            "is a measured point that cannot be chosen")
 
+#: the rule that states the comparison's verdict per eval set (applied by ``compare``); written down before the
+#: stage-3 runs, in the spirit of the ablation sweep's rule (``tnlib.sweep.VERDICT_RULE``)
+FINAL_RULE = (
+    "per eval set, r = the TNL / Transformer perplexity ratio of the geometric-mean perplexities over the 2 "
+    "seeds, s = the larger relative sample standard deviation (n-1) of either model's per-seed perplexities: "
+    "'TNL better' if r < 1 and every pairing of a TNL seed with a Transformer seed has TNL lower and "
+    "1 - r > 2s; 'TNL worse' the same way round (r > 1, every pairing, r - 1 > 2s); else 'level within the "
+    "seed spread'. Equal training tokens; the GPU-seconds view (curves.png) is shown, not judged")
+
+
+def compare(a: list, b: list) -> dict:
+    """``FINAL_RULE`` for one eval set: ``a``, ``b`` the per-seed perplexities of TNL and the Transformer.
+    Returns ``{"verdict", "r", "two_s"}``."""
+    r = seed_ratio(a, b)
+
+    def rel_sd(x):
+        m = sum(x) / len(x)
+        return (sum((v - m) ** 2 for v in x) / (len(x) - 1)) ** 0.5 / m
+
+    two_s = 2 * max(rel_sd(a), rel_sd(b))
+    if r["max"] < 1 and 1 - r["mean"] > two_s:
+        verdict = "TNL better"
+    elif r["min"] > 1 and r["mean"] - 1 > two_s:
+        verdict = "TNL worse"
+    else:
+        verdict = "level within the seed spread"
+    return {"verdict": verdict, "r": r["mean"], "two_s": two_s}
+
 
 def _fmt_lr(lr: float) -> str:
     return f"{lr:.1e}".replace("e-0", "e-")
@@ -230,7 +258,9 @@ def results_final(srcs, out: str = OUT) -> dict:
             eval_tokens[s] = mine[0]["final"][s]["tokens"]
     a, b = (models[m] for m in MODELS)
     ratio = {s: seed_ratio(a["final"][s]["ppl"], b["final"][s]["ppl"]) for s in a["final"] if s in b["final"]}
-    doc = {"models": models, "eval_tokens": eval_tokens, "ratio": ratio, "rows": rows,
+    verdict = {s: compare(a["final"][s]["ppl"], b["final"][s]["ppl"])["verdict"] for s in ratio}
+    doc = {"models": models, "eval_tokens": eval_tokens, "ratio": ratio, "verdict": verdict, "rule": FINAL_RULE,
+           "rows": rows,
            "provenance": _provenance(rows, "final", srcs)}
     _write(out, "summary.json", doc)
     plot_final(runs, rows, out)
