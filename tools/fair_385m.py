@@ -27,6 +27,7 @@ import glob
 import json
 import math
 import os
+import statistics
 
 MODELS = ("tnl-385m", "transformer-385m")
 SHORT = {"tnl-385m": "tnl", "transformer-385m": "transformer"}
@@ -65,12 +66,7 @@ def compare(a: list, b: list) -> dict:
     """``FINAL_RULE`` for one eval set: ``a``, ``b`` the per-seed perplexities of TNL and the Transformer.
     Returns ``{"verdict", "r", "two_s"}``."""
     r = seed_ratio(a, b)
-
-    def rel_sd(x):
-        m = sum(x) / len(x)
-        return (sum((v - m) ** 2 for v in x) / (len(x) - 1)) ** 0.5 / m
-
-    two_s = 2 * max(rel_sd(a), rel_sd(b))
+    two_s = 2 * max(statistics.stdev(x) / statistics.fmean(x) for x in (a, b))
     if r["max"] < 1 and 1 - r["mean"] > two_s:
         verdict = "TNL better"
     elif r["min"] > 1 and r["mean"] - 1 > two_s:

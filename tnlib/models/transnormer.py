@@ -82,6 +82,14 @@ class TransNormerLLM(CausalLM):
             x = x + self.pos_embed(pos)
         return self.residual_stream(x)
 
+    def _step_layers(self, x, states, offset, **kw):
+        """Every layer of a ``step`` from ``states`` (None: a prefill): ``(x, the new states)``."""
+        new_states = []
+        for layer, st in zip(self.layers, states):
+            x, st = layer(x, state=st, offset=offset, return_state=True, **kw)
+            new_states.append(st)
+        return x, new_states
+
     def _step_packed(self, input_ids, cache, pad_mask, last_only, validate, cu_seqlens):
         """``step`` with ``cu_seqlens``: prompts packed along time (see ``step``)."""
         from ..ops import PackedSequences, check_cu_seqlens
@@ -105,11 +113,8 @@ class TransNormerLLM(CausalLM):
                 raise ValueError(f"cache holds {start.shape[0]} sequences, cu_seqlens {n}")
         seq = torch.searchsorted(cu[1:], torch.arange(total, device=device), right=True)  # each token's sequence
         pos = (torch.arange(total, device=device) - cu[seq] + start[seq])[None]  # [1, total]: its own position
-        x = self.embed_tokens(input_ids, pos, validate=False)
-        new_states = []
-        for layer, st in zip(self.layers, states):
-            x, st = layer(x, state=st, offset=pos, return_state=True, cu_seqlens=packed)
-            new_states.append(st)
+        x, new_states = self._step_layers(self.embed_tokens(input_ids, pos, validate=False), states, pos,
+                                          cu_seqlens=packed)
         if last_only:
             x = x[0, cu[1:] - 1][:, None]  # [N, 1, d]: each prompt's last token
         return self.logits(x), RecurrentCache(new_states, start + (cu[1:] - cu[:-1]))
@@ -146,11 +151,8 @@ class TransNormerLLM(CausalLM):
             start, states = cache.positions, cache.states
             if start.shape[0] != input_ids.shape[0]:
                 raise ValueError(f"cache holds {start.shape[0]} sequences, got a batch of {input_ids.shape[0]}")
-        x = self.embed_tokens(input_ids, start, validate)
-        new_states = []
-        for layer, st in zip(self.layers, states):
-            x, st = layer(x, state=st, offset=start, return_state=True, pad_mask=pad_mask)
-            new_states.append(st)
+        x, new_states = self._step_layers(self.embed_tokens(input_ids, start, validate), states, start,
+                                          pad_mask=pad_mask)
         if last_only:
             x = x[:, -1:]
         return self.logits(x), RecurrentCache(new_states, start + input_ids.shape[1])
