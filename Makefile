@@ -146,6 +146,11 @@ generate: setup ## sample from a saved model: CKPT=RUN/final PROMPT="..." (TOKEN
 # results/bench/<name>-<gpu>.json with provenance (command, commit, versions, date) after every row.
 # They run the library's defaults; BENCH_ARGS passes anything else, e.g. BENCH_ARGS="--out $OUT --lens 2048".
 BENCH_ARGS ?=
+# The targets with no setup step (bench-kernels, bench-varlen, bench-plans) run on a GPU box that has only a copy of
+# the tree and its own python3 (no install, no internet): .venv's python if there is one, else python3, with this
+# tree first on PYTHONPATH, so that they import the tree's tnlib whether or not one is installed.
+BENCH_PY = PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3); \
+  PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $$PY
 bench-model: setup ## GPU: training tokens/s of the 385M models (the library's defaults) -> results/bench
 	$(BIN)/python benchmarks/bench_model.py $(BENCH_ARGS)
 
@@ -168,20 +173,17 @@ bench-parallel: setup ## 2 GPUs: DDP vs FSDP vs tensor parallelism, correctness,
 # Lightning Attention kernels vs fla, lightning-attn, SDPA, naive (needs a GPU; no setup step, so it
 # also runs on a GPU box without internet using its own python3 and carried wheels)
 bench-kernels: ## GPU: Lightning Attention kernels vs fla, lightning-attn, SDPA -> results/bench
-	@PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3); \
-	  $$PY benchmarks/bench_kernels.py $(BENCH_ARGS)
+	@$(BENCH_PY) benchmarks/bench_kernels.py $(BENCH_ARGS)
 
 # packed documents (cu_seqlens) vs the dense kernel on the same 65,536 tokens (issue 29); no setup step (as
 # bench-kernels); BENCH_ARGS="--dry-run --out /tmp/x" runs it on a CPU (interpreter, tiny)
 bench-varlen: ## GPU: Lightning Attention on packed documents of mixed lengths vs dense -> results/bench
-	@PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3); \
-	  $$PY benchmarks/bench_varlen.py $(BENCH_ARGS)
+	@$(BENCH_PY) benchmarks/bench_varlen.py $(BENCH_ARGS)
 
 # the launch plans per GPU family on an H100/H200 (issue 31): Hopper's defaults before/after, the smaller
 # GPUs' plans forced (kernel tests, timings, training steps); ~4 min, no setup step (as bench-kernels)
 bench-plans: ## GPU (Hopper): the per-GPU launch plans checked and timed -> results/bench
-	@PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3); \
-	  $$PY benchmarks/bench_plans.py $(BENCH_ARGS)
+	@$(BENCH_PY) benchmarks/bench_plans.py $(BENCH_ARGS)
 
 clean: ## remove .venv and caches
 	rm -rf $(VENV) .pytest_cache **/__pycache__

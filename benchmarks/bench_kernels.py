@@ -17,7 +17,7 @@ forward reads q, k, v and writes o; forward+backward is about three times that.
 
 Writes ``<out>/kernels-<gpu>.json`` and ``<out>/kernels-<gpu>.png``.
 
-    python3 benchmarks/bench_kernels.py                # = make bench-kernels (tnlib installed)
+    PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py   # = make bench-kernels (no .venv: python3)
     PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --impls tnlib,fla --shapes 16:128:128 --out $OUT
     python3 benchmarks/bench_kernels.py --replot results/bench/kernels-h200.json   # redraw the PNG, no GPU
 """

@@ -153,7 +153,7 @@ def plot(rows, path, header=None):
     timed = [r for r in rows if r.get("fwdbwd_ms")]
     fig, axes = figure(1, 2)
     for ax, key, title in zip(axes[0], ("fwd_ms", "fwdbwd_ms"), ("forward", "forward + backward")):
-        labels = [f"{r['impl']} {r['kind']}\n{r['name']}" for r in timed]
+        labels = [f"{r['impl']}\n{r['name']}" for r in timed]  # the dense rows' names are T=..., the others' not
         ax.bar(range(len(timed)), [r[key] for r in timed],
                color=["C7" if r["kind"] == "dense" else {"tnlib": "C3", "tnlib-tensor": "C1"}.get(r["impl"], "C0")
                       for r in timed])

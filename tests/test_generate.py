@@ -47,12 +47,14 @@ def test_recurrent_step_logits_match_parallel(preset):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_mixed_length_batch_equals_separate_runs(preset):
+    """Through every prefill the model has (the default, "auto", packs TNL's prompts and pads the Transformer's)."""
     m = tiny(preset)
     prompts = [torch.randint(0, 101, (n,)) for n in (5, 17, 1, 9)]
-    batch = generate(m, prompts, max_new_tokens=8)
-    for p, b in zip(prompts, batch):
-        alone = generate(m, [p], max_new_tokens=8)[0]
-        assert torch.equal(b, alone)
+    for prefill in ("auto", "padded", "packed") if preset == "tnl-tiny" else ("auto", "padded"):
+        batch = generate(m, prompts, max_new_tokens=8, prefill=prefill)
+        for p, b in zip(prompts, batch):
+            alone = generate(m, [p], max_new_tokens=8, prefill=prefill)[0]
+            assert torch.equal(b, alone), prefill
 
 
 def test_new_prompt_resets_positions():

@@ -1,13 +1,16 @@
 """The packed prefill (issue 29, item 4): prompts of mixed lengths back to back, every layer's attention through
 ``cu_seqlens`` (``TransNormerLLM.step(ids, cu_seqlens=...)``, ``generate(..., prefill="packed")``), against the
 left-padded prefill and each prompt alone: the same logits, every layer's state and positions, the same greedy
-tokens through every decoder; bad inputs refused before any work. Float64 on the PyTorch path; the Triton path
+tokens through every decoder; ``prefill="auto"`` (the default) packs TransNormerLLM's prompts and pads the
+Transformer's; bad inputs refused before any work. Float64 on the PyTorch path; the Triton path
 (``triton`` marker: the interpreter on a CPU) in float32."""
+import inspect
+
 import pytest
 import torch
 
 from tnlib import create_model, generate, stream_generate
-from tnlib.generation import PREFILLS, DecoderCache, _prepare_prompts, pack_prompts
+from tnlib.generation import PREFILLS, DecoderCache, _prepare_prompts, auto_prefill, pack_prompts
 from tnlib.nn.lrpe import lrpe, lrpe_theta_init
 from tnlib.testing import KERNEL_TOLERANCE, TOLERANCE, assert_close
 
@@ -117,20 +120,20 @@ def test_generate_packed_equals_padded():
     CPU) take the packed prefill's cache as they take the padded one's."""
     m = tiny()
     prompts = prompts_of(LENGTHS)
-    want = generate(m, prompts, 8)
+    want = generate(m, prompts, 8, prefill="padded")
     got = generate(m, prompts, 8, prefill="packed")
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and len(got) == len(want)
     ids = torch.randint(0, VOCAB, (3, 6))
-    assert torch.equal(generate(m, ids, 5, prefill="packed"), generate(m, ids, 5))
+    assert torch.equal(generate(m, ids, 5, prefill="packed"), generate(m, ids, 5, prefill="padded"))
     streamed = torch.stack(list(stream_generate(m, prompts, 6, prefill="packed")), 1)
     assert torch.equal(streamed, torch.stack([w[len(p):len(p) + 6] for p, w in zip(prompts, want)]))
     eos = int(want[1][len(prompts[1]) + 2])  # an end token stops that sequence the same way
     assert all(torch.equal(a, b) for a, b in zip(generate(m, prompts, 8, eos_token_id=eos, prefill="packed"),
-                                                  generate(m, prompts, 8, eos_token_id=eos)))
+                                                  generate(m, prompts, 8, eos_token_id=eos, prefill="padded")))
     m32 = tiny(torch.float32)
     for decoder in ("graph", "compiled-graph"):
         built = DecoderCache(capture=False)
-        base = generate(m32, prompts, 6, decoder=decoder, decoder_cache=built)
+        base = generate(m32, prompts, 6, decoder=decoder, decoder_cache=built, prefill="padded")
         got = generate(m32, prompts, 6, decoder=decoder, decoder_cache=built, prefill="packed")  # reuses the decoder
         assert len(built) == 1 and all(torch.equal(a, b) for a, b in zip(got, base)), decoder
 
@@ -147,6 +150,48 @@ def test_fused_graph_decoder_from_a_packed_prefill():
         assert all(torch.equal(a, b) for a, b in zip(got, want)), prefill
 
 
+def _spy_prefills(monkeypatch, model):
+    """The prefill calls of ``model.step`` (those without a cache), as ``(how, ids shape)``: ``"packed"`` when
+    given ``cu_seqlens``, ``"padded"`` otherwise."""
+    calls, step = [], model.step
+
+    def spy(input_ids, cache=None, *args, **kw):
+        if cache is None:
+            calls.append(("packed" if kw.get("cu_seqlens") is not None else "padded", tuple(input_ids.shape)))
+        return step(input_ids, cache, *args, **kw)
+
+    monkeypatch.setattr(model, "step", spy)
+    return calls
+
+
+def test_auto_prefill_packs_tnl_and_pads_the_transformer(monkeypatch):
+    """``prefill="auto"``, the default of ``generate`` and ``stream_generate``: TransNormerLLM's prompts go back to
+    back through ``cu_seqlens`` (one ``[1, total]`` step), the Transformer's left-padded (``[N, longest]``); the
+    same tokens as the explicit choice, for a list of mixed-length prompts, a ``[B, T]`` tensor and a stream."""
+    assert PREFILLS == ("auto", "padded", "packed")
+    for f in (generate, stream_generate):
+        assert inspect.signature(f).parameters["prefill"].default == "auto", f.__name__
+    tnl = tiny()
+    tf = create_model("transformer-tiny", vocab_size=VOCAB, n_layers=2).double().eval()
+    assert (auto_prefill(tnl), auto_prefill(tf)) == ("packed", "padded")
+    prompts = prompts_of(LENGTHS)
+    ids = torch.randint(0, VOCAB, (3, 6))
+    for model, chosen, shape in ((tnl, "packed", (1, sum(LENGTHS))), (tf, "padded", (len(LENGTHS), max(LENGTHS)))):
+        want = generate(model, prompts, 6, prefill=chosen)
+        want_ids = generate(model, ids, 4, prefill=chosen)
+        calls = _spy_prefills(monkeypatch, model)
+        got = generate(model, prompts, 6)
+        assert calls == [(chosen, shape)], (model.config.arch, calls)
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), model.config.arch
+        calls.clear()
+        assert torch.equal(generate(model, ids, 4, prefill="auto"), want_ids)
+        assert calls == [(chosen, (1, 18) if chosen == "packed" else (3, 6))], (model.config.arch, calls)
+        calls.clear()
+        streamed = torch.stack(list(stream_generate(model, prompts, 6)), 1)
+        assert calls == [(chosen, shape)] and torch.equal(
+            streamed, torch.stack([w[len(p):] for p, w in zip(prompts, want)])), model.config.arch
+
+
 def _no_work(monkeypatch, m):
     """Any computation by the model (the embedding, a block) fails the test: the checks must come first."""
     def boom(*a, **k):
@@ -157,7 +202,7 @@ def _no_work(monkeypatch, m):
 
 
 def test_bad_inputs_raise_before_work(monkeypatch):
-    assert PREFILLS == ("padded", "packed")
+    assert PREFILLS == ("auto", "padded", "packed")
     prompts = prompts_of((3, 5))
     tf = create_model("transformer-tiny", vocab_size=VOCAB, n_layers=2).double().eval()
     _no_work(monkeypatch, tf)

@@ -41,6 +41,34 @@ def test_one_benchmark_per_make_target():
     assert have == run, f"benchmarks without a make target: {sorted(have - run)}"
 
 
+def test_bench_targets_without_setup_run_the_tree(tmp_path):
+    """A ``bench-*`` target with no setup step runs where only a copy of the tree and a python with torch exist
+    (a lent GPU: no install, no internet), so its recipe puts the tree first on ``PYTHONPATH``; without it the
+    script stops at ``import tnlib`` (ModuleNotFoundError), or imports another checkout's tnlib. The recipe is run
+    by make with a stand-in python that prints the ``PYTHONPATH`` it was given."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    text = open(os.path.join(ROOT, "Makefile")).read()
+    no_setup = [t for t, deps in re.findall(r"^(bench-[\w-]+):([^#\n]*)", text, re.M) if "setup" not in deps.split()]
+    assert {"bench-kernels", "bench-varlen", "bench-plans"} <= set(no_setup)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text('#!/bin/sh\necho "PYTHONPATH=$PYTHONPATH"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    root = os.path.realpath(ROOT)
+    for target in no_setup:
+        for before, want in ((None, root), ("/elsewhere", f"{root}:/elsewhere")):
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            if before:
+                env["PYTHONPATH"] = before
+            out = subprocess.run(["make", "-s", target, f"VENV={venv}"], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=60)
+            assert out.returncode == 0, (target, out.stderr)
+            assert out.stdout.splitlines() == [f"PYTHONPATH={want}"], (target, out.stdout)
+
+
 def test_make_bench_model_runs_the_library_defaults():
     _, recipe = _bench_targets()["bench-model"]
     for flag in ("--set", "--override", "--compile-scope", "--compile-mode", "--inductor", "tnlib."):

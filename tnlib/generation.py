@@ -4,8 +4,9 @@ Taught in ``notebooks/08_recurrent_inference.ipynb``. One function serves both a
 their ``model.step(input_ids, cache, pad_mask)`` method, so the two compare like for like:
 
 * prefill: the whole prompt batch in one parallel pass, keeping the cache: left-padded to the longest
-  prompt (``prefill="padded"``, the default, both models) or, for TransNormerLLM, packed back to back without
-  padding, every layer's attention through ``cu_seqlens`` (``prefill="packed"``: ``PREFILLS``);
+  prompt (``prefill="padded"``, both models) or, for TransNormerLLM, packed back to back without padding,
+  every layer's attention through ``cu_seqlens`` (``prefill="packed"``); the default, ``"auto"``
+  (``auto_prefill``), packs TransNormerLLM's prompts and pads the Transformer's (``PREFILLS``);
 * decode: one token per step; TransNormerLLM updates a constant-size state, the Transformer
   appends to its KV cache.
 
@@ -41,16 +42,16 @@ from .nn.linear import autotune_gemv
 
 __all__ = ["generate", "stream_generate", "sample_next", "DECODERS", "auto_decoder", "GraphDecoder",
            "StaticDecodeStep", "DecoderCache", "default_decoder_cache", "CAPACITY_STEP", "capacity_for", "PREFILLS",
-           "pack_prompts"]
+           "auto_prefill", "pack_prompts"]
 
 DECODERS = ("auto", "eager", "graph", "compiled-graph", "fused-graph")
 
-#: How ``generate`` / ``stream_generate`` prefill a batch of prompts (``prefill=``): ``"padded"`` (the default)
-#: left-pads them to the longest one, ``model.step(ids, None, pad_mask)``; ``"packed"`` (TransNormerLLM only)
-#: puts them back to back without padding, ``model.step(ids, cu_seqlens=...)`` (``pack_prompts``), so no work is
-#: spent on padding. Both give the same cache (and tokens, up to rounding) for every decoder. The default stays
-#: "padded" until a GPU measurement (``make bench-inference`` part ``prefill``) says which is faster.
-PREFILLS = ("padded", "packed")
+#: How ``generate`` / ``stream_generate`` prefill a batch of prompts (``prefill=``): ``"padded"`` left-pads them
+#: to the longest one, ``model.step(ids, None, pad_mask)``; ``"packed"`` (TransNormerLLM only) puts them back to
+#: back without padding, ``model.step(ids, cu_seqlens=...)`` (``pack_prompts``), so no work is spent on padding.
+#: Both give the same cache (and tokens, up to rounding) for every decoder. ``"auto"``, the default, is
+#: ``auto_prefill``'s choice: packed for TransNormerLLM, padded for the Transformer.
+PREFILLS = ("auto", "padded", "packed")
 
 #: A Transformer's static KV cache holds the call's tokens rounded up to a multiple of this (slots the
 #: step reads whatever the context, so fewer spare ones cost less; a multiple of 16 keeps SDPA's mask aligned)
@@ -355,13 +356,27 @@ def pack_prompts(prompts, device=None):
     return ids, cu
 
 
-def _check_prefill(model, prefill: str) -> None:
-    """Which prefill a call may use (``PREFILLS``): a clear error, before any work, for the rest."""
+def auto_prefill(model) -> str:
+    """``prefill="auto"``'s choice: ``"packed"`` for TransNormerLLM, ``"padded"`` for the Transformer.
+
+    TransNormerLLM's packed prefill spends no work on padding: on a GPU it was measured faster than the padded
+    one for prompts of mixed lengths and as fast for prompts of equal lengths (``make bench-inference`` part
+    ``prefill``; ``results/bench/NOTES-prefill.md``). The Transformer prefills a left-padded batch only (its KV
+    cache is kept padded)."""
+    return "packed" if model.config.arch == "tnl" else "padded"
+
+
+def _check_prefill(model, prefill: str) -> str:
+    """The prefill a call uses (one of ``PREFILLS``, ``"auto"`` resolved by ``auto_prefill``): a clear error,
+    before any work, for a name not in ``PREFILLS`` or a prefill the model does not have."""
     if prefill not in PREFILLS:
         raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
+    if prefill == "auto":
+        return auto_prefill(model)
     if prefill == "packed" and model.config.arch != "tnl":
         raise ValueError("prefill='packed' needs TransNormerLLM (its attention runs packed prompts through "
                          "cu_seqlens); the Transformer prefills a left-padded batch: use prefill='padded'")
+    return prefill
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -402,7 +417,7 @@ def stream_generate(
     generator: torch.Generator | None = None,
     decoder: str = "auto",
     decoder_cache: DecoderCache | None = None,
-    prefill: str = "padded",
+    prefill: str = "auto",
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence (``[B]`` long) as it is produced.
 
@@ -413,6 +428,7 @@ def stream_generate(
     they build are kept in ``decoder_cache`` (a ``DecoderCache``; ``default_decoder_cache`` if None).
     ``prefill`` (one of ``PREFILLS``, see the module docstring): the prompts left-padded (``"padded"``) or,
     for TransNormerLLM, packed without padding (``"packed"``); the same tokens up to rounding, every decoder.
+    The default, ``"auto"`` (``auto_prefill``), packs TransNormerLLM's prompts and pads the Transformer's.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
@@ -420,7 +436,7 @@ def stream_generate(
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if decoder_cache is not None and not isinstance(decoder_cache, DecoderCache):
         raise TypeError(f"decoder_cache must be a tnlib.generation.DecoderCache, got {type(decoder_cache).__name__}")
-    _check_prefill(model, prefill)
+    prefill = _check_prefill(model, prefill)
     if prefill == "packed":
         prompts = _prompt_list(model, input_ids)
         ids, cu = pack_prompts(prompts, next(model.parameters()).device)
@@ -472,15 +488,15 @@ def stream_generate(
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
              eos_token_id=None, pad_token_id: int = 0, generator=None, decoder: str = "auto",
-             decoder_cache: DecoderCache | None = None, prefill: str = "padded"):
+             decoder_cache: DecoderCache | None = None, prefill: str = "auto"):
     """Prompt followed by up to ``max_new_tokens`` new tokens (greedy when ``temperature == 0``).
 
     ``input_ids``: a ``[B, T]`` tensor (returns ``[B, T + n]``, finished rows filled with
     ``pad_token_id``) or a list of 1-D prompts of any lengths (returns a list of 1-D tensors, each
-    ending at its end token if one was produced). ``decoder``, ``decoder_cache``, ``prefill``: see
-    ``stream_generate``.
+    ending at its end token if one was produced). ``decoder``, ``decoder_cache``, ``prefill`` (default
+    ``"auto"``: packed for TransNormerLLM, padded for the Transformer): see ``stream_generate``.
     """
-    _check_prefill(model, prefill)
+    prefill = _check_prefill(model, prefill)
     prompts = _prompt_list(model, input_ids)
     steps = list(stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
                                  pad_token_id, generator, decoder, decoder_cache, prefill))
