@@ -14,6 +14,12 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = torch.cuda.is_available()
 
+if os.environ.get("PYTEST_XDIST_WORKER") and not ON_GPU:
+    # pytest-xdist workers (``make test`` on a CPU runs 2 on 2 cores): torch on one thread each, so that two
+    # workers do not hand many tiny ops between 4 threads on 2 cores (the subprocesses that tests start set
+    # OMP_NUM_THREADS=1 themselves)
+    torch.set_num_threads(1)
+
 
 def free_port() -> str:
     """A TCP port nothing listens on now, for a torchrun rendezvous (a fixed port collides when two test runs
