@@ -37,19 +37,24 @@ endif
 
 test: test-unit test-notebooks ## unit tests, then nbval over every notebook
 
+# On a CPU the tests run in TEST_WORKERS pytest-xdist processes (default 2, for a 2-core machine: much of the
+# time is single-threaded, subprocesses, the interpreter, notebook kernels; each worker runs torch on one
+# thread, tests/conftest.py); TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 test-unit: setup ## unit tests only (Triton kernel tests under the interpreter on a CPU)
 ifeq ($(HAS_GPU),1)
 	$(BIN)/python -m pytest tests
 else
 	@# Triton kernel tests need the interpreter, which must be on before triton is imported; the rest
 	@# run without it so that models use the fast PyTorch fallbacks.
-	$(BIN)/python -m pytest tests -m "not triton"
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -m triton
+	$(BIN)/python -m pytest tests -m "not triton" -n $(TEST_WORKERS)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -m triton -n $(TEST_WORKERS)
 endif
 
 test-notebooks: setup ## execute every notebook under nbval (their own assertions)
-	@# notebooks that run Triton kernels switch the interpreter on themselves when there is no GPU
-	$(BIN)/python -m pytest --nbval-lax -p no:cacheprovider notebooks
+	@# notebooks that run Triton kernels switch the interpreter on themselves when there is no GPU;
+	@# --dist loadfile: every cell of a notebook in one worker, in order (one kernel per notebook)
+	$(BIN)/python -m pytest --nbval-lax -p no:cacheprovider notebooks $(if $(HAS_GPU),,-n $(TEST_WORKERS) --dist loadfile)
 
 # as root (containers) JupyterLab refuses to start without --allow-root; LAB_ARGS passes anything else,
 # e.g. make lab LAB_ARGS="--no-browser --ip=0.0.0.0 --port=8888"

@@ -51,7 +51,7 @@ has no packed prefill (its KV cache is kept padded): no rows for it.
 
 ``--dry-run``: the same code on the CPU with 2-layer tiny models of each architecture standing in for
 the presets (rows keep the presets' names; fp32; contexts 32 and 64, batches 1 and 2, 3 timed steps,
-first calls at batch 1; the graph decoders uncaptured, ``DecoderCache(capture=False)``; ``fused-graph``
+first calls at batch 1 generating 4 tokens; the graph decoders uncaptured, ``DecoderCache(capture=False)``; ``fused-graph``
 needs ``TRITON_INTERPRET=1`` there, else its rows say so; ``compiled-graph`` compiles for the CPU, minutes
 under the interpreter). ``tests/test_bench_inference.py`` runs it.
 
@@ -60,7 +60,7 @@ under the interpreter). ``tests/test_bench_inference.py`` runs it.
     PYTHONPATH=$PWD TRITON_INTERPRET=1 python3 benchmarks/bench_inference.py --dry-run --out /tmp/d
     PYTHONPATH=$PWD python3 benchmarks/bench_inference.py --parts prefill --out $OUT   # 16 prompts, 64..8,192 tokens
 
-A dry run's ``prefill`` part: 4 prompts of 4..48 tokens (``equal``, ``skewed`` alike), 2 timed calls.
+A dry run's ``prefill`` part: 4 prompts of 4..48 tokens (``equal``, ``skewed`` alike), 1 timed call.
 """
 import argparse
 import gc
@@ -87,6 +87,7 @@ DRY_OVERRIDES = dict(n_layers=2, vocab_size=512)
 #: nominal memory bandwidth (bytes/s) by GPU name, for floor_ms
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 FIRST_CALL_TOKENS = 32
+DRY_FIRST_CALL_TOKENS = 4  # --dry-run: the interpreted fused kernels take ~0.25 s a token on a CPU
 ROW_KEY = ("model", "decoder", "batch", "ctx")
 
 
@@ -98,6 +99,7 @@ class Setup:
         self.device = torch.device("cpu" if self.dry else "cuda")
         self.dtype = torch.float32 if self.dry else torch.bfloat16
         self.vocab = 512 if self.dry else a.vocab
+        self.first_call_tokens = DRY_FIRST_CALL_TOKENS if self.dry else FIRST_CALL_TOKENS
 
     def model(self, name):
         """``name``'s model on the device, in the benchmark's dtype, seeded (built there: no host copy)."""
@@ -250,7 +252,7 @@ def first_call(s, name, decoder, batch, warm_dir=None):
     for _ in range(2):
         s.sync()
         t = time.perf_counter()
-        tnlib.generate(model, ids, FIRST_CALL_TOKENS, decoder=decoder, decoder_cache=built)
+        tnlib.generate(model, ids, s.first_call_tokens, decoder=decoder, decoder_cache=built)
         s.sync()
         times.append(time.perf_counter() - t)
     print("FIRST_CALL " + json.dumps(dict(first_s=times[0], second_s=times[1])), flush=True)
@@ -509,7 +511,7 @@ def main():
         a.decode_steps, a.first_call_ctx = min(a.decode_steps, 3), min(a.first_call_ctx, 32)
         a.prefill_batch = 4 if a.prefill_batch == 16 else a.prefill_batch  # the defaults' tiny stand-ins
         a.prefill_lens = "4,48" if a.prefill_lens == "64,8192" else a.prefill_lens
-        a.prefill_reps = min(a.prefill_reps, 2)
+        a.prefill_reps = min(a.prefill_reps, 1)
         a.out = "runs/bench-inference-dry" if a.out == "results/bench" else a.out  # never mix dry rows into results
     elif not torch.cuda.is_available():
         sys.exit("bench_inference.py needs a CUDA GPU (--dry-run runs the same code on the CPU with tiny models)")
@@ -536,7 +538,7 @@ def run(s, a, models, parts):
     rows, checks, firsts = [], {}, {}
     header = dict(parts=parts, models=models, batches=batches, contexts=contexts, decode_steps=a.decode_steps,
                   dtype=str(s.dtype).removeprefix("torch."), vocab=s.vocab, dry_run=s.dry, checks=checks,
-                  first_call_ctx=a.first_call_ctx, first_call_tokens=FIRST_CALL_TOKENS, first_calls=[])
+                  first_call_ctx=a.first_call_ctx, first_call_tokens=s.first_call_tokens, first_calls=[])
 
     def save():
         write_results(path, join(rows, firsts), header)

@@ -183,7 +183,7 @@ def main():
     if a.dry_run:  # before anything imports Triton: its interpreter runs the kernels on CPU tensors
         os.environ["TRITON_INTERPRET"] = "1"
         DEV = "cpu"
-        a.tokens, a.heads, a.dim, a.dense_lens = 512, 2, 16, "128,256"
+        a.tokens, a.heads, a.dim, a.dense_lens = 256, 2, 16, "128,256"
         a.min_len, a.max_len, a.equal_len = 4, 128, 128
         if a.out == "results/bench":  # never mix dry-run rows into the results
             sys.exit("--dry-run: give --out (a scratch folder)")

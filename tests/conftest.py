@@ -14,6 +14,12 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = torch.cuda.is_available()
 
+if os.environ.get("PYTEST_XDIST_WORKER") and not ON_GPU:
+    # pytest-xdist workers (``make test`` on a CPU runs 2 on 2 cores): torch on one thread each, so that two
+    # workers do not hand many tiny ops between 4 threads on 2 cores (the subprocesses that tests start set
+    # OMP_NUM_THREADS=1 themselves)
+    torch.set_num_threads(1)
+
 
 def free_port() -> str:
     """A TCP port nothing listens on now, for a torchrun rendezvous (a fixed port collides when two test runs
@@ -21,6 +27,50 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+_SCRIPT_CALLS = r"""
+import contextlib, io, json, os, runpy, sys, traceback
+results = []
+for script, args in json.loads(sys.stdin.read()):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = [script, *args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # what `python script.py` puts first
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(script, run_name="__main__")
+            except SystemExit as e:
+                code = e.code
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.path.pop(0)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): Python prints it and exits with 1
+        err.write(f"{code}\n")
+        code = 1
+    results.append(dict(returncode=code, stdout=out.getvalue(), stderr=err.getvalue()))
+print("SCRIPT_CALLS " + json.dumps(results))
+"""
+
+
+def run_script_calls(calls, env, cwd, timeout=300):
+    """Run each ``(script, args)`` of ``calls`` as ``python script *args`` would (``__main__``, the script's folder
+    first on ``sys.path``, ``sys.exit``'s status and message), all in ONE fresh Python process: for calls that
+    only parse arguments or refuse early, where starting a process (and importing torch) per call is most of the
+    cost. Returns one ``{"returncode", "stdout", "stderr"}`` per call, in order."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _SCRIPT_CALLS], input=json.dumps([[s, list(a)] for s, a in calls]),
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("SCRIPT_CALLS ")]
+    assert r.returncode == 0 and lines, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads(lines[-1][len("SCRIPT_CALLS "):])
 
 
 def pytest_configure(config):

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from conftest import run_script_calls
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "bench_inference.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT}
@@ -67,11 +69,13 @@ def test_fused_graph_rows_say_why_without_the_interpreter(tmp_path):
 
 
 def test_refuses_without_a_gpu_and_bad_arguments():
-    for args, words in ((["--out", "/nonexistent"], "needs a CUDA GPU"), (["--parts", "tnl,70b", "--dry-run"], "--parts: expected"),
-                        (["--models", "gpt-2", "--dry-run"], "--models: expected"),
-                        (["--parts", "prefill", "--prefill-lens", "64", "--dry-run"], "--prefill-lens: expected")):
-        r = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-        assert r.returncode != 0 and words in r.stderr, (args, r.stderr[-2000:])
+    cases = ((["--out", "/nonexistent"], "needs a CUDA GPU"), (["--parts", "tnl,70b", "--dry-run"], "--parts: expected"),
+             (["--models", "gpt-2", "--dry-run"], "--models: expected"),
+             (["--parts", "prefill", "--prefill-lens", "64", "--dry-run"], "--prefill-lens: expected"))
+    # the four calls in one process (each refuses before any work; a process per call was 3/4 torch imports)
+    results = run_script_calls([(SCRIPT, args) for args, _ in cases], ENV, ROOT, timeout=120)
+    for (args, words), r in zip(cases, results):
+        assert r["returncode"] != 0 and words in r["stderr"], (args, r["stderr"][-2000:])
 
 
 def test_dry_run_prefill_part(tmp_path):

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import free_port
+from conftest import free_port, run_script_calls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "bench_parallel.py")
@@ -46,9 +46,8 @@ def test_dry_run_every_part(tmp_path):
 
 
 def test_refuses_without_two_gpus_and_bad_parts():
-    r = subprocess.run([sys.executable, SCRIPT, "--out", "/nonexistent"], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode != 0 and "needs 2 CUDA GPUs" in r.stderr and "--dry-run" in r.stderr, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, SCRIPT, "--parts", "385m,70b"], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode != 0 and "--parts: expected some of" in r.stderr, r.stderr[-2000:]
+    # both calls in one process: each refuses before any work (a process per call is mostly its torch import)
+    r, bad = run_script_calls([(SCRIPT, ["--out", "/nonexistent"]), (SCRIPT, ["--parts", "385m,70b"])], ENV, ROOT,
+                              timeout=120)
+    assert r["returncode"] != 0 and "needs 2 CUDA GPUs" in r["stderr"] and "--dry-run" in r["stderr"], r["stderr"][-2000:]
+    assert bad["returncode"] != 0 and "--parts: expected some of" in bad["stderr"], bad["stderr"][-2000:]

@@ -481,7 +481,10 @@ def test_documents_build_each_work_table_once_per_step(checkpointing, monkeypatc
     """A step with documents builds the kernels' work table once per segment length its layers use, not once per
     layer: the model makes one ``PackedSequences`` and every layer's attention, forward and backward (and a
     checkpointed block's recompute), shares its tables. The blocks given the plain tensor build one per layer
-    call (each backward reusing its forward's), so the count can tell the two apart."""
+    call (each backward reusing its forward's), so the count can tell the two apart. Two layers suffice: at 80 tokens
+    every layer (the LRPE layer 0 and the plain layer 1 alike) gets the minimum segment length
+    (``plan.varlen_segment_plan``), so sharing builds one table and a build per layer two; the model is narrow
+    (2 heads) because under the interpreter the cost is per program."""
     from tnlib.models.common import document_cu_seqlens
     from tnlib.ops import PackedSequences
     from tnlib.ops.lightning import op
@@ -492,14 +495,16 @@ def test_documents_build_each_work_table_once_per_step(checkpointing, monkeypatc
     monkeypatch.setattr(op, "_forward_impl", lambda *a, **kw: calls.append("fwd") or orig_fwd(*a, **kw))
     monkeypatch.setattr(op, "_backward_impl", lambda *a, **kw: calls.append("bwd") or orig_bwd(*a, **kw))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    n_layers = 3
-    m = create_model("tnl-tiny", vocab_size=50, n_layers=n_layers).to(dev).set_impl(checkpointing=checkpointing)
+    n_layers = 2
+    m = create_model("tnl-tiny", vocab_size=50, n_layers=n_layers, d_model=64, n_heads=2, glu_dim=128).to(dev)
+    m.set_impl(checkpointing=checkpointing)
     ids = _documents_batch().to(dev)
     tgt = torch.roll(ids, -1, 1)
     cu = document_cu_seqlens(ids.cpu(), 0)
     m(ids, tgt, cu_seqlens=cu.to(dev)).backward()
     assert calls.count("fwd") == n_layers * (2 if checkpointing else 1) and calls.count("bwd") == n_layers
     assert builds and len(builds) == len(set(builds)) < n_layers, builds  # once per segment length
+    assert len(set(builds)) == 1, builds  # what makes n_layers = 2 enough to tell sharing from a build per layer
     # the trainer's form: boundaries checked on the CPU, then on the device; the model takes the object as it is
     builds.clear()
     docs = PackedSequences(cu, ids.numel(), device=dev)
@@ -548,11 +553,12 @@ def test_compiled_model_takes_documents():
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    eager = create_model("tnl-tiny", vocab_size=50, n_layers=2)
+    small = dict(vocab_size=50, n_layers=2, d_model=64, n_heads=2, glu_dim=128)  # narrow: the interpreter's cost
+    eager = create_model("tnl-tiny", **small)
     want_loss, want = step(eager, eager, cu)
     for scope in ("blocks", "model"):
         torch._dynamo.reset()
-        m = create_model("tnl-tiny", vocab_size=50, n_layers=2)
+        m = create_model("tnl-tiny", **small)
         m.load_state_dict(eager.state_dict())
         fwd = m.compile_blocks(backend="aot_eager") if scope == "blocks" else torch.compile(m, backend="aot_eager")
         for docs in (cu, PackedSequences(cu, ids.numel())):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_script_calls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.py")) + glob.glob(os.path.join(ROOT, "tools", "*.py"))
@@ -75,14 +76,21 @@ def test_make_bench_model_runs_the_library_defaults():
         assert flag not in recipe, f"make bench-model must measure the default path, not {flag}"
 
 
-@pytest.mark.parametrize("script", sorted(glob.glob(os.path.join(ROOT, "benchmarks", "bench_*.py"))),
-                         ids=os.path.basename)
-def test_benchmark_help_runs(script):
+BENCHMARKS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "bench_*.py")))
+
+
+@pytest.fixture(scope="module")
+def help_outputs():
+    """Every benchmark's ``--help``, all in one fresh process (one torch import instead of one per script)."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "--out" in res.stdout and "--commit" in res.stdout  # the shared conventions of benchmarks/common.py
+    return dict(zip(BENCHMARKS, run_script_calls([(s, ["--help"]) for s in BENCHMARKS], env, ROOT, timeout=120)))
+
+
+@pytest.mark.parametrize("script", BENCHMARKS, ids=os.path.basename)
+def test_benchmark_help_runs(script, help_outputs):
+    res = help_outputs[script]
+    assert res["returncode"] == 0, res["stderr"][-2000:]
+    assert "--out" in res["stdout"] and "--commit" in res["stdout"]  # the shared conventions of benchmarks/common.py
 
 
 def test_result_path_and_settings():
