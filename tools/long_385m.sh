@@ -29,7 +29,8 @@
 # written. What is lost if the machine goes back: everything on it; only what the last call packed survives.
 # A fresh machine starts over from `stage`.
 #
-# Data: 64 MiB travel per call, and the working tree is ~35 MB now, so ~27 MB of data per call: the
+# Data: 64 MiB travel per call, with the working tree (~42 MB by 2026-12-06: take `results/logs` out of the
+# tree for the `stage` calls and `git checkout -- results/logs` before `start`), so ~27 MB of data per call: the
 # >= 80M distinct training tokens (shards 00-06, 98.7 MB of xz) travel in 4 parts: whole shards, and
 # shards cut at a document boundary (re-compressed pieces). Here, once (~10 min on 2 cores):
 #   python tools/long_385m_carry.py --shards ../shared/data/corpus-gutenberg-0[0-6].txt.xz \
