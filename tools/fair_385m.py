@@ -294,11 +294,11 @@ def plot_final(runs: dict, rows: list, out: str, sets=("val", "eval-heldout", "e
     for j, split in enumerate(sets):
         for i, xl in enumerate(("training tokens (M)", "GPU-seconds of training (compute-matched)")):
             ax = axes[i][j]
-            ax.set(xlabel=xl, ylabel="perplexity (log)", yscale="log",
-                   title=f"{EVAL_NAMES[split]}: sampled in-run evals; dots: whole set at the end")
+            ax.set(xlabel=xl, ylabel="perplexity (log)", yscale="log", title=EVAL_NAMES[split])
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
+    fig.suptitle("lines: sampled in-run evaluations; dots: the whole set scored at the end")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=100)
     plt.close(fig)
