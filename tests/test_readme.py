@@ -1,5 +1,6 @@
 """The README's result tables say what the committed result files say (the ablation table of
-results/ablation/summary.json, the residual-precision table of results/385m-fair/residual-2x2.json)."""
+results/ablation/summary.json, the residual-precision table of results/385m-fair/residual-2x2.json, the fair
+comparison's table of results/385m-fair/summary.json)."""
 import json
 import math
 import os
@@ -49,7 +50,7 @@ def test_ablation_table_matches_the_summary():
 
 def test_residual_table_matches_the_2x2_file():
     doc = json.load(open(os.path.join(ROOT, "results/385m-fair/residual-2x2.json")))
-    rows = _table_rows(_readme_section("### Towards a fair comparison"))
+    rows = _table_rows(_readme_section("### How the fair comparison was set up"))
     names = {"TNL-385M": "tnl-385m", "Transformer-385M": "transformer-385m"}
     dtype = {"bf16": "compute", "fp32": "params"}
     assert len(rows) == 4
@@ -61,3 +62,19 @@ def test_residual_table_matches_the_2x2_file():
         assert _num(wiki) == round(r["final"]["wikitext-detok-valid"]["ppl"], 1)
         assert math.isclose(_num(tps), round(r["tokens_per_s"] / 1e3, 1))
     assert doc["choice"] == "params"
+
+
+def test_fair_comparison_table_matches_the_summary():
+    doc = json.load(open(os.path.join(ROOT, "results/385m-fair/summary.json")))
+    rows = _table_rows(_readme_section("### The fair comparison"))
+    assert [r[0] for r in rows] == ["val", "heldout", "wikitext-detok-valid", "wikitext-detok-test", "wikitext-valid",
+                                    "wikitext-test"]
+    assert {r[0] for r in rows} == set(doc["ratio"])
+    for name, tokens, tnl, transformer, ratio, verdict in rows:
+        assert _num(tokens) == doc["eval_tokens"][name]
+        for cell, model in ((tnl, "tnl-385m"), (transformer, "transformer-385m")):
+            assert [_num(x) for x in cell.split(" / ")] == [round(x, 2) for x in doc["models"][model]["final"][name]["ppl"]]
+        m = re.fullmatch(r"([\d.]+) \(([\d.]+)-([\d.]+)\)", ratio)
+        q = doc["ratio"][name]
+        assert m and [float(g) for g in m.groups()] == [round(q[k], 3) for k in ("mean", "min", "max")], ratio
+        assert verdict == doc["verdict"][name]
