@@ -53,6 +53,26 @@ def test_fused_gemv_matches_float64(flags, rows, dtype, device):
     assert_close(out, want, dtype=dtype, tol=tol, name=f"fused_gemv {flags}")
 
 
+@pytest.mark.parametrize("tile", [D.GemvTile(8, 4, 128), D.GemvTile(4, 8, 64)])
+@pytest.mark.parametrize("flags", ["norm+gate+residual", "norm+pair+silu"])
+def test_fused_gemv_broadcast_tiles_over_row_blocks(flags, tile, device):
+    """Broadcast tiles of 4 or 8 rows over 21 sequences (several row blocks, the last one masked): the
+    candidates ``tools/tune_decode.py`` times beside the dot tiles from 16 sequences."""
+    torch.manual_seed(2)
+    M, N, K = 21, 40, 136
+    w = torch.randn(N, K, device=device) / K**0.5
+    kw = {"norm_eps": 1e-6}
+    if "gate" in flags:
+        kw.update(gate=torch.randn(M, K, device=device), residual=torch.randn(M, N, device=device))
+    if "pair" in flags:
+        kw.update(weight2=torch.randn(N, K, device=device) / K**0.5, glu_act=1)
+    x = torch.randn(M, K, device=device)
+    out = torch.full((M, N), float("nan"), device=device)
+    D.fused_gemv(x, w, out=out, tile=tile, **kw)
+    assert_close(out, D.fused_gemv_reference(x, w, **kw), dtype=torch.float32, tol=KERNEL_TOLERANCE[torch.float32],
+                 name=f"fused_gemv {flags} {tile}")
+
+
 def test_fused_gemv_residual_in_place_and_strided_gate(device):
     """The step's uses: the residual stream updated in place, the gate a strided view of the projection."""
     torch.manual_seed(1)

@@ -36,21 +36,26 @@ def products(cfg, B, dev, dtype):
 
 
 def candidates(B, pair, quick):
-    """Tiles worth timing: broadcast tiles within ~64 partial sums per thread up to 8 rows, dot tiles from 16."""
+    """Tiles worth timing: broadcast tiles within ~64 partial sums per thread up to 8 rows; from 16 rows, dot
+    tiles and also broadcast tiles of 4 or 8 rows (more programs where a dot tile's 16 columns leave few:
+    1,024 outputs are 64 programs; the rows' blocks then re-read the weights, mostly from L2)."""
     from tnlib.ops.decode import GemvTile
 
     bm = min(16, 1 << (B - 1).bit_length())
+    grids = []
     if bm >= 16:
-        grid = itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4))
+        grids.append((16, itertools.product((16, 32, 64), (32, 64, 128, 256), (4, 8), (2, 3))))
+        grids += [(m, itertools.product((1, 2, 4, 8, 16), (128, 256, 512), (4,), (3,))) for m in (4, 8)]
     else:
-        grid = itertools.product((1, 2, 4, 8, 16, 32), (128, 256, 512), (2, 4, 8), (2, 3, 4))
+        grids.append((bm, itertools.product((1, 2, 4, 8, 16, 32), (128, 256, 512), (2, 4, 8), (2, 3, 4))))
     out = []
-    for bn, bk, w, st in grid:
-        if bm < 16 and bm * bn * bk * (2 if pair else 1) > 64 * 32 * w:
-            continue
-        if quick and st != 3:
-            continue
-        out.append(GemvTile(bm, bn, bk, w, st))
+    for m, grid in grids:
+        for bn, bk, w, st in grid:
+            if m < 16 and m * bn * bk * (2 if pair else 1) > 64 * 32 * w:
+                continue
+            if quick and st != 3:
+                continue
+            out.append(GemvTile(m, bn, bk, w, st))
     return out
 
 
