@@ -214,6 +214,7 @@ def test_final_summary_has_the_contract_keys(tmp_path):
     saved = json.load(open(tmp_path / "out" / "summary.json"))
     assert saved["models"]["tnl-385m"]["seeds"] == [1, 2] and saved["models"]["tnl-385m"]["lr"] == 6e-4
     assert saved["models"]["transformer-385m"]["final"]["val"]["ppl"] == [50.0, 52.0]
+    assert saved["models"]["transformer-385m"]["final"]["val"]["ppl_mean"] == pytest.approx(math.sqrt(50 * 52))
     assert saved["eval_tokens"] == {"val": 1000, "heldout": 1001, "wikitext-detok-valid": 1002}
     r = doc["ratio"]["val"]
     assert r["min"] == pytest.approx(40 / 52) and r["max"] == pytest.approx(42 / 50)

@@ -73,7 +73,9 @@ def test_fair_comparison_table_matches_the_summary():
     for name, tokens, tnl, transformer, ratio, verdict in rows:
         assert _num(tokens) == doc["eval_tokens"][name]
         for cell, model in ((tnl, "tnl-385m"), (transformer, "transformer-385m")):
-            assert [_num(x) for x in cell.split(" / ")] == [round(x, 2) for x in doc["models"][model]["final"][name]["ppl"]]
+            f = doc["models"][model]["final"][name]
+            m = re.fullmatch(r"([\d.,]+) / ([\d.,]+) \(([\d.,]+)\)", cell)
+            assert m and [_num(x) for x in m.groups()] == [round(x, 2) for x in f["ppl"] + [f["ppl_mean"]]], cell
         m = re.fullmatch(r"([\d.]+) \(([\d.]+)-([\d.]+)\)", ratio)
         q = doc["ratio"][name]
         assert m and [float(g) for g in m.groups()] == [round(q[k], 3) for k in ("mean", "min", "max")], ratio

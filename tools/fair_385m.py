@@ -8,7 +8,9 @@ driver as the 80M run; every run's final weights scored on the *whole* of every 
     lr        each model at 4 peak learning rates spanning 8x, 20M tokens, the chosen residual precision
               -> results/385m-fair/lr-sweep.json
     final     each model at its best learning rate, seeds 1 and 2 (initialisation and data order), 80M tokens
-              -> results/385m-fair/summary.json
+              -> results/385m-fair/summary.json (per model and eval set: each seed's perplexity, bits per
+              byte and loss, and over the seeds ``ppl_mean`` (geometric) and ``bpb_mean``; per set the ratio
+              and the verdict) and curves.png
 
 Everything else is the recipe of the 80M run: T=2048, 16 sequences (32,768 tokens) per step, AdamW
 (0.9, 0.95, weight decay 0.1), warmup steps/50+1, cosine to 10%, blocks compiled, bf16 autocast, chunked loss.
@@ -250,6 +252,9 @@ def results_final(srcs, out: str = OUT) -> dict:
                      "tokens": mine[0]["tokens"], "tokens_per_s": [r["tokens_per_s"] for r in mine],
                      "train_s": [r["train_s"] for r in mine],
                      "final": {s: {k: [r["final"][s][k] for r in mine] for k in ("ppl", "bpb", "loss")} for s in sets}}
+        for f in models[m]["final"].values():  # over the seeds: perplexity's geometric mean (= exp of the mean loss)
+            f["ppl_mean"] = math.exp(statistics.fmean(math.log(x) for x in f["ppl"]))
+            f["bpb_mean"] = statistics.fmean(f["bpb"])
         for s in sets:
             eval_tokens[s] = mine[0]["final"][s]["tokens"]
     a, b = (models[m] for m in MODELS)
