@@ -221,3 +221,45 @@ def test_fused_decode_support_says_why():
         with pytest.raises(ValueError, match="FusedDecodeStep: "):
             FusedDecodeStep(model, None)
     assert TOLERANCE[torch.bfloat16] == 2e-2  # the documented bf16 budget the step is held to
+
+
+def test_pdl_is_refused_where_the_device_cannot_and_off_there():
+    """Programmatic dependent launch needs sm_90+: asked for on a CPU (the interpreter) the launchers say so
+    before launching, and a step built from a model whose ``impl.decode_pdl`` is on just runs without it."""
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    if D.pdl_supported(x.device):
+        pytest.skip("this device supports PDL")
+    with pytest.raises(ValueError, match="compute capability 9.0"):
+        D.fused_gemv(x, w, out=torch.empty(1, 4), pdl=True)
+    m = _tiny()
+    m.set_impl(decode_pdl="true")
+    _, cache = m.step(torch.randint(0, 101, (1, 5)))
+    step = FusedDecodeStep(m, cache)
+    assert m.impl.decode_pdl is True and step.pdl is False
+    assert step(torch.tensor([[3]])).shape == (1, 1, 101)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
+                    reason="programmatic dependent launch needs an sm_90+ GPU")
+def test_pdl_step_in_a_graph_equals_the_plain_step():
+    """On sm_90+: the fused step with every kernel launched with PDL, captured in a CUDA graph and replayed,
+    gives the logits and states of the plain launches bit for bit (the same kernels, the same order)."""
+    m = _tiny().cuda()
+    _, cache = m.step(torch.randint(0, 101, (2, 9), device="cuda"))
+    plain, fast = FusedDecodeStep(m, cache, pdl=False), FusedDecodeStep(m, cache, pdl=True)
+    assert fast.pdl
+    tok = torch.randint(0, 101, (2, 1), device="cuda")
+    fast(tok)  # compiles the kernels before capture
+    fast.load(cache)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fast()
+    fast.load(cache)
+    for t in torch.randint(0, 101, (5, 2, 1), device="cuda"):
+        want = plain(t).clone()
+        fast.tokens.copy_(t)
+        g.replay()
+        assert torch.equal(fast.logits, want)
+    for a, b in zip(plain.cache.states, fast.cache.states):
+        assert torch.equal(a, b)
+    assert torch.equal(plain.cache.positions, fast.cache.positions)

@@ -4,8 +4,10 @@ For each product of a ``tnl-385m`` decode step (``qkvu``, ``out``, ``glu``, ``do
 recurrence, at each batch size, every candidate tile is launched 20 times inside a CUDA graph and the
 graph replayed (what ``decoder="fused-graph"`` runs: no launch overhead from Python), then the whole
 ``FusedDecodeStep`` is timed in a graph with ``gemv_tile`` / ``recurrent_tile``'s choices and with the
-fastest tile of each product. Prints the table, writes ``OUT/tune-decode-<gpu>.json``; the fastest tiles
-are what ``gemv_tile`` / ``recurrent_tile`` should return (they are read from there, not from this file).
+fastest tile of each product, each also with programmatic dependent launch (``Implementation.decode_pdl``,
+sm_90+: ``pdl_default_ms``, ``pdl_best_ms``). Prints the table, writes ``OUT/tune-decode-<gpu>.json``; the
+fastest tiles are what ``gemv_tile`` / ``recurrent_tile`` should return (they are read from there, not from
+this file).
 
     PYTHONPATH=$PWD python3 tools/tune_decode.py --out $OUT                 # ~2-3 min on an H100
     PYTHONPATH=$PWD python3 tools/tune_decode.py --batches 1 --quick --out $OUT
@@ -155,8 +157,13 @@ def main():
                              best_bv=bv, best_us=ms_best * 1e3, all_us={b: m * 1e3 for m, b in timed}))
             print(rows[-1], flush=True)
         t0 = time.time()
-        rows.append(dict(batch=B, product="whole step (ms/token)", default_ms=step_ms(model, B, None),
-                         best_ms=step_ms(model, B, best), seconds=time.time() - t0))
+        row = dict(batch=B, product="whole step (ms/token)", default_ms=step_ms(model, B, None),
+                   best_ms=step_ms(model, B, best))
+        if D.pdl_supported(dev):  # the same steps with every kernel launched with programmatic dependent launch
+            model.set_impl(decode_pdl=True)
+            row.update(pdl_default_ms=step_ms(model, B, None), pdl_best_ms=step_ms(model, B, best))
+            model.set_impl(decode_pdl=False)
+        rows.append(dict(row, seconds=time.time() - t0))
         print(rows[-1], flush=True)
         write_results(path, rows, dict(preset=a.preset, dtype="bf16"))
     print("wrote", path)

@@ -139,6 +139,9 @@ class Implementation:
     decode_gemv: bool = True
     # activation checkpointing of every block while training (recomputed in the backward: less memory)
     checkpointing: bool = False
+    # the fused decode step's kernels (decoder="fused-graph") launched with programmatic dependent launch on
+    # sm_90+ (each kernel's launch overlaps the previous one's work); off elsewhere. Off until timed faster
+    decode_pdl: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # frozen: parsed values are set through object.__setattr__

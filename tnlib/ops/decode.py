@@ -27,7 +27,10 @@ sequence): the ``[K, BV]`` state tile read, decayed, updated and written once) a
 Their launch configurations are fixed by :func:`gemv_tile` / :func:`recurrent_tile` (no autotuning: an
 autotuner synchronizes, and compiling its candidates is what a cold first call would pay);
 ``python -m tnlib gpu-check`` compiles every one. Intermediates (``qkvu``, ``o``, ``h``) are fp32;
-weights are read in their own dtype. Each kernel has a float64 reference here (``*_reference``), which
+weights are read in their own dtype. ``pdl=True`` (sm_90+, ``pdl_supported``) launches a kernel with
+programmatic dependent launch: it waits for the previous kernel at its start and lets the next one launch
+at once (``_gdc``), so that launch latency overlaps work; ``Implementation.decode_pdl`` turns it on for the
+fused step. Each kernel has a float64 reference here (``*_reference``), which
 ``tests/test_decode_kernels.py`` checks it against under the interpreter.
 """
 from __future__ import annotations
@@ -42,7 +45,7 @@ import triton.language as tl
 from ._triton import interpreting, launch
 from .lightning.op import feature_map_reference
 
-__all__ = ["GemvTile", "gemv_tile", "recurrent_tile", "fused_gemv", "recurrent_step", "embed",
+__all__ = ["GemvTile", "gemv_tile", "recurrent_tile", "fused_gemv", "recurrent_step", "embed", "pdl_supported",
            "fused_gemv_reference", "recurrent_step_reference", "embed_reference", "GLU_ACT_CODES", "norm_eps_for"]
 
 #: SGLU's activation on the first product (``ModelConfig.glu_act``): 0 none, 1 SiLU
@@ -63,6 +66,17 @@ def _act(x, ACT: tl.constexpr):
     elif ACT == 2:
         x = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
     return x
+
+
+@triton.jit
+def _gdc(GDC: tl.constexpr):
+    """With GDC (the kernel launched with programmatic dependent launch, sm_90+): wait until the previous
+    kernel has finished and its writes are visible, then let the next kernel launch, so that its launch and
+    start overlap this one's work. Before the wait nothing is read: the next kernel starts at most one
+    kernel early, and only waits there. Without GDC, nothing."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -87,13 +101,15 @@ def _fused_gemv_kernel(
     X, U, G, W, W2, R, Y, M, N, K, sx, su, sw, sr, sy, eps,
     NORM: tl.constexpr, GATE: tl.constexpr, GAIN: tl.constexpr, PAIR: tl.constexpr, RESIDUAL: tl.constexpr,
     GLU_ACT: tl.constexpr, DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GDC: tl.constexpr = False,
 ):
     """``Y[m, n] = epilogue(sum_k in[m, k] W[n, k])`` for the program's rows and ``BLOCK_N`` columns, with
     ``in = X * U (GATE) * G (GAIN)``; NORM scales by ``1 / rms(X[m, :])`` (``eps``), PAIR forms a second
     product with ``W2`` and stores ``act(y) * y2`` (``GLU_ACT``), RESIDUAL adds ``R[m, n]`` (``R`` may be
     ``Y``: each element is read and written by one program). Row strides ``sx, su, sw, sr, sy``
-    (``W2``'s is ``sw``); the last dimension of every tensor is contiguous."""
+    (``W2``'s is ``sw``); the last dimension of every tensor is contiguous. GDC: launched with programmatic
+    dependent launch (``_gdc``)."""
+    _gdc(GDC)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -152,7 +168,7 @@ def _state_tile(S, offs_k, offs_v, s_k, s_v):
 @triton.jit
 def _recurrent_kernel(
     QKV, SLOPE, S, O, POS, THETA, H, sqkv, ss, so,
-    D: tl.constexpr, BV: tl.constexpr, ACT: tl.constexpr, LRPE: tl.constexpr,
+    D: tl.constexpr, BV: tl.constexpr, ACT: tl.constexpr, LRPE: tl.constexpr, GDC: tl.constexpr = False,
 ):
     """One token of the robust recurrence for (value block, head, sequence) of the grid, in place:
     ``q, k = phi(q), phi(k)`` (with LRPE: ``[q cos | q sin]`` at the sequence's position ``POS[b]``,
@@ -160,6 +176,7 @@ def _recurrent_kernel(
 
     ``QKV``: ``[B, >= 3 H D]`` rows ``q | k | v`` (row stride ``sqkv``), ``S``: ``[B, H, K, D]`` fp32 with
     ``K = D`` (``2 D`` with LRPE), strides ``ss = (s_b, s_h, s_k, s_v)``; ``O``: ``[B, H D]`` (row stride ``so``)."""
+    _gdc(GDC)
     i_v = tl.program_id(0)
     i_h = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
@@ -190,8 +207,9 @@ def _recurrent_kernel(
 
 
 @triton.jit
-def _embed_kernel(IDS, E, X, d, se, sx, scale, BLOCK: tl.constexpr):
+def _embed_kernel(IDS, E, X, d, se, sx, scale, BLOCK: tl.constexpr, GDC: tl.constexpr = False):
     """``X[m, :] = E[IDS[m], :] * scale`` for (column block, row) of the grid; row strides ``se``, ``sx``."""
+    _gdc(GDC)
     i_c = tl.program_id(0)
     i_m = tl.program_id(1).to(tl.int64)
     cols = i_c * BLOCK + tl.arange(0, BLOCK)
@@ -254,12 +272,13 @@ def _row_stride(t: torch.Tensor | None):
 
 
 def fused_gemv(x, weight, *, out, norm_eps=None, gain=None, gate=None, weight2=None, glu_act: int = 0,
-               residual=None, tile: GemvTile | None = None) -> torch.Tensor:
+               residual=None, tile: GemvTile | None = None, pdl: bool = False) -> torch.Tensor:
     """``out = epilogue(prologue(x) @ weight.T)`` in one launch (see ``fused_gemv_reference`` for the
     formula), for ``x: [M, K]`` rows (any float dtype the kernels take), ``weight``/``weight2``: ``[N, K]``
     (contiguous rows), ``gate``: ``[M, K]``, ``gain``: ``[K]``, ``residual``: ``[M, N]`` (may be ``out``),
-    ``out``: ``[M, N]``; every last dimension contiguous. Unchecked beyond shapes (a decode step calls it
-    ~120 times per token, inside a CUDA graph): returns ``out``."""
+    ``out``: ``[M, N]``; every last dimension contiguous. ``pdl``: launch with programmatic dependent launch
+    (``pdl_supported``; see ``_gdc``). Unchecked beyond shapes (a decode step calls it ~120 times per token,
+    inside a CUDA graph): returns ``out``."""
     M, K = x.shape
     N = weight.shape[0]
     pair_ok = weight2 is None or weight2.stride() == weight.stride()
@@ -273,15 +292,16 @@ def fused_gemv(x, weight, *, out, norm_eps=None, gain=None, gate=None, weight2=N
            eps=0.0 if norm_eps is None else float(norm_eps), NORM=norm_eps is not None, GLU_ACT=glu_act,
            DOT=t.dot, DOT_PREC="ieee" if weight.dtype == torch.float32 else "tf32",
            UPCAST=x.device.type == "cpu" and weight.dtype != torch.float32, BLOCK_M=t.block_m,
-           BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages)
+           BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages, **_pdl(pdl, x))
     return out
 
 
-def recurrent_step(qkv, state, slope, *, out, act: int, positions=None, theta=None, bv: int | None = None):
+def recurrent_step(qkv, state, slope, *, out, act: int, positions=None, theta=None, bv: int | None = None,
+                   pdl: bool = False):
     """One token of every layer-head recurrence in one launch (``_recurrent_kernel``): ``qkv: [B, >= 3 H D]``
     (``q | k | v`` of the fused projection's output, any row stride), ``state: [B, H, K, D]`` fp32,
-    updated in place (``K = 2 D`` with ``theta``: LRPE at ``positions: [B]``), ``slope: [H]``, ``out: [B, H D]``.
-    Returns ``out``."""
+    updated in place (``K = 2 D`` with ``theta``: LRPE at ``positions: [B]``), ``slope: [H]``, ``out: [B, H D]``;
+    ``pdl`` as ``fused_gemv``. Returns ``out``."""
     B, H, Kd, D = state.shape
     if Kd != (2 * D if theta is not None else D) or tuple(out.shape) != (B, H * D) or qkv.shape[1] < 3 * H * D:
         raise ValueError(f"recurrent_step: state {tuple(state.shape)}, qkv {tuple(qkv.shape)}, out {tuple(out.shape)}"
@@ -290,17 +310,36 @@ def recurrent_step(qkv, state, slope, *, out, act: int, positions=None, theta=No
     block_v, warps = recurrent_tile(B, H, D, lrpe) if bv is None else (bv, _recurrent_warps(D, bv, lrpe))
     launch(_recurrent_kernel, (D // block_v, H, B), QKV=qkv, SLOPE=slope, S=state, O=out, POS=positions, THETA=theta,
            H=H, sqkv=qkv.stride(0), ss=tuple(state.stride()), so=out.stride(0), D=D, BV=block_v, ACT=act,
-           num_warps=warps)
+           num_warps=warps, **_pdl(pdl, qkv))
     return out
 
 
-def embed(ids, table, scale: float, *, out) -> torch.Tensor:
-    """``out[m] = table[ids[m]] * scale`` in one launch (``ids: [M]`` integers, ``table: [V, d]``, ``out: [M, d]``)."""
+def embed(ids, table, scale: float, *, out, pdl: bool = False) -> torch.Tensor:
+    """``out[m] = table[ids[m]] * scale`` in one launch (``ids: [M]`` integers, ``table: [V, d]``, ``out: [M, d]``;
+    ``pdl`` as ``fused_gemv``)."""
     M, d = out.shape
     block = min(1024, triton.next_power_of_2(d))
     launch(_embed_kernel, (triton.cdiv(d, block), M), IDS=ids, E=table, X=out, d=d, se=table.stride(0),
-           sx=out.stride(0), scale=float(scale), BLOCK=block, num_warps=4)
+           sx=out.stride(0), scale=float(scale), BLOCK=block, num_warps=4, **_pdl(pdl, out))
     return out
+
+
+def pdl_supported(device) -> bool:
+    """Whether kernels on ``device`` can be launched with programmatic dependent launch: a CUDA GPU of
+    compute capability 9.0 or newer (Hopper, Blackwell), not the interpreter."""
+    device = torch.device(device)
+    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _pdl(pdl: bool, t: torch.Tensor) -> dict:
+    """The launch keywords of ``pdl``: the kernel's GDC flag and Triton's ``launch_pdl``; a clear error where
+    the device cannot."""
+    if not pdl:
+        return {}
+    if not pdl_supported(t.device):
+        raise ValueError(f"pdl=True needs a CUDA GPU of compute capability 9.0 or newer, not {t.device}"
+                         + (" under the Triton interpreter" if interpreting() else ""))
+    return {"GDC": True, "launch_pdl": True}
 
 
 # --- float64 references: what each kernel computes, for the tests -------------------------------------------
