@@ -231,23 +231,27 @@ def test_pdl_is_refused_where_the_device_cannot_and_off_there():
         pytest.skip("this device supports PDL")
     with pytest.raises(ValueError, match="compute capability 9.0"):
         D.fused_gemv(x, w, out=torch.empty(1, 4), pdl=True)
+    with pytest.raises(ValueError, match="prefetch=True needs pdl=True"):
+        D.fused_gemv(x, w, out=torch.empty(1, 4), prefetch=True)
     m = _tiny()
-    m.set_impl(decode_pdl="true")
+    m.set_impl(decode_pdl="true", decode_prefetch=True)
     _, cache = m.step(torch.randint(0, 101, (1, 5)))
     step = FusedDecodeStep(m, cache)
-    assert m.impl.decode_pdl is True and step.pdl is False
+    assert m.impl.decode_pdl is True and step.pdl is False and step.prefetch is False
     assert step(torch.tensor([[3]])).shape == (1, 1, 101)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
                     reason="programmatic dependent launch needs an sm_90+ GPU")
-def test_pdl_step_in_a_graph_equals_the_plain_step():
-    """On sm_90+: the fused step with every kernel launched with PDL, captured in a CUDA graph and replayed,
-    gives the logits and states of the plain launches bit for bit (the same kernels, the same order)."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_pdl_step_in_a_graph_equals_the_plain_step(prefetch):
+    """On sm_90+: the fused step with every kernel launched with PDL (and the weights hinted into L2 first),
+    captured in a CUDA graph and replayed, gives the logits and states of the plain launches bit for bit
+    (the same arithmetic in the same order)."""
     m = _tiny().cuda()
     _, cache = m.step(torch.randint(0, 101, (2, 9), device="cuda"))
-    plain, fast = FusedDecodeStep(m, cache, pdl=False), FusedDecodeStep(m, cache, pdl=True)
-    assert fast.pdl
+    plain, fast = FusedDecodeStep(m, cache, pdl=False), FusedDecodeStep(m, cache, pdl=True, prefetch=prefetch)
+    assert fast.pdl and fast.prefetch == prefetch
     tok = torch.randint(0, 101, (2, 1), device="cuda")
     fast(tok)  # compiles the kernels before capture
     fast.load(cache)

@@ -39,11 +39,11 @@ def compile_sm90(*args, **kwargs):
         pytest.skip(f"no CUDA compiler in this Triton build: {e}")
 
 
-def compile_fn_sm90(fn, constexprs, ptr_types, num_warps=4, num_stages=2):
+def compile_fn_sm90(fn, constexprs, ptr_types, num_warps=4, num_stages=2, int_values=None):
     from tnlib.ops._compile import compile_kernel
 
     try:
-        return compile_kernel(fn, constexprs, ptr_types, 90, num_warps, num_stages)
+        return compile_kernel(fn, constexprs, ptr_types, 90, num_warps, num_stages, int_values)
     except (ImportError, FileNotFoundError) as e:
         pytest.skip(f"no CUDA compiler in this Triton build: {e}")
 
@@ -129,3 +129,32 @@ def test_model_kernel_configurations_fit(target):
     assert {"lightning", "segment_state", "feature_map", "srms_fwd", "srms_bwd", "xent_grad", "gemv", "fused_gemv",
             "recurrent", "embed"} <= kernels
     assert s["configs"] >= 50 and s["max_shared"] <= t.smem
+
+
+def test_decode_kernels_with_pdl_and_prefetch_compile_for_sm90():
+    """The fused decode step's kernels as ``pdl=True`` / ``prefetch=True`` launch them (the interpreter never
+    runs those paths): the grid-dependency wait and launch in every kernel, the L2 prefetches of the weight
+    rows (of both weights in SGLU's pair) before the wait in the products."""
+    from tnlib.ops import decode as D
+
+    ptr = {"X": F32, "W": BF, "Y": F32, "eps": "fp32"}
+    plain = dict(NORM=True, GLU_ACT=1, DOT=False, DOT_PREC="tf32", UPCAST=False, BLOCK_M=1, BLOCK_N=16, BLOCK_K=256,
+                 U=None, G=None, R=None, W2=None)
+    counts = {}
+    for pdl, prefetch, pair in ((True, False, False), (True, True, False), (True, True, True)):
+        ce = {k: v for k, v in plain.items() if not (pair and k == "W2")}  # W2 a pointer: SGLU's pair
+        ptx = compile_fn_sm90(D._fused_gemv_kernel, {**ce, "GDC": pdl, "PREFETCH": prefetch, "LINE": 64},
+                              {**ptr, **({"W2": BF} if pair else {})}, num_stages=3).asm["ptx"]
+        counts[pair] = ptx.count("prefetch.global.L2")
+        assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+        assert ("prefetch.global.L2" in ptx) == prefetch
+        if prefetch:  # before the wait: the weights are hinted while the previous kernel still runs
+            assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
+    assert counts[True] > counts[False] > 0  # the pair hints both weights' rows
+    ptx = compile_fn_sm90(D._fused_gemv_kernel, {**plain, "GDC": False}, ptr, num_stages=3).asm["ptx"]
+    assert "griddepcontrol" not in ptx and "prefetch.global" not in ptx
+    rec = compile_fn_sm90(D._recurrent_kernel, dict(D=128, BV=32, ACT=1, GDC=True, THETA=None, POS=None),
+                          {"QKV": F32, "SLOPE": F32, "S": F32, "O": F32},
+                          int_values=dict(H=8, sqkv=4096, ss=(131072, 16384, 128, 1), so=1024))
+    emb = compile_fn_sm90(D._embed_kernel, dict(BLOCK=1024, GDC=True), {"IDS": "*i64", "E": BF, "X": F32, "scale": "fp32"})
+    assert all("griddepcontrol.wait" in k.asm["ptx"] for k in (rec, emb))

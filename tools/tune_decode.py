@@ -5,7 +5,8 @@ recurrence, at each batch size, every candidate tile is launched 20 times inside
 graph replayed (what ``decoder="fused-graph"`` runs: no launch overhead from Python), then the whole
 ``FusedDecodeStep`` is timed in a graph with ``gemv_tile`` / ``recurrent_tile``'s choices and with the
 fastest tile of each product, each also with programmatic dependent launch (``Implementation.decode_pdl``,
-sm_90+: ``pdl_default_ms``, ``pdl_best_ms``). Prints the table, writes ``OUT/tune-decode-<gpu>.json``; the
+sm_90+: ``pdl_default_ms``, ``pdl_best_ms``) and with it the weights hinted into L2 before each wait
+(``decode_prefetch``: ``pdl_prefetch_*``). Prints the table, writes ``OUT/tune-decode-<gpu>.json``; the
 fastest tiles are what ``gemv_tile`` / ``recurrent_tile`` should return (they are read from there, not from
 this file).
 
@@ -159,10 +160,14 @@ def main():
         t0 = time.time()
         row = dict(batch=B, product="whole step (ms/token)", default_ms=step_ms(model, B, None),
                    best_ms=step_ms(model, B, best))
-        if D.pdl_supported(dev):  # the same steps with every kernel launched with programmatic dependent launch
-            model.set_impl(decode_pdl=True)
-            row.update(pdl_default_ms=step_ms(model, B, None), pdl_best_ms=step_ms(model, B, best))
-            model.set_impl(decode_pdl=False)
+        if D.pdl_supported(dev):  # the same steps with programmatic dependent launch, and with L2 prefetch too
+            for key, prefetch in (("pdl", False), ("pdl_prefetch", True)):
+                model.set_impl(decode_pdl=True, decode_prefetch=prefetch)
+                try:
+                    row.update({f"{key}_default_ms": step_ms(model, B, None), f"{key}_best_ms": step_ms(model, B, best)})
+                except Exception as e:  # noqa: BLE001 - recorded: a variant that fails on this GPU is a finding
+                    row[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            model.set_impl(decode_pdl=False, decode_prefetch=False)
         rows.append(dict(row, seconds=time.time() - t0))
         print(rows[-1], flush=True)
         write_results(path, rows, dict(preset=a.preset, dtype="bf16"))

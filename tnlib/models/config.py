@@ -142,6 +142,9 @@ class Implementation:
     # the fused decode step's kernels (decoder="fused-graph") launched with programmatic dependent launch on
     # sm_90+ (each kernel's launch overlaps the previous one's work); off elsewhere. Off until timed faster
     decode_pdl: bool = False
+    # with decode_pdl: each product of that step hints its weights into L2 before waiting for the previous
+    # kernel (weights are never written while decoding). Off until timed faster
+    decode_prefetch: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # frozen: parsed values are set through object.__setattr__

@@ -57,11 +57,13 @@ class FusedDecodeStep:
     (``"qkvu"``, ``"out"``, ``"glu"``, ``"down"``, ``"head"``: ``tnlib.ops.decode.GemvTile``; ``"bv"``:
     the recurrence's value block), else ``gemv_tile`` / ``recurrent_tile`` choose. ``pdl``: the kernels
     launched with programmatic dependent launch (default: the model's ``impl.decode_pdl``; used only where
-    ``tnlib.ops.decode.pdl_supported``). Raises ``ValueError`` with the reason where ``fused_decode_support``
-    refuses the model.
+    ``tnlib.ops.decode.pdl_supported``); ``prefetch``: with it, the products' weights hinted into L2 before
+    each kernel waits (default: ``impl.decode_prefetch``). Raises ``ValueError`` with the reason where
+    ``fused_decode_support`` refuses the model.
     """
 
-    def __init__(self, model, cache: RecurrentCache, tiles: dict | None = None, pdl: bool | None = None):
+    def __init__(self, model, cache: RecurrentCache, tiles: dict | None = None, pdl: bool | None = None,
+                 prefetch: bool | None = None):
         why = fused_decode_support(model)
         if why:
             raise ValueError(f"FusedDecodeStep: {why}")
@@ -80,6 +82,7 @@ class FusedDecodeStep:
         self.act, self.glu_act = ACT_CODES[cfg.qk_act], _decode.GLU_ACT_CODES[cfg.glu_act]
         want = model.impl.decode_pdl if pdl is None else pdl
         self.pdl = bool(want) and _decode.pdl_supported(dev)
+        self.prefetch = self.pdl and bool(model.impl.decode_prefetch if prefetch is None else prefetch)
 
     def load(self, cache: RecurrentCache) -> None:
         """Continue from ``cache`` (a prefill's ``RecurrentCache`` of the same batch size) on the next call."""
@@ -99,24 +102,25 @@ class FusedDecodeStep:
         if tokens is not None:
             self.tokens.copy_(tokens.view_as(self.tokens))
         m, t, eps, pdl = self.model, self.tiles, self.eps, self.pdl
+        g = dict(pdl=pdl, prefetch=self.prefetch)  # the products' launch options
         d = m.config.d_model
         x, positions = self.x, self.cache.positions
         _decode.embed(self.tokens.view(-1), m.embed.weight, m.embed_scale, out=x, pdl=pdl)
         for layer, state in zip(m.layers, self.cache.states):
             gla, glu = layer.token_mixer, layer.channel_mixer
             _decode.fused_gemv(x, gla.qkvu_proj.weight, norm_eps=eps, gain=_gain(layer.token_norm), out=self.qkvu,
-                               tile=t.get("qkvu"), pdl=pdl)
+                               tile=t.get("qkvu"), **g)
             theta = None if gla.lrpe is None else gla.lrpe.local_theta()
             _decode.recurrent_step(self.qkvu, state, gla.slope, out=self.o, act=self.act, positions=positions,
                                    theta=theta, bv=t.get("bv"), pdl=pdl)
             gate = self.qkvu[:, 3 * d:] if gla.gate else None
             _decode.fused_gemv(self.o, gla.out_proj.weight, norm_eps=eps, gain=_gain(gla.norm), gate=gate, residual=x,
-                               out=x, tile=t.get("out"), pdl=pdl)
+                               out=x, tile=t.get("out"), **g)
             _decode.fused_gemv(x, glu.l1.weight, weight2=glu.l2.weight, glu_act=self.glu_act, norm_eps=eps,
-                               gain=_gain(layer.channel_norm), out=self.h, tile=t.get("glu"), pdl=pdl)
-            _decode.fused_gemv(self.h, glu.l3.weight, residual=x, out=x, tile=t.get("down"), pdl=pdl)
+                               gain=_gain(layer.channel_norm), out=self.h, tile=t.get("glu"), **g)
+            _decode.fused_gemv(self.h, glu.l3.weight, residual=x, out=x, tile=t.get("down"), **g)
         head = m.embed.weight if m.lm_head is None else m.lm_head.weight
         _decode.fused_gemv(x, head, norm_eps=eps, gain=_gain(m.final_norm), out=self.logits.view(x.shape[0], -1),
-                           tile=t.get("head"), pdl=pdl)
+                           tile=t.get("head"), **g)
         positions.add_(1)
         return self.logits

@@ -80,6 +80,18 @@ def _gdc(GDC: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_rows(W, rows, mask_rows, K, BLOCK_N: tl.constexpr, LINE: tl.constexpr):
+    """Hint L2 to fetch rows ``W + rows`` (``[BLOCK_N]`` element offsets; masked rows skipped) over all ``K``
+    columns: one ``prefetch.global.L2`` per 128-byte line (``LINE`` elements). A hint: no value is read."""
+    offs = tl.arange(0, 16) * LINE
+    for k0 in range(0, K, 16 * LINE):
+        ok = mask_rows[:, None] & ((k0 + offs[None, :]) < K)
+        ptrs = tl.where(ok, W + rows[:, None] + k0 + offs[None, :], W)  # masked lines: W's first line again
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
 def _tile_product(x, w, DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """``x [BM, BK] (fp32) . w [BN, BK]^T`` summed over BK: ``[BM, BN, BK]`` products for the broadcast
     path (reduced once after the loop), or ``[BM, BN]`` through ``tl.dot`` (UPCAST: fp32 operands, the
@@ -102,20 +114,26 @@ def _fused_gemv_kernel(
     NORM: tl.constexpr, GATE: tl.constexpr, GAIN: tl.constexpr, PAIR: tl.constexpr, RESIDUAL: tl.constexpr,
     GLU_ACT: tl.constexpr, DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GDC: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, LINE: tl.constexpr = 64,
 ):
     """``Y[m, n] = epilogue(sum_k in[m, k] W[n, k])`` for the program's rows and ``BLOCK_N`` columns, with
     ``in = X * U (GATE) * G (GAIN)``; NORM scales by ``1 / rms(X[m, :])`` (``eps``), PAIR forms a second
     product with ``W2`` and stores ``act(y) * y2`` (``GLU_ACT``), RESIDUAL adds ``R[m, n]`` (``R`` may be
     ``Y``: each element is read and written by one program). Row strides ``sx, su, sw, sr, sy``
     (``W2``'s is ``sw``); the last dimension of every tensor is contiguous. GDC: launched with programmatic
-    dependent launch (``_gdc``)."""
-    _gdc(GDC)
+    dependent launch (``_gdc``); PREFETCH (with GDC): before waiting for the previous kernel, hint L2 to fetch
+    the program's weight rows (``LINE`` elements per 128-byte line), which no kernel of a decode step writes."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < M, offs_n < N
+    if PREFETCH:
+        _prefetch_rows(W, offs_n.to(tl.int64) * sw, mask_n, K, BLOCK_N, LINE)
+        if PAIR:
+            _prefetch_rows(W2, offs_n.to(tl.int64) * sw, mask_n, K, BLOCK_N, LINE)
+    _gdc(GDC)
     x_ptr = X + offs_m[:, None].to(tl.int64) * sx + offs_k[None, :]
     w_rows = offs_n[:, None].to(tl.int64) * sw + offs_k[None, :]
     if DOT:
@@ -272,12 +290,13 @@ def _row_stride(t: torch.Tensor | None):
 
 
 def fused_gemv(x, weight, *, out, norm_eps=None, gain=None, gate=None, weight2=None, glu_act: int = 0,
-               residual=None, tile: GemvTile | None = None, pdl: bool = False) -> torch.Tensor:
+               residual=None, tile: GemvTile | None = None, pdl: bool = False, prefetch: bool = False) -> torch.Tensor:
     """``out = epilogue(prologue(x) @ weight.T)`` in one launch (see ``fused_gemv_reference`` for the
     formula), for ``x: [M, K]`` rows (any float dtype the kernels take), ``weight``/``weight2``: ``[N, K]``
     (contiguous rows), ``gate``: ``[M, K]``, ``gain``: ``[K]``, ``residual``: ``[M, N]`` (may be ``out``),
     ``out``: ``[M, N]``; every last dimension contiguous. ``pdl``: launch with programmatic dependent launch
-    (``pdl_supported``; see ``_gdc``). Unchecked beyond shapes (a decode step calls it ~120 times per token,
+    (``pdl_supported``; see ``_gdc``); ``prefetch`` (needs ``pdl``): the weights are hinted into L2 before the
+    wait for the previous kernel. Unchecked beyond shapes (a decode step calls it ~120 times per token,
     inside a CUDA graph): returns ``out``."""
     M, K = x.shape
     N = weight.shape[0]
@@ -292,7 +311,8 @@ def fused_gemv(x, weight, *, out, norm_eps=None, gain=None, gate=None, weight2=N
            eps=0.0 if norm_eps is None else float(norm_eps), NORM=norm_eps is not None, GLU_ACT=glu_act,
            DOT=t.dot, DOT_PREC="ieee" if weight.dtype == torch.float32 else "tf32",
            UPCAST=x.device.type == "cpu" and weight.dtype != torch.float32, BLOCK_M=t.block_m,
-           BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages, **_pdl(pdl, x))
+           BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages, **_pdl(pdl, x),
+           **_prefetch(prefetch, pdl, weight))
     return out
 
 
@@ -329,6 +349,16 @@ def pdl_supported(device) -> bool:
     compute capability 9.0 or newer (Hopper, Blackwell), not the interpreter."""
     device = torch.device(device)
     return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _prefetch(prefetch: bool, pdl: bool, weight: torch.Tensor) -> dict:
+    """The launch keywords of ``prefetch``: only with ``pdl`` (without it the loads follow at once)."""
+    if not prefetch:
+        return {}
+    if not pdl:
+        raise ValueError("prefetch=True needs pdl=True: the weights are hinted into L2 while the kernel waits for "
+                         "the previous one, which only a programmatic dependent launch does")
+    return {"PREFETCH": True, "LINE": 128 // weight.element_size()}
 
 
 def _pdl(pdl: bool, t: torch.Tensor) -> dict:
