@@ -73,6 +73,27 @@ def test_fused_gemv_broadcast_tiles_over_row_blocks(flags, tile, device):
                  name=f"fused_gemv {flags} {tile}")
 
 
+@pytest.mark.parametrize("tile", [D.GemvTile(1, 8, 32, split_k=3), D.GemvTile(4, 8, 64, split_k=2),
+                                  D.GemvTile(16, 16, 32, split_k=8)])
+@pytest.mark.parametrize("flags", ["norm+gate+gain", "plain"])
+def test_fused_gemv_split_k_adds_into_the_residual(flags, tile, device):
+    """Split-K (the reduction cut in ranges whose programs add atomically into the residual, in place):
+    the float64 result, with the norm still over the whole row; K = 200 is no multiple of the ranges'
+    blocks, and the last program of the 8-way split has nothing left to add. Refused where it cannot add."""
+    torch.manual_seed(3)
+    M = 2 if tile.block_m == 1 else (5 if tile.block_m == 4 else 17)
+    N, K = 40, 200
+    w = torch.randn(N, K, device=device) / K**0.5
+    kw = {"norm_eps": 1e-6, "gate": torch.randn(M, K, device=device),
+          "gain": 1 + 0.1 * torch.randn(K, device=device)} if flags != "plain" else {}
+    x, res = 3 * torch.randn(M, K, device=device), torch.randn(M, N, device=device)
+    want = D.fused_gemv_reference(x, w, residual=res, **kw)
+    D.fused_gemv(x, w, out=res, residual=res, tile=tile, **kw)
+    assert_close(res, want, dtype=torch.float32, tol=KERNEL_TOLERANCE[torch.float32], name=f"split-K {flags} {tile}")
+    with pytest.raises(ValueError, match="needs residual=out"):
+        D.fused_gemv(x, w, out=torch.empty(M, N, device=device), residual=res, tile=tile, **kw)
+
+
 def test_fused_gemv_residual_in_place_and_strided_gate(device):
     """The step's uses: the residual stream updated in place, the gate a strided view of the projection."""
     torch.manual_seed(1)

@@ -12,6 +12,7 @@ test takes about two minutes on two cores, a warm one seconds.
 """
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -158,3 +159,20 @@ def test_decode_kernels_with_pdl_and_prefetch_compile_for_sm90():
                           int_values=dict(H=8, sqkv=4096, ss=(131072, 16384, 128, 1), so=1024))
     emb = compile_fn_sm90(D._embed_kernel, dict(BLOCK=1024, GDC=True), {"IDS": "*i64", "E": BF, "X": F32, "scale": "fp32"})
     assert all("griddepcontrol.wait" in k.asm["ptx"] for k in (rec, emb))
+
+
+@pytest.mark.parametrize("dot", [False, True])
+def test_decode_product_split_k_compiles_for_sm90(dot):
+    """Split-K of the in-place residual products (``GemvTile.split_k``): a K range per program, the whole-row
+    norm in a loop of its own, the shares added atomically (the interpreter runs the arithmetic; this, the
+    compiler's side)."""
+    from tnlib.ops import decode as D
+
+    ce = dict(NORM=True, GLU_ACT=0, DOT=dot, DOT_PREC="tf32", UPCAST=False, BLOCK_M=16 if dot else 1,
+              BLOCK_N=16, BLOCK_K=64 if dot else 256, U=None, G=None, W2=None, SPLIT=4)
+    k = compile_fn_sm90(D._fused_gemv_kernel, ce, {"X": F32, "W": BF, "Y": F32, "R": F32, "eps": "fp32"}, num_stages=3)
+    stores = lambda ptx: set(re.findall(r"\b(red\.global[\w.]*|atom\.global[\w.]*|st\.global)", ptx))  # noqa: E731
+    assert stores(k.asm["ptx"]) == {"red.global.gpu.relaxed.add.f32"}  # the shares added, nothing stored
+    plain = compile_fn_sm90(D._fused_gemv_kernel, {**ce, "SPLIT": 1}, {"X": F32, "W": BF, "Y": F32, "R": F32,
+                                                                      "eps": "fp32"}, num_stages=3)
+    assert stores(plain.asm["ptx"]) == {"st.global"}

@@ -2,7 +2,8 @@
 
 For each product of a ``tnl-385m`` decode step (``qkvu``, ``out``, ``glu``, ``down``, ``head``) and the
 recurrence, at each batch size, every candidate tile is launched 20 times inside a CUDA graph and the
-graph replayed (what ``decoder="fused-graph"`` runs: no launch overhead from Python), then the whole
+graph replayed (what ``decoder="fused-graph"`` runs: no launch overhead from Python; for the in-place residual
+products ``out`` and ``down``, also the 5 fastest tiles with their reduction split in 2 and 4), then the whole
 ``FusedDecodeStep`` is timed in a graph with ``gemv_tile`` / ``recurrent_tile``'s choices and with the
 fastest tile of each product, each also with programmatic dependent launch (``Implementation.decode_pdl``,
 sm_90+: ``pdl_default_ms``, ``pdl_best_ms``) and with it the weights hinted into L2 before each wait
@@ -16,6 +17,7 @@ this file).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -132,11 +134,18 @@ def main():
         for name, (kw, pair) in products(cfg, B, dev, dtype).items():
             default = D.gemv_tile(B, kw["weight"].shape[0], kw["weight"].shape[1], pair)
             timed = []
-            for tile in dict.fromkeys([default] + candidates(B, pair, a.quick)):
-                try:
-                    timed.append((graph_ms(lambda: D.fused_gemv(**kw, tile=tile)), tile))
-                except Exception as e:  # noqa: BLE001 - a tile that does not compile or launch is skipped
-                    print(f"  {name} B={B} {tile}: {type(e).__name__}", file=sys.stderr)
+
+            def time_tiles(tiles):
+                for tile in tiles:
+                    try:
+                        timed.append((graph_ms(lambda: D.fused_gemv(**kw, tile=tile)), tile))
+                    except Exception as e:  # noqa: BLE001 - a tile that does not compile or launch is skipped
+                        print(f"  {name} B={B} {tile}: {type(e).__name__}", file=sys.stderr)
+
+            time_tiles(dict.fromkeys([default] + candidates(B, pair, a.quick)))
+            if kw.get("residual") is kw["out"]:  # in-place residual products: split-K of the 5 fastest tiles
+                top = [t for _, t in sorted(timed, key=lambda p: p[0])[:5]]
+                time_tiles([dataclasses.replace(t, split_k=k) for t in top for k in (2, 4)])
             ms_default = next(ms for ms, t in timed if t == default)
             ms_best, tile = min(timed, key=lambda p: p[0])
             best[name] = tile

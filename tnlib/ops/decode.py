@@ -114,7 +114,7 @@ def _fused_gemv_kernel(
     NORM: tl.constexpr, GATE: tl.constexpr, GAIN: tl.constexpr, PAIR: tl.constexpr, RESIDUAL: tl.constexpr,
     GLU_ACT: tl.constexpr, DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GDC: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False, LINE: tl.constexpr = 64,
+    PREFETCH: tl.constexpr = False, LINE: tl.constexpr = 64, SPLIT: tl.constexpr = 1,
 ):
     """``Y[m, n] = epilogue(sum_k in[m, k] W[n, k])`` for the program's rows and ``BLOCK_N`` columns, with
     ``in = X * U (GATE) * G (GAIN)``; NORM scales by ``1 / rms(X[m, :])`` (``eps``), PAIR forms a second
@@ -122,17 +122,27 @@ def _fused_gemv_kernel(
     ``Y``: each element is read and written by one program). Row strides ``sx, su, sw, sr, sy``
     (``W2``'s is ``sw``); the last dimension of every tensor is contiguous. GDC: launched with programmatic
     dependent launch (``_gdc``); PREFETCH (with GDC): before waiting for the previous kernel, hint L2 to fetch
-    the program's weight rows (``LINE`` elements per 128-byte line), which no kernel of a decode step writes."""
+    the program's weight rows (``LINE`` elements per 128-byte line), which no kernel of a decode step writes.
+    SPLIT > 1 (split-K, for products whose epilogue is only the residual add with ``R`` = ``Y`` fp32): the
+    third grid axis cuts ``K`` in ``SPLIT`` ranges, each program atomically adds its share into ``Y`` (the
+    norm, if any, still over the whole row; the order of the adds, and so the last bits, varies by run)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < M, offs_n < N
+    if SPLIT > 1:  # this program's range of K, whole blocks
+        k_per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+        k_lo = tl.program_id(2) * k_per
+        k_hi = tl.minimum(K, k_lo + k_per)
+    else:
+        k_lo = 0
+        k_hi = K
     if PREFETCH:
-        _prefetch_rows(W, offs_n.to(tl.int64) * sw, mask_n, K, BLOCK_N, LINE)
+        _prefetch_rows(W + k_lo, offs_n.to(tl.int64) * sw, mask_n, k_hi - k_lo, BLOCK_N, LINE)
         if PAIR:
-            _prefetch_rows(W2, offs_n.to(tl.int64) * sw, mask_n, K, BLOCK_N, LINE)
+            _prefetch_rows(W2 + k_lo, offs_n.to(tl.int64) * sw, mask_n, k_hi - k_lo, BLOCK_N, LINE)
     _gdc(GDC)
     x_ptr = X + offs_m[:, None].to(tl.int64) * sx + offs_k[None, :]
     w_rows = offs_n[:, None].to(tl.int64) * sw + offs_k[None, :]
@@ -143,12 +153,19 @@ def _fused_gemv_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
+    if NORM:
+        if SPLIT > 1:  # the norm spans the whole row, beyond this program's range
+            for k0 in range(0, K, BLOCK_K):
+                mask_x = mask_m[:, None] & ((k0 + offs_k) < K)[None, :]
+                x = tl.load(x_ptr + k0, mask=mask_x, other=0.0).to(tl.float32)
+                sq += x * x
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        mask_k = (k0 + offs_k) < k_hi
         mask_x = mask_m[:, None] & mask_k[None, :]
         x = tl.load(x_ptr + k0, mask=mask_x, other=0.0).to(tl.float32)
         if NORM:
-            sq += x * x
+            if SPLIT == 1:
+                sq += x * x
         if GATE:
             x = x * tl.load(U + offs_m[:, None].to(tl.int64) * su + k0 + offs_k[None, :], mask=mask_x,
                             other=0.0).to(tl.float32)
@@ -171,9 +188,14 @@ def _fused_gemv_kernel(
             y = y * tl.sigmoid(y)
         y = y * y2
     mask_y = mask_m[:, None] & mask_n[None, :]
-    if RESIDUAL:
-        y += tl.load(R + offs_m[:, None].to(tl.int64) * sr + offs_n[None, :], mask=mask_y, other=0.0).to(tl.float32)
-    tl.store(Y + offs_m[:, None].to(tl.int64) * sy + offs_n[None, :], y.to(Y.dtype.element_ty), mask=mask_y)
+    y_ptr = Y + offs_m[:, None].to(tl.int64) * sy + offs_n[None, :]
+    if SPLIT > 1:  # R is Y (the launcher checks): each range's share is added into the residual
+        tl.atomic_add(y_ptr, y, mask=mask_y, sem="relaxed")
+    else:
+        if RESIDUAL:
+            y += tl.load(R + offs_m[:, None].to(tl.int64) * sr + offs_n[None, :], mask=mask_y,
+                         other=0.0).to(tl.float32)
+        tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=mask_y)
 
 
 @triton.jit
@@ -240,13 +262,15 @@ def _embed_kernel(IDS, E, X, d, se, sx, scale, BLOCK: tl.constexpr, GDC: tl.cons
 @dataclass(frozen=True)
 class GemvTile:
     """A launch configuration of ``_fused_gemv_kernel``: rows and columns per program, the reduction
-    block, warps, pipeline stages; ``dot``: through ``tl.dot`` (``block_m >= 16``)."""
+    block, warps, pipeline stages, ``split_k`` ranges of the reduction (programs adding atomically into
+    the residual; only for in-place residual products); ``dot``: through ``tl.dot`` (``block_m >= 16``)."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1
 
     @property
     def dot(self) -> bool:
@@ -305,13 +329,18 @@ def fused_gemv(x, weight, *, out, norm_eps=None, gain=None, gate=None, weight2=N
         raise ValueError(f"fused_gemv: x {tuple(x.shape)}, weight {tuple(weight.shape)}, out {tuple(out.shape)}"
                          + ("" if weight2 is None else f", weight2 {tuple(weight2.shape)} strided as weight"))
     t = tile or gemv_tile(M, N, K, weight2 is not None)
-    grid = (triton.cdiv(N, t.block_n), triton.cdiv(M, t.block_m))
+    if t.split_k > 1 and not (weight2 is None and residual is not None and residual.data_ptr() == out.data_ptr()
+                              and residual.stride() == out.stride() and out.dtype == torch.float32):
+        raise ValueError(f"fused_gemv: split_k={t.split_k} adds into the residual: it needs residual=out (fp32) "
+                         "and no weight2")
+    grid = (triton.cdiv(N, t.block_n), triton.cdiv(M, t.block_m), t.split_k)
     launch(_fused_gemv_kernel, grid, X=x, U=gate, G=gain, W=weight, W2=weight2, R=residual, Y=out, M=M, N=N, K=K,
            sx=x.stride(0), su=_row_stride(gate), sw=weight.stride(0), sr=_row_stride(residual), sy=out.stride(0),
            eps=0.0 if norm_eps is None else float(norm_eps), NORM=norm_eps is not None, GLU_ACT=glu_act,
            DOT=t.dot, DOT_PREC="ieee" if weight.dtype == torch.float32 else "tf32",
            UPCAST=x.device.type == "cpu" and weight.dtype != torch.float32, BLOCK_M=t.block_m,
-           BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages, **_pdl(pdl, x),
+           BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT=t.split_k, num_warps=t.num_warps, num_stages=t.num_stages,
+           **_pdl(pdl, x),
            **_prefetch(prefetch, pdl, weight))
     return out
 
