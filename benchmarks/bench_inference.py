@@ -22,6 +22,9 @@ configuration did not run (out of memory, or skipped because its cache cannot fi
   user's first call costs (model built on the GPU before the clock starts); ``first_call_warm_s``: the
   same in another fresh process once those caches are filled. Measured per (model, decoder, batch) and
   written into every row of it.
+* The header's ``auto``: the decoder ``decoder="auto"`` picks for each model and batch size on this
+  machine (``tnlib.generation.auto_decoder``), so the default's rows can be found
+  (``tools/decode_report.py``).
 * Before each model's rows, ``checks``: each graph decoder's 16 greedy tokens and logits against the
   eager decoder's from the same prefill, at the first batch size (bf16: a near tie may pick another token;
   the header records how many agree).
@@ -75,7 +78,7 @@ import torch
 from common import cuda_median_ms, figure, parser, print_table, replot, save_figure
 
 import tnlib
-from tnlib.generation import DecoderCache, capacity_for
+from tnlib.generation import DecoderCache, auto_decoder, capacity_for
 from tnlib.provenance import gpu_slug, provenance, write_results
 
 PARTS = ("tnl", "transformer", "first-call", "prefill")
@@ -432,7 +435,11 @@ def merge(paths, out_dir):
         sys.exit(f"--merge: the files come from different GPUs {sorted(map(str, gpus))}")
     path = os.path.join(out_dir, f"decode-{gpu_slug(gpus.pop() or 'cpu')}.json")
     header = {k: [h.get(k) for h in headers] for k in ("command", "commit", "gpu", "torch", "triton", "date", "parts")}
-    header.update(first_calls=list(firsts.values()), checks=[h.get("checks") for h in headers], merged=paths,
+    auto = {}
+    for h in headers:
+        for m, by_batch in (h.get("auto") or {}).items():
+            auto.setdefault(m, {}).update(by_batch)
+    header.update(auto=auto, first_calls=list(firsts.values()), checks=[h.get("checks") for h in headers], merged=paths,
                   dry_run=any(h.get("dry_run") for h in headers))
     merged = join(sorted(rows.values(), key=_order), {k: v for k, v in firsts.items()})
     os.makedirs(out_dir, exist_ok=True)
@@ -551,6 +558,9 @@ def run(s, a, models, parts):
             continue
         model = s.model(name)
         built = s.decoders()
+        # what decoder="auto" picks for this model here, per batch size (the rows to judge as the default)
+        header.setdefault("auto", {})[name] = {
+            str(b): auto_decoder(model, torch.zeros(b, 8, dtype=torch.long, device=s.device), 32) for b in batches}
         checks[name] = check_decoders(s, model, a.decoders_for(name), batches[0], built)
         log({"checks": {name: checks[name]}})
         if model.config.arch == "transformer":

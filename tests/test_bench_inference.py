@@ -57,6 +57,11 @@ def test_dry_run_parts_then_merge(tmp_path):
         measured = (r["model"], r["decoder"], r["batch"]) == ("tnl-385m", "fused-graph", 1)
         assert (r["first_call_s"] == rec["first_call_s"]) if measured else r["first_call_s"] is None, r
     assert len(merged["header"]["commit"]) == 2 and merged["header"]["dry_run"]
+    auto = {m: {"1": "eager", "2": "eager"} for m in ("tnl-385m", "transformer-385m")}  # decoder="auto" on a CPU
+    assert timed["header"]["auto"] == merged["header"]["auto"] == auto
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "decode_report.py"), str(m / "decode-cpu.json")],
+                         capture_output=True, text=True, check=True).stdout  # the report reads what the bench writes
+    assert "batch 2:" in out and "crossover" not in out and "targets:" in out  # one context: no crossover
 
 
 def test_fused_graph_rows_say_why_without_the_interpreter(tmp_path):
