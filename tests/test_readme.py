@@ -80,3 +80,20 @@ def test_fair_comparison_table_matches_the_summary():
         q = doc["ratio"][name]
         assert m and [float(g) for g in m.groups()] == [round(q[k], 3) for k in ("mean", "min", "max")], ratio
         assert verdict == doc["verdict"][name]
+
+
+def test_decode_rows_match_the_first_timings():
+    """The README's like-for-like decode rows say what the H100 files of 2026-12-06 say."""
+    rows = {}
+    for name in ("decode-tnl-b1", "decode-tnl-b16", "decode-transformer-b1-partial"):
+        doc = json.load(open(os.path.join(ROOT, "results/logs/decode-2026-12-06-h100", name + ".json")))
+        assert doc["header"]["gpu"] == "NVIDIA H100 80GB HBM3" and doc["header"]["commit"].startswith("1900f48")
+        rows.update({(r["model"], r["decoder"], r["batch"], r["ctx"]): r for r in doc["rows"] if "error" not in r})
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    line = next(x for x in text.splitlines() if x.startswith("| batch-1 decode through `tnlib.generate`, 385M bf16"))
+    ms = lambda m, d: " / ".join(f"{rows[m, d, 1, c]['ms_per_token']:.3f}" for c in (1024, 4096, 16384))  # noqa: E731
+    assert f"TNL {ms('tnl-385m', 'compiled-graph')} ms/token" in line
+    assert f"(`\"fused-graph\"`, 5 kernels per layer) {ms('tnl-385m', 'fused-graph')}" in line
+    assert f"Transformer {ms('transformer-385m', 'compiled-graph')} ms/token" in line
+    line = next(x for x in text.splitlines() if x.startswith("| batch-16 decode at 16K context"))
+    assert f"| {rows['tnl-385m', 'compiled-graph', 16, 16384]['tokens_per_s']:,.0f} tokens/s |" in line
