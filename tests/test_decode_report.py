@@ -78,3 +78,22 @@ def test_report_prints_every_section():
     R.report(_doc(), out)
     text = out.getvalue()
     assert "batch 1:" in text and "crossover, compiled-graph" in text and "targets:" in text
+
+
+def test_choose_auto_by_the_rule():
+    doc = _doc()  # fused-graph fastest at batch 1 but its first call unmeasured; compiled-graph's took 5 s
+    assert R.choose_auto(doc)["tnl-385m"] == {"1": "compiled-graph", "16": "compiled-graph"}
+    for r in doc["rows"]:  # once fused-graph's first call is measured and short, it wins batch 1
+        if (r["model"], r["decoder"], r["batch"]) == ("tnl-385m", "fused-graph", 1):
+            r["first_call_s"] = 3.0
+    assert R.choose_auto(doc)["tnl-385m"]["1"] == "fused-graph"
+    for r in doc["rows"]:  # ... but not if it took longer than FIRST_CALL_S
+        if r.get("first_call_s") == 3.0:
+            r["first_call_s"] = 12.0
+    assert R.choose_auto(doc)["tnl-385m"]["1"] == "compiled-graph"
+    # the Transformer: no first calls measured, so the fastest graph decoder at every context
+    assert R.choose_auto(doc)["transformer-385m"] == {"1": "compiled-graph"}
+    # a decoder missing a context is not a candidate
+    doc["rows"] = [r for r in doc["rows"] if not (r["model"] == "transformer-385m" and r["decoder"] == "compiled-graph"
+                                                  and r["ctx"] == 65536)]
+    assert R.choose_auto(doc)["transformer-385m"] == {"1": "graph"}

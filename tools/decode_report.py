@@ -20,6 +20,9 @@ like for like, the context where the Transformer's cache reads overtake TNL's co
   least ``BATCH16_TOKENS_PER_S`` (H100); the default decoder's first call at most 10 s; the Transformer's
   graph-captured static-cache decoders measured at every context that fits.
 
+**Choosing ``decoder="auto"``**: ``choose_auto`` applies ``AUTO_RULE`` (fixed before the run that decides
+it) to a file; ``tnlib.generation.auto_decoder`` is then set to what it says.
+
 Notebook 08 and the README print their decoding figures through these functions.
 """
 from __future__ import annotations
@@ -151,6 +154,31 @@ def targets(doc: dict) -> dict:
     return out
 
 
+#: how ``decoder="auto"`` is chosen from a benchmark file (written before the run that decides it)
+AUTO_RULE = ("per model and batch size: among the decoders measured at every context of that batch, the lowest "
+             "mean ms per token over those contexts, among those whose first call in a fresh process took at most "
+             f"{FIRST_CALL_S:.0f} s (where first calls were measured at that batch; else among all); eager if no "
+             "graph decoder ran")
+
+
+def choose_auto(doc: dict) -> dict:
+    """``{model: {batch (str): decoder}}`` by ``AUTO_RULE``."""
+    rows, out = ok_rows(doc), {}
+    for m in MODELS:
+        for batch in sorted({r["batch"] for r in rows if r["model"] == m}):
+            mine = [r for r in rows if (r["model"], r["batch"]) == (m, batch)]
+            ctxs = {r["ctx"] for r in mine}
+            full = {d for d in {r["decoder"] for r in mine} if {r["ctx"] for r in mine if r["decoder"] == d} == ctxs}
+            mean = {d: statistics.fmean(r["ms_per_token"] for r in mine if r["decoder"] == d) for d in full}
+            first = {d: next((r["first_call_s"] for r in mine if r["decoder"] == d and r.get("first_call_s")), None)
+                     for d in full}
+            quick = {d for d in full if first[d] is not None and first[d] <= FIRST_CALL_S}
+            pool = quick if any(v is not None for v in first.values()) and quick else full
+            graphs = {d for d in pool if d != "eager"}
+            out.setdefault(m, {})[str(batch)] = min(graphs, key=mean.get) if graphs else "eager"
+    return out
+
+
 def report(doc: dict, out=sys.stdout) -> None:
     rows = ok_rows(doc)
     h = doc["header"]
@@ -170,6 +198,7 @@ def report(doc: dict, out=sys.stdout) -> None:
                 print(f"  crossover, {dec}: {c['where']} the measured contexts: {at}; the Transformer's line: "
                       f"{c['fixed_ms']:.3f} ms + {c['per_token_ms'] * 1e3:.3f} us per context token, its cache "
                       f"reads alone equal TNL's step at {cache}", file=out)
+    print(f"\ndecoder='auto' by the rule ({AUTO_RULE}): {choose_auto(doc)}; the file's: {h.get('auto')}", file=out)
     print("\ntargets:", file=out)
     for k, v in targets(doc).items():
         print(f"  {k}: {v}", file=out)
