@@ -158,7 +158,8 @@ def targets(doc: dict) -> dict:
 AUTO_RULE = ("per model and batch size: among the decoders measured at every context of that batch, the lowest "
              "mean ms per token over those contexts, among those whose first call in a fresh process took at most "
              f"{FIRST_CALL_S:.0f} s (where first calls were measured at that batch; else among all); eager if no "
-             "graph decoder ran")
+             "graph decoder ran. auto_decoder applies the batch-1 choice up to 8 sequences and the batch-16 choice "
+             "from 9 (the fused products switch from broadcast to tensor-core tiles between 8 and 16)")
 
 
 def choose_auto(doc: dict) -> dict:
