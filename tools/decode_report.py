@@ -50,9 +50,9 @@ def ok_rows(doc: dict) -> list[dict]:
     return [r for r in doc["rows"] if "error" not in r and r.get("ms_per_token")]
 
 
-def _series(rows, model, decoder, batch) -> dict:
-    return {r["ctx"]: r["ms_per_token"] for r in rows
-            if (r["model"], r["decoder"], r["batch"]) == (model, decoder, batch)}
+def _series(rows, model, decoder, batch, key="ms_per_token") -> dict:
+    """``{ctx: row[key]}`` of one model, decoder and batch size."""
+    return {r["ctx"]: r.get(key) for r in rows if (r["model"], r["decoder"], r["batch"]) == (model, decoder, batch)}
 
 
 def like_for_like(rows: list[dict], batch: int) -> list[dict]:
@@ -135,14 +135,13 @@ def targets(doc: dict) -> dict:
             value=worst, target=lim, met=None if lim is None else worst <= lim, decoder=auto.get("1"))
         spread = max(abs(v / mean - 1) for v in b1.values())
         out["tnl batch 1 flat (largest deviation from the mean)"] = dict(value=spread, target=FLAT, met=spread <= FLAT)
-    b16 = {r["ctx"]: r["tokens_per_s"] for r in rows
-           if (r["model"], r["decoder"], r["batch"]) == (MODELS[0], auto.get("16"), 16)}
+    b16 = _series(rows, MODELS[0], auto.get("16"), 16, "tokens_per_s")
     if 16384 in b16:
         lim = BATCH16_TOKENS_PER_S.get(fam)
         out["tnl batch 16 at 16K tokens/s (default decoder)"] = dict(
             value=b16[16384], target=lim, met=None if lim is None else b16[16384] >= lim, decoder=auto.get("16"))
-    first = [r.get("first_call_s") for r in rows if (r["model"], r["decoder"], r["batch"]) == (MODELS[0], auto.get("1"), 1)]
-    first = next((f for f in first if f is not None), None)
+    first = next((f for f in _series(rows, MODELS[0], auto.get("1"), 1, "first_call_s").values() if f is not None),
+                 None)
     out["tnl first call s (default decoder, fresh process)"] = dict(
         value=first, target=FIRST_CALL_S, met=None if first is None else first <= FIRST_CALL_S)
     tf = [r for r in doc["rows"] if r["model"] == MODELS[1] and r["decoder"] in ("graph", "compiled-graph")]

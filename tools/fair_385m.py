@@ -229,12 +229,16 @@ def results_lr(srcs, out: str = OUT) -> dict:
     return doc
 
 
+def mean_loss(ppl: list) -> float:
+    """The mean over seeds of the log-perplexities (losses): ``exp`` of it is their geometric mean."""
+    return statistics.fmean(math.log(x) for x in ppl)
+
+
 def seed_ratio(a: list, b: list) -> dict:
     """Perplexity ratio of model A to model B over seeds: ``mean`` = ratio of the geometric-mean perplexities
     (exp of the mean loss difference), ``min``/``max`` over every pairing of an A seed with a B seed."""
-    la, lb = [math.log(x) for x in a], [math.log(x) for x in b]
     cross = [x / y for x in a for y in b]
-    return {"mean": math.exp(sum(la) / len(la) - sum(lb) / len(lb)), "min": min(cross), "max": max(cross)}
+    return {"mean": math.exp(mean_loss(a) - mean_loss(b)), "min": min(cross), "max": max(cross)}
 
 
 def results_final(srcs, out: str = OUT) -> dict:
@@ -253,7 +257,7 @@ def results_final(srcs, out: str = OUT) -> dict:
                      "train_s": [r["train_s"] for r in mine],
                      "final": {s: {k: [r["final"][s][k] for r in mine] for k in ("ppl", "bpb", "loss")} for s in sets}}
         for f in models[m]["final"].values():  # over the seeds: perplexity's geometric mean (= exp of the mean loss)
-            f["ppl_mean"] = math.exp(statistics.fmean(math.log(x) for x in f["ppl"]))
+            f["ppl_mean"] = math.exp(mean_loss(f["ppl"]))
             f["bpb_mean"] = statistics.fmean(f["bpb"])
         for s in sets:
             eval_tokens[s] = mine[0]["final"][s]["tokens"]
@@ -266,6 +270,15 @@ def results_final(srcs, out: str = OUT) -> dict:
     _write(out, "summary.json", doc)
     plot_final(runs, rows, out)
     return doc
+
+
+def step_seconds(run: dict) -> dict:
+    """``{step: GPU-seconds of training steps up to and including it}`` (the compute-matched axis)."""
+    seconds, t = {}, 0.0
+    for s in run["steps"]:
+        t += s["step_s"]
+        seconds[s["step"]] = t
+    return seconds
 
 
 def plot_final(runs: dict, rows: list, out: str, sets=("val", "eval-heldout", "eval-wikitext-detok-valid")) -> None:
@@ -283,10 +296,7 @@ def plot_final(runs: dict, rows: list, out: str, sets=("val", "eval-heldout", "e
         r = names[name]
         color = "C0" if r["model"] == MODELS[0] else "C3"
         style = "-" if r["seed"] == SEEDS[0] else "--"
-        seconds, t = {}, 0.0
-        for s in run["steps"]:
-            t += s["step_s"]
-            seconds[s["step"]] = t
+        seconds = step_seconds(run)
         for j, split in enumerate(sets):
             ev = [s for s in run["steps"] if f"{split}_ppl" in s]
             label = f"{SHORT[r['model']]} seed {r['seed']}"

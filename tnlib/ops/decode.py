@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ._triton import interpreting, launch
+from .targets import device_target
 from .lightning.op import feature_map_reference
 
 __all__ = ["GemvTile", "gemv_tile", "recurrent_tile", "fused_gemv", "recurrent_step", "embed", "pdl_supported",
@@ -375,9 +376,14 @@ def embed(ids, table, scale: float, *, out, pdl: bool = False) -> torch.Tensor:
 
 def pdl_supported(device) -> bool:
     """Whether kernels on ``device`` can be launched with programmatic dependent launch: a CUDA GPU of
-    compute capability 9.0 or newer (Hopper, Blackwell), not the interpreter."""
-    device = torch.device(device)
-    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+    compute capability 9.0 or newer (Hopper, Blackwell), not the interpreter. No driver query per call
+    (``device_target`` looks a device up once)."""
+    if interpreting() or torch.device(device).type != "cuda":
+        return False
+    try:
+        return device_target(device).capability >= 90
+    except ValueError:  # below sm_75: no tnlib kernel runs there at all
+        return False
 
 
 def _prefetch(prefetch: bool, pdl: bool, weight: torch.Tensor) -> dict:
