@@ -259,7 +259,8 @@ def test_pdl_is_refused_where_the_device_cannot_and_off_there():
     _, cache = m.step(torch.randint(0, 101, (1, 5)))
     step = FusedDecodeStep(m, cache)
     assert m.impl.decode_pdl is True and step.pdl is False and step.prefetch is False
-    assert step(torch.tensor([[3]])).shape == (1, 1, 101)
+    if D.interpreting():  # without the interpreter (a GPU machine) Triton cannot launch on CPU tensors
+        assert step(torch.tensor([[3]])).shape == (1, 1, 101)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),

@@ -132,7 +132,8 @@ def main():
     for B in map(int, a.batches.split(",")):
         best = {}
         for name, (kw, pair) in products(cfg, B, dev, dtype).items():
-            default = D.gemv_tile(B, kw["weight"].shape[0], kw["weight"].shape[1], pair)
+            default = D.gemv_tile(B, kw["weight"].shape[0], kw["weight"].shape[1], pair,
+                                  in_place=kw.get("residual") is kw["out"])
             timed = []
 
             def time_tiles(tiles):

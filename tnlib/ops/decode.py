@@ -278,28 +278,44 @@ class GemvTile:
         return self.block_m >= 16
 
 
-def gemv_tile(M: int, N: int, K: int, pair: bool = False, interpreted: bool | None = None) -> GemvTile:
-    """The configuration of a ``[M, K] x [N, K]^T`` product: up to 8 rows by broadcast multiply-adds, a
-    register budget of 32 fp32 partial sums per thread (halved per weight with ``pair``); 16 rows and more
-    in blocks of 16 through ``tl.dot`` (16 x 32 x 64 tiles). The same on every GPU target (``gpu-check`` compiles each); a first
-    choice, to be timed on a GPU (``tools/tune_decode.py``). ``interpreted`` (default: ``TRITON_INTERPRET=1``):
-    wider blocks, as each program costs milliseconds of Python there."""
+def gemv_tile(M: int, N: int, K: int, pair: bool = False, interpreted: bool | None = None,
+              in_place: bool = False) -> GemvTile:
+    """The configuration of a ``[M, K] x [N, K]^T`` product (the same on every GPU target: ``gpu-check``
+    compiles each; the choices were timed by ``tools/tune_decode.py``, see ``results/bench/NOTES-decode.md``).
+    One row: 512-wide reductions in 2 warps, at most 64 fp32 partial sums per thread (halved per weight with
+    ``pair``), at most ``N / 256`` columns per program so that ~256 programs stream the weights. 2 to 8 rows:
+    broadcast multiply-adds, 32 partial sums per thread. More rows: blocks of 16 through ``tl.dot``
+    (16 x 32 x 64 tiles; 64 columns from 16,384 outputs). ``in_place``: the product adds into the residual
+    it writes (``residual is out``, fp32, no ``weight2``), so its reduction may be split (``split_k``): up to
+    16 rows, a long reduction (K >= 2,048) in 2 ranges (one row) or 4 (dot tiles), a short one at 9-16 rows
+    in broadcast blocks of 4 rows. ``interpreted`` (default: ``TRITON_INTERPRET=1``): wider blocks, never
+    split, as each program costs milliseconds of Python there."""
+    interp = interpreting() if interpreted is None else interpreted
+    long_k = K >= 2048
     if M > 8:  # a reduction block of 128 spills 230-560 B/thread on sm_75; 64 spills nowhere
-        return GemvTile(16, 32, 64, 4, 3)
+        if in_place and M <= 16 and not interp:  # 1,024 outputs make 32 dot programs: too few for the bandwidth
+            return GemvTile(16, 32, 64, 4, 3, split_k=4) if long_k else GemvTile(4, 16, 128, 4, 3)
+        return GemvTile(16, 64 if N >= 16384 and not interp else 32, 64, 4, 3)
     bm = triton.next_power_of_2(M)
+    if bm == 1 and not interp:
+        bk = min(512, triton.next_power_of_2(K))
+        wide = 1 << max(0, (N // 256).bit_length() - 1)  # the largest power of 2 <= N / 256
+        bn = max(1, min(64 * 64 // (2 if pair else 1) // bk, triton.next_power_of_2(N), wide))
+        return GemvTile(1, bn, bk, 2, 3, split_k=2 if in_place and long_k else 1)
     bk = min(256 if bm <= 2 else 128, triton.next_power_of_2(K))
     budget, cap = 32 * 128 // (2 if pair else 1), 16  # fp32 partial sums per program (4 warps, 32 per thread)
-    if interpreting() if interpreted is None else interpreted:
+    if interp:
         budget, cap = budget * 8, 128
     bn = max(1, min(cap, budget // (bm * bk), triton.next_power_of_2(N)))
     return GemvTile(bm, bn, bk, 4, 3)
 
 
 def recurrent_tile(B: int, H: int, D: int, lrpe: bool = False, interpreted: bool | None = None) -> tuple[int, int]:
-    """``(BV, num_warps)`` of ``_recurrent_kernel``: value blocks small enough for ~256 programs over the
-    batch and heads (8 to 64 columns), so that the states stream in parallel; warps for about 32 state
-    elements per thread (a ``[2 D, BV]`` state with LRPE). Interpreted: one program per head and sequence."""
-    bv = max(8, min(D, 64, triton.next_power_of_2(max(1, B * H * D // 256))))
+    """``(BV, num_warps)`` of ``_recurrent_kernel``: value blocks of 16 columns, 32 from ~256 programs over
+    the batch and heads (16 with LRPE, whose state is twice as tall), as timed by ``tools/tune_decode.py``;
+    warps for about 32 state elements per thread (a ``[2 D, BV]`` state with LRPE). Interpreted: one
+    program per head and sequence."""
+    bv = min(D, 16 if lrpe else 32, max(16, triton.next_power_of_2(max(1, B * H * D // 256))))
     if interpreting() if interpreted is None else interpreted:
         bv = D
     return bv, _recurrent_warps(D, bv, lrpe)
@@ -329,9 +345,10 @@ def fused_gemv(x, weight, *, out, norm_eps=None, gain=None, gate=None, weight2=N
     if weight.shape[1] != K or tuple(out.shape) != (M, N) or not pair_ok:
         raise ValueError(f"fused_gemv: x {tuple(x.shape)}, weight {tuple(weight.shape)}, out {tuple(out.shape)}"
                          + ("" if weight2 is None else f", weight2 {tuple(weight2.shape)} strided as weight"))
-    t = tile or gemv_tile(M, N, K, weight2 is not None)
-    if t.split_k > 1 and not (weight2 is None and residual is not None and residual.data_ptr() == out.data_ptr()
-                              and residual.stride() == out.stride() and out.dtype == torch.float32):
+    in_place = (weight2 is None and residual is not None and residual.data_ptr() == out.data_ptr()
+                and residual.stride() == out.stride() and out.dtype == torch.float32)
+    t = tile or gemv_tile(M, N, K, weight2 is not None, in_place=in_place)
+    if t.split_k > 1 and not in_place:
         raise ValueError(f"fused_gemv: split_k={t.split_k} adds into the residual: it needs residual=out (fp32) "
                          "and no weight2")
     grid = (triton.cdiv(N, t.block_n), triton.cdiv(M, t.block_m), t.split_k)
