@@ -16,13 +16,13 @@ def _row(model, decoder, batch, ctx, ms, **kw):
     return dict(model=model, decoder=decoder, batch=batch, ctx=ctx, ms_per_token=ms, tokens_per_s=batch / ms * 1e3, **kw)
 
 
-def _doc(tf_fixed=1.0, tf_per_token=1e-5, tnl=0.9, gpu="NVIDIA H100 80GB HBM3", first=5.0):
+def _doc(tf_fixed=1.0, tf_per_token=1e-5, tnl=0.9, gpu="NVIDIA H100 80GB HBM3", first=5.0, fused_first=None):
     rows = []
     for ctx in CTXS:
         for dec, k in (("eager", 20.0), ("graph", 1.7), ("compiled-graph", 1.0)):
             rows.append(_row("tnl-385m", dec, 1, ctx, tnl * k, first_call_s=first if dec == "compiled-graph" else None))
             rows.append(_row("transformer-385m", dec, 1, ctx, (tf_fixed + tf_per_token * ctx) * k))
-        rows.append(_row("tnl-385m", "fused-graph", 1, ctx, tnl * 0.8))
+        rows.append(_row("tnl-385m", "fused-graph", 1, ctx, tnl * 0.8, first_call_s=fused_first))
         rows.append(_row("tnl-385m", "compiled-graph", 16, ctx, 0.5))
     rows.append(dict(model="transformer-385m", decoder="graph", batch=16, ctx=65536, error="skipped: does not fit"))
     header = dict(gpu=gpu, commit="abc", auto={"tnl-385m": {"1": "compiled-graph", "16": "compiled-graph"}})
@@ -59,6 +59,8 @@ def test_crossover_between_below_and_above():
 
 
 def test_targets_read_the_default_decoders_rows():
+    """The targets read the rows of the decoder ``choose_auto`` picks (not the header's ``auto``): here
+    compiled-graph at batch 1, the only one with a first call within 10 s."""
     t = R.targets(_doc())
     b1 = t["tnl batch 1 ms/token (default decoder, worst context)"]
     assert b1["value"] == pytest.approx(0.9) and b1["target"] == 0.45 and b1["met"] is False
@@ -67,8 +69,9 @@ def test_targets_read_the_default_decoders_rows():
     assert b16["value"] == pytest.approx(32_000) and b16["met"] is True
     assert t["tnl first call s (default decoder, fresh process)"]["met"] is True
     assert t["transformer graph decoders measured wherever they fit"]["met"] is True  # the skipped row is no failure
-    t = R.targets(_doc(tnl=0.3, gpu="NVIDIA H200", first=30.0))
-    assert t["tnl batch 1 ms/token (default decoder, worst context)"]["met"] is True  # 0.3 <= 0.35
+    t = R.targets(_doc(tnl=0.3, gpu="NVIDIA H200", first=30.0, fused_first=40.0))  # none quick: the fastest, fused
+    b1 = t["tnl batch 1 ms/token (default decoder, worst context)"]
+    assert b1["decoder"] == "fused-graph" and b1["value"] == pytest.approx(0.24) and b1["met"] is True  # <= 0.35
     assert t["tnl batch 16 at 16K tokens/s (default decoder)"]["met"] is None  # no H200 target
     assert t["tnl first call s (default decoder, fresh process)"]["met"] is False
 
@@ -97,3 +100,16 @@ def test_choose_auto_by_the_rule():
     doc["rows"] = [r for r in doc["rows"] if not (r["model"] == "transformer-385m" and r["decoder"] == "compiled-graph"
                                                   and r["ctx"] == 65536)]
     assert R.choose_auto(doc)["transformer-385m"] == {"1": "graph"}
+
+
+def test_committed_benchmark_decides_what_auto_decoder_implements():
+    """``tnlib.generation.auto_decoder`` is set to what ``AUTO_RULE`` picks from each committed
+    ``results/bench/decode-<gpu>.json`` (``tests/test_generate.py`` checks the function's choices)."""
+    import glob
+
+    paths = glob.glob(os.path.join(ROOT, "results", "bench", "decode-*.json"))
+    assert paths
+    for path in paths:
+        auto = R.choose_auto(R.load(path))
+        assert auto["tnl-385m"] == {"1": "fused-graph", "16": "fused-graph"}, path
+        assert auto["transformer-385m"] == {"1": "eager", "16": "compiled-graph"}, path

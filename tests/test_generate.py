@@ -133,6 +133,23 @@ def test_static_decode_step_matches_eager(fuse):
     assert torch.equal(static.cache.positions, cache.positions)
 
 
+def test_auto_decoder_follows_the_measured_rule(monkeypatch):
+    """Where a graph can be captured (faked here: no CUDA), ``auto`` is the fused step for TransNormerLLM
+    (compiled-graph where the fused kernels refuse the model: fp64 weights), and for the Transformer eager up
+    to 8 sequences, compiled-graph from 9 (counted by ``batch`` for packed prompts); eager when at most one
+    token is decoded."""
+    import tnlib.generation as G
+
+    monkeypatch.setattr(G, "_graph_capable", lambda model, ids, capture=True: True)
+    ids = {b: torch.zeros(b, 5, dtype=torch.long) for b in (1, 8, 9)}
+    tnl, tf = tiny("tnl-tiny").float(), tiny("transformer-tiny")
+    assert [auto_decoder(tnl, ids[b], 10) for b in (1, 8, 9)] == ["fused-graph"] * 3
+    assert auto_decoder(tnl.double(), ids[1], 10) == "compiled-graph"
+    assert [auto_decoder(tf, ids[b], 10) for b in (1, 8, 9)] == ["eager", "eager", "compiled-graph"]
+    assert auto_decoder(tf, ids[1], 10, batch=9) == "compiled-graph"
+    assert auto_decoder(tf, ids[9], 1) == auto_decoder(tiny("tnl-tiny"), ids[1], 1) == "eager"
+
+
 def test_public_api_and_decoder_choice():
     """``tnlib.generate`` is the function; ``decoder="auto"`` is eager on a CPU; graph decoders refuse
     a CPU model or the Transformer with a clear error; unknown names are refused."""

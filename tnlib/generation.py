@@ -66,18 +66,24 @@ def _graph_capable(model, ids, capture: bool = True) -> bool:
     return (ids.is_cuda or not capture) and (cfg.arch == "transformer" or cfg.positional != "ape")
 
 
-def auto_decoder(model, ids, max_new_tokens: int) -> str:
+def auto_decoder(model, ids, max_new_tokens: int, batch: int | None = None) -> str:
     """The decoder ``decoder="auto"`` uses: the one place to change this choice.
 
-    Eager on a CPU, for the Transformer, and when nothing is decoded after the prefill token; else the
-    compiled step in a CUDA graph, fastest per token once built, and built once per (model, batch size)
-    in a ``DecoderCache`` (the measurement behind this choice: ``results/bench/NOTES-model.md``). The
-    Transformer's graph decoders and ``"fused-graph"`` are opt-in until ``make bench-inference`` has
-    measured them on a GPU.
+    Eager on a CPU and when nothing is decoded after the prefill token. Else, as ``AUTO_RULE`` in
+    ``tools/decode_report.py`` picks from ``make bench-inference``'s file (per model and batch size, the graph
+    decoder fastest per token among those whose first call in a fresh process takes at most 10 s;
+    ``results/bench/NOTES-decode.md``): TransNormerLLM decodes through ``"fused-graph"`` wherever
+    ``fused_decode_support`` accepts the model, else ``"compiled-graph"``; the Transformer eagerly up to 8
+    sequences (its graph decoders' first calls took longer than 10 s) and through ``"compiled-graph"`` from 9.
+    ``batch``: the number of sequences (default: ``ids``' rows; packed prompts are one row).
     """
-    if max_new_tokens < 2 or model.config.arch != "tnl" or not _graph_capable(model, ids):
+    if max_new_tokens < 2 or not _graph_capable(model, ids):
         return "eager"
-    return "compiled-graph"
+    if model.config.arch != "tnl":
+        return "eager" if (ids.shape[0] if batch is None else batch) <= 8 else "compiled-graph"
+    from .models.fused_decode import fused_decode_support
+
+    return "compiled-graph" if fused_decode_support(model) else "fused-graph"
 
 
 def capacity_for(tokens: int) -> int:
@@ -446,7 +452,7 @@ def stream_generate(
         B, cu = ids.shape[0], None
     decoders = default_decoder_cache if decoder_cache is None else decoder_cache
     if decoder == "auto":
-        decoder = auto_decoder(model, ids, max_new_tokens)
+        decoder = auto_decoder(model, ids, max_new_tokens, B)
     elif decoder != "eager" and not _graph_capable(model, ids, decoders.capture):
         raise ValueError(f"decoder={decoder!r} needs a model on a CUDA device (TransNormerLLM without absolute "
                          "positions, or the Transformer); use decoder='eager' or 'auto'")

@@ -15,7 +15,8 @@ like for like, the context where the Transformer's cache reads overtake TNL's co
   (2) The cache's share: a least-squares line ``ms = fixed + per_token * ctx`` through the Transformer's
   times; ``cache_ctx`` = TNL's mean ms per token / ``per_token``, the context at which reading the KV cache
   alone takes as long as TNL's whole step.
-* **Targets** (issue 28, one GPU, one run): TNL's default decoder (the header's ``auto``) at batch 1 at or
+* **Targets** (issue 28, one GPU, one run): TNL's default decoder (``choose_auto``'s choice, which
+  ``auto_decoder`` implements; the header's ``auto`` is what the library chose when the file was written) at batch 1 at or
   below ``BATCH1_MS`` (by GPU) at every context 1K-64K and flat within +-5% of its mean; batch 16 at 16K at
   least ``BATCH16_TOKENS_PER_S`` (H100); the default decoder's first call at most 10 s; the Transformer's
   graph-captured static-cache decoders measured at every context that fits.
@@ -124,7 +125,7 @@ def gpu_family(doc: dict) -> str | None:
 def targets(doc: dict) -> dict:
     """Each of issue 28's targets: ``{"value", "target", "met"}`` (``met`` None where the file cannot say)."""
     rows, fam = ok_rows(doc), gpu_family(doc)
-    auto = doc["header"].get("auto", {}).get(MODELS[0], {})
+    auto = choose_auto(doc).get(MODELS[0], {})
     out = {}
     b1 = _series(rows, MODELS[0], auto.get("1"), 1)
     if b1:
