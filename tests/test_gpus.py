@@ -175,9 +175,13 @@ def test_gpu_check_collects_what_the_launchers_launch():
     assert len({l.key() for l in hopper}) == len(hopper)  # each distinct configuration once
     assert any("tnl-385m train bfloat16 T=2048 (LRPE layer)" in l.uses for l in fwd)
     # the fused decode step (decoder="fused-graph"): broadcast products up to 8 sequences, tl.dot from 16
+    # except the short in-place product (out: 4-row broadcast blocks); the long one (down) split 4 ways there
     fused = [l for l in hopper if l.kernel == "fused_gemv"]
-    assert {l.constexprs["DOT"] for l in fused if "tnl-385m fused decode bfloat16 B=1" in l.uses} == {False}
-    assert {l.constexprs["DOT"] for l in fused if "tnl-385m fused decode bfloat16 B=16" in l.uses} == {True}
+    b1 = [l for l in fused if "tnl-385m fused decode bfloat16 B=1" in l.uses]
+    b16 = [l for l in fused if "tnl-385m fused decode bfloat16 B=16" in l.uses]
+    assert {l.constexprs["DOT"] for l in b1} == {False} and {l.constexprs["SPLIT"] for l in b1} == {1, 2}
+    assert {(l.constexprs["DOT"], l.constexprs["BLOCK_M"], l.constexprs["SPLIT"]) for l in b16} == {
+        (True, 16, 1), (False, 4, 1), (True, 16, 4)}
     assert {l.constexprs["LRPE"] for l in hopper if l.kernel == "recurrent"} == {True, False}
 
 
