@@ -94,6 +94,18 @@ DRY_FIRST_CALL_TOKENS = 4  # --dry-run: the interpreted fused kernels take ~0.25
 ROW_KEY = ("model", "decoder", "batch", "ctx")
 
 
+def parse_impl(text: str) -> dict:
+    """``"decode_pdl=true,decode_prefetch=true"`` -> ``{"decode_pdl": "true", ...}`` for ``model.set_impl``
+    (which checks the names and values); ``ValueError`` on an item without ``=``."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--impl: {item!r} is not KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
 class Setup:
     """What every part shares: device, dtype, the model stand-ins of a dry run, the sizes."""
 
@@ -103,6 +115,10 @@ class Setup:
         self.dtype = torch.float32 if self.dry else torch.bfloat16
         self.vocab = 512 if self.dry else a.vocab
         self.first_call_tokens = DRY_FIRST_CALL_TOKENS if self.dry else FIRST_CALL_TOKENS
+        self.impl = parse_impl(a.impl)
+        if self.impl:  # unknown names or values fail here, before any model is built
+            with torch.device("meta"):
+                tnlib.create_model("tnl-tiny").set_impl(**self.impl)
 
     def model(self, name):
         """``name``'s model on the device, in the benchmark's dtype, seeded (built there: no host copy)."""
@@ -112,6 +128,8 @@ class Setup:
                 m = tnlib.create_model(DRY[name], **DRY_OVERRIDES)
             else:
                 m = tnlib.create_model(name, vocab_size=self.vocab)
+        if self.impl:
+            m.set_impl(**self.impl)
         return m.to(self.dtype).eval()
 
     def sync(self):
@@ -276,6 +294,7 @@ def run_first_calls(s, models, batches, log):
                         cmd = [sys.executable, os.path.abspath(__file__), "--first-call-child", name, decoder,
                                str(batch), "--first-call-ctx", str(s.a.first_call_ctx), "--vocab", str(s.a.vocab)]
                         cmd += ["--dry-run"] if s.dry else []
+                        cmd += ["--impl", s.a.impl] if s.a.impl else []
                         t = time.perf_counter()
                         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=s.a.first_call_timeout)
                         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("FIRST_CALL ")]
@@ -489,6 +508,9 @@ def main():
     ap.add_argument("--prefill-seed", type=int, default=0, help="the mixed lengths' and the tokens' draw")
     ap.add_argument("--prefill-reps", type=int, default=10, help="timed calls per prefill row")
     ap.add_argument("--dry-run", action="store_true", help="tiny models on the CPU (see above)")
+    ap.add_argument("--impl", default="", metavar="KEY=VALUE,...",
+                    help="Implementation fields for every model, e.g. decode_pdl=true,decode_prefetch=true "
+                         "(default: the library's defaults); recorded in the header")
     ap.add_argument("--merge", nargs="+", metavar="FILE.json", help="join these result files into --out and redraw")
     ap.add_argument("--first-call-child", nargs=3, metavar=("MODEL", "DECODER", "BATCH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -522,7 +544,10 @@ def main():
         a.out = "runs/bench-inference-dry" if a.out == "results/bench" else a.out  # never mix dry rows into results
     elif not torch.cuda.is_available():
         sys.exit("bench_inference.py needs a CUDA GPU (--dry-run runs the same code on the CPU with tiny models)")
-    s = Setup(a)
+    try:
+        s = Setup(a)
+    except ValueError as e:  # --impl: a malformed item, an unknown field or value
+        sys.exit(f"bench_inference.py: {e}")
     if a.first_call_child:
         name, decoder, batch = a.first_call_child
         return first_call(s, name, decoder, int(batch))
@@ -545,7 +570,7 @@ def run(s, a, models, parts):
     rows, checks, firsts = [], {}, {}
     header = dict(parts=parts, models=models, batches=batches, contexts=contexts, decode_steps=a.decode_steps,
                   dtype=str(s.dtype).removeprefix("torch."), vocab=s.vocab, dry_run=s.dry, checks=checks,
-                  first_call_ctx=a.first_call_ctx, first_call_tokens=s.first_call_tokens, first_calls=[])
+                  first_call_ctx=a.first_call_ctx, first_call_tokens=s.first_call_tokens, first_calls=[], impl=s.impl)
 
     def save():
         write_results(path, join(rows, firsts), header)

@@ -26,7 +26,10 @@ def test_dry_run_parts_then_merge(tmp_path):
     a, b, m = tmp_path / "timed", tmp_path / "first", tmp_path / "merged"
     _run(["--dry-run", "--parts", "tnl,transformer", "--decoders", "eager,graph,fused-graph", "--contexts", "32",
           "--batches", "1,2", "--out", str(a)])
-    _run(["--dry-run", "--parts", "first-call", "--models", "tnl-385m", "--decoders", "fused-graph", "--out", str(b)])
+    _run(["--dry-run", "--parts", "first-call", "--models", "tnl-385m", "--decoders", "fused-graph", "--out", str(b),
+          "--impl", "decode_pdl=true,decode_prefetch=true"])  # recorded; no PDL on a CPU, so the step runs without
+    assert json.loads((b / "decode-cpu.json").read_text())["header"]["impl"] == dict(decode_pdl="true",
+                                                                                    decode_prefetch="true")
     timed = json.loads((a / "decode-cpu.json").read_text())
     assert (a / "decode-cpu.png").exists() and timed["header"]["dry_run"] and timed["header"]["commit"]
     assert "bench_inference.py" in timed["header"]["command"]
@@ -76,8 +79,10 @@ def test_fused_graph_rows_say_why_without_the_interpreter(tmp_path):
 def test_refuses_without_a_gpu_and_bad_arguments():
     cases = ((["--out", "/nonexistent"], "needs a CUDA GPU"), (["--parts", "tnl,70b", "--dry-run"], "--parts: expected"),
              (["--models", "gpt-2", "--dry-run"], "--models: expected"),
-             (["--parts", "prefill", "--prefill-lens", "64", "--dry-run"], "--prefill-lens: expected"))
-    # the four calls in one process (each refuses before any work; a process per call was 3/4 torch imports)
+             (["--parts", "prefill", "--prefill-lens", "64", "--dry-run"], "--prefill-lens: expected"),
+             (["--impl", "decode_pdl", "--dry-run"], "is not KEY=VALUE"),
+             (["--impl", "decode_pdx=true", "--dry-run"], "unknown Implementation fields"))
+    # the calls in one process (each refuses before any work; a process per call was 3/4 torch imports)
     results = run_script_calls([(SCRIPT, args) for args, _ in cases], ENV, ROOT, timeout=120)
     for (args, words), r in zip(cases, results):
         assert r["returncode"] != 0 and words in r["stderr"], (args, r["stderr"][-2000:])
