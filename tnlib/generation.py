@@ -18,11 +18,11 @@ How the decode steps run is the ``decoder`` argument (``DECODERS``):
   TransNormerLLM's state has a fixed size; the Transformer's keys and values go to a ``StaticKVCache``
   preallocated to the call's length (prompt + new tokens, rounded up to ``CAPACITY_STEP``);
 * ``"compiled-graph"``: the same step compiled with ``torch.compile`` (fewer, fused kernels) and then
-  captured: the fastest measured per token for TransNormerLLM, at the price of a one-time compilation;
+  captured, at the price of a one-time compilation: the Transformer's fastest;
 * ``"fused-graph"`` (TransNormerLLM only): the step as tnlib's own fused kernels
   (``tnlib.models.fused_decode``: five launches per layer, no ``torch.compile``, nothing to autotune)
-  captured as a CUDA graph; built in seconds. Not the default until measured faster on a GPU;
-* ``"auto"``: ``auto_decoder`` picks one.
+  captured as a CUDA graph; built in seconds, and TransNormerLLM's fastest per token;
+* ``"auto"``: ``auto_decoder`` picks one (measured: ``results/bench/NOTES-decode.md``).
 
 A graph decoder costs a compilation and a capture to build, so the built ones are kept in a
 ``DecoderCache``, once per (model, decoder, batch size), and reused by later calls: a new prompt only
