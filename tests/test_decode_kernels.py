@@ -263,6 +263,26 @@ def test_pdl_is_refused_where_the_device_cannot_and_off_there():
         assert step(torch.tensor([[3]])).shape == (1, 1, 101)
 
 
+def test_pdl_by_default_up_to_eight_sequences(monkeypatch):
+    """``Implementation.decode_pdl`` / ``decode_prefetch`` (on by default) turn PDL and the prefetch on for up to
+    ``PDL_MAX_BATCH`` sequences where the device supports it (faked here), off from 9 unless asked for; off
+    with the fields off; explicit ``pdl=`` / ``prefetch=`` win. Only the choice is checked: nothing launches."""
+    from tnlib.models import fused_decode as FD
+
+    m = _tiny()
+    assert m.impl.decode_pdl is True and m.impl.decode_prefetch is True and FD.PDL_MAX_BATCH == 8
+    monkeypatch.setattr(D, "pdl_supported", lambda device: True)
+    caches = {b: m.step(torch.randint(0, 101, (b, 3)))[1] for b in (1, 8, 9)}
+    got = {b: (FusedDecodeStep(m, c).pdl, FusedDecodeStep(m, c).prefetch) for b, c in caches.items()}
+    assert got == {1: (True, True), 8: (True, True), 9: (False, False)}
+    forced = FusedDecodeStep(m, caches[9], pdl=True, prefetch=False)
+    assert (forced.pdl, forced.prefetch) == (True, False)
+    m.set_impl(decode_pdl=False)
+    assert FusedDecodeStep(m, caches[1]).pdl is False
+    m.set_impl(decode_pdl=True, decode_prefetch=False)
+    assert (FusedDecodeStep(m, caches[1]).pdl, FusedDecodeStep(m, caches[1]).prefetch) == (True, False)
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
                     reason="programmatic dependent launch needs an sm_90+ GPU")
 @pytest.mark.parametrize("prefetch", [False, True])

@@ -82,6 +82,25 @@ def test_fair_comparison_table_matches_the_summary():
         assert verdict == doc["verdict"][name]
 
 
+def _decode_ab():
+    """The PDL A/B (``results/logs/decode-pdl-2026-12-06-h100``): per variant, round 1 and 2's fused-graph
+    ms/token at batch 1 and 16 from the logs, and (``<variant>_row``) round 2's batch-1 row from its JSON as printed."""
+    out = {}
+    for v in ("plain", "pdl"):
+        d = os.path.join(ROOT, "results/logs/decode-pdl-2026-12-06-h100", v)
+        for r in (1, 2):
+            rows = [ln.split() for ln in open(os.path.join(d, f"log{r}.txt")) if ln.startswith("tnl-385m ")]
+            out.setdefault(v, {})[r] = [float(x[4]) for x in rows if x[2] == "1"]
+            out.setdefault(v + "16", {})[r] = [float(x[4]) for x in rows if x[2] == "16"]
+        doc = json.load(open(os.path.join(d, "decode-h100-80gb-hbm3.json")))
+        assert doc["header"]["gpu"] == "NVIDIA H100 80GB HBM3" and doc["header"]["commit"].startswith("08aea14")
+        assert doc["header"]["impl"] == ({} if v == "plain" else dict(decode_pdl="true", decode_prefetch="true"))
+        b1 = sorted((r["ctx"], r["ms_per_token"]) for r in doc["rows"] if r.get("batch") == 1 and "ms_per_token" in r)
+        assert [round(m, 3) for _, m in b1] == out[v][2]  # the JSON is round 2
+        out[v + "_row"] = " / ".join(f"{m:.3f}" for _, m in b1)
+    return out
+
+
 def test_decode_rows_match_the_one_run_file():
     """The README's decode rows say what ``results/bench/decode-h100-80gb-hbm3.json`` (one H100 run of both
     models) says, for the decoders ``decoder="auto"`` picks there and like for like."""
@@ -96,16 +115,25 @@ def test_decode_rows_match_the_one_run_file():
     assert f"Transformer {ms('transformer-385m', 'compiled-graph')} ms/token" in line
     line = next(x for x in lines if x.startswith("| same, like for like: both models' step compiled"))
     assert f"TNL {ms('tnl-385m', 'compiled-graph')} |" in line
+    pdl = _decode_ab()
+    line = next(x for x in lines if x.startswith("| TNL's default decoder at batch 1 (`decoder=\"auto\"`"))
+    assert f"| {pdl['pdl_row']} ms/token | plain: {pdl['plain_row']} |" in line
+    gain = [1 - p / q for r in (1, 2) for p, q in zip(pdl["pdl"][r], pdl["plain"][r])]
+    slow = [p / q for r in (1, 2) for p, q in zip(pdl["pdl16"][r], pdl["plain16"][r])]
+    flat = " ".join(" ".join(lines).split())  # the prose, line breaks as spaces
+    assert 0.015 < min(gain) and max(gain) < 0.055 and "2-5% faster at batch 1 at every context in both rounds" in flat
+    assert 1.65 < min(slow) and max(slow) < 1.85 and "1.7-1.8x slower at batch 16" in flat
     line = next(x for x in lines if x.startswith("| batch-16 decode at 16K context"))
     assert f"TNL {rows['tnl-385m', 'fused-graph', 16, 16384]['tokens_per_s']:,.0f} tokens/s" in line
     assert f"Transformer {rows['transformer-385m', 'compiled-graph', 16, 16384]['tokens_per_s']:,.0f} tokens/s" in line
-    line = next(x for x in lines if x.startswith("| first call of the default decoder in a fresh process"))
+    line = next(x for x in lines if x.startswith("| first call of TNL's default decoder in a fresh process"))
     assert f"TNL {first['tnl-385m', 'fused-graph']:.1f} s" in line
     assert f"`\"compiled-graph\"` {first['transformer-385m', 'compiled-graph']:.1f} s" in line
-    text = "\n".join(lines)
+    text = flat
     tnl = [rows["tnl-385m", "fused-graph", 1, c]["ms_per_token"] for c in (1024, 4096, 16384, 65536)]
     tf = [rows["transformer-385m", "compiled-graph", 1, c]["ms_per_token"] for c in (1024, 4096, 16384, 65536)]
     mean = sum(tnl) / len(tnl)
     assert max(abs(t / mean - 1) for t in tnl) < 0.02 and "within 2% of its mean from 1K to 64K" in text
     assert f"{tf[0] / tnl[0]:.1f}x faster at 1K, {tf[-1] / tnl[-1]:.1f}x at 64K" in text
-    assert f"({max(tnl):.3f} worst, {rows['tnl-385m', 'fused-graph', 16, 16384]['tokens_per_s']:,.0f})" in text
+    assert f"({max(pdl['pdl'][2]):.3f} at worst with PDL)" in text
+    assert f"and 16K ({rows['tnl-385m', 'fused-graph', 16, 16384]['tokens_per_s']:,.0f}) are missed" in text

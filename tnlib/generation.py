@@ -160,8 +160,9 @@ class GraphDecoder:
     hundreds of kernel launches per token that dominate eager batch-1 decoding. The captured projections
     of a ``StaticDecodeStep`` run ``tnlib.ops.gemv`` (``tnlib.nn.linear``), autotuned before the capture.
     ``fuse=True`` compiles the step first (``compile_mode``, e.g. ``"max-autotune-no-cudagraphs"``, goes to
-    ``torch.compile``); ``capacity``: the Transformer's static KV cache in tokens; ``tiles``: the fused
-    kernels' launch configurations (``FusedDecodeStep``). ``capture=False`` replays nothing and calls the
+    ``torch.compile``); ``capacity``: the Transformer's static KV cache in tokens; ``tiles``, ``pdl``,
+    ``prefetch``: the fused kernels' launch configurations and launch options (``FusedDecodeStep``; default:
+    the model's ``impl``). ``capture=False`` replays nothing and calls the
     step (how a CPU runs and tests it; a CUDA graph needs a GPU).
 
     ``load(cache)`` starts a new sequence batch of the same size from a prefill cache; ``decode(tokens)``
@@ -169,7 +170,8 @@ class GraphDecoder:
     """
 
     def __init__(self, model, cache, fuse: bool = False, compile_mode: str | None = None, *, kernels: bool = False,
-                 capacity: int | None = None, tiles: dict | None = None, capture: bool = True):
+                 capacity: int | None = None, tiles: dict | None = None, capture: bool = True,
+                 pdl: bool | None = None, prefetch: bool | None = None):
         device = cache.positions.device
         if capture and (not torch.cuda.is_available() or device.type != "cuda"):
             raise RuntimeError("GraphDecoder needs the model and cache on a CUDA device "
@@ -180,7 +182,7 @@ class GraphDecoder:
             if fuse:
                 raise ValueError("GraphDecoder: kernels=True runs tnlib's fused kernels, which are not compiled "
                                  "(fuse=False)")
-            self.step = FusedDecodeStep(model, cache, tiles)
+            self.step = FusedDecodeStep(model, cache, tiles, pdl=pdl, prefetch=prefetch)
         else:
             self.step = StaticDecodeStep(model, cache, fuse, compile_mode, capacity)
             if device.type == "cuda":  # autotuning syncs: not during capture

@@ -88,13 +88,14 @@ def graph_ms(fn, launches=20, replays=10):
     return sorted(times)[len(times) // 2]
 
 
-def step_ms(model, B, tiles):
-    """One FusedDecodeStep per token in a CUDA graph, ms (median)."""
+def step_ms(model, B, tiles, pdl=False, prefetch=False):
+    """One FusedDecodeStep per token in a CUDA graph, ms (median); ``pdl``/``prefetch`` forced (not the
+    model's batch-dependent default), so that each variant is timed at every batch size."""
     from tnlib.generation import GraphDecoder
 
     ids = torch.randint(0, model.config.vocab_size, (B, 64), device="cuda")
     _, cache = model.step(ids, last_only=True)
-    dec = GraphDecoder(model, cache, kernels=True, tiles=tiles)
+    dec = GraphDecoder(model, cache, kernels=True, tiles=tiles, pdl=pdl, prefetch=prefetch)
     tok = ids[:, -1:]
     for _ in range(5):
         dec.decode(tok)
@@ -172,12 +173,11 @@ def main():
                    best_ms=step_ms(model, B, best))
         if D.pdl_supported(dev):  # the same steps with programmatic dependent launch, and with L2 prefetch too
             for key, prefetch in (("pdl", False), ("pdl_prefetch", True)):
-                model.set_impl(decode_pdl=True, decode_prefetch=prefetch)
                 try:
-                    row.update({f"{key}_default_ms": step_ms(model, B, None), f"{key}_best_ms": step_ms(model, B, best)})
+                    row.update({f"{key}_default_ms": step_ms(model, B, None, True, prefetch),
+                                f"{key}_best_ms": step_ms(model, B, best, True, prefetch)})
                 except Exception as e:  # noqa: BLE001 - recorded: a variant that fails on this GPU is a finding
                     row[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            model.set_impl(decode_pdl=False, decode_prefetch=False)
         rows.append(dict(row, seconds=time.time() - t0))
         print(rows[-1], flush=True)
         write_results(path, rows, dict(preset=a.preset, dtype="bf16"))

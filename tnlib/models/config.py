@@ -140,11 +140,12 @@ class Implementation:
     # activation checkpointing of every block while training (recomputed in the backward: less memory)
     checkpointing: bool = False
     # the fused decode step's kernels (decoder="fused-graph") launched with programmatic dependent launch on
-    # sm_90+ (each kernel's launch overlaps the previous one's work); off elsewhere. Off until timed faster
-    decode_pdl: bool = False
+    # sm_90+ (each kernel's launch overlaps the previous one's work) for up to fused_decode.PDL_MAX_BATCH
+    # sequences: faster at batch 1, slower at 16 (results/bench/NOTES-decode.md); off elsewhere
+    decode_pdl: bool = True
     # with decode_pdl: each product of that step hints its weights into L2 before waiting for the previous
-    # kernel (weights are never written while decoding). Off until timed faster
-    decode_prefetch: bool = False
+    # kernel (weights are never written while decoding)
+    decode_prefetch: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # frozen: parsed values are set through object.__setattr__

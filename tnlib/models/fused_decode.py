@@ -15,7 +15,11 @@ from ..ops._triton import KERNEL_DTYPES
 from ..ops.lightning.op import ACT_CODES
 from .transnormer import RecurrentCache
 
-__all__ = ["FusedDecodeStep", "fused_decode_support"]
+__all__ = ["FusedDecodeStep", "fused_decode_support", "PDL_MAX_BATCH"]
+
+#: the most sequences for which ``Implementation.decode_pdl`` turns PDL on (with the L2 prefetch): measured
+#: faster at batch 1 and slower at batch 16 on an H100 (``results/bench/NOTES-decode.md``, section 5)
+PDL_MAX_BATCH = 8
 
 
 def fused_decode_support(model) -> str | None:
@@ -56,9 +60,9 @@ class FusedDecodeStep:
     stream and the intermediates are fp32 buffers. ``tiles``: launch configurations by product name
     (``"qkvu"``, ``"out"``, ``"glu"``, ``"down"``, ``"head"``: ``tnlib.ops.decode.GemvTile``; ``"bv"``:
     the recurrence's value block), else ``gemv_tile`` / ``recurrent_tile`` choose. ``pdl``: the kernels
-    launched with programmatic dependent launch (default: the model's ``impl.decode_pdl``; used only where
-    ``tnlib.ops.decode.pdl_supported``); ``prefetch``: with it, the products' weights hinted into L2 before
-    each kernel waits (default: ``impl.decode_prefetch``). Raises ``ValueError`` with the reason where
+    launched with programmatic dependent launch (default: the model's ``impl.decode_pdl`` for up to
+    ``PDL_MAX_BATCH`` sequences; used only where ``tnlib.ops.decode.pdl_supported``); ``prefetch``: with it,
+    the products' weights hinted into L2 before each kernel waits (default: ``impl.decode_prefetch``). Raises ``ValueError`` with the reason where
     ``fused_decode_support`` refuses the model.
     """
 
@@ -80,7 +84,7 @@ class FusedDecodeStep:
         self.logits = torch.zeros(B, 1, cfg.vocab_size, dtype=model.embed.weight.dtype, device=dev)
         self.eps = _decode.norm_eps_for(model.embed.weight.dtype, cfg.norm_eps)
         self.act, self.glu_act = ACT_CODES[cfg.qk_act], _decode.GLU_ACT_CODES[cfg.glu_act]
-        want = model.impl.decode_pdl if pdl is None else pdl
+        want = (model.impl.decode_pdl and B <= PDL_MAX_BATCH) if pdl is None else pdl
         self.pdl = bool(want) and _decode.pdl_supported(dev)
         self.prefetch = self.pdl and bool(model.impl.decode_prefetch if prefetch is None else prefetch)
 
