@@ -62,8 +62,8 @@ class FusedDecodeStep:
     the recurrence's value block), else ``gemv_tile`` / ``recurrent_tile`` choose. ``pdl``: the kernels
     launched with programmatic dependent launch (default: the model's ``impl.decode_pdl`` for up to
     ``PDL_MAX_BATCH`` sequences; used only where ``tnlib.ops.decode.pdl_supported``); ``prefetch``: with it,
-    the products' weights hinted into L2 before each kernel waits (default: ``impl.decode_prefetch``). Raises ``ValueError`` with the reason where
-    ``fused_decode_support`` refuses the model.
+    the products' weights hinted into L2 before each kernel waits (default: ``impl.decode_prefetch``).
+    Raises ``ValueError`` with the reason where ``fused_decode_support`` refuses the model.
     """
 
     def __init__(self, model, cache: RecurrentCache, tiles: dict | None = None, pdl: bool | None = None,
