@@ -79,6 +79,7 @@ from common import cuda_median_ms, figure, parser, print_table, replot, save_fig
 
 import tnlib
 from tnlib.generation import DecoderCache, auto_decoder, capacity_for
+from tnlib.models import Implementation
 from tnlib.provenance import gpu_slug, provenance, write_results
 
 PARTS = ("tnl", "transformer", "first-call", "prefill")
@@ -116,9 +117,7 @@ class Setup:
         self.vocab = 512 if self.dry else a.vocab
         self.first_call_tokens = DRY_FIRST_CALL_TOKENS if self.dry else FIRST_CALL_TOKENS
         self.impl = parse_impl(a.impl)
-        if self.impl:  # unknown names or values fail here, before any model is built
-            with torch.device("meta"):
-                tnlib.create_model("tnl-tiny").set_impl(**self.impl)
+        Implementation().replace(**self.impl)  # unknown names or values fail here, before any model is built
 
     def model(self, name):
         """``name``'s model on the device, in the benchmark's dtype, seeded (built there: no host copy)."""

@@ -37,6 +37,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .models.fused_decode import FusedDecodeStep, fused_decode_support
 from .models.transnormer import RecurrentCache
 from .nn.linear import autotune_gemv
 
@@ -81,8 +82,6 @@ def auto_decoder(model, ids, max_new_tokens: int, batch: int | None = None) -> s
         return "eager"
     if model.config.arch != "tnl":
         return "eager" if (ids.shape[0] if batch is None else batch) <= 8 else "compiled-graph"
-    from .models.fused_decode import fused_decode_support
-
     return "compiled-graph" if fused_decode_support(model) else "fused-graph"
 
 
@@ -177,8 +176,6 @@ class GraphDecoder:
             raise RuntimeError("GraphDecoder needs the model and cache on a CUDA device "
                                "(capture=False runs the step uncaptured)")
         if kernels:
-            from .models.fused_decode import FusedDecodeStep
-
             if fuse:
                 raise ValueError("GraphDecoder: kernels=True runs tnlib's fused kernels, which are not compiled "
                                  "(fuse=False)")
@@ -459,8 +456,6 @@ def stream_generate(
         raise ValueError(f"decoder={decoder!r} needs a model on a CUDA device (TransNormerLLM without absolute "
                          "positions, or the Transformer); use decoder='eager' or 'auto'")
     if decoder == "fused-graph":
-        from .models.fused_decode import fused_decode_support
-
         why = fused_decode_support(model)
         if why:
             raise ValueError(f"decoder='fused-graph': {why}; use decoder='compiled-graph', 'graph' or 'eager'")

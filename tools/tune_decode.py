@@ -133,8 +133,8 @@ def main():
     for B in map(int, a.batches.split(",")):
         best = {}
         for name, (kw, pair) in products(cfg, B, dev, dtype).items():
-            default = D.gemv_tile(B, kw["weight"].shape[0], kw["weight"].shape[1], pair,
-                                  in_place=kw.get("residual") is kw["out"])
+            in_place = kw.get("residual") is kw["out"]  # out, down: the residual stream updated in place
+            default = D.gemv_tile(B, kw["weight"].shape[0], kw["weight"].shape[1], pair, in_place=in_place)
             timed = []
 
             def time_tiles(tiles):
@@ -145,7 +145,7 @@ def main():
                         print(f"  {name} B={B} {tile}: {type(e).__name__}", file=sys.stderr)
 
             time_tiles(dict.fromkeys([default] + candidates(B, pair, a.quick)))
-            if kw.get("residual") is kw["out"]:  # in-place residual products: split-K of the 5 fastest tiles
+            if in_place:  # split-K of the 5 fastest tiles
                 top = [t for _, t in sorted(timed, key=lambda p: p[0])[:5]]
                 time_tiles([dataclasses.replace(t, split_k=k) for t in top for k in (2, 4)])
             ms_default = next(ms for ms, t in timed if t == default)

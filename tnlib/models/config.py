@@ -151,6 +151,14 @@ class Implementation:
         for f in dataclasses.fields(self):  # frozen: parsed values are set through object.__setattr__
             object.__setattr__(self, f.name, parse_field(Implementation, f.name, getattr(self, f.name)))
 
+    def replace(self, **changes) -> "Implementation":
+        """A copy with ``changes`` (parsed like every field); ``ValueError`` naming the fields on an unknown name."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(Implementation)}
+        if unknown:
+            raise ValueError(f"unknown Implementation fields {sorted(unknown)}; fields are "
+                             f"{[f.name for f in dataclasses.fields(Implementation)]}")
+        return dataclasses.replace(self, **changes)
+
 
 _TNL = dict(arch="tnl")
 _TF = dict(arch="transformer", norm="rms", scale_embedding=False, positional="mix")
